@@ -1,0 +1,72 @@
+"""The Litestar application: routes, problem responses, OpenAPI. Resources are handed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Response, get
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.api.commands import OrderCommands
+from service.api.problems import EXCEPTION_HANDLERS
+from service.writer import Writer
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What request handlers may use; owned (started and stopped) by the composition root."""
+
+    writer: Writer | None = None
+    engine: AsyncEngine | None = None
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    writer: str | None = None
+
+
+def create_app(resources: Resources, *, max_body_bytes: int = 64 * 1024,
+               debug: bool = False) -> Litestar:
+    """Build the app around already-created resources (nothing connects here)."""
+
+    def provide_writer() -> Writer:
+        assert resources.writer is not None, "this process runs no writer"
+        return resources.writer
+
+    @get("/health", operation_id="health", tags=["operations"], summary="Liveness")
+    async def health() -> Health:
+        writer = resources.writer
+        return Health("ok", writer.state.value if writer else None)
+
+    @get("/health/ready", operation_id="ready", tags=["operations"],
+         summary="Readiness: 200 once the writer has rebuilt its state from the log")
+    async def ready() -> Response[Health]:
+        writer = resources.writer
+        is_ready = writer is None or writer.ready
+        body = Health("ready" if is_ready else "not-ready",
+                      writer.state.value if writer else None)
+        headers = None if is_ready else {"Retry-After": "1"}
+        return Response(body, status_code=200 if is_ready else 503, headers=headers)
+
+    route_handlers: list[Any] = [health, ready]
+    if resources.writer is not None:
+        route_handlers.append(OrderCommands)
+    return Litestar(
+        route_handlers=route_handlers,
+        dependencies={"writer": Provide(provide_writer, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Orders", version="0.1.0",
+            description="Event-sourced orders: commands append to Kafka, queries read "
+                        "Postgres projections.",
+            path="/schema", render_plugins=[SwaggerRenderPlugin()],
+        ),
+        logging_config=None,
+        debug=debug,
+    )

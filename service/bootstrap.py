@@ -1,0 +1,120 @@
+"""The composition root: the one place that creates, wires, starts and stops real resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import uvicorn
+
+from service.api.app import Resources, create_app
+from service.database import create_engine
+from service.eventlog import ensure_topic
+from service.settings import Settings
+from service.writer import Writer, WriterConfig
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the composition root decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def shutdown_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (Ctrl-C, docker stop, kill)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def writer_config(settings: Settings) -> WriterConfig:
+    return WriterConfig(
+        bootstrap_servers=settings.require_kafka(), topic=settings.topic,
+        partitions=settings.partitions, transactional_id=settings.transactional_id,
+        allow_deleting_topic=settings.allow_deleting_topic,
+        max_batch=settings.group_commit_max_events,
+    )
+
+
+async def check_topic(settings: Settings) -> None:
+    """Fail fast, before serving, on a topic that would lose history."""
+    await ensure_topic(settings.require_kafka(), settings.topic, partitions=settings.partitions,
+                       allow_deleting=settings.allow_deleting_topic)
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, api: ApiOptions | None = None,
+                run_projector: bool = False, projections: list[str] | None = None) -> None:
+    """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
+    tasks: dict[str, asyncio.Task[None]] = {}
+    writer: Writer | None = None
+    server: _Server | None = None
+    engine = create_engine(settings.require_database())
+    try:
+        if api is not None:
+            await check_topic(settings)
+            writer = Writer(writer_config(settings))
+            app = create_app(Resources(writer=writer, engine=engine),
+                             max_body_bytes=settings.max_body_bytes)
+            server = _Server(uvicorn.Config(app, host=api.host, port=api.port,
+                                            log_level="warning", access_log=False,
+                                            lifespan="on", timeout_graceful_shutdown=20))
+            tasks["writer start-up"] = asyncio.create_task(writer.start())
+            tasks["api"] = asyncio.create_task(server.serve())
+        if run_projector:
+            from projections.runner import run_projector as projector_main
+
+            tasks["projector"] = asyncio.create_task(
+                projector_main(settings, engine, stop, only=projections))
+        await _until_stopped(tasks, stop)
+    finally:
+        stop.set()
+        if server is not None:
+            server.should_exit = True  # stop listening; in-flight requests finish
+        for name in ("api", "projector"):
+            if name in tasks:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await tasks[name]
+        if writer is not None:
+            await writer.stop()
+        start = tasks.get("writer start-up")
+        if start is not None and not start.done():
+            start.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await start
+        await engine.dispose()
+
+
+async def _until_stopped(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) -> None:
+    """Wait for ``stop``; a task that fails re-raises here, one that ends on its own stops all."""
+    watched = dict(tasks)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        while watched and not stop.is_set():
+            done, _ = await asyncio.wait([*watched.values(), stopper],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for name, task in list(watched.items()):
+                if task not in done:
+                    continue
+                del watched[name]
+                task.result()  # re-raises a failure
+                if name != "writer start-up":
+                    _log.warning("%s ended by itself; shutting down", name)
+                    stop.set()
+    finally:
+        stopper.cancel()

@@ -1,0 +1,180 @@
+"""``orders``: the single entry point.
+
+    orders dev          Kafka + Postgres started for you, migrations, API and projector
+    orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
+    orders projector    the projections runner
+    orders migrate      alembic upgrade head (or --downgrade REV)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from service.embedded import EnvironmentProblem
+from service.eventlog import TopicWouldLoseHistory
+from service.settings import Settings
+
+_log = logging.getLogger("orders")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("aiokafka", "kafka", "uvicorn.error", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
+        asyncio.run(main())
+
+
+async def _serve(settings: Settings, **options: Any) -> None:
+    from service.bootstrap import serve, shutdown_on_signals
+
+    await serve(settings, shutdown_on_signals(), **options)
+
+
+def _configured(*, kafka: bool = True) -> Settings:
+    """Settings from the environment, with the broker and database checked to answer."""
+    from service.embedded.kafka import wait_until_usable
+    from service.embedded.postgres import check_reachable
+
+    settings = Settings.from_env()
+    check_reachable(settings.require_database())
+    if kafka:
+        bootstrap = settings.require_kafka()
+        try:
+            wait_until_usable(bootstrap, deadline=time.monotonic() + 20, process=None,
+                              log_file=None)
+        except EnvironmentProblem:
+            raise EnvironmentProblem(
+                f"Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start it or fix "
+                "the variable (or use `orders dev`, which starts one)") from None
+    return settings
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    from service.bootstrap import ApiOptions
+
+    settings = _configured()
+    _log.info("API on http://%s:%d (OpenAPI at /schema)", args.host, args.port)
+    _run(lambda: _serve(settings, api=ApiOptions(args.host, args.port)))
+
+
+def cmd_projector(args: argparse.Namespace) -> None:
+    settings = _configured()
+    _run(lambda: _serve(settings, run_projector=True, projections=args.names or None))
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from service.database import create_engine, migrate
+
+    settings = _configured(kafka=False)
+
+    async def main() -> None:
+        engine = create_engine(settings.require_database())
+        try:
+            if args.downgrade:
+                await migrate(engine, revision=args.downgrade, action="downgrade")
+            else:
+                await migrate(engine, revision=args.revision)
+        finally:
+            await engine.dispose()
+
+    _run(main)
+    print(f"database migrated to {args.downgrade or args.revision}")
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from service.bootstrap import ApiOptions
+    from service.database import create_engine, migrate
+    from service.embedded import ensure_port_free
+    from service.embedded.stack import infrastructure
+
+    ensure_port_free(args.port, "the API", "--port")
+    started = time.monotonic()
+    print("starting Kafka and PostgreSQL (the first run downloads the Kafka broker)...",
+          flush=True)
+    with infrastructure(kafka_port=args.kafka_port, postgres_port=args.postgres_port,
+                        data_dir=args.data_dir) as infra:
+        settings = Settings.from_env().with_infrastructure(
+            kafka=infra.kafka_bootstrap_servers, database_url=infra.database_url)
+
+        async def main() -> None:
+            engine = create_engine(infra.database_url)
+            try:
+                await migrate(engine)
+            finally:
+                await engine.dispose()
+            print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
+            print(f"  PostgreSQL  {infra.database_url}")
+            print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
+            print(f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything",
+                  flush=True)
+            await _serve(settings, api=ApiOptions(args.host, args.port), run_projector=True)
+
+        _run(main)
+    print("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orders", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="run everything locally: Kafka, Postgres, API, projector")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    dev.add_argument("--kafka-port", type=int, default=0, help="default: any free port")
+    dev.add_argument("--postgres-port", type=int, default=0, help="default: any free port")
+    dev.add_argument("--data-dir", type=Path, default=None,
+                     help="keep Kafka and Postgres data here across runs (default: throw away)")
+    dev.set_defaults(handler=cmd_dev)
+
+    api = commands.add_parser("api", help="run the HTTP API (needs KAFKA_BOOTSTRAP_SERVERS, "
+                                          "DATABASE_URL)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(handler=cmd_api)
+
+    projector = commands.add_parser("projector", help="run the projections")
+    projector.add_argument("names", nargs="*", help="only these projections (default: all)")
+    projector.set_defaults(handler=cmd_projector)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema")
+    migrate.add_argument("--revision", default="head")
+    migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
+    migrate.set_defaults(handler=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        args.handler(args)
+    except (EnvironmentProblem, TopicWouldLoseHistory) as problem:
+        print(f"orders: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,572 @@
+"""The order aggregate as a Decider: commands, events, state, `decide`, `evolve`, `fold`.
+
+Pure: only the standard library and msgspec, no I/O and no clock. The time comes
+in with each command (`at`) and belongs to the event envelope, not to the events.
+Money is always integer minor units plus an ISO 4217 currency code.
+"""
+
+# Domain errors are named for what went wrong (OrderNotFound), as the design asks,
+# not with an "Error" suffix; their `code` is the stable identifier.
+# ruff: noqa: N818
+
+import enum
+import re
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import ClassVar, Final, TypeAlias, assert_never, get_args
+
+import msgspec
+from msgspec.structs import replace
+
+MAX_QUANTITY: Final = 10_000
+MAX_UNIT_PRICE: Final = 100_000_000_00
+MAX_ITEMS: Final = 100
+MAX_TEXT_LENGTH: Final = 500
+# The largest total an order can reach (1e16) still fits a signed 64-bit integer,
+# so totals survive JSON consumers and Postgres BIGINT columns unchanged.
+MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
+
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+# --- Errors -------------------------------------------------------------------------
+
+
+class DomainError(Exception):
+    """A command rejected by the order's rules; `code` is stable, `message` is for people."""
+
+    code: ClassVar[str] = "domain-error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class OrderNotFound(DomainError):
+    code = "order-not-found"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id!r} does not exist")
+        self.order_id = order_id
+
+
+class OrderAlreadyExists(DomainError):
+    code = "order-already-exists"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id!r} already exists")
+        self.order_id = order_id
+
+
+class InvalidTransition(DomainError):
+    code = "invalid-transition"
+
+    def __init__(self, status: "OrderStatus", command: str) -> None:
+        super().__init__(f"{command} is not allowed when the order is {status}")
+        self.status = status
+        self.command = command
+
+
+class ItemNotFound(DomainError):
+    code = "item-not-found"
+
+    def __init__(self, sku: str) -> None:
+        super().__init__(f"the order has no item with sku {sku!r}")
+        self.sku = sku
+
+
+class DuplicateItem(DomainError):
+    code = "duplicate-item"
+
+    def __init__(self, sku: str) -> None:
+        super().__init__(f"the order already has an item with sku {sku!r}")
+        self.sku = sku
+
+
+class EmptyOrder(DomainError):
+    code = "empty-order"
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id!r} has no items")
+        self.order_id = order_id
+
+
+class PaymentMismatch(DomainError):
+    code = "payment-mismatch"
+
+    def __init__(
+        self, *, expected_amount: int, expected_currency: str, amount: int, currency: str
+    ) -> None:
+        super().__init__(
+            f"payment of {amount} {currency} does not match the order total of "
+            f"{expected_amount} {expected_currency}"
+        )
+        self.expected_amount = expected_amount
+        self.expected_currency = expected_currency
+        self.amount = amount
+        self.currency = currency
+
+
+class InvalidCommand(DomainError):
+    code = "invalid-command"
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class TooManyItems(DomainError):
+    code = "too-many-items"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an order holds at most {limit} items")
+        self.limit = limit
+
+
+class InvalidEventSequence(Exception):
+    """Events that cannot follow each other: a corrupt history, never a rejected command."""
+
+
+# --- Commands -----------------------------------------------------------------------
+
+
+class _CommandBase(msgspec.Struct, frozen=True, kw_only=True):
+    order_id: str
+    at: datetime
+
+
+class CreateOrder(_CommandBase, frozen=True, kw_only=True):
+    customer_id: str
+    currency: str
+
+
+class AddItem(_CommandBase, frozen=True, kw_only=True):
+    sku: str
+    name: str
+    quantity: int
+    unit_price: int
+
+
+class ChangeItemQuantity(_CommandBase, frozen=True, kw_only=True):
+    sku: str
+    quantity: int
+
+
+class RemoveItem(_CommandBase, frozen=True, kw_only=True):
+    sku: str
+
+
+class PlaceOrder(_CommandBase, frozen=True, kw_only=True):
+    pass
+
+
+class PayOrder(_CommandBase, frozen=True, kw_only=True):
+    amount: int
+    currency: str
+    payment_reference: str
+
+
+class ShipOrder(_CommandBase, frozen=True, kw_only=True):
+    carrier: str
+    tracking_number: str
+
+
+class DeliverOrder(_CommandBase, frozen=True, kw_only=True):
+    pass
+
+
+class CancelOrder(_CommandBase, frozen=True, kw_only=True):
+    reason: str
+
+
+Command: TypeAlias = (
+    CreateOrder
+    | AddItem
+    | ChangeItemQuantity
+    | RemoveItem
+    | PlaceOrder
+    | PayOrder
+    | ShipOrder
+    | DeliverOrder
+    | CancelOrder
+)
+
+
+# --- Events -------------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of all order events. Tags are part of the stored log: never rename one."""
+
+
+class OrderCreated(Event, frozen=True, kw_only=True, tag="OrderCreated"):
+    customer_id: str
+    currency: str
+
+
+class ItemAdded(Event, frozen=True, kw_only=True, tag="ItemAdded"):
+    sku: str
+    name: str
+    quantity: int
+    unit_price: int
+
+
+class ItemQuantityChanged(Event, frozen=True, kw_only=True, tag="ItemQuantityChanged"):
+    sku: str
+    quantity: int
+
+
+class ItemRemoved(Event, frozen=True, kw_only=True, tag="ItemRemoved"):
+    sku: str
+
+
+class OrderPlaced(Event, frozen=True, kw_only=True, tag="OrderPlaced"):
+    total: int
+    item_count: int  # number of line items (distinct skus), not the sum of quantities
+
+
+class OrderPaid(Event, frozen=True, kw_only=True, tag="OrderPaid"):
+    amount: int
+    currency: str
+    payment_reference: str
+
+
+class OrderShipped(Event, frozen=True, kw_only=True, tag="OrderShipped"):
+    carrier: str
+    tracking_number: str
+
+
+class OrderDelivered(Event, frozen=True, kw_only=True, tag="OrderDelivered"):
+    pass
+
+
+class OrderCancelled(Event, frozen=True, kw_only=True, tag="OrderCancelled"):
+    reason: str
+    refunded_amount: int
+
+
+DomainEvent: TypeAlias = (
+    OrderCreated
+    | ItemAdded
+    | ItemQuantityChanged
+    | ItemRemoved
+    | OrderPlaced
+    | OrderPaid
+    | OrderShipped
+    | OrderDelivered
+    | OrderCancelled
+)
+
+
+def _tag_of(cls: type[Event]) -> str:
+    tag = cls.__struct_config__.tag
+    if not isinstance(tag, str):
+        raise TypeError(f"{cls.__name__} has no string tag")
+    return tag
+
+
+EVENT_TYPES: dict[str, type[Event]] = {_tag_of(cls): cls for cls in get_args(DomainEvent)}
+_TAG_BY_CLASS: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
+
+
+def event_type(event: DomainEvent) -> str:
+    """The stable tag of an event (its `type` on the wire and in Kafka headers)."""
+    return _TAG_BY_CLASS[type(event)]
+
+
+# --- State --------------------------------------------------------------------------
+
+
+class OrderStatus(enum.StrEnum):
+    DRAFT = "draft"
+    PLACED = "placed"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    DELIVERED = "delivered"
+    CANCELLED = "cancelled"
+
+
+# gc=False: these structs can never be part of a reference cycle, and untracked
+# instances are smaller; the writer keeps one Order per order in memory.
+class LineItem(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    sku: str
+    name: str
+    quantity: int
+    unit_price: int
+
+
+class Order(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """The state of one order, as far as decisions need it.
+
+    `version` is the number of events applied. `total` is the running sum of
+    quantity * unit_price while draft and the amount fixed by OrderPlaced after.
+    `paid_amount` is what OrderPaid received (a cancellation's refund lives in its event).
+    """
+
+    order_id: str
+    version: int
+    status: OrderStatus
+    customer_id: str
+    currency: str
+    items: tuple[LineItem, ...]
+    total: int
+    paid_amount: int
+
+
+# --- decide ---------------------------------------------------------------------------
+
+
+def decide(command: Command, state: Order | None) -> list[DomainEvent]:
+    """Decide the events a command produces against the order's current state.
+
+    `state` is None for an order that does not exist yet. Every accepted command
+    yields exactly one event; a rejected one raises a DomainError. Checks run in
+    a fixed order: the command's own values (InvalidCommand), the order's
+    existence, its status (InvalidTransition), then the remaining rules.
+    """
+    _require_text("order_id", command.order_id)
+    _require_utc("at", command.at)
+    match command:
+        case CreateOrder():
+            return _create_order(command, state)
+        case AddItem():
+            return _add_item(command, state)
+        case ChangeItemQuantity():
+            return _change_item_quantity(command, state)
+        case RemoveItem():
+            return _remove_item(command, state)
+        case PlaceOrder():
+            return _place_order(command, state)
+        case PayOrder():
+            return _pay_order(command, state)
+        case ShipOrder():
+            return _ship_order(command, state)
+        case DeliverOrder():
+            return _deliver_order(command, state)
+        case CancelOrder():
+            return _cancel_order(command, state)
+        case _:
+            assert_never(command)
+
+
+def _create_order(command: CreateOrder, state: Order | None) -> list[DomainEvent]:
+    _require_text("customer_id", command.customer_id)
+    _require_currency("currency", command.currency)
+    if state is not None:
+        raise OrderAlreadyExists(command.order_id)
+    return [OrderCreated(customer_id=command.customer_id, currency=command.currency)]
+
+
+def _add_item(command: AddItem, state: Order | None) -> list[DomainEvent]:
+    _require_text("sku", command.sku)
+    _require_text("name", command.name)
+    _require_int("quantity", command.quantity, 1, MAX_QUANTITY)
+    _require_int("unit_price", command.unit_price, 0, MAX_UNIT_PRICE)
+    order = _require_status(command, state, OrderStatus.DRAFT)
+    if _index_of(order.items, command.sku) is not None:
+        raise DuplicateItem(command.sku)
+    if len(order.items) >= MAX_ITEMS:
+        raise TooManyItems(MAX_ITEMS)
+    return [
+        ItemAdded(
+            sku=command.sku,
+            name=command.name,
+            quantity=command.quantity,
+            unit_price=command.unit_price,
+        )
+    ]
+
+
+def _change_item_quantity(command: ChangeItemQuantity, state: Order | None) -> list[DomainEvent]:
+    _require_text("sku", command.sku)
+    _require_int("quantity", command.quantity, 1, MAX_QUANTITY)
+    order = _require_status(command, state, OrderStatus.DRAFT)
+    if _index_of(order.items, command.sku) is None:
+        raise ItemNotFound(command.sku)
+    return [ItemQuantityChanged(sku=command.sku, quantity=command.quantity)]
+
+
+def _remove_item(command: RemoveItem, state: Order | None) -> list[DomainEvent]:
+    _require_text("sku", command.sku)
+    order = _require_status(command, state, OrderStatus.DRAFT)
+    if _index_of(order.items, command.sku) is None:
+        raise ItemNotFound(command.sku)
+    return [ItemRemoved(sku=command.sku)]
+
+
+def _place_order(command: PlaceOrder, state: Order | None) -> list[DomainEvent]:
+    order = _require_status(command, state, OrderStatus.DRAFT)
+    if not order.items:
+        raise EmptyOrder(order.order_id)
+    return [OrderPlaced(total=order.total, item_count=len(order.items))]
+
+
+def _pay_order(command: PayOrder, state: Order | None) -> list[DomainEvent]:
+    _require_int("amount", command.amount, 0, MAX_ORDER_TOTAL)
+    _require_currency("currency", command.currency)
+    _require_text("payment_reference", command.payment_reference)
+    order = _require_status(command, state, OrderStatus.PLACED)
+    if command.amount != order.total or command.currency != order.currency:
+        raise PaymentMismatch(
+            expected_amount=order.total,
+            expected_currency=order.currency,
+            amount=command.amount,
+            currency=command.currency,
+        )
+    return [
+        OrderPaid(
+            amount=command.amount,
+            currency=command.currency,
+            payment_reference=command.payment_reference,
+        )
+    ]
+
+
+def _ship_order(command: ShipOrder, state: Order | None) -> list[DomainEvent]:
+    _require_text("carrier", command.carrier)
+    _require_text("tracking_number", command.tracking_number)
+    _require_status(command, state, OrderStatus.PAID)
+    return [OrderShipped(carrier=command.carrier, tracking_number=command.tracking_number)]
+
+
+def _deliver_order(command: DeliverOrder, state: Order | None) -> list[DomainEvent]:
+    _require_status(command, state, OrderStatus.SHIPPED)
+    return [OrderDelivered()]
+
+
+def _cancel_order(command: CancelOrder, state: Order | None) -> list[DomainEvent]:
+    _require_text("reason", command.reason)
+    order = _require_status(command, state, OrderStatus.DRAFT, OrderStatus.PLACED, OrderStatus.PAID)
+    refund = order.paid_amount if order.status is OrderStatus.PAID else 0
+    return [OrderCancelled(reason=command.reason, refunded_amount=refund)]
+
+
+def _require_status(command: Command, state: Order | None, *allowed: OrderStatus) -> Order:
+    if state is None:
+        raise OrderNotFound(command.order_id)
+    if state.status not in allowed:
+        raise InvalidTransition(state.status, type(command).__name__)
+    return state
+
+
+def _require_text(field: str, value: str) -> None:
+    if not value.strip():
+        raise InvalidCommand(field, "must not be blank")
+    if len(value) > MAX_TEXT_LENGTH:
+        raise InvalidCommand(field, f"must be at most {MAX_TEXT_LENGTH} characters")
+
+
+def _require_int(field: str, value: int, low: int, high: int) -> None:
+    # bool is a subclass of int: True must not pass for a quantity of 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidCommand(field, f"must be an integer from {low} to {high}")
+
+
+def _require_currency(field: str, value: str) -> None:
+    if _CURRENCY.fullmatch(value) is None:
+        raise InvalidCommand(field, "must be an ISO 4217 code of three uppercase letters")
+
+
+def _require_utc(field: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() != timedelta(0):
+        raise InvalidCommand(field, "must be a timezone-aware UTC datetime")
+
+
+def _index_of(items: tuple[LineItem, ...], sku: str) -> int | None:
+    for index, item in enumerate(items):
+        if item.sku == sku:
+            return index
+    return None
+
+
+# --- evolve / fold ------------------------------------------------------------------
+
+
+def evolve(state: Order | None, event: DomainEvent, order_id: str) -> Order:
+    """Apply one event of order `order_id` to its state; the version grows by one.
+
+    Events are facts, so only sequences that cannot exist (an event before
+    OrderCreated, a second OrderCreated, an unknown sku, another order's
+    state) are refused, with InvalidEventSequence.
+    """
+    if state is None:
+        if isinstance(event, OrderCreated):
+            return Order(
+                order_id=order_id,
+                version=1,
+                status=OrderStatus.DRAFT,
+                customer_id=event.customer_id,
+                currency=event.currency,
+                items=(),
+                total=0,
+                paid_amount=0,
+            )
+        raise InvalidEventSequence(f"{event_type(event)} before OrderCreated in {order_id!r}")
+    if state.order_id != order_id:
+        raise InvalidEventSequence(f"event of {order_id!r} applied to {state.order_id!r}")
+    version = state.version + 1
+    match event:
+        case OrderCreated():
+            raise InvalidEventSequence(f"{order_id!r} created twice")
+        case ItemAdded():
+            item = LineItem(
+                sku=event.sku,
+                name=event.name,
+                quantity=event.quantity,
+                unit_price=event.unit_price,
+            )
+            return replace(
+                state,
+                version=version,
+                items=(*state.items, item),
+                total=state.total + item.quantity * item.unit_price,
+            )
+        case ItemQuantityChanged():
+            index = _existing_index(state, event.sku)
+            old = state.items[index]
+            new = replace(old, quantity=event.quantity)
+            return replace(
+                state,
+                version=version,
+                items=(*state.items[:index], new, *state.items[index + 1 :]),
+                total=state.total + (new.quantity - old.quantity) * old.unit_price,
+            )
+        case ItemRemoved():
+            index = _existing_index(state, event.sku)
+            old = state.items[index]
+            return replace(
+                state,
+                version=version,
+                items=(*state.items[:index], *state.items[index + 1 :]),
+                total=state.total - old.quantity * old.unit_price,
+            )
+        case OrderPlaced():
+            return replace(state, version=version, status=OrderStatus.PLACED, total=event.total)
+        case OrderPaid():
+            return replace(
+                state, version=version, status=OrderStatus.PAID, paid_amount=event.amount
+            )
+        case OrderShipped():
+            return replace(state, version=version, status=OrderStatus.SHIPPED)
+        case OrderDelivered():
+            return replace(state, version=version, status=OrderStatus.DELIVERED)
+        case OrderCancelled():
+            return replace(state, version=version, status=OrderStatus.CANCELLED)
+        case _:
+            assert_never(event)
+
+
+def _existing_index(state: Order, sku: str) -> int:
+    index = _index_of(state.items, sku)
+    if index is None:
+        raise InvalidEventSequence(f"no item {sku!r} in {state.order_id!r}")
+    return index
+
+
+def fold(order_id: str, events: Iterable[DomainEvent]) -> Order | None:
+    """The state of order `order_id` after all its events, in order; None if there are none."""
+    state: Order | None = None
+    for event in events:
+        state = evolve(state, event, order_id)
+    return state

@@ -1,0 +1,358 @@
+"""A real Apache Kafka 4.x broker (KRaft, one combined broker+controller node) as a ``java`` process.
+
+The jars come from Maven Central through ``mvn`` into a cache outside the repository, or from an
+unpacked distribution named by ``KAFKA_HOME``. Kafka 4.4.0 is the newest 4.x on Maven Central;
+aiokafka 0.14 still speaks the protocol versions every 4.x broker keeps (the removals of
+KIP-896 only touched versions older than aiokafka's), and the integration tests prove it
+against this exact broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.embedded import (
+    EnvironmentProblem,
+    cache_dir,
+    ensure_port_free,
+    free_port,
+    log_tail,
+    spawn,
+    stop_process,
+)
+
+KAFKA_VERSION = "4.4.0"
+# The broker's POM ships log4j-core but no SLF4J binding; without one it logs nothing at all.
+# Kafka 4.4 still uses SLF4J 1.7, so the binding is log4j-slf4j-impl at Kafka's log4j2 version.
+LOG4J_VERSION = "2.25.5"
+MIN_JAVA = 17
+
+_log = logging.getLogger(__name__)
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.orders</groupId><artifactId>kafka-broker</artifactId><version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId>
+      <version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stdout" target="SYSTEM_OUT">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="WARN"><AppenderRef ref="stdout"/></Root>
+    <Logger name="kafka.server.KafkaServer" level="INFO"/>
+    <Logger name="kafka.server.KafkaRaftServer" level="INFO"/>
+  </Loggers>
+</Configuration>
+"""
+
+
+def java_executable() -> str:
+    """The ``java`` to run the broker with (``$JAVA_HOME/bin/java`` first), checked to be 17+."""
+    java_home = os.environ.get("JAVA_HOME")
+    java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise EnvironmentProblem(
+            "no java found: Kafka 4 needs Java 17 or newer; install it (apt-get install "
+            "openjdk-17-jre-headless) or set JAVA_HOME, or point KAFKA_BOOTSTRAP_SERVERS at a broker"
+        )
+    result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
+    if not match:
+        raise EnvironmentProblem(f"could not read the version of {java}: {result.stderr.strip()}")
+    major = int(match.group(1))
+    if major == 1 and match.group(2):  # "1.8" style
+        major = int(match.group(2))
+    if major < MIN_JAVA:
+        raise EnvironmentProblem(
+            f"{java} is Java {major}, but Kafka 4 needs Java {MIN_JAVA} or newer: install a newer "
+            "JDK and set JAVA_HOME to it"
+        )
+    return java
+
+
+def broker_classpath() -> list[Path]:
+    """The broker's jars: ``$KAFKA_HOME/libs`` when set, else resolved once with Maven."""
+    kafka_home = os.environ.get("KAFKA_HOME")
+    if kafka_home:
+        libs = Path(kafka_home) / "libs"
+        jars = sorted(libs.glob("*.jar"))
+        if not jars:
+            raise EnvironmentProblem(
+                f"KAFKA_HOME={kafka_home} has no libs/*.jar: point it at an unpacked Apache Kafka "
+                "distribution, or unset it to let Maven fetch the broker"
+            )
+        return jars
+    target = cache_dir() / f"kafka-{KAFKA_VERSION}"
+    marker = target / "resolved"
+    if not marker.exists():
+        _resolve_with_maven(target)
+    return sorted((target / "lib").glob("*.jar"))
+
+
+def _resolve_with_maven(target: Path) -> None:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise EnvironmentProblem(
+            "mvn not found: the Kafka broker is fetched from Maven Central with Maven; install it "
+            "(apt-get install maven), or set KAFKA_HOME to an unpacked Kafka, or "
+            "KAFKA_BOOTSTRAP_SERVERS to a running broker"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    _log.warning("fetching Apache Kafka %s from Maven Central (once; cached in %s)",
+                 KAFKA_VERSION, target)
+    started = time.monotonic()
+    result = subprocess.run(
+        [mvn, "-q", "-B", "-f", str(target / "pom.xml"), "dependency:copy-dependencies",
+         f"-DoutputDirectory={target / 'lib'}", "-DincludeScope=runtime"],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        detail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+        raise EnvironmentProblem(
+            f"Maven could not fetch Kafka {KAFKA_VERSION} (is Maven Central reachable?): "
+            + " | ".join(detail)
+            + " -- or set KAFKA_HOME to an unpacked Kafka distribution"
+        )
+    (target / "resolved").write_text(f"{time.monotonic() - started:.1f}s\n")
+
+
+def _kafka_uuid() -> str:
+    """A cluster id in Kafka's own format: 16 random bytes, URL-safe base64, unpadded."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion on a fresh loop in a helper thread (safe inside a running loop)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="kafka-probe")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+async def round_trip(bootstrap: str, *, timeout: float) -> None:
+    """Produce one record to a probe topic and consume it back; raise if that fails in time."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    topic = "__orders_probe"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                request_timeout_ms=int(timeout * 1000))
+    await producer.start()
+    try:
+        marker = uuid.uuid4().bytes
+        meta = await producer.send_and_wait(topic, marker)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        from aiokafka import TopicPartition
+
+        partition = TopicPartition(topic, meta.partition)
+        consumer.assign([partition])
+        consumer.seek(partition, meta.offset)
+        record = await asyncio.wait_for(consumer.getone(), timeout)
+        if record.value != marker:
+            raise RuntimeError("the probe read back a different record")
+    finally:
+        await consumer.stop()
+
+
+def wait_until_usable(bootstrap: str, *, deadline: float, process: subprocess.Popen[bytes] | None,
+                      log_file: Path | None) -> None:
+    """Poll (no fixed sleeps) until a client can produce and consume, or the deadline passes."""
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log_tail(log_file) if log_file else ""
+            raise EnvironmentProblem(
+                f"the Kafka broker exited with code {process.returncode} while starting:\n{tail}"
+            )
+        if not _accepts_connections(bootstrap):
+            time.sleep(0.1)  # pacing between probes, not synchronisation
+            continue
+        try:
+            run_coroutine(round_trip(bootstrap, timeout=max(1.0, min(10.0, deadline - time.monotonic()))))
+            return
+        except Exception as exc:  # not ready yet: try again until the deadline
+            last_error = exc
+            time.sleep(0.2)  # pacing between probes, not synchronisation
+    raise EnvironmentProblem(
+        f"Kafka at {bootstrap} did not accept a produce and consume in time ({last_error!r}); "
+        "check that it runs and is reachable, or unset KAFKA_BOOTSTRAP_SERVERS to start one here"
+    )
+
+
+def _accepts_connections(bootstrap: str) -> bool:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalKafka:
+    """One KRaft node on 127.0.0.1 with a throw-away (or kept) data directory."""
+
+    port: int = 0
+    data_dir: Path | None = None
+    heap: str = "768m"
+    controller_port: int = 0
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _owns_data_dir: bool = field(default=False, init=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir / "broker.log"
+
+    def start(self, *, timeout: float = 120.0) -> str:
+        """Format storage if new, start the broker, and wait until it is usable."""
+        deadline = time.monotonic() + timeout
+        java = java_executable()
+        classpath = broker_classpath()
+        if self.port:
+            ensure_port_free(self.port, "Kafka", "--kafka-port")
+        else:
+            self.port = free_port()
+        self.controller_port = self.controller_port or free_port()
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="orders-kafka-"))
+            self._owns_data_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        properties = self.data_dir / "server.properties"
+        properties.write_text(self._server_properties(self.controller_port))
+        log4j = self.data_dir / "log4j2.xml"
+        log4j.write_text(_LOG4J2_XML)
+        base = [java, "-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={log4j}", "-cp", os.pathsep.join(map(str, classpath))]
+        logs = self.data_dir / "logs"
+        if not (logs / "meta.properties").exists():
+            formatted = subprocess.run(
+                [*base, "kafka.tools.StorageTool", "format", "-t", _kafka_uuid(), "-c",
+                 str(properties), "--ignore-formatted"],
+                capture_output=True, text=True, check=False,
+            )
+            if formatted.returncode != 0:
+                raise EnvironmentProblem(
+                    f"formatting Kafka storage failed: {formatted.stderr.strip()[-500:]}"
+                )
+        self.process = spawn([*base, "kafka.Kafka", str(properties)], log_file=self.log_file)
+        try:
+            wait_until_usable(self.bootstrap_servers, deadline=deadline, process=self.process,
+                              log_file=self.log_file)
+        except BaseException:
+            self.stop()
+            raise
+        return self.bootstrap_servers
+
+    def _server_properties(self, controller_port: int) -> str:
+        assert self.data_dir is not None
+        return "\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={self.data_dir / 'logs'}",
+            # One broker: internal topics must not ask for replicas it cannot have, or
+            # init_transactions hangs for about two minutes.
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=8",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "transaction.state.log.num.partitions=8",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "num.partitions=1",
+            "",
+        ])
+
+    def stop(self, *, grace_seconds: float = 20.0) -> None:
+        """SIGTERM the broker (controlled shutdown), SIGKILL after the grace period."""
+        if self.process is not None:
+            stop_process(self.process, grace_seconds=grace_seconds)
+        if self._owns_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL the broker at once (for fault tests); the data directory stays for a restart."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, *, timeout: float = 120.0) -> None:
+        """Start again on the same port and data directory after a stop or kill."""
+        owns = self._owns_data_dir
+        self._owns_data_dir = False
+        self.stop()
+        self._owns_data_dir = owns
+        port = self.port
+        self.start(timeout=timeout)
+        assert self.port == port
+
+
+def external_bootstrap() -> str | None:
+    """``KAFKA_BOOTSTRAP_SERVERS`` when set: use that cluster and start nothing."""
+    value = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    return value or None

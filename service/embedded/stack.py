@@ -1,0 +1,69 @@
+"""Kafka + Postgres for ``orders dev`` and the tests: external when configured, else started here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.embedded import EnvironmentProblem
+from service.embedded.kafka import LocalKafka, external_bootstrap, wait_until_usable
+from service.embedded.postgres import LocalPostgres, check_reachable
+from service.settings import sqlalchemy_url
+
+
+@dataclass
+class Infrastructure:
+    """Where the broker and the database are, and the local servers we own (if any)."""
+
+    kafka_bootstrap_servers: str
+    database_url: str
+    kafka: LocalKafka | None = None
+    postgres: LocalPostgres | None = None
+
+
+@contextlib.contextmanager
+def infrastructure(
+    *,
+    kafka_port: int = 0,
+    postgres_port: int = 0,
+    data_dir: Path | None = None,
+) -> Iterator[Infrastructure]:
+    """Yield a usable broker and database; stop whatever was started here on exit.
+
+    ``KAFKA_BOOTSTRAP_SERVERS`` and ``DATABASE_URL``, when set, are used as they are (checked
+    to answer) and nothing is started for them.
+    """
+    kafka: LocalKafka | None = None
+    postgres: LocalPostgres | None = None
+    try:
+        database_url = os.environ.get("DATABASE_URL")
+        if database_url:
+            database_url = sqlalchemy_url(database_url)
+            check_reachable(database_url)
+        else:
+            postgres = LocalPostgres(port=postgres_port,
+                                     data_dir=data_dir / "postgres" if data_dir else None)
+            database_url = postgres.start()
+        bootstrap = external_bootstrap()
+        if bootstrap:
+            try:
+                wait_until_usable(bootstrap, deadline=time.monotonic() + 30, process=None,
+                                  log_file=None)
+            except EnvironmentProblem:
+                raise EnvironmentProblem(
+                    f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start that broker, "
+                    "fix the variable, or unset it to start a local broker"
+                ) from None
+        else:
+            kafka = LocalKafka(port=kafka_port, data_dir=data_dir / "kafka" if data_dir else None)
+            bootstrap = kafka.start()
+        yield Infrastructure(bootstrap, database_url, kafka, postgres)
+    finally:
+        if kafka is not None:
+            kafka.stop()
+        if postgres is not None:
+            postgres.stop()

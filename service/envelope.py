@@ -1,0 +1,128 @@
+"""The event envelope: the contract on the wire (Kafka record value + headers).
+
+One JSON object per record::
+
+    {"event_id", "type", "schema_version", "order_id", "version", "occurred_at",
+     "command_id", "correlation_id", "causation_id", "idempotency_key", "request_hash", "data"}
+
+``type`` is the stable tag of the domain event and ``data`` its fields. Record headers repeat
+``type``, ``schema_version`` and ``correlation_id`` so tools can route without decoding. Old
+schema versions are upcast on read by explicit functions in ``UPCASTERS``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from service.domain import EVENT_TYPES, DomainEvent
+
+# The schema version written today, per event type. Bump it (and add an upcaster from the old
+# version) when an event's data changes shape; never rename a type.
+CURRENT_SCHEMA_VERSION: dict[str, int] = dict.fromkeys(EVENT_TYPES, 1)
+
+# (type, from_version) -> function turning data of that version into data of version + 1.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+_EVENT_ID_NAMESPACE = uuid.UUID("6f1c2d8e-35a7-4c55-9d1e-0b9a3c7e5f21")
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    event_id: str
+    type: str
+    schema_version: int
+    order_id: str
+    version: int
+    occurred_at: datetime
+    command_id: str
+    correlation_id: str
+    causation_id: str | None = None
+    # The client's Idempotency-Key and a hash of its request: deduplication state lives in the
+    # log, so it survives restarts.
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class UndecodableEvent(Exception):
+    """A record that is not a valid envelope of a known event type and schema version."""
+
+
+_encoder = msgspec.json.Encoder()
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_data_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()
+}
+
+
+def event_type(event: DomainEvent) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def event_id_for(idempotency_key: str | None, command_id: str, index: int) -> str:
+    """Deterministic for a command with an idempotency key, so a replayed command has the same ids."""
+    seed = f"{idempotency_key or command_id}:{index}"
+    return str(uuid.uuid5(_EVENT_ID_NAMESPACE, seed))
+
+
+def seal(event: DomainEvent, **fields: Any) -> Envelope:
+    """Wrap a domain event in an envelope; ``fields`` are the envelope's other fields."""
+    name = event_type(event)
+    data = msgspec.to_builtins(event)
+    data.pop("type", None)
+    return Envelope(type=name, schema_version=CURRENT_SCHEMA_VERSION[name],
+                    data=msgspec.Raw(_encoder.encode(data)), **fields)
+
+
+def encode(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def headers(envelope: Envelope) -> list[tuple[str, bytes]]:
+    return [
+        ("type", envelope.type.encode()),
+        ("schema_version", str(envelope.schema_version).encode()),
+        ("correlation_id", envelope.correlation_id.encode()),
+    ]
+
+
+def decode(value: bytes | None) -> tuple[Envelope, DomainEvent]:
+    """Decode a record value into its envelope and domain event, upcasting old versions."""
+    if value is None:
+        raise UndecodableEvent("record has no value")
+    try:
+        envelope = _envelope_decoder.decode(value)
+    except msgspec.DecodeError as exc:
+        raise UndecodableEvent(f"not a valid envelope: {exc}") from exc
+    return envelope, decode_data(envelope)
+
+
+def decode_data(envelope: Envelope) -> DomainEvent:
+    current = CURRENT_SCHEMA_VERSION.get(envelope.type)
+    if current is None:
+        raise UndecodableEvent(f"unknown event type {envelope.type!r}")
+    try:
+        if envelope.schema_version == current:
+            event: DomainEvent = _data_decoders[envelope.type].decode(envelope.data)
+            return event
+        if envelope.schema_version > current:
+            raise UndecodableEvent(
+                f"{envelope.type} schema version {envelope.schema_version} is newer than this "
+                f"code knows ({current}): upgrade the service"
+            )
+        data = msgspec.json.decode(envelope.data)
+        for version in range(envelope.schema_version, current):
+            upcast = UPCASTERS.get((envelope.type, version))
+            if upcast is None:
+                raise UndecodableEvent(f"no upcaster for {envelope.type} v{version}")
+            data = upcast(data)
+        converted: DomainEvent = msgspec.convert(data, EVENT_TYPES[envelope.type])
+        return converted
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise UndecodableEvent(f"{envelope.type} data does not decode: {exc}") from exc

@@ -1,0 +1,146 @@
+"""The events topic on Kafka: creating and checking it, and reading it to the last stable offset."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+_log = logging.getLogger(__name__)
+
+# The log is the truth: it must never delete or compact history.
+REQUIRED_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+_TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
+
+
+class TopicWouldLoseHistory(Exception):
+    """The events topic is configured to delete or compact events."""
+
+
+async def ensure_topic(bootstrap: str, topic: str, *, partitions: int,
+                       allow_deleting: bool = False) -> int:
+    """Create the events topic with infinite retention, or check an existing one.
+
+    Returns its partition count. Raises ``TopicWouldLoseHistory`` for a topic that would delete
+    or compact history, unless ``allow_deleting`` overrides it (then it only warns).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        count = await _partition_count(admin, topic)
+        if count is None:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            response = await admin.create_topics([NewTopic(
+                topic, num_partitions=partitions, replication_factor=min(3, brokers),
+                topic_configs=REQUIRED_TOPIC_CONFIG,
+            )])
+            error = response.to_object()["topic_errors"][0]
+            if error["error_code"] not in (0, _TOPIC_ALREADY_EXISTS):
+                raise RuntimeError(f"could not create topic {topic}: {error['error_message']}")
+            _log.info("created topic %s with %d partitions and infinite retention",
+                      topic, partitions)
+            count = await _wait_for_partitions(admin, topic)
+        problems = await _history_problems(admin, topic)
+        if problems:
+            message = (
+                f"topic {topic} would lose history ({', '.join(problems)}); the events topic is "
+                "the source of truth and needs retention.ms=-1, retention.bytes=-1 and "
+                "cleanup.policy=delete. Fix it with kafka-configs.sh --alter, or set "
+                "ORDERS_ALLOW_DELETING_TOPIC=1 to start anyway"
+            )
+            if not allow_deleting:
+                raise TopicWouldLoseHistory(message)
+            _log.warning("starting despite an unsafe topic: %s", message)
+        return count
+    finally:
+        await admin.close()
+
+
+async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int | None:
+    described = (await admin.describe_topics([topic]))[0]
+    if described["error_code"] == _UNKNOWN_TOPIC:
+        return None
+    if described["error_code"] != 0:
+        raise RuntimeError(f"cannot describe topic {topic}: error {described['error_code']}")
+    return len(described["partitions"])
+
+
+async def _wait_for_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        count = await _partition_count(admin, topic)
+        if count:
+            return count
+        await asyncio.sleep(0.1)  # pacing between metadata polls
+    raise RuntimeError(f"topic {topic} was created but its partitions never appeared")
+
+
+async def _history_problems(admin: AIOKafkaAdminClient, topic: str) -> list[str]:
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    entries = responses[0].to_object()["resources"][0]["config_entries"]
+    config = {entry["config_names"]: entry["config_value"] for entry in entries}
+    problems = []
+    for name, required in REQUIRED_TOPIC_CONFIG.items():
+        actual = config.get(name)
+        if name == "cleanup.policy":
+            if actual is not None and "compact" in actual:
+                problems.append(f"cleanup.policy={actual}")
+        elif actual is not None and actual != required:
+            problems.append(f"{name}={actual}")
+    return problems
+
+
+def committed_reader(bootstrap: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A group-less consumer that sees committed transactions only."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "isolation_level": "read_committed",
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "fetch_max_bytes": 64 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(**options)
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, partitions: Sequence[int], *, batch_records: int = 10000,
+) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
+    """Yield batches of committed records from offset 0 up to each partition's last stable offset.
+
+    The end is taken once, at the start: what is committed later is not read.
+    """
+    consumer = committed_reader(bootstrap)
+    await consumer.start()
+    try:
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not assigned:
+            return
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        # With read_committed, the end offsets are the last stable offsets.
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
+        remaining = {tp for tp in assigned if ends[tp] > 0}
+        for tp in assigned:
+            if ends[tp] == 0:
+                consumer.pause(tp)
+        while remaining:
+            fetched = await consumer.getmany(timeout_ms=500, max_records=batch_records)
+            for tp, records in fetched.items():
+                wanted = [r for r in records if r.offset < ends[tp]]
+                if wanted:
+                    yield wanted
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+                    consumer.pause(tp)
+    finally:
+        await consumer.stop()

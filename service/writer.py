@@ -1,0 +1,416 @@
+"""The single, fenced writer: decides commands on the exact current state and appends to Kafka.
+
+Invariants (design.md 3-5):
+
+* One asyncio task owns the order state. Commands queue up and are decided strictly one after
+  another, each against the state left by the previous one (including earlier commands of the
+  same, not yet committed, batch). Two commands can never be decided on the same version.
+* A batch of commands is appended in ONE Kafka transaction (group commit). The in-memory state
+  moves forward only after the commit succeeded; callers hear "done" only then.
+* The producer is transactional. When another writer with the same transactional id starts, ours
+  is fenced: we stop for good and every later command gets ``WriterUnavailable``.
+* When a commit fails for any other reason its outcome is unknown, so we discard the producer
+  and rebuild the whole state from the log (read_committed, up to the last stable offset)
+  before deciding anything again. The state never comes from a read model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
+
+from service import envelope
+from service.domain import Command, DomainError, Order, decide, evolve
+from service.eventlog import ensure_topic, read_to_end
+
+_log = logging.getLogger(__name__)
+
+_FENCING_ERRORS = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+
+
+class WriterState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    RECOVERING = "recovering"
+    FENCED = "fenced"
+    STOPPED = "stopped"
+
+
+class WriterUnavailable(Exception):
+    """The writer cannot take commands now (starting, recovering, broker down, or fenced)."""
+
+    def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class VersionMismatch(Exception):
+    """``If-Match`` named a version the order is no longer (or not yet) at."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"the order is at version {actual}, not {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class IdempotencyKeyReused(Exception):
+    """The same Idempotency-Key came with a different request."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """A command with what the HTTP edge knows about it."""
+
+    command: Command
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    correlation_id: str | None = None
+    command_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A committed command: the order's new version and where its last event sits."""
+
+    order_id: str
+    version: int
+    partition: int
+    offset: int
+    replayed: bool = False
+
+    @property
+    def consistency_token(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+@dataclass(slots=True)
+class _Receipt:
+    """What the log says a command with an idempotency key produced (rebuilt on start)."""
+
+    request_hash: str | None
+    order_id: str
+    version: int
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: CommandRequest
+    reply: asyncio.Future[Accepted]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriterConfig:
+    bootstrap_servers: str
+    topic: str
+    partitions: int = 12
+    transactional_id: str = "orders-writer"
+    allow_deleting_topic: bool = False
+    max_batch: int = 500
+    commit_timeout: float = 15.0
+
+
+class Writer:
+    """Owns the order state and the transactional producer. Use ``start``, ``submit``, ``stop``."""
+
+    def __init__(self, config: WriterConfig) -> None:
+        self.config = config
+        self.state = WriterState.STARTING
+        self.orders: dict[str, Order] = {}
+        self._receipts: dict[str, _Receipt] = {}
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()
+        self.partition_count = 0
+        self.loaded_events = 0
+        self.load_seconds = 0.0
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the topic, fence older writers, rebuild state from the log, then take commands."""
+        self.partition_count = await ensure_topic(
+            self.config.bootstrap_servers, self.config.topic,
+            partitions=self.config.partitions, allow_deleting=self.config.allow_deleting_topic,
+        )
+        await self._open_producer()
+        await self._load()
+        self.state = WriterState.READY
+        self._task = asyncio.create_task(self._run(), name="writer")
+
+    async def stop(self, *, timeout: float = 20.0) -> None:
+        """Refuse new and queued commands, let the batch in flight finish, close the producer."""
+        if self.state is not WriterState.FENCED:
+            self.state = WriterState.STOPPED
+        self._fail_queued(WriterUnavailable("the service is shutting down"))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._busy.acquire()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_producer()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is WriterState.READY
+
+    async def submit(self, request: CommandRequest) -> Accepted:
+        """Decide and append one command; returns once its events are committed to the log."""
+        if self.state is not WriterState.READY:
+            raise self._unavailable()
+        reply: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(request, reply))
+        # Shielded: a client that hangs up does not cancel a command already on its way.
+        return await asyncio.shield(reply)
+
+    def _unavailable(self) -> WriterUnavailable:
+        if self.state is WriterState.FENCED:
+            return WriterUnavailable(
+                "another writer took over the event log (this instance was fenced); "
+                "send commands to the new writer", retry_after=None)
+        if self.state is WriterState.STOPPED:
+            return WriterUnavailable("the service is shutting down")
+        return WriterUnavailable(f"the writer is {self.state.value}: try again shortly")
+
+    # -- loading ------------------------------------------------------------------------------
+
+    async def _open_producer(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.config.bootstrap_servers,
+            transactional_id=self.config.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=0,
+            request_timeout_ms=int(self.config.commit_timeout * 1000),
+            max_batch_size=1024 * 1024,
+        )
+        # start() runs init_transactions: this fences any older producer with our id and
+        # aborts its open transaction before we read the log.
+        await producer.start()
+        self._producer = producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        orders: dict[str, Order] = {}
+        receipts: dict[str, _Receipt] = {}
+        count = 0
+        async for batch in read_to_end(self.config.bootstrap_servers, self.config.topic,
+                                       range(self.partition_count)):
+            for record in batch:
+                sealed, event = envelope.decode(record.value)
+                orders[sealed.order_id] = evolve(orders.get(sealed.order_id), event,
+                                                 sealed.order_id)
+                if sealed.idempotency_key is not None:
+                    receipts[sealed.idempotency_key] = _Receipt(
+                        sealed.request_hash, sealed.order_id, sealed.version,
+                        record.partition, record.offset)
+                count += 1
+        self.orders, self._receipts = orders, receipts
+        self.loaded_events = count
+        self.load_seconds = time.monotonic() - started
+        _log.info("writer state rebuilt from %d events (%d orders) in %.2fs",
+                  count, len(orders), self.load_seconds)
+
+    # -- the decision loop --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self.config.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            async with self._busy:
+                await self._process(batch)
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        staged: dict[str, Order] = {}
+        staged_receipts: dict[str, _Pending] = {}
+        outgoing: list[tuple[_Pending, list[envelope.Envelope]]] = []
+        replays: list[tuple[_Pending, _Pending]] = []
+        for pending in batch:
+            request = pending.request
+            key = request.idempotency_key
+            try:
+                if key is not None:
+                    receipt = self._receipts.get(key)
+                    if receipt is not None:
+                        self._check_same_request(receipt.request_hash, request)
+                        pending.reply.set_result(Accepted(
+                            receipt.order_id, receipt.version, receipt.partition,
+                            receipt.offset, replayed=True))
+                        continue
+                    earlier = staged_receipts.get(key)
+                    if earlier is not None:
+                        self._check_same_request(earlier.request.request_hash, request)
+                        replays.append((pending, earlier))
+                        continue
+                order_id = request.command.order_id
+                current = staged.get(order_id) or self.orders.get(order_id)
+                if request.expected_version is not None:
+                    actual = current.version if current else 0
+                    if actual != request.expected_version:
+                        raise VersionMismatch(request.expected_version, actual)
+                events = decide(request.command, current)
+            except (DomainError, VersionMismatch, IdempotencyKeyReused) as error:
+                pending.reply.set_exception(error)
+                continue
+            sealed = []
+            state = current
+            for index, event in enumerate(events):
+                state = evolve(state, event, order_id)
+                sealed.append(envelope.seal(
+                    event,
+                    event_id=envelope.event_id_for(key, request.command_id, index),
+                    order_id=order_id, version=state.version,
+                    occurred_at=request.command.at, command_id=request.command_id,
+                    correlation_id=request.correlation_id or request.command_id,
+                    causation_id=request.command_id, idempotency_key=key,
+                    request_hash=request.request_hash,
+                ))
+            if state is not None:
+                staged[order_id] = state
+            if key is not None:
+                staged_receipts[key] = pending
+            outgoing.append((pending, sealed))
+        if outgoing:
+            await self._append(staged, outgoing)
+        for duplicate, original in replays:
+            self._copy_outcome(duplicate, original)
+
+    @staticmethod
+    def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:
+        if recorded_hash != request.request_hash:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used for a different request")
+
+    @staticmethod
+    def _copy_outcome(duplicate: _Pending, original: _Pending) -> None:
+        if original.reply.cancelled():
+            duplicate.reply.set_exception(WriterUnavailable("the original request failed"))
+        elif (error := original.reply.exception()) is not None:
+            duplicate.reply.set_exception(error)
+        else:
+            result = original.reply.result()
+            duplicate.reply.set_result(Accepted(result.order_id, result.version,
+                                                result.partition, result.offset, replayed=True))
+
+    async def _append(self, staged: dict[str, Order],
+                      outgoing: list[tuple[_Pending, list[envelope.Envelope]]]) -> None:
+        try:
+            positions = await asyncio.wait_for(self._transaction(outgoing),
+                                               self.config.commit_timeout)
+        except _FENCING_ERRORS as error:
+            _log.error("FENCED: another writer with transactional id %r took over the log (%s); "
+                       "this instance will never write again", self.config.transactional_id,
+                       error)
+            self.state = WriterState.FENCED
+            self._fail(outgoing, self._unavailable())
+            self._fail_queued(self._unavailable())
+            await self._close_producer()
+            return
+        except (KafkaError, TimeoutError, OSError) as error:
+            _log.warning("append failed (%r): outcome unknown, rebuilding state from the log",
+                         error)
+            self.state = WriterState.RECOVERING
+            self._fail(outgoing, WriterUnavailable(
+                "the event log is unavailable: the command may not have been recorded; "
+                "retry with the same Idempotency-Key"))
+            self._fail_queued(self._unavailable())
+            await self._recover()
+            return
+        self.orders.update(staged)
+        for (pending, sealed), (partition, offset) in zip(outgoing, positions, strict=True):
+            last = sealed[-1]
+            result = Accepted(last.order_id, last.version, partition, offset)
+            if pending.request.idempotency_key is not None:
+                self._receipts[pending.request.idempotency_key] = _Receipt(
+                    pending.request.request_hash, last.order_id, last.version, partition, offset)
+            if not pending.reply.done():
+                pending.reply.set_result(result)
+
+    async def _transaction(
+        self, outgoing: list[tuple[_Pending, list[envelope.Envelope]]]
+    ) -> list[tuple[int, int]]:
+        producer = self._producer
+        if producer is None:
+            raise KafkaError("no producer")
+        await producer.begin_transaction()
+        try:
+            sends = []
+            for _, sealed in outgoing:
+                for item in sealed:
+                    sends.append(await producer.send(
+                        self.config.topic, value=envelope.encode(item),
+                        key=item.order_id.encode(), headers=envelope.headers(item)))
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.abort_transaction(), 5)
+            raise
+        metadata = await asyncio.gather(*sends)
+        positions = []
+        index = 0
+        for _, sealed in outgoing:
+            index += len(sealed)
+            last = metadata[index - 1]
+            positions.append((last.partition, last.offset))
+        return positions
+
+    async def _recover(self) -> None:
+        """Reopen the producer and reload the log, retrying until the broker is back."""
+        delay = 0.5
+        while True:
+            await self._close_producer()
+            try:
+                await self._open_producer()
+                await self._load()
+            except _FENCING_ERRORS:
+                self.state = WriterState.FENCED
+                await self._close_producer()
+                return
+            except (KafkaError, OSError) as error:
+                _log.warning("event log still unavailable (%r); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)  # back-off between reconnection attempts
+                delay = min(delay * 2, 5.0)
+                continue
+            self.state = WriterState.READY
+            _log.info("writer recovered: state rebuilt from the log")
+            return
+
+    @staticmethod
+    def _fail(outgoing: Iterable[tuple[_Pending, object]], error: Exception) -> None:
+        for pending, _ in outgoing:
+            if not pending.reply.done():
+                pending.reply.set_exception(error)
+
+    def _fail_queued(self, error: Exception) -> None:
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.reply.done():
+                pending.reply.set_exception(error)
