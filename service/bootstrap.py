@@ -45,8 +45,10 @@ def shutdown_on_signals() -> asyncio.Event:
 
 def writer_config(settings: Settings) -> WriterConfig:
     return WriterConfig(
-        bootstrap_servers=settings.require_kafka(), topic=settings.topic,
-        partitions=settings.partitions, transactional_id=settings.transactional_id,
+        bootstrap_servers=settings.require_kafka(),
+        topic=settings.topic,
+        partitions=settings.partitions,
+        transactional_id=settings.transactional_id,
         allow_deleting_topic=settings.allow_deleting_topic,
         max_batch=settings.group_commit_max_events,
     )
@@ -54,12 +56,22 @@ def writer_config(settings: Settings) -> WriterConfig:
 
 async def check_topic(settings: Settings) -> None:
     """Fail fast, before serving, on a topic that would lose history."""
-    await ensure_topic(settings.require_kafka(), settings.topic, partitions=settings.partitions,
-                       allow_deleting=settings.allow_deleting_topic)
+    await ensure_topic(
+        settings.require_kafka(),
+        settings.topic,
+        partitions=settings.partitions,
+        allow_deleting=settings.allow_deleting_topic,
+    )
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, api: ApiOptions | None = None,
-                run_projector: bool = False, projections: list[str] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    api: ApiOptions | None = None,
+    run_projector: bool = False,
+    projections: list[str] | None = None,
+) -> None:
     """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
@@ -69,18 +81,28 @@ async def serve(settings: Settings, stop: asyncio.Event, *, api: ApiOptions | No
         if api is not None:
             await check_topic(settings)
             writer = Writer(writer_config(settings))
-            app = create_app(Resources(writer=writer, engine=engine),
-                             max_body_bytes=settings.max_body_bytes)
-            server = _Server(uvicorn.Config(app, host=api.host, port=api.port,
-                                            log_level="warning", access_log=False,
-                                            lifespan="on", timeout_graceful_shutdown=20))
+            app = create_app(
+                Resources(writer=writer, engine=engine), max_body_bytes=settings.max_body_bytes
+            )
+            server = _Server(
+                uvicorn.Config(
+                    app,
+                    host=api.host,
+                    port=api.port,
+                    log_level="warning",
+                    access_log=False,
+                    lifespan="on",
+                    timeout_graceful_shutdown=20,
+                )
+            )
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())
         if run_projector:
             from projections.runner import run_projector as projector_main
 
             tasks["projector"] = asyncio.create_task(
-                projector_main(settings, engine, stop, only=projections))
+                projector_main(settings, engine, stop, only=projections)
+            )
         await _until_stopped(tasks, stop)
     finally:
         stop.set()
@@ -106,8 +128,9 @@ async def _until_stopped(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Eve
     stopper = asyncio.create_task(stop.wait())
     try:
         while watched and not stop.is_set():
-            done, _ = await asyncio.wait([*watched.values(), stopper],
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [*watched.values(), stopper], return_when=asyncio.FIRST_COMPLETED
+            )
             for name, task in list(watched.items()):
                 if task not in done:
                     continue

@@ -1,9 +1,9 @@
 """``orders``: the single entry point.
 
-    orders dev          Kafka + Postgres started for you, migrations, API and projector
-    orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
-    orders projector    the projections runner
-    orders migrate      alembic upgrade head (or --downgrade REV)
+orders dev          Kafka + Postgres started for you, migrations, API and projector
+orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
+orders projector    the projections runner
+orders migrate      alembic upgrade head (or --downgrade REV)
 """
 
 from __future__ import annotations
@@ -59,12 +59,14 @@ def _configured(*, kafka: bool = True) -> Settings:
     if kafka:
         bootstrap = settings.require_kafka()
         try:
-            wait_until_usable(bootstrap, deadline=time.monotonic() + 20, process=None,
-                              log_file=None)
+            wait_until_usable(
+                bootstrap, deadline=time.monotonic() + 20, process=None, log_file=None
+            )
         except EnvironmentProblem:
             raise EnvironmentProblem(
                 f"Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start it or fix "
-                "the variable (or use `orders dev`, which starts one)") from None
+                "the variable (or use `orders dev`, which starts one)"
+            ) from None
     return settings
 
 
@@ -108,12 +110,13 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
     ensure_port_free(args.port, "the API", "--port")
     started = time.monotonic()
-    print("starting Kafka and PostgreSQL (the first run downloads the Kafka broker)...",
-          flush=True)
-    with infrastructure(kafka_port=args.kafka_port, postgres_port=args.postgres_port,
-                        data_dir=args.data_dir) as infra:
+    print("starting Kafka and PostgreSQL (the first run downloads the Kafka broker)...", flush=True)
+    with infrastructure(
+        kafka_port=args.kafka_port, postgres_port=args.postgres_port, data_dir=args.data_dir
+    ) as infra:
         settings = Settings.from_env().with_infrastructure(
-            kafka=infra.kafka_bootstrap_servers, database_url=infra.database_url)
+            kafka=infra.kafka_bootstrap_servers, database_url=infra.database_url
+        )
 
         async def main() -> None:
             engine = create_engine(infra.database_url)
@@ -124,8 +127,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
             print(f"  PostgreSQL  {infra.database_url}")
             print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
-            print(f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything",
-                  flush=True)
+            print(
+                f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything", flush=True
+            )
             await _serve(settings, api=ApiOptions(args.host, args.port), run_projector=True)
 
         _run(main)
@@ -133,8 +137,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orders", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="orders", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -143,12 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
     dev.add_argument("--kafka-port", type=int, default=0, help="default: any free port")
     dev.add_argument("--postgres-port", type=int, default=0, help="default: any free port")
-    dev.add_argument("--data-dir", type=Path, default=None,
-                     help="keep Kafka and Postgres data here across runs (default: throw away)")
+    dev.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="keep Kafka and Postgres data here across runs (default: throw away)",
+    )
     dev.set_defaults(handler=cmd_dev)
 
-    api = commands.add_parser("api", help="run the HTTP API (needs KAFKA_BOOTSTRAP_SERVERS, "
-                                          "DATABASE_URL)")
+    api = commands.add_parser(
+        "api", help="run the HTTP API (needs KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL)"
+    )
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.set_defaults(handler=cmd_api)

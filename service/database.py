@@ -14,8 +14,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An asyncpg-backed engine; nothing connects until first use."""
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                               pool_pre_ping=True)
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -5,10 +5,6 @@ in with each command (`at`) and belongs to the event envelope, not to the events
 Money is always integer minor units plus an ISO 4217 currency code.
 """
 
-# Domain errors are named for what went wrong (OrderNotFound), as the design asks,
-# not with an "Error" suffix; their `code` is the stable identifier.
-# ruff: noqa: N818
-
 import enum
 import re
 from collections.abc import Iterable

@@ -15,11 +15,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
-from service.domain import EVENT_TYPES, DomainEvent
+from service.domain import EVENT_TYPES, DomainEvent, event_type
 
 # The schema version written today, per event type. Bump it (and add an upcaster from the old
 # version) when an event's data changes shape; never rename a type.
@@ -59,14 +59,8 @@ _data_decoders: dict[str, msgspec.json.Decoder[Any]] = {
 }
 
 
-def event_type(event: DomainEvent) -> str:
-    tag = type(event).__struct_config__.tag
-    assert isinstance(tag, str)
-    return tag
-
-
 def event_id_for(idempotency_key: str | None, command_id: str, index: int) -> str:
-    """Deterministic for a command with an idempotency key, so a replayed command has the same ids."""
+    """Deterministic for a command with an idempotency key: a replayed command has the same ids."""
     seed = f"{idempotency_key or command_id}:{index}"
     return str(uuid.uuid5(_EVENT_ID_NAMESPACE, seed))
 
@@ -76,8 +70,12 @@ def seal(event: DomainEvent, **fields: Any) -> Envelope:
     name = event_type(event)
     data = msgspec.to_builtins(event)
     data.pop("type", None)
-    return Envelope(type=name, schema_version=CURRENT_SCHEMA_VERSION[name],
-                    data=msgspec.Raw(_encoder.encode(data)), **fields)
+    return Envelope(
+        type=name,
+        schema_version=CURRENT_SCHEMA_VERSION[name],
+        data=msgspec.Raw(_encoder.encode(data)),
+        **fields,
+    )
 
 
 def encode(envelope: Envelope) -> bytes:
@@ -122,7 +120,6 @@ def decode_data(envelope: Envelope) -> DomainEvent:
             if upcast is None:
                 raise UndecodableEvent(f"no upcaster for {envelope.type} v{version}")
             data = upcast(data)
-        converted: DomainEvent = msgspec.convert(data, EVENT_TYPES[envelope.type])
-        return converted
+        return cast(DomainEvent, msgspec.convert(data, EVENT_TYPES[envelope.type]))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UndecodableEvent(f"{envelope.type} data does not decode: {exc}") from exc

@@ -24,8 +24,9 @@ class TopicWouldLoseHistory(Exception):
     """The events topic is configured to delete or compact events."""
 
 
-async def ensure_topic(bootstrap: str, topic: str, *, partitions: int,
-                       allow_deleting: bool = False) -> int:
+async def ensure_topic(
+    bootstrap: str, topic: str, *, partitions: int, allow_deleting: bool = False
+) -> int:
     """Create the events topic with infinite retention, or check an existing one.
 
     Returns its partition count. Raises ``TopicWouldLoseHistory`` for a topic that would delete
@@ -37,15 +38,22 @@ async def ensure_topic(bootstrap: str, topic: str, *, partitions: int,
         count = await _partition_count(admin, topic)
         if count is None:
             brokers = len((await admin.describe_cluster())["brokers"])
-            response = await admin.create_topics([NewTopic(
-                topic, num_partitions=partitions, replication_factor=min(3, brokers),
-                topic_configs=REQUIRED_TOPIC_CONFIG,
-            )])
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        topic,
+                        num_partitions=partitions,
+                        replication_factor=min(3, brokers),
+                        topic_configs=REQUIRED_TOPIC_CONFIG,
+                    )
+                ]
+            )
             error = response.to_object()["topic_errors"][0]
             if error["error_code"] not in (0, _TOPIC_ALREADY_EXISTS):
                 raise RuntimeError(f"could not create topic {topic}: {error['error_message']}")
-            _log.info("created topic %s with %d partitions and infinite retention",
-                      topic, partitions)
+            _log.info(
+                "created topic %s with %d partitions and infinite retention", topic, partitions
+            )
             count = await _wait_for_partitions(admin, topic)
         problems = await _history_problems(admin, topic)
         if problems:
@@ -112,7 +120,11 @@ def committed_reader(bootstrap: str, **overrides: Any) -> AIOKafkaConsumer:
 
 
 async def read_to_end(
-    bootstrap: str, topic: str, partitions: Sequence[int], *, batch_records: int = 10000,
+    bootstrap: str,
+    topic: str,
+    partitions: Sequence[int],
+    *,
+    batch_records: int = 10000,
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
     """Yield batches of committed records from offset 0 up to each partition's last stable offset.
 

@@ -26,7 +26,7 @@ def sqlalchemy_url(url: str) -> str:
     """Accept plain ``postgresql://`` URLs and select the asyncpg driver."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
 
 

@@ -148,8 +148,10 @@ class Writer:
     async def start(self) -> None:
         """Check the topic, fence older writers, rebuild state from the log, then take commands."""
         self.partition_count = await ensure_topic(
-            self.config.bootstrap_servers, self.config.topic,
-            partitions=self.config.partitions, allow_deleting=self.config.allow_deleting_topic,
+            self.config.bootstrap_servers,
+            self.config.topic,
+            partitions=self.config.partitions,
+            allow_deleting=self.config.allow_deleting_topic,
         )
         await self._open_producer()
         await self._load()
@@ -187,7 +189,9 @@ class Writer:
         if self.state is WriterState.FENCED:
             return WriterUnavailable(
                 "another writer took over the event log (this instance was fenced); "
-                "send commands to the new writer", retry_after=None)
+                "send commands to the new writer",
+                retry_after=None,
+            )
         if self.state is WriterState.STOPPED:
             return WriterUnavailable("the service is shutting down")
         return WriterUnavailable(f"the writer is {self.state.value}: try again shortly")
@@ -220,22 +224,32 @@ class Writer:
         orders: dict[str, Order] = {}
         receipts: dict[str, _Receipt] = {}
         count = 0
-        async for batch in read_to_end(self.config.bootstrap_servers, self.config.topic,
-                                       range(self.partition_count)):
+        async for batch in read_to_end(
+            self.config.bootstrap_servers, self.config.topic, range(self.partition_count)
+        ):
             for record in batch:
                 sealed, event = envelope.decode(record.value)
-                orders[sealed.order_id] = evolve(orders.get(sealed.order_id), event,
-                                                 sealed.order_id)
+                orders[sealed.order_id] = evolve(
+                    orders.get(sealed.order_id), event, sealed.order_id
+                )
                 if sealed.idempotency_key is not None:
                     receipts[sealed.idempotency_key] = _Receipt(
-                        sealed.request_hash, sealed.order_id, sealed.version,
-                        record.partition, record.offset)
+                        sealed.request_hash,
+                        sealed.order_id,
+                        sealed.version,
+                        record.partition,
+                        record.offset,
+                    )
                 count += 1
         self.orders, self._receipts = orders, receipts
         self.loaded_events = count
         self.load_seconds = time.monotonic() - started
-        _log.info("writer state rebuilt from %d events (%d orders) in %.2fs",
-                  count, len(orders), self.load_seconds)
+        _log.info(
+            "writer state rebuilt from %d events (%d orders) in %.2fs",
+            count,
+            len(orders),
+            self.load_seconds,
+        )
 
     # -- the decision loop --------------------------------------------------------------------
 
@@ -261,9 +275,15 @@ class Writer:
                     receipt = self._receipts.get(key)
                     if receipt is not None:
                         self._check_same_request(receipt.request_hash, request)
-                        pending.reply.set_result(Accepted(
-                            receipt.order_id, receipt.version, receipt.partition,
-                            receipt.offset, replayed=True))
+                        pending.reply.set_result(
+                            Accepted(
+                                receipt.order_id,
+                                receipt.version,
+                                receipt.partition,
+                                receipt.offset,
+                                replayed=True,
+                            )
+                        )
                         continue
                     earlier = staged_receipts.get(key)
                     if earlier is not None:
@@ -284,15 +304,20 @@ class Writer:
             state = current
             for index, event in enumerate(events):
                 state = evolve(state, event, order_id)
-                sealed.append(envelope.seal(
-                    event,
-                    event_id=envelope.event_id_for(key, request.command_id, index),
-                    order_id=order_id, version=state.version,
-                    occurred_at=request.command.at, command_id=request.command_id,
-                    correlation_id=request.correlation_id or request.command_id,
-                    causation_id=request.command_id, idempotency_key=key,
-                    request_hash=request.request_hash,
-                ))
+                sealed.append(
+                    envelope.seal(
+                        event,
+                        event_id=envelope.event_id_for(key, request.command_id, index),
+                        order_id=order_id,
+                        version=state.version,
+                        occurred_at=request.command.at,
+                        command_id=request.command_id,
+                        correlation_id=request.correlation_id or request.command_id,
+                        causation_id=request.command_id,
+                        idempotency_key=key,
+                        request_hash=request.request_hash,
+                    )
+                )
             if state is not None:
                 staged[order_id] = state
             if key is not None:
@@ -307,7 +332,8 @@ class Writer:
     def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:
         if recorded_hash != request.request_hash:
             raise IdempotencyKeyReused(
-                "this Idempotency-Key was already used for a different request")
+                "this Idempotency-Key was already used for a different request"
+            )
 
     @staticmethod
     def _copy_outcome(duplicate: _Pending, original: _Pending) -> None:
@@ -317,30 +343,43 @@ class Writer:
             duplicate.reply.set_exception(error)
         else:
             result = original.reply.result()
-            duplicate.reply.set_result(Accepted(result.order_id, result.version,
-                                                result.partition, result.offset, replayed=True))
+            duplicate.reply.set_result(
+                Accepted(
+                    result.order_id, result.version, result.partition, result.offset, replayed=True
+                )
+            )
 
-    async def _append(self, staged: dict[str, Order],
-                      outgoing: list[tuple[_Pending, list[envelope.Envelope]]]) -> None:
+    async def _append(
+        self, staged: dict[str, Order], outgoing: list[tuple[_Pending, list[envelope.Envelope]]]
+    ) -> None:
         try:
-            positions = await asyncio.wait_for(self._transaction(outgoing),
-                                               self.config.commit_timeout)
+            positions = await asyncio.wait_for(
+                self._transaction(outgoing), self.config.commit_timeout
+            )
         except _FENCING_ERRORS as error:
-            _log.error("FENCED: another writer with transactional id %r took over the log (%s); "
-                       "this instance will never write again", self.config.transactional_id,
-                       error)
+            _log.error(
+                "FENCED: another writer with transactional id %r took over the log (%s); "
+                "this instance will never write again",
+                self.config.transactional_id,
+                error,
+            )
             self.state = WriterState.FENCED
             self._fail(outgoing, self._unavailable())
             self._fail_queued(self._unavailable())
             await self._close_producer()
             return
         except (KafkaError, TimeoutError, OSError) as error:
-            _log.warning("append failed (%r): outcome unknown, rebuilding state from the log",
-                         error)
+            _log.warning(
+                "append failed (%r): outcome unknown, rebuilding state from the log", error
+            )
             self.state = WriterState.RECOVERING
-            self._fail(outgoing, WriterUnavailable(
-                "the event log is unavailable: the command may not have been recorded; "
-                "retry with the same Idempotency-Key"))
+            self._fail(
+                outgoing,
+                WriterUnavailable(
+                    "the event log is unavailable: the command may not have been recorded; "
+                    "retry with the same Idempotency-Key"
+                ),
+            )
             self._fail_queued(self._unavailable())
             await self._recover()
             return
@@ -350,7 +389,8 @@ class Writer:
             result = Accepted(last.order_id, last.version, partition, offset)
             if pending.request.idempotency_key is not None:
                 self._receipts[pending.request.idempotency_key] = _Receipt(
-                    pending.request.request_hash, last.order_id, last.version, partition, offset)
+                    pending.request.request_hash, last.order_id, last.version, partition, offset
+                )
             if not pending.reply.done():
                 pending.reply.set_result(result)
 
@@ -365,9 +405,14 @@ class Writer:
             sends = []
             for _, sealed in outgoing:
                 for item in sealed:
-                    sends.append(await producer.send(
-                        self.config.topic, value=envelope.encode(item),
-                        key=item.order_id.encode(), headers=envelope.headers(item)))
+                    sends.append(
+                        await producer.send(
+                            self.config.topic,
+                            value=envelope.encode(item),
+                            key=item.order_id.encode(),
+                            headers=envelope.headers(item),
+                        )
+                    )
             await producer.commit_transaction()
         except BaseException:
             with contextlib.suppress(Exception):

@@ -23,10 +23,12 @@ def upgrade() -> None:
         sa.Column("topic", sa.Text, nullable=False),
         sa.Column("partition", sa.Integer, nullable=False),
         sa.Column("next_offset", sa.BigInteger, nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False,
-                  server_default=sa.func.now()),
-        sa.PrimaryKeyConstraint("projection", "topic", "partition",
-                                name=op.f("pk_projection_checkpoints")),
+        sa.Column(
+            "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.PrimaryKeyConstraint(
+            "projection", "topic", "partition", name=op.f("pk_projection_checkpoints")
+        ),
         sa.CheckConstraint("next_offset >= 0", name=op.f("ck_projection_checkpoints_offset")),
     )
 

@@ -30,8 +30,9 @@ class Health(msgspec.Struct, frozen=True):
     writer: str | None = None
 
 
-def create_app(resources: Resources, *, max_body_bytes: int = 64 * 1024,
-               debug: bool = False) -> Litestar:
+def create_app(
+    resources: Resources, *, max_body_bytes: int = 64 * 1024, debug: bool = False
+) -> Litestar:
     """Build the app around already-created resources (nothing connects here)."""
 
     def provide_writer() -> Writer:
@@ -43,13 +44,16 @@ def create_app(resources: Resources, *, max_body_bytes: int = 64 * 1024,
         writer = resources.writer
         return Health("ok", writer.state.value if writer else None)
 
-    @get("/health/ready", operation_id="ready", tags=["operations"],
-         summary="Readiness: 200 once the writer has rebuilt its state from the log")
+    @get(
+        "/health/ready",
+        operation_id="ready",
+        tags=["operations"],
+        summary="Readiness: 200 once the writer has rebuilt its state from the log",
+    )
     async def ready() -> Response[Health]:
         writer = resources.writer
         is_ready = writer is None or writer.ready
-        body = Health("ready" if is_ready else "not-ready",
-                      writer.state.value if writer else None)
+        body = Health("ready" if is_ready else "not-ready", writer.state.value if writer else None)
         headers = None if is_ready else {"Retry-After": "1"}
         return Response(body, status_code=200 if is_ready else 503, headers=headers)
 
@@ -62,10 +66,12 @@ def create_app(resources: Resources, *, max_body_bytes: int = 64 * 1024,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="Orders", version="0.1.0",
+            title="Orders",
+            version="0.1.0",
             description="Event-sourced orders: commands append to Kafka, queries read "
-                        "Postgres projections.",
-            path="/schema", render_plugins=[SwaggerRenderPlugin()],
+            "Postgres projections.",
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
         ),
         logging_config=None,
         debug=debug,

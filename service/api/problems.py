@@ -42,24 +42,46 @@ class QueryProblem(Exception):
         self.retry_after = retry_after
 
 
-def problem(status: int, code: str, title: str, detail: str, request: Request[Any, Any, Any],
-            *, headers: dict[str, str] | None = None, **extensions: Any) -> Response[Any]:
-    body = {"type": _TYPE_BASE + code, "title": title, "status": status, "detail": detail,
-            "instance": request.url.path, **extensions}
+def problem(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    request: Request[Any, Any, Any],
+    *,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> Response[Any]:
+    body = {
+        "type": _TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **extensions,
+    }
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def _domain_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     assert isinstance(error, domain.DomainError)
     status = _DOMAIN_STATUS.get(type(error), 422)
-    return problem(status, error.code, error.code.replace("-", " ").capitalize(), str(error),
-                   request)
+    return problem(
+        status, error.code, error.code.replace("-", " ").capitalize(), str(error), request
+    )
 
 
 def _version_mismatch(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     assert isinstance(error, VersionMismatch)
-    return problem(412, "version-mismatch", "Precondition Failed", str(error), request,
-                   headers={"ETag": f'"{error.actual}"'}, current_version=error.actual)
+    return problem(
+        412,
+        "version-mismatch",
+        "Precondition Failed",
+        str(error),
+        request,
+        headers={"ETag": f'"{error.actual}"'},
+        current_version=error.actual,
+    )
 
 
 def _idempotency_reused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
@@ -69,22 +91,30 @@ def _idempotency_reused(request: Request[Any, Any, Any], error: Exception) -> Re
 def _unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     assert isinstance(error, WriterUnavailable)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return problem(503, "unavailable", "Service Unavailable", error.reason, request,
-                   headers=headers)
+    return problem(
+        503, "unavailable", "Service Unavailable", error.reason, request, headers=headers
+    )
 
 
 def _query_problem(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     assert isinstance(error, QueryProblem)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return problem(error.status, error.code, error.code.replace("-", " ").capitalize(),
-                   error.detail, request, headers=headers)
+    return problem(
+        error.status,
+        error.code,
+        error.code.replace("-", " ").capitalize(),
+        error.detail,
+        request,
+        headers=headers,
+    )
 
 
 def _validation(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     assert isinstance(error, ValidationException)
     extra = error.extra if isinstance(error.extra, list) else []
-    return problem(400, "invalid-request", "Invalid request", str(error.detail), request,
-                   errors=extra)
+    return problem(
+        400, "invalid-request", "Invalid request", str(error.detail), request, errors=extra
+    )
 
 
 def _http(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
@@ -92,17 +122,32 @@ def _http(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     status = error.status_code
     if status >= 500:
         _log.error("server error on %s %s: %s", request.method, request.url.path, error.detail)
-    code = {400: "invalid-request", 404: "not-found", 405: "method-not-allowed", 413: "body-too-large",
-            415: "unsupported-media-type"}.get(status, "http-error")
-    return problem(status, code, str(error.detail) if status < 500 else "Server error",
-                   str(error.detail), request, headers=error.headers)
+    code = {
+        400: "invalid-request",
+        404: "not-found",
+        405: "method-not-allowed",
+        413: "body-too-large",
+        415: "unsupported-media-type",
+    }.get(status, "http-error")
+    return problem(
+        status,
+        code,
+        str(error.detail) if status < 500 else "Server error",
+        str(error.detail),
+        request,
+        headers=error.headers,
+    )
 
 
 def _unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    _log.exception("unexpected error on %s %s", request.method, request.url.path,
-                   exc_info=error)
-    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal Server Error",
-                   "the server failed; the error is logged", request)
+    _log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return problem(
+        HTTP_500_INTERNAL_SERVER_ERROR,
+        "internal-error",
+        "Internal Server Error",
+        "the server failed; the error is logged",
+        request,
+    )
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
@@ -115,5 +160,3 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     HTTPException: _http,
     Exception: _unexpected,
 }
-
-

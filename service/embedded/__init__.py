@@ -51,7 +51,7 @@ def ensure_port_free(port: int, what: str, flag: str) -> None:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when its parent dies, so a killed test run leaves no orphan."""
+    """Ask Linux to SIGTERM this child when its parent dies: a killed run leaves no orphan."""
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
@@ -74,7 +74,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             env=env,
             user=user,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     finally:
         log.close()

@@ -1,4 +1,4 @@
-"""A real Apache Kafka 4.x broker (KRaft, one combined broker+controller node) as a ``java`` process.
+"""A real Apache Kafka 4.x broker (KRaft, one broker+controller node) as a ``java`` process.
 
 The jars come from Maven Central through ``mvn`` into a cache outside the repository, or from an
 unpacked distribution named by ``KAFKA_HOME``. Kafka 4.4.0 is the newest 4.x on Maven Central;
@@ -82,7 +82,8 @@ def java_executable() -> str:
     if not java or not Path(java).exists():
         raise EnvironmentProblem(
             "no java found: Kafka 4 needs Java 17 or newer; install it (apt-get install "
-            "openjdk-17-jre-headless) or set JAVA_HOME, or point KAFKA_BOOTSTRAP_SERVERS at a broker"
+            "openjdk-17-jre-headless) or set JAVA_HOME, or point KAFKA_BOOTSTRAP_SERVERS at a "
+            "broker"
         )
     result = subprocess.run([java, "-version"], capture_output=True, text=True, check=False)
     match = re.search(r'version "(\d+)(?:\.(\d+))?', result.stderr + result.stdout)
@@ -128,13 +129,24 @@ def _resolve_with_maven(target: Path) -> None:
         )
     target.mkdir(parents=True, exist_ok=True)
     (target / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
-    _log.warning("fetching Apache Kafka %s from Maven Central (once; cached in %s)",
-                 KAFKA_VERSION, target)
+    _log.warning(
+        "fetching Apache Kafka %s from Maven Central (once; cached in %s)", KAFKA_VERSION, target
+    )
     started = time.monotonic()
     result = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(target / "pom.xml"), "dependency:copy-dependencies",
-         f"-DoutputDirectory={target / 'lib'}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(target / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={target / 'lib'}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         detail = (result.stdout + result.stderr).strip().splitlines()[-3:]
@@ -152,7 +164,7 @@ def _kafka_uuid() -> str:
 
 
 def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` to completion on a fresh loop in a helper thread (safe inside a running loop)."""
+    """Run ``coro`` on a fresh loop in a helper thread (safe even inside a running loop)."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -184,8 +196,9 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
         pass
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                request_timeout_ms=int(timeout * 1000))
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout * 1000)
+    )
     await producer.start()
     try:
         marker = uuid.uuid4().bytes
@@ -207,8 +220,13 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
         await consumer.stop()
 
 
-def wait_until_usable(bootstrap: str, *, deadline: float, process: subprocess.Popen[bytes] | None,
-                      log_file: Path | None) -> None:
+def wait_until_usable(
+    bootstrap: str,
+    *,
+    deadline: float,
+    process: subprocess.Popen[bytes] | None,
+    log_file: Path | None,
+) -> None:
     """Poll (no fixed sleeps) until a client can produce and consume, or the deadline passes."""
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
@@ -221,7 +239,9 @@ def wait_until_usable(bootstrap: str, *, deadline: float, process: subprocess.Po
             time.sleep(0.1)  # pacing between probes, not synchronisation
             continue
         try:
-            run_coroutine(round_trip(bootstrap, timeout=max(1.0, min(10.0, deadline - time.monotonic()))))
+            run_coroutine(
+                round_trip(bootstrap, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+            )
             return
         except Exception as exc:  # not ready yet: try again until the deadline
             last_error = exc
@@ -279,14 +299,32 @@ class LocalKafka:
         properties.write_text(self._server_properties(self.controller_port))
         log4j = self.data_dir / "log4j2.xml"
         log4j.write_text(_LOG4J2_XML)
-        base = [java, "-Xms256m", f"-Xmx{self.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={log4j}", "-cp", os.pathsep.join(map(str, classpath))]
+        base = [
+            java,
+            "-Xms256m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}",
+            "-cp",
+            os.pathsep.join(map(str, classpath)),
+        ]
         logs = self.data_dir / "logs"
         if not (logs / "meta.properties").exists():
             formatted = subprocess.run(
-                [*base, "kafka.tools.StorageTool", "format", "-t", _kafka_uuid(), "-c",
-                 str(properties), "--ignore-formatted"],
-                capture_output=True, text=True, check=False,
+                [
+                    *base,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    _kafka_uuid(),
+                    "-c",
+                    str(properties),
+                    "--ignore-formatted",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if formatted.returncode != 0:
                 raise EnvironmentProblem(
@@ -294,8 +332,12 @@ class LocalKafka:
                 )
         self.process = spawn([*base, "kafka.Kafka", str(properties)], log_file=self.log_file)
         try:
-            wait_until_usable(self.bootstrap_servers, deadline=deadline, process=self.process,
-                              log_file=self.log_file)
+            wait_until_usable(
+                self.bootstrap_servers,
+                deadline=deadline,
+                process=self.process,
+                log_file=self.log_file,
+            )
         except BaseException:
             self.stop()
             raise
@@ -303,30 +345,32 @@ class LocalKafka:
 
     def _server_properties(self, controller_port: int) -> str:
         assert self.data_dir is not None
-        return "\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "inter.broker.listener.name=PLAINTEXT",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={self.data_dir / 'logs'}",
-            # One broker: internal topics must not ask for replicas it cannot have, or
-            # init_transactions hangs for about two minutes.
-            "offsets.topic.replication.factor=1",
-            "offsets.topic.num.partitions=8",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "transaction.state.log.num.partitions=8",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=false",
-            "num.partitions=1",
-            "",
-        ])
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "controller.listener.names=CONTROLLER",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                f"log.dirs={self.data_dir / 'logs'}",
+                # One broker: internal topics must not ask for replicas it cannot have, or
+                # init_transactions hangs for about two minutes.
+                "offsets.topic.replication.factor=1",
+                "offsets.topic.num.partitions=8",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "transaction.state.log.num.partitions=8",
+                "share.coordinator.state.topic.replication.factor=1",
+                "share.coordinator.state.topic.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                "auto.create.topics.enable=false",
+                "num.partitions=1",
+                "",
+            ]
+        )
 
     def stop(self, *, grace_seconds: float = 20.0) -> None:
         """SIGTERM the broker (controlled shutdown), SIGKILL after the grace period."""

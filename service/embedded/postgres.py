@@ -53,8 +53,18 @@ def _run_as() -> str | None:
     try:
         pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        SYSTEM_USER], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
+        )
     return SYSTEM_USER
 
 
@@ -102,19 +112,43 @@ class LocalPostgres:
             shutil.chown(self.data_dir, user=user)
         if not (cluster / "PG_VERSION").exists():
             result = subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(cluster), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--no-sync"],
-                capture_output=True, text=True, user=user, check=False,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(cluster),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                text=True,
+                user=user,
+                check=False,
             )
             if result.returncode != 0:
                 raise EnvironmentProblem(f"initdb failed: {result.stderr.strip()[-500:]}")
         if user is not None:
             shutil.chown(self.log_file.parent, user=user)
         self.process = spawn(
-            [str(bin_dir / "postgres"), "-D", str(cluster), "-p", str(self.port),
-             "-h", "127.0.0.1", "-k", str(self.data_dir), "-c", "max_connections=200",
-             "-c", "shared_buffers=256MB"],
-            log_file=self.log_file, user=user,
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(cluster),
+                "-p",
+                str(self.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(self.data_dir),
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
+            ],
+            log_file=self.log_file,
+            user=user,
         )
         try:
             self._wait_until_accepting(deadline)
@@ -133,14 +167,24 @@ class LocalPostgres:
                     + log_tail(self.log_file)
                 )
             ready = subprocess.run(
-                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                 "postgres", "-q"], check=False,
+                [
+                    str(bin_dir / "pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    "-q",
+                ],
+                check=False,
             )
             if ready.returncode == 0:
                 return
             time.sleep(0.1)  # pacing between probes, not synchronisation
-        raise EnvironmentProblem(f"PostgreSQL did not accept connections in time:\n"
-                                 + log_tail(self.log_file))
+        raise EnvironmentProblem(
+            "PostgreSQL did not accept connections in time:\n" + log_tail(self.log_file)
+        )
 
     def stop(self, *, grace_seconds: float = 20.0) -> None:
         """Fast shutdown (SIGINT), SIGKILL after the grace period; remove a throw-away data dir."""

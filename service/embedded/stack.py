@@ -1,4 +1,4 @@
-"""Kafka + Postgres for ``orders dev`` and the tests: external when configured, else started here."""
+"""Kafka + Postgres for ``orders dev`` and the tests: external if configured, else started here."""
 
 from __future__ import annotations
 
@@ -45,14 +45,16 @@ def infrastructure(
             database_url = sqlalchemy_url(database_url)
             check_reachable(database_url)
         else:
-            postgres = LocalPostgres(port=postgres_port,
-                                     data_dir=data_dir / "postgres" if data_dir else None)
+            postgres = LocalPostgres(
+                port=postgres_port, data_dir=data_dir / "postgres" if data_dir else None
+            )
             database_url = postgres.start()
         bootstrap = external_bootstrap()
         if bootstrap:
             try:
-                wait_until_usable(bootstrap, deadline=time.monotonic() + 30, process=None,
-                                  log_file=None)
+                wait_until_usable(
+                    bootstrap, deadline=time.monotonic() + 30, process=None, log_file=None
+                )
             except EnvironmentProblem:
                 raise EnvironmentProblem(
                     f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start that broker, "

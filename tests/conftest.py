@@ -1,0 +1,97 @@
+"""Fixtures: a real Kafka broker and a real PostgreSQL server for the whole run.
+
+They come from the same module as ``orders dev`` (``service.embedded``): started here unless
+``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` point at running ones, or, with
+``ORDERS_TEST_DOCKER=1`` and a Docker engine, from testcontainers. Each test module gets a
+fresh database; each test that asks for ``topic`` gets a topic name nobody else uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.database import create_engine, migrate
+from service.embedded.kafka import run_coroutine
+from service.embedded.stack import Infrastructure, infrastructure
+
+
+def _docker_engine_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _testcontainers() -> Iterator[Infrastructure]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with (
+        KafkaContainer("apache/kafka:4.1.0").with_kraft() as kafka,
+        PostgresContainer("postgres:17", driver="asyncpg") as postgres,
+    ):
+        yield Infrastructure(kafka.get_bootstrap_server(), postgres.get_connection_url())
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infrastructure]:
+    if os.environ.get("ORDERS_TEST_DOCKER") == "1" and _docker_engine_available():
+        with _testcontainers() as containers:
+            yield containers
+        return
+    with infrastructure() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def bootstrap(infra: Infrastructure) -> str:
+    return infra.kafka_bootstrap_servers
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _admin(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="module")
+def database_url(infra: Infrastructure, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for this test module, dropped afterwards."""
+    module = re.sub(r"\W", "_", request.module.__name__.rsplit(".", 1)[-1])[:40]
+    name = f"t_{module}_{uuid.uuid4().hex[:8]}".lower()
+    run_coroutine(_admin(infra.database_url, f'CREATE DATABASE "{name}"'))
+    yield make_url(infra.database_url).set(database=name).render_as_string(hide_password=False)
+    run_coroutine(_admin(infra.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the module's database, migrated to head."""
+    engine = create_engine(database_url)
+    await migrate(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"test.orders.{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,181 @@
+"""The real broker and database the project stands on, and how bad environments are reported."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from sqlalchemy import text
+
+from service.database import create_engine
+from service.embedded import EnvironmentProblem, ensure_port_free
+from service.embedded.kafka import broker_classpath, java_executable
+from service.embedded.postgres import check_reachable
+
+
+async def _create_topic(bootstrap: str, topic: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def test_an_aborted_transaction_is_invisible_to_read_committed_consumers(
+    bootstrap: str,
+    topic: str,
+) -> None:
+    await _create_topic(bootstrap, topic)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=f"tx-{topic}",
+        enable_idempotence=True,
+        acks="all",
+    )
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send(topic, b"committed-1", key=b"k")
+            await producer.send(topic, b"committed-2", key=b"k")
+        await producer.begin_transaction()
+        await producer.send(topic, b"aborted", key=b"k")
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, b"committed-3", key=b"k")
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        end = (await consumer.end_offsets([partition]))[partition]
+        values = []
+        while await consumer.position(partition) < end:
+            batch = await consumer.getmany(partition, timeout_ms=1000)
+            values += [record.value for record in batch.get(partition, [])]
+    finally:
+        await consumer.stop()
+    assert values == [b"committed-1", b"committed-2", b"committed-3"]
+
+
+async def test_postgres_round_trip(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE notes (id int PRIMARY KEY, body text)"))
+            await connection.execute(text("INSERT INTO notes VALUES (1, 'hello')"))
+        async with engine.connect() as connection:
+            body = await connection.scalar(text("SELECT body FROM notes WHERE id = 1"))
+            version = await connection.scalar(text("SHOW server_version_num"))
+    finally:
+        await engine.dispose()
+    assert body == "hello"
+    assert int(str(version)) >= 150000
+
+
+def test_a_port_in_use_is_reported_with_what_to_do() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(EnvironmentProblem, match=rf"port {port}.*--kafka-port"):
+            ensure_port_free(port, "Kafka", "--kafka-port")
+
+
+def test_a_missing_java_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-such-jdk"))
+    with pytest.raises(EnvironmentProblem, match="Java 17"):
+        java_executable()
+
+
+def test_an_old_java_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake = tmp_path / "jdk" / "bin" / "java"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho 'openjdk version \"11.0.2\" 2019-01-15' >&2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path / "jdk"))
+    with pytest.raises(EnvironmentProblem, match=r"Java 11.*17 or newer"):
+        java_executable()
+
+
+def test_a_missing_maven_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("KAFKA_HOME", raising=False)
+    monkeypatch.setenv("ORDERS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EnvironmentProblem, match="mvn not found"):
+        broker_classpath()
+
+
+def test_an_unreachable_database_is_reported() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(EnvironmentProblem, match=f"cannot reach PostgreSQL at 127.0.0.1:{port}"):
+        check_reachable(f"postgresql+asyncpg://u@127.0.0.1:{port}/db", timeout=2)
+
+
+def _orders(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_cli_says_in_one_line_when_kafka_does_not_answer(database_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}",
+        "DATABASE_URL": database_url,
+    }
+    result = _orders("api", "--port", "0", env=env)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"orders: Kafka at KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port} does not answer")
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_the_cli_says_in_one_line_when_the_database_does_not_answer() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": f"postgresql://u@127.0.0.1:{port}/db"}
+    result = _orders("migrate", env=env)
+    assert result.returncode == 2
+    assert "cannot reach PostgreSQL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_database_fixture_gives_each_module_its_own_database(
+    database_url: str,
+) -> None:
+    connection = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        name = await connection.fetchval("SELECT current_database()")
+    finally:
+        await connection.close()
+    assert name.startswith("t_test_infrastructure_")
+    assert uuid  # the suffix is random per run
