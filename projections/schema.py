@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 # Stable constraint names, so migrations can refer to them.
 metadata = sa.MetaData(
@@ -28,4 +29,92 @@ projection_checkpoints = sa.Table(
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+)
+
+# -- the "orders" projection: one row per order, its line items as a JSON array -----------------
+orders = sa.Table(
+    "orders",
+    metadata,
+    sa.Column("order_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("total", sa.BigInteger, nullable=False),
+    sa.Column("item_count", sa.Integer, nullable=False),
+    sa.Column("items", JSONB, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("paid_amount", sa.BigInteger, nullable=False),
+    sa.Column("refunded_amount", sa.BigInteger, nullable=False),
+    sa.Column("payment_reference", sa.Text),
+    sa.Column("carrier", sa.Text),
+    sa.Column("tracking_number", sa.Text),
+    sa.Column("cancel_reason", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("placed_at", sa.DateTime(timezone=True)),
+    sa.Column("paid_at", sa.DateTime(timezone=True)),
+    sa.Column("shipped_at", sa.DateTime(timezone=True)),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    sa.Column("cancelled_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_orders_customer_created", "customer_id", "created_at", "order_id"),
+    sa.Index("ix_orders_status_created", "status", "created_at", "order_id"),
+    sa.Index("ix_orders_created", "created_at", "order_id"),
+)
+
+# -- the "order_history" projection: every event of an order, in order -------------------------
+order_history = sa.Table(
+    "order_history",
+    metadata,
+    sa.Column("order_id", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("event_id", sa.Text, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("command_id", sa.Text, nullable=False),
+    sa.Column("correlation_id", sa.Text, nullable=False),
+    sa.Column("data", JSONB, nullable=False),
+    sa.Column("partition", sa.Integer, nullable=False),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+)
+
+# -- the "customer_summary" projection ---------------------------------------------------------
+customer_summaries = sa.Table(
+    "customer_summaries",
+    metadata,
+    sa.Column("customer_id", sa.Text, primary_key=True),
+    sa.Column("order_count", sa.Integer, nullable=False),
+    sa.Column("open_orders", sa.Integer, nullable=False),
+    # currency -> net amount paid (payments minus refunds), in minor units
+    sa.Column("lifetime_value", JSONB, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+# Which customer (and currency) each order belongs to, and whether it is still open: later
+# events of an order do not repeat the customer.
+customer_summary_orders = sa.Table(
+    "customer_summary_orders",
+    metadata,
+    sa.Column("order_id", sa.Text, primary_key=True),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("open", sa.Boolean, nullable=False),
+)
+
+# -- the "daily_sales" projection: per UTC day and currency -------------------------------------
+daily_sales = sa.Table(
+    "daily_sales",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("currency", sa.Text, primary_key=True),
+    sa.Column("orders_placed", sa.Integer, nullable=False),
+    sa.Column("orders_paid", sa.Integer, nullable=False),
+    sa.Column("orders_cancelled", sa.Integer, nullable=False),
+    sa.Column("revenue", sa.BigInteger, nullable=False),
+    sa.Column("refunded", sa.BigInteger, nullable=False),
+)
+daily_sales_orders = sa.Table(
+    "daily_sales_orders",
+    metadata,
+    sa.Column("order_id", sa.Text, primary_key=True),
+    sa.Column("currency", sa.Text, nullable=False),
 )

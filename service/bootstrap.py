@@ -82,7 +82,13 @@ async def serve(
             await check_topic(settings)
             writer = Writer(writer_config(settings))
             app = create_app(
-                Resources(writer=writer, engine=engine), max_body_bytes=settings.max_body_bytes
+                Resources(
+                    writer=writer,
+                    engine=engine,
+                    topic=settings.topic,
+                    consistency_wait_ms=settings.consistency_wait_ms,
+                ),
+                max_body_bytes=settings.max_body_bytes,
             )
             server = _Server(
                 uvicorn.Config(

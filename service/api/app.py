@@ -23,6 +23,8 @@ class Resources:
 
     writer: Writer | None = None
     engine: AsyncEngine | None = None
+    topic: str = "orders.events"
+    consistency_wait_ms: int = 5000
 
 
 class Health(msgspec.Struct, frozen=True):
