@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.commands import OrderCommands
 from service.api.problems import EXCEPTION_HANDLERS
+from service.api.queries import QUERY_CONTROLLERS, ReadConsistency
 from service.writer import Writer
 
 
@@ -41,6 +42,15 @@ def create_app(
         assert resources.writer is not None, "this process runs no writer"
         return resources.writer
 
+    def provide_engine() -> AsyncEngine:
+        assert resources.engine is not None, "this process has no database"
+        return resources.engine
+
+    read_consistency = ReadConsistency(resources.topic, resources.consistency_wait_ms / 1000)
+
+    def provide_read_consistency() -> ReadConsistency:
+        return read_consistency
+
     @get("/health", operation_id="health", tags=["operations"], summary="Liveness")
     async def health() -> Health:
         writer = resources.writer
@@ -62,9 +72,15 @@ def create_app(
     route_handlers: list[Any] = [health, ready]
     if resources.writer is not None:
         route_handlers.append(OrderCommands)
+    if resources.engine is not None:
+        route_handlers.extend(QUERY_CONTROLLERS)
     return Litestar(
         route_handlers=route_handlers,
-        dependencies={"writer": Provide(provide_writer, sync_to_thread=False)},
+        dependencies={
+            "writer": Provide(provide_writer, sync_to_thread=False),
+            "engine": Provide(provide_engine, sync_to_thread=False),
+            "read_consistency": Provide(provide_read_consistency, sync_to_thread=False),
+        },
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(

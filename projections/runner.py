@@ -1,0 +1,347 @@
+"""The projections runner: consume, batch, apply in ONE Postgres transaction with the checkpoint.
+
+Exactly-once effects (design.md, invariant 6):
+
+* The checkpoint table holds, per (projection, topic, partition), the offset of the next event
+  to apply. It is the only position that counts: on assignment the consumer seeks there;
+  Kafka's committed offsets are written afterwards for lag tools only.
+* A batch's rows and its checkpoint advance commit together. The checkpoint update is a
+  compare-and-set on the offset this instance expects; an instance that lost a partition in a
+  rebalance (a zombie) matches zero rows, so its whole transaction rolls back and it re-seeks.
+* The rebalance listener runs inside ``getmany``, never while a batch is being applied, so it
+  shares no lock with the loop (aiokafka, "Storing Offsets Outside Kafka").
+
+An event that cannot be applied halts its partition (invariant 7): the partition is paused at
+that event, the reason is logged and shown by ``status``; the other partitions go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from projections import catalog
+from projections.projection import Applied, Projection, State, store
+from projections.schema import projection_checkpoints
+from service import envelope
+from service.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+
+class _FoldFailed(Exception):
+    def __init__(self, applied: Applied, reason: str) -> None:
+        super().__init__(reason)
+        self.applied = applied
+        self.reason = reason
+
+
+class StaleCheckpoint(Exception):
+    """The stored checkpoint is not where this instance expected: another instance moved it."""
+
+
+@dataclass(frozen=True)
+class Halt:
+    partition: int
+    offset: int
+    order_id: str | None
+    reason: str
+
+
+@dataclass(kw_only=True)
+class RunnerConfig:
+    bootstrap_servers: str
+    topic: str
+    group_prefix: str = "orders-projection"
+    batch_max_records: int = 5000
+    batch_wait_ms: int = 50
+    commit_kafka_offsets_every: float = 1.0
+
+
+@dataclass
+class RunnerStats:
+    batches: int = 0
+    events: int = 0
+    rows_written: int = 0
+    stale_batches: int = 0
+
+
+async def read_checkpoints(
+    connection: AsyncConnection, projection: str, topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    """The stored next offsets, creating offset-0 rows for partitions never seen before."""
+    if partitions:
+        await connection.execute(
+            insert(projection_checkpoints).on_conflict_do_nothing(),
+            [
+                {"projection": projection, "topic": topic, "partition": p, "next_offset": 0}
+                for p in partitions
+            ],
+        )
+    result = await connection.execute(
+        sa.select(projection_checkpoints.c.partition, projection_checkpoints.c.next_offset).where(
+            projection_checkpoints.c.projection == projection,
+            projection_checkpoints.c.topic == topic,
+            projection_checkpoints.c.partition.in_(list(partitions)),
+        )
+    )
+    return {row.partition: row.next_offset for row in result}
+
+
+async def advance_checkpoints(
+    connection: AsyncConnection, projection: str, topic: str, moves: dict[int, tuple[int, int]]
+) -> None:
+    """Compare-and-set each partition's checkpoint from ``expected`` to ``new``, in one statement.
+
+    Raises ``StaleCheckpoint`` unless every partition was at the expected offset.
+    """
+    values = sa.values(
+        sa.column("partition", sa.Integer),
+        sa.column("expected", sa.BigInteger),
+        sa.column("new", sa.BigInteger),
+        name="moves",
+    ).data([(p, expected, new) for p, (expected, new) in moves.items()])
+    table = projection_checkpoints
+    statement = (
+        table.update()
+        .where(
+            table.c.projection == projection,
+            table.c.topic == topic,
+            table.c.partition == values.c.partition,
+            table.c.next_offset == values.c.expected,
+        )
+        .values(next_offset=values.c.new, updated_at=sa.func.now())
+        .returning(table.c.partition)
+    )
+    moved = {row.partition for row in await connection.execute(statement)}
+    if moved != set(moves):
+        raise StaleCheckpoint(
+            f"{projection}: partitions {sorted(set(moves) - moved)} were moved by another instance"
+        )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            self.runner.positions.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.runner.seek_to_checkpoints([tp.partition for tp in assigned])
+
+
+@dataclass
+class ProjectionRunner:
+    """Runs one projection in its own consumer group."""
+
+    projection: Projection
+    engine: AsyncEngine
+    config: RunnerConfig
+    positions: dict[int, int] = field(default_factory=dict)
+    halted: dict[int, Halt] = field(default_factory=dict)
+    stats: RunnerStats = field(default_factory=RunnerStats)
+    consumer: AIOKafkaConsumer | None = None
+    _last_kafka_commit: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self.config.topic, partition)
+
+    async def seek_to_checkpoints(self, partitions: Sequence[int]) -> None:
+        assert self.consumer is not None
+        async with self.engine.begin() as connection:
+            stored = await read_checkpoints(connection, self.name, self.config.topic, partitions)
+        for partition in partitions:
+            self.positions[partition] = stored[partition]
+            self.consumer.seek(self._tp(partition), stored[partition])
+            if partition in self.halted:
+                self.consumer.pause(self._tp(partition))
+        _log.info(
+            "%s: assigned partitions %s at %s",
+            self.name,
+            sorted(partitions),
+            [stored[p] for p in sorted(partitions)],
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume and apply until ``stop`` is set; then leave the group cleanly."""
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.config.bootstrap_servers,
+            group_id=f"{self.config.group_prefix}.{self.name}",
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+        )
+        await self.consumer.start()
+        self.consumer.subscribe([self.config.topic], listener=_Listener(self))
+        try:
+            while not stop.is_set():
+                fetched = await self.consumer.getmany(
+                    timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max_records
+                )
+                if fetched:
+                    await self._apply_with_retry(fetched, stop)
+        finally:
+            # Leaves the group: the partitions move to the other instances at once.
+            await self.consumer.stop()
+            self.consumer = None
+
+    async def _apply_with_retry(
+        self,
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        stop: asyncio.Event,
+    ) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.apply(fetched)
+                return
+            except StaleCheckpoint as stale:
+                self.stats.stale_batches += 1
+                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.name, stale)
+                await self.seek_to_checkpoints(
+                    [tp.partition for tp in fetched if tp.partition in self.positions]
+                )
+                return
+            except (OperationalError, DBAPIError, OSError) as error:
+                if stop.is_set():
+                    raise
+                _log.warning(
+                    "%s: database unavailable (%s); retrying the batch in %.1fs",
+                    self.name,
+                    type(error).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # back-off while the database is away
+                delay = min(delay * 2, 5.0)
+
+    async def apply(
+        self,
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+    ) -> None:
+        """Apply one fetched batch and advance the checkpoints, in one transaction."""
+        batch: list[Applied] = []
+        moves: dict[int, tuple[int, int]] = {}
+        for tp, records in fetched.items():
+            expected = self.positions.get(tp.partition)
+            if expected is None or tp.partition in self.halted:
+                continue  # revoked or halted meanwhile: not ours to apply
+            applied_until = expected
+            for record in records:
+                if record.offset < expected:
+                    continue
+                try:
+                    sealed, event = envelope.decode(record.value)
+                except envelope.UndecodableEvent as error:
+                    self._halt(tp.partition, record.offset, None, str(error))
+                    break
+                batch.append(Applied(sealed, event, tp.partition, record.offset))
+                applied_until = record.offset + 1
+            if applied_until > expected:
+                moves[tp.partition] = (expected, applied_until)
+        while moves:
+            try:
+                await self._transaction(batch, moves)
+                break
+            except _FoldFailed as failed:
+                batch, moves = self._without_halted(failed, batch, moves)
+        for partition, (_, new) in moves.items():
+            self.positions[partition] = new
+        self.stats.batches += 1
+        self.stats.events += len(batch)
+        await self._commit_kafka_offsets()
+
+    async def _transaction(self, batch: list[Applied], moves: dict[int, tuple[int, int]]) -> None:
+        async with self.engine.begin() as connection:
+            await advance_checkpoints(connection, self.name, self.config.topic, moves)
+            state = await self.projection.load(connection, batch)
+            for applied in batch:
+                try:
+                    self.projection.fold(state, applied)
+                except Exception as error:  # a handler bug must halt, not vanish
+                    raise _FoldFailed(applied, f"{type(error).__name__}: {error}") from error
+            self.stats.rows_written += await store(connection, state)
+
+    def _without_halted(
+        self,
+        failed: _FoldFailed,
+        batch: list[Applied],
+        moves: dict[int, tuple[int, int]],
+    ) -> tuple[list[Applied], dict[int, tuple[int, int]]]:
+        """Halt the failed event's partition there; keep the rest of the batch."""
+        bad = failed.applied
+        self._halt(bad.partition, bad.offset, bad.envelope.order_id, failed.reason)
+        kept = [a for a in batch if a.partition != bad.partition or a.offset < bad.offset]
+        moves = dict(moves)
+        expected = moves.pop(bad.partition)[0]
+        if bad.offset > expected:
+            moves[bad.partition] = (expected, bad.offset)
+        return kept, moves
+
+    def _halt(self, partition: int, offset: int, order_id: str | None, reason: str) -> None:
+        halt = Halt(partition, offset, order_id, reason)
+        self.halted[partition] = halt
+        if self.consumer is not None:
+            self.consumer.pause(self._tp(partition))
+        _log.error(
+            "%s: HALTED partition %d at offset %d (order %s): %s. Fix the cause, then "
+            "restart the projector, or park the event (orders projections park)",
+            self.name,
+            partition,
+            offset,
+            order_id or "?",
+            reason,
+        )
+
+    async def _commit_kafka_offsets(self) -> None:
+        """Informational only: lets Kafka tools show lag. Correctness never reads them."""
+        now = time.monotonic()
+        if (
+            self.consumer is None
+            or now - self._last_kafka_commit < self.config.commit_kafka_offsets_every
+        ):
+            return
+        self._last_kafka_commit = now
+        offsets = {self._tp(p): offset for p, offset in self.positions.items()}
+        with contextlib.suppress(KafkaError):
+            await self.consumer.commit(offsets)
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(bootstrap_servers=settings.require_kafka(), topic=settings.topic)
+
+
+async def run_projector(
+    settings: Settings, engine: AsyncEngine, stop: asyncio.Event, *, only: list[str] | None = None
+) -> None:
+    """Run the chosen projections (all by default), each in its own consumer group."""
+    config = runner_config(settings)
+    runners = [ProjectionRunner(p, engine, config) for p in catalog.select(only)]
+    _log.info("projector running: %s on topic %s", ", ".join(r.name for r in runners), config.topic)
+    await asyncio.gather(*(runner.run(stop) for runner in runners))
+
+
+def oracle(projection: Projection, events: Sequence[Applied]) -> State:
+    """The read model a pure fold of ``events`` gives, from empty: what the tables must hold."""
+    state = State(projection.tables)
+    for applied in events:
+        projection.fold(state, applied)
+    return state

@@ -1,0 +1,376 @@
+"""REST queries: read the Postgres projections, optionally after waiting for a consistency token."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Annotated, Any
+
+import msgspec
+import sqlalchemy as sa
+from litestar import Controller, Response, get
+from litestar.params import Parameter
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections.checkpoints import wait_for_checkpoint
+from projections.schema import customer_summaries, daily_sales, order_history, orders
+from service.api.problems import QueryProblem
+from service.domain import OrderStatus
+
+MAX_PAGE_SIZE = 200
+DEFAULT_PAGE_SIZE = 50
+MAX_REPORT_DAYS = 366
+
+# -- wire schemas (separate from tables) ---------------------------------------------------------
+
+
+class ItemView(msgspec.Struct, frozen=True):
+    sku: str
+    name: str
+    quantity: int
+    unit_price: int
+
+
+class OrderView(msgspec.Struct, frozen=True, kw_only=True):
+    order_id: str
+    customer_id: str
+    status: str
+    currency: str
+    total: int
+    item_count: int
+    items: list[ItemView]
+    version: int
+    paid_amount: int
+    refunded_amount: int
+    payment_reference: str | None
+    carrier: str | None
+    tracking_number: str | None
+    cancel_reason: str | None
+    created_at: datetime
+    placed_at: datetime | None
+    paid_at: datetime | None
+    shipped_at: datetime | None
+    delivered_at: datetime | None
+    cancelled_at: datetime | None
+    updated_at: datetime
+
+
+class OrderSummaryView(msgspec.Struct, frozen=True, kw_only=True):
+    """An order in a list: its header without line items."""
+
+    order_id: str
+    customer_id: str
+    status: str
+    currency: str
+    total: int
+    item_count: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class OrderPage(msgspec.Struct, frozen=True):
+    items: list[OrderSummaryView]
+    next_cursor: str | None
+
+
+class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    event_id: str
+    type: str
+    schema_version: int
+    occurred_at: datetime
+    command_id: str
+    correlation_id: str
+    data: dict[str, Any]
+
+
+class CustomerSummaryView(msgspec.Struct, frozen=True, kw_only=True):
+    customer_id: str
+    order_count: int
+    open_orders: int
+    lifetime_value: dict[str, int]  # currency -> net paid, minor units
+
+
+class DailySalesRow(msgspec.Struct, frozen=True, kw_only=True):
+    day: date
+    currency: str
+    orders_placed: int
+    orders_paid: int
+    orders_cancelled: int
+    revenue: int
+    refunded: int
+
+
+class DailySalesReport(msgspec.Struct, frozen=True):
+    from_: date = msgspec.field(name="from")
+    to: date
+    rows: list[DailySalesRow]
+
+
+# -- read-your-writes -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadConsistency:
+    """Where queries look for checkpoints, and how long they may wait for one."""
+
+    topic: str
+    timeout_s: float
+
+
+ConsistencyToken = Annotated[
+    str | None,
+    Parameter(
+        header="X-Consistency-Token",
+        required=False,
+        max_length=40,
+        description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
+        "waits (bounded) until the read model has applied that event, else 503",
+    ),
+]
+_TOKEN = re.compile(r"^(\d{1,9}):(\d{1,18})$")
+
+
+def parse_consistency_token(value: str) -> tuple[int, int]:
+    """``"<partition>:<offset>"`` -> (partition, offset); a malformed token is a 400."""
+    match = _TOKEN.match(value.strip())
+    if match is None:
+        raise QueryProblem(
+            400,
+            "invalid-consistency-token",
+            f'X-Consistency-Token must look like "<partition>:<offset>"; got {value!r}',
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+async def _await_consistency(
+    engine: AsyncEngine, reads: ReadConsistency, projection: str, token: str | None
+) -> None:
+    if token is None:
+        return
+    partition, offset = parse_consistency_token(token)
+    if not await wait_for_checkpoint(
+        engine, projection, reads.topic, partition, offset, reads.timeout_s
+    ):
+        raise QueryProblem(
+            503,
+            "not-yet-consistent",
+            f"the {projection} read model has not yet applied the event at {token}; retry",
+            retry_after=1,
+        )
+
+
+# -- list cursors -----------------------------------------------------------------------------
+
+_AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+_CursorKey = tuple[_AwareDatetime, str]
+
+
+def encode_cursor(created_at: datetime, order_id: str) -> str:
+    """The opaque position after an order: base64url (unpadded) of ``[created_at, order_id]``."""
+    raw = msgspec.json.encode((created_at, order_id))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        return msgspec.json.decode(raw, type=_CursorKey)
+    except (binascii.Error, ValueError, msgspec.DecodeError) as error:
+        raise QueryProblem(400, "invalid-cursor", "cursor is not one this API issued") from error
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+OrderId = Annotated[str, Parameter(min_length=1, max_length=64)]
+CustomerId = Annotated[str, Parameter(min_length=1, max_length=64)]
+
+
+def _require_offset(name: str, value: datetime | None) -> None:
+    if value is not None and value.tzinfo is None:
+        raise QueryProblem(
+            400, "invalid-filter", f"{name} needs a UTC offset, like 2025-01-31T00:00:00Z"
+        )
+
+
+# -- controllers ------------------------------------------------------------------------------
+
+_ORDER_COLUMNS = [orders.c[name] for name in OrderView.__struct_fields__]
+_SUMMARY_COLUMNS = [orders.c[name] for name in OrderSummaryView.__struct_fields__]
+_HISTORY_COLUMNS = [order_history.c[name] for name in HistoryEntry.__struct_fields__]
+_DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields__]
+
+
+class OrderQueries(Controller):
+    path = "/orders"
+    tags = ["queries"]
+
+    @get("/", operation_id="listOrders", summary="List orders, oldest first, a page at a time")
+    async def list_orders(
+        self,
+        engine: AsyncEngine,
+        read_consistency: ReadConsistency,
+        customer_id: Annotated[str | None, Parameter(max_length=64)] = None,
+        status: OrderStatus | None = None,
+        created_from: Annotated[
+            datetime | None, Parameter(description="Inclusive lower bound on created_at")
+        ] = None,
+        created_to: Annotated[
+            datetime | None, Parameter(description="Exclusive upper bound on created_at")
+        ] = None,
+        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+        cursor: Annotated[
+            str | None,
+            Parameter(max_length=256, description="next_cursor of the previous page"),
+        ] = None,
+        consistency_token: ConsistencyToken = None,
+    ) -> OrderPage:
+        _require_offset("created_from", created_from)
+        _require_offset("created_to", created_to)
+        if created_from is not None and created_to is not None and created_from > created_to:
+            raise QueryProblem(400, "invalid-filter", "created_from is after created_to")
+        after = decode_cursor(cursor) if cursor is not None else None
+        await _await_consistency(engine, read_consistency, "orders", consistency_token)
+
+        query = sa.select(*_SUMMARY_COLUMNS)
+        if customer_id is not None:
+            query = query.where(orders.c.customer_id == customer_id)
+        if status is not None:
+            query = query.where(orders.c.status == status.value)
+        if created_from is not None:
+            query = query.where(orders.c.created_at >= created_from)
+        if created_to is not None:
+            query = query.where(orders.c.created_at < created_to)
+        if after is not None:
+            # Keyset pagination: a row-value comparison that the (.., created_at, order_id)
+            # indexes serve, stable however many rows are inserted before the cursor.
+            query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
+        query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+
+        page = [msgspec.convert(dict(row), OrderSummaryView) for row in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1]
+            next_cursor = encode_cursor(last.created_at, last.order_id)
+        return OrderPage(page, next_cursor)
+
+    @get(
+        "/{order_id:str}",
+        operation_id="getOrder",
+        summary="One order; its version is the ETag",
+    )
+    async def get_order(
+        self,
+        engine: AsyncEngine,
+        read_consistency: ReadConsistency,
+        order_id: OrderId,
+        consistency_token: ConsistencyToken = None,
+    ) -> Response[OrderView]:
+        await _await_consistency(engine, read_consistency, "orders", consistency_token)
+        query = sa.select(*_ORDER_COLUMNS).where(orders.c.order_id == order_id)
+        async with engine.connect() as connection:
+            row = (await connection.execute(query)).mappings().one_or_none()
+        if row is None:
+            raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
+        view = msgspec.convert(dict(row), OrderView)
+        return Response(view, headers={"ETag": f'"{view.version}"'})
+
+    @get(
+        "/{order_id:str}/history",
+        operation_id="getOrderHistory",
+        summary="Every event of an order, in version order",
+    )
+    async def get_history(
+        self,
+        engine: AsyncEngine,
+        read_consistency: ReadConsistency,
+        order_id: OrderId,
+        consistency_token: ConsistencyToken = None,
+    ) -> list[HistoryEntry]:
+        await _await_consistency(engine, read_consistency, "order_history", consistency_token)
+        query = (
+            sa.select(*_HISTORY_COLUMNS)
+            .where(order_history.c.order_id == order_id)
+            .order_by(order_history.c.version)
+        )
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+        if not rows:
+            raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
+        return [msgspec.convert(dict(row), HistoryEntry) for row in rows]
+
+
+class CustomerQueries(Controller):
+    path = "/customers"
+    tags = ["queries"]
+
+    @get(
+        "/{customer_id:str}/summary",
+        operation_id="getCustomerSummary",
+        summary="A customer's order counts and lifetime value per currency",
+    )
+    async def get_summary(
+        self,
+        engine: AsyncEngine,
+        read_consistency: ReadConsistency,
+        customer_id: CustomerId,
+        consistency_token: ConsistencyToken = None,
+    ) -> CustomerSummaryView:
+        await _await_consistency(engine, read_consistency, "customer_summary", consistency_token)
+        query = sa.select(
+            customer_summaries.c.customer_id,
+            customer_summaries.c.order_count,
+            customer_summaries.c.open_orders,
+            customer_summaries.c.lifetime_value,
+        ).where(customer_summaries.c.customer_id == customer_id)
+        async with engine.connect() as connection:
+            row = (await connection.execute(query)).mappings().one_or_none()
+        if row is None:
+            raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
+        return msgspec.convert(dict(row), CustomerSummaryView)
+
+
+class ReportQueries(Controller):
+    path = "/reports"
+    tags = ["queries"]
+
+    @get(
+        "/daily-sales",
+        operation_id="getDailySales",
+        summary="Sales per UTC day and currency over an inclusive range of at most 366 days",
+    )
+    async def daily_sales_report(
+        self,
+        engine: AsyncEngine,
+        read_consistency: ReadConsistency,
+        from_: Annotated[date, Parameter(query="from", description="First day, inclusive")],
+        to: Annotated[date, Parameter(description="Last day, inclusive")],
+        consistency_token: ConsistencyToken = None,
+    ) -> DailySalesReport:
+        if from_ > to:
+            raise QueryProblem(400, "invalid-filter", "from is after to")
+        if (to - from_).days + 1 > MAX_REPORT_DAYS:
+            raise QueryProblem(
+                400, "invalid-filter", f"a report spans at most {MAX_REPORT_DAYS} days"
+            )
+        await _await_consistency(engine, read_consistency, "daily_sales", consistency_token)
+        query = (
+            sa.select(*_DAILY_COLUMNS)
+            .where(daily_sales.c.day.between(from_, to))
+            .order_by(daily_sales.c.day, daily_sales.c.currency)
+        )
+        async with engine.connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+        return DailySalesReport(
+            from_, to, [msgspec.convert(dict(row), DailySalesRow) for row in rows]
+        )
+
+
+QUERY_CONTROLLERS = [OrderQueries, CustomerQueries, ReportQueries]
+
