@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.commands import OrderCommands
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.queries import QUERY_CONTROLLERS, ReadConsistency
+from service.api.queries import QUERY_HANDLERS, ReadConsistency
 from service.writer import Writer
 
 
@@ -73,7 +73,7 @@ def create_app(
     if resources.writer is not None:
         route_handlers.append(OrderCommands)
     if resources.engine is not None:
-        route_handlers.extend(QUERY_CONTROLLERS)
+        route_handlers.extend(QUERY_HANDLERS)
     return Litestar(
         route_handlers=route_handlers,
         dependencies={

@@ -10,9 +10,10 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, patch, post
+from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.spec import Example
-from litestar.params import Body, Parameter
+from litestar.params import Body, HeaderParameter, PathParameter
 
 from service import domain
 from service.writer import Accepted, CommandRequest, Writer
@@ -80,24 +81,27 @@ def _example(summary: str, value: dict[str, Any]) -> list[Example]:
 
 IfMatch = Annotated[
     str | None,
-    Parameter(
-        header="If-Match",
+    HeaderParameter(
+        name="If-Match",
         required=False,
         description='Optimistic concurrency: the version the order must be at, e.g. "3"',
     ),
 ]
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         required=False,
         max_length=128,
         description="Retries with the same key and body return the original response",
     ),
 ]
 CorrelationId = Annotated[
-    str | None, Parameter(header="X-Correlation-Id", required=False, max_length=128)
+    str | None, HeaderParameter(name="X-Correlation-Id", required=False, max_length=128)
 ]
+OrderId = Annotated[str, PathParameter(min_length=1, max_length=64)]
+Sku = Annotated[str, PathParameter(min_length=1, max_length=64)]
+WriterDependency = NamedDependency[Writer]
 
 _ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
 
@@ -137,7 +141,7 @@ class OrderCommands(Controller):
     async def _submit(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
+        writer: WriterDependency,
         command: domain.Command,
         body: msgspec.Struct | None,
         if_match: str | None,
@@ -158,7 +162,7 @@ class OrderCommands(Controller):
     async def create_order(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
+        writer: WriterDependency,
         data: Annotated[
             CreateOrderBody,
             Body(
@@ -190,8 +194,8 @@ class OrderCommands(Controller):
     async def add_item(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         data: Annotated[
             AddItemBody,
             Body(
@@ -227,9 +231,9 @@ class OrderCommands(Controller):
     async def change_quantity(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
-        sku: str,
+        writer: WriterDependency,
+        order_id: OrderId,
+        sku: Sku,
         data: Annotated[
             ChangeQuantityBody, Body(examples=_example("Three of them", {"quantity": 3}))
         ],
@@ -255,9 +259,9 @@ class OrderCommands(Controller):
     async def remove_item(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
-        sku: str,
+        writer: WriterDependency,
+        order_id: OrderId,
+        sku: Sku,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
         correlation_id: CorrelationId = None,
@@ -278,8 +282,8 @@ class OrderCommands(Controller):
     async def place(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
         correlation_id: CorrelationId = None,
@@ -300,8 +304,8 @@ class OrderCommands(Controller):
     async def pay(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         data: Annotated[
             PayBody,
             Body(
@@ -337,8 +341,8 @@ class OrderCommands(Controller):
     async def ship(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         data: Annotated[
             ShipBody,
             Body(
@@ -372,8 +376,8 @@ class OrderCommands(Controller):
     async def deliver(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
         correlation_id: CorrelationId = None,
@@ -394,8 +398,8 @@ class OrderCommands(Controller):
     async def cancel(
         self,
         request: Request[Any, Any, Any],
-        writer: Writer,
-        order_id: str,
+        writer: WriterDependency,
+        order_id: OrderId,
         data: Annotated[
             CancelBody,
             Body(examples=_example("Changed their mind", {"reason": "customer request"})),

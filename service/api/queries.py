@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import msgspec
 import sqlalchemy as sa
 from litestar import Controller, Response, get
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import wait_for_checkpoint
@@ -124,8 +125,8 @@ class ReadConsistency:
 
 ConsistencyToken = Annotated[
     str | None,
-    Parameter(
-        header="X-Consistency-Token",
+    HeaderParameter(
+        name="X-Consistency-Token",
         required=False,
         max_length=40,
         description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
@@ -179,15 +180,18 @@ def encode_cursor(created_at: datetime, order_id: str) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        return msgspec.json.decode(raw, type=_CursorKey)
+        created_at, order_id = msgspec.json.decode(raw, type=_CursorKey)
     except (binascii.Error, ValueError, msgspec.DecodeError) as error:
         raise QueryProblem(400, "invalid-cursor", "cursor is not one this API issued") from error
+    return created_at, order_id
 
 
 # -- parameters -------------------------------------------------------------------------------
 
-OrderId = Annotated[str, Parameter(min_length=1, max_length=64)]
-CustomerId = Annotated[str, Parameter(min_length=1, max_length=64)]
+OrderId = Annotated[str, PathParameter(min_length=1, max_length=64)]
+CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64)]
+Engine = NamedDependency[AsyncEngine]
+Consistency = NamedDependency[ReadConsistency]
 
 
 def _require_offset(name: str, value: datetime | None) -> None:
@@ -205,60 +209,68 @@ _HISTORY_COLUMNS = [order_history.c[name] for name in HistoryEntry.__struct_fiel
 _DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields__]
 
 
+# Not in OrderQueries: in Litestar 2 two controllers that share a path (OrderCommands answers
+# POST /orders) each bring an automatic OPTIONS handler, and registering the second one fails.
+# A plain handler registered after OrderCommands merges into its route instead.
+@get(
+    "/orders",
+    operation_id="listOrders",
+    tags=["queries"],
+    summary="List orders, oldest first, a page at a time",
+)
+async def list_orders(
+    engine: Engine,
+    read_consistency: Consistency,
+    customer_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    status: Annotated[OrderStatus | None, QueryParameter()] = None,
+    created_from: Annotated[
+        datetime | None, QueryParameter(description="Inclusive lower bound on created_at")
+    ] = None,
+    created_to: Annotated[
+        datetime | None, QueryParameter(description="Exclusive upper bound on created_at")
+    ] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    cursor: Annotated[
+        str | None,
+        QueryParameter(max_length=256, description="next_cursor of the previous page"),
+    ] = None,
+    consistency_token: ConsistencyToken = None,
+) -> OrderPage:
+    _require_offset("created_from", created_from)
+    _require_offset("created_to", created_to)
+    if created_from is not None and created_to is not None and created_from > created_to:
+        raise QueryProblem(400, "invalid-filter", "created_from is after created_to")
+    after = decode_cursor(cursor) if cursor is not None else None
+    await _await_consistency(engine, read_consistency, "orders", consistency_token)
+
+    query = sa.select(*_SUMMARY_COLUMNS)
+    if customer_id is not None:
+        query = query.where(orders.c.customer_id == customer_id)
+    if status is not None:
+        query = query.where(orders.c.status == status.value)
+    if created_from is not None:
+        query = query.where(orders.c.created_at >= created_from)
+    if created_to is not None:
+        query = query.where(orders.c.created_at < created_to)
+    if after is not None:
+        # Keyset pagination: a row-value comparison that the (.., created_at, order_id)
+        # indexes serve, stable however many rows are inserted before the cursor.
+        query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
+    query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(query)).all()
+
+    page = [msgspec.convert(row, OrderSummaryView, from_attributes=True) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = encode_cursor(last.created_at, last.order_id)
+    return OrderPage(page, next_cursor)
+
+
 class OrderQueries(Controller):
     path = "/orders"
     tags = ["queries"]
-
-    @get("/", operation_id="listOrders", summary="List orders, oldest first, a page at a time")
-    async def list_orders(
-        self,
-        engine: AsyncEngine,
-        read_consistency: ReadConsistency,
-        customer_id: Annotated[str | None, Parameter(max_length=64)] = None,
-        status: OrderStatus | None = None,
-        created_from: Annotated[
-            datetime | None, Parameter(description="Inclusive lower bound on created_at")
-        ] = None,
-        created_to: Annotated[
-            datetime | None, Parameter(description="Exclusive upper bound on created_at")
-        ] = None,
-        limit: Annotated[int, Parameter(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-        cursor: Annotated[
-            str | None,
-            Parameter(max_length=256, description="next_cursor of the previous page"),
-        ] = None,
-        consistency_token: ConsistencyToken = None,
-    ) -> OrderPage:
-        _require_offset("created_from", created_from)
-        _require_offset("created_to", created_to)
-        if created_from is not None and created_to is not None and created_from > created_to:
-            raise QueryProblem(400, "invalid-filter", "created_from is after created_to")
-        after = decode_cursor(cursor) if cursor is not None else None
-        await _await_consistency(engine, read_consistency, "orders", consistency_token)
-
-        query = sa.select(*_SUMMARY_COLUMNS)
-        if customer_id is not None:
-            query = query.where(orders.c.customer_id == customer_id)
-        if status is not None:
-            query = query.where(orders.c.status == status.value)
-        if created_from is not None:
-            query = query.where(orders.c.created_at >= created_from)
-        if created_to is not None:
-            query = query.where(orders.c.created_at < created_to)
-        if after is not None:
-            # Keyset pagination: a row-value comparison that the (.., created_at, order_id)
-            # indexes serve, stable however many rows are inserted before the cursor.
-            query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
-        query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
-        async with engine.connect() as connection:
-            rows = (await connection.execute(query)).mappings().all()
-
-        page = [msgspec.convert(dict(row), OrderSummaryView) for row in rows[:limit]]
-        next_cursor = None
-        if len(rows) > limit:
-            last = page[-1]
-            next_cursor = encode_cursor(last.created_at, last.order_id)
-        return OrderPage(page, next_cursor)
 
     @get(
         "/{order_id:str}",
@@ -267,18 +279,18 @@ class OrderQueries(Controller):
     )
     async def get_order(
         self,
-        engine: AsyncEngine,
-        read_consistency: ReadConsistency,
+        engine: Engine,
+        read_consistency: Consistency,
         order_id: OrderId,
         consistency_token: ConsistencyToken = None,
     ) -> Response[OrderView]:
         await _await_consistency(engine, read_consistency, "orders", consistency_token)
         query = sa.select(*_ORDER_COLUMNS).where(orders.c.order_id == order_id)
         async with engine.connect() as connection:
-            row = (await connection.execute(query)).mappings().one_or_none()
+            row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
-        view = msgspec.convert(dict(row), OrderView)
+        view = msgspec.convert(row, OrderView, from_attributes=True)
         return Response(view, headers={"ETag": f'"{view.version}"'})
 
     @get(
@@ -288,8 +300,8 @@ class OrderQueries(Controller):
     )
     async def get_history(
         self,
-        engine: AsyncEngine,
-        read_consistency: ReadConsistency,
+        engine: Engine,
+        read_consistency: Consistency,
         order_id: OrderId,
         consistency_token: ConsistencyToken = None,
     ) -> list[HistoryEntry]:
@@ -300,10 +312,10 @@ class OrderQueries(Controller):
             .order_by(order_history.c.version)
         )
         async with engine.connect() as connection:
-            rows = (await connection.execute(query)).mappings().all()
+            rows = (await connection.execute(query)).all()
         if not rows:
             raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
-        return [msgspec.convert(dict(row), HistoryEntry) for row in rows]
+        return [msgspec.convert(row, HistoryEntry, from_attributes=True) for row in rows]
 
 
 class CustomerQueries(Controller):
@@ -317,8 +329,8 @@ class CustomerQueries(Controller):
     )
     async def get_summary(
         self,
-        engine: AsyncEngine,
-        read_consistency: ReadConsistency,
+        engine: Engine,
+        read_consistency: Consistency,
         customer_id: CustomerId,
         consistency_token: ConsistencyToken = None,
     ) -> CustomerSummaryView:
@@ -330,10 +342,10 @@ class CustomerQueries(Controller):
             customer_summaries.c.lifetime_value,
         ).where(customer_summaries.c.customer_id == customer_id)
         async with engine.connect() as connection:
-            row = (await connection.execute(query)).mappings().one_or_none()
+            row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
-        return msgspec.convert(dict(row), CustomerSummaryView)
+        return msgspec.convert(row, CustomerSummaryView, from_attributes=True)
 
 
 class ReportQueries(Controller):
@@ -347,10 +359,10 @@ class ReportQueries(Controller):
     )
     async def daily_sales_report(
         self,
-        engine: AsyncEngine,
-        read_consistency: ReadConsistency,
-        from_: Annotated[date, Parameter(query="from", description="First day, inclusive")],
-        to: Annotated[date, Parameter(description="Last day, inclusive")],
+        engine: Engine,
+        read_consistency: Consistency,
+        from_: Annotated[date, QueryParameter(name="from", description="First day, inclusive")],
+        to: Annotated[date, QueryParameter(description="Last day, inclusive")],
         consistency_token: ConsistencyToken = None,
     ) -> DailySalesReport:
         if from_ > to:
@@ -366,11 +378,11 @@ class ReportQueries(Controller):
             .order_by(daily_sales.c.day, daily_sales.c.currency)
         )
         async with engine.connect() as connection:
-            rows = (await connection.execute(query)).mappings().all()
+            rows = (await connection.execute(query)).all()
         return DailySalesReport(
-            from_, to, [msgspec.convert(dict(row), DailySalesRow) for row in rows]
+            from_, to, [msgspec.convert(row, DailySalesRow, from_attributes=True) for row in rows]
         )
 
 
-QUERY_CONTROLLERS = [OrderQueries, CustomerQueries, ReportQueries]
-
+# Register after OrderCommands (see list_orders).
+QUERY_HANDLERS = [list_orders, OrderQueries, CustomerQueries, ReportQueries]

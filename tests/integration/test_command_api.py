@@ -1,0 +1,462 @@
+"""The command API against the real broker: every endpoint, every error, and the log it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from service.api.app import Resources, create_app
+from service.eventlog import TopicWouldLoseHistory
+from service.writer import Writer, WriterConfig, WriterState
+from tests.support.http import serve
+from tests.support.log import by_order, folded_orders, read_topic
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "events"
+PARTITIONS = 4
+Client = httpx.AsyncClient
+
+
+def _config(bootstrap: str, topic: str, transactional_id: str) -> WriterConfig:
+    return WriterConfig(
+        bootstrap_servers=bootstrap,
+        topic=topic,
+        partitions=PARTITIONS,
+        transactional_id=transactional_id,
+        commit_timeout=10,
+    )
+
+
+@pytest.fixture
+def transactional_id() -> str:
+    return f"writer-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def writer(bootstrap: str, topic: str, transactional_id: str) -> AsyncIterator[Writer]:
+    writer = Writer(_config(bootstrap, topic, transactional_id))
+    await writer.start()
+    yield writer
+    await writer.stop()
+
+
+@pytest.fixture
+async def client(writer: Writer) -> AsyncIterator[Client]:
+    async with serve(create_app(Resources(writer=writer))) as client:
+        yield client
+
+
+async def _create(client: Client, customer: str = "c-1", **headers: str) -> str:
+    response = await client.post(
+        "/orders", json={"customer_id": customer, "currency": "EUR"}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    order_id: str = response.json()["order_id"]
+    return order_id
+
+
+async def _add(
+    client: Client,
+    order_id: str,
+    sku: str,
+    quantity: int = 1,
+    unit_price: int = 1000,
+    **headers: str,
+) -> Any:
+    return await client.post(
+        f"/orders/{order_id}/items",
+        headers=headers,
+        json={"sku": sku, "name": f"Item {sku}", "quantity": quantity, "unit_price": unit_price},
+    )
+
+
+def _problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["type"].endswith("/" + code)
+    assert body["status"] == status
+    return body
+
+
+async def test_an_order_goes_through_its_whole_life_over_rest(client: Client) -> None:
+    created = await client.post("/orders", json={"customer_id": "c-1", "currency": "EUR"})
+    assert created.status_code == 201
+    order_id = created.json()["order_id"]
+    assert created.headers["location"] == f"/orders/{order_id}"
+    assert created.headers["etag"] == '"1"'
+    assert created.json()["version"] == 1
+
+    steps = [
+        await _add(client, order_id, "MUG", quantity=2, unit_price=1250),
+        await _add(client, order_id, "TEA", quantity=1, unit_price=500),
+        await client.patch(f"/orders/{order_id}/items/MUG", json={"quantity": 3}),
+        await client.delete(f"/orders/{order_id}/items/TEA"),
+        await client.post(f"/orders/{order_id}/place"),
+        await client.post(
+            f"/orders/{order_id}/pay",
+            json={"amount": 3750, "currency": "EUR", "payment_reference": "psp-1"},
+        ),
+        await client.post(
+            f"/orders/{order_id}/ship", json={"carrier": "DHL", "tracking_number": "JD01"}
+        ),
+        await client.post(f"/orders/{order_id}/deliver"),
+    ]
+    for version, response in enumerate(steps, start=2):
+        assert response.status_code == 200, response.text
+        assert response.headers["etag"] == f'"{version}"'
+        partition, offset = response.headers["x-consistency-token"].split(":")
+        assert int(partition) in range(PARTITIONS)
+        assert int(offset) >= 0
+        assert response.json()["version"] == version
+
+
+async def test_cancelling_a_paid_order_records_the_refund(
+    client: Client,
+    bootstrap: str,
+    topic: str,
+) -> None:
+    order_id = await _create(client)
+    await _add(client, order_id, "MUG", unit_price=999)
+    await client.post(f"/orders/{order_id}/place")
+    await client.post(
+        f"/orders/{order_id}/pay", json={"amount": 999, "currency": "EUR", "payment_reference": "p"}
+    )
+    cancelled = await client.post(f"/orders/{order_id}/cancel", json={"reason": "changed mind"})
+    assert cancelled.status_code == 200
+    events = by_order(await read_topic(bootstrap, topic, PARTITIONS))[order_id]
+    assert events[-1].envelope.type == "OrderCancelled"
+    assert json.loads(bytes(events[-1].envelope.data)) == {
+        "reason": "changed mind",
+        "refunded_amount": 999,
+    }
+
+
+async def test_each_error_is_a_problem_response_with_the_right_status(client: Client) -> None:
+    order_id = await _create(client)
+    _problem(await client.post("/orders/no-such-order/place"), 404, "order-not-found")
+    _problem(await client.post(f"/orders/{order_id}/place"), 409, "empty-order")
+    _problem(
+        await client.post(
+            f"/orders/{order_id}/ship", json={"carrier": "DHL", "tracking_number": "1"}
+        ),
+        409,
+        "invalid-transition",
+    )
+    await _add(client, order_id, "MUG")
+    _problem(await _add(client, order_id, "MUG"), 409, "duplicate-item")
+    _problem(await client.delete(f"/orders/{order_id}/items/NOPE"), 404, "item-not-found")
+    _problem(
+        await client.post(f"/orders/{order_id}/place", headers={"If-Match": '"1"'}),
+        412,
+        "version-mismatch",
+    )
+    _problem(
+        await client.post(f"/orders/{order_id}/place", headers={"If-Match": "banana"}),
+        400,
+        "invalid-request",
+    )
+    await client.post(f"/orders/{order_id}/place")
+    _problem(
+        await client.post(
+            f"/orders/{order_id}/pay",
+            json={"amount": 1, "currency": "EUR", "payment_reference": "p"},
+        ),
+        422,
+        "payment-mismatch",
+    )
+    _problem(
+        await client.post(
+            f"/orders/{order_id}/pay",
+            json={"amount": 1000, "currency": "USD", "payment_reference": "p"},
+        ),
+        422,
+        "payment-mismatch",
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/orders", b"{not json"),
+        ("/orders", b'{"customer_id": "c", "currency": "EUR", "extra": 1}'),
+        ("/orders", b'{"customer_id": "c", "currency": "euro"}'),
+        ("/orders", b'{"customer_id": "", "currency": "EUR"}'),
+        ("/orders", b'{"customer_id": 7, "currency": "EUR"}'),
+        ("/orders/x/items", b'{"sku": "A", "name": "n", "quantity": 0, "unit_price": 1}'),
+        ("/orders/x/items", b'{"sku": "A", "name": "n", "quantity": 1, "unit_price": -1}'),
+        ("/orders/x/items", b'{"sku": "A", "name": "n", "quantity": 1e40, "unit_price": 1}'),
+        ("/orders/x/items", b'{"sku": "A", "name": "n", "quantity": 1.5, "unit_price": 1}'),
+        ("/orders/x/pay", b'{"amount": 1, "currency": "EUR"}'),
+    ],
+)
+async def test_malformed_requests_are_rejected_with_400(
+    client: Client, path: str, body: bytes
+) -> None:
+    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+    _problem(response, 400, "invalid-request")
+
+
+async def test_oversized_bodies_unknown_routes_and_wrong_methods(client: Client) -> None:
+    huge = json.dumps({"customer_id": "c" * 100_000, "currency": "EUR"})
+    _problem(
+        await client.post(
+            "/orders", content=huge.encode(), headers={"content-type": "application/json"}
+        ),
+        413,
+        "body-too-large",
+    )
+    _problem(await client.get("/no/such/route"), 404, "not-found")
+    _problem(await client.put("/orders"), 405, "method-not-allowed")
+
+
+async def test_events_on_the_topic_are_keyed_headed_gapless_and_shaped_like_the_golden_files(
+    client: Client,
+    bootstrap: str,
+    topic: str,
+) -> None:
+    orders = [await _create(client, customer=f"c-{n}") for n in range(3)]
+    for order_id in orders:
+        await _add(client, order_id, "A")
+        await _add(client, order_id, "B")
+        await client.post(f"/orders/{order_id}/place")
+    events = await read_topic(bootstrap, topic, PARTITIONS)
+    grouped = by_order(events)
+    assert set(grouped) == set(orders)
+    for order_id, logged in grouped.items():
+        assert [e.envelope.version for e in logged] == [1, 2, 3, 4]
+        assert len({e.record.partition for e in logged}) == 1
+        for item in logged:
+            assert item.record.key == order_id.encode()
+            headers = dict(item.record.headers)
+            assert headers["type"] == item.envelope.type.encode()
+            assert headers["schema_version"] == b"1"
+            assert headers["correlation_id"] == item.envelope.correlation_id.encode()
+            golden = json.loads((GOLDEN / f"{item.envelope.type}.v1.json").read_text())
+            written = json.loads(item.record.value)
+            assert set(written) == set(golden)
+            assert set(written["data"]) == set(golden["data"])
+
+
+async def test_fifty_racing_commands_with_the_same_if_match_let_exactly_one_win(
+    client: Client,
+) -> None:
+    order_id = await _create(client)
+    responses = await asyncio.gather(
+        *(_add(client, order_id, f"SKU-{n}", **{"If-Match": '"1"'}) for n in range(50))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] + [412] * 49
+
+
+async def test_without_if_match_racing_commands_are_serialised_without_gaps(
+    client: Client,
+    bootstrap: str,
+    topic: str,
+) -> None:
+    order_id = await _create(client)
+    responses = await asyncio.gather(*(_add(client, order_id, f"SKU-{n}") for n in range(50)))
+    assert all(r.status_code == 200 for r in responses)
+    assert sorted(r.json()["version"] for r in responses) == list(range(2, 52))
+    versions = [
+        e.envelope.version
+        for e in by_order(await read_topic(bootstrap, topic, PARTITIONS))[order_id]
+    ]
+    assert versions == list(range(1, 52))
+
+
+async def test_a_retry_with_the_same_idempotency_key_appends_nothing(
+    client: Client,
+    bootstrap: str,
+    topic: str,
+) -> None:
+    first = await client.post(
+        "/orders",
+        json={"customer_id": "c", "currency": "EUR"},
+        headers={"Idempotency-Key": "create-1"},
+    )
+    again = await client.post(
+        "/orders",
+        json={"customer_id": "c", "currency": "EUR"},
+        headers={"Idempotency-Key": "create-1"},
+    )
+    assert again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    different = await client.post(
+        "/orders",
+        json={"customer_id": "other", "currency": "EUR"},
+        headers={"Idempotency-Key": "create-1"},
+    )
+    _problem(different, 422, "idempotency-key-reused")
+    assert len(await read_topic(bootstrap, topic, PARTITIONS)) == 1
+
+
+async def test_concurrent_duplicates_append_once(
+    client: Client,
+    bootstrap: str,
+    topic: str,
+) -> None:
+    order_id = await _create(client)
+    responses = await asyncio.gather(
+        *(_add(client, order_id, "MUG", **{"Idempotency-Key": "add-mug"}) for _ in range(20))
+    )
+    assert {r.status_code for r in responses} == {200}
+    assert {r.json()["version"] for r in responses} == {2}
+    assert len(by_order(await read_topic(bootstrap, topic, PARTITIONS))[order_id]) == 2
+
+
+async def test_idempotency_survives_a_restart_of_the_service(
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+) -> None:
+    body = {"customer_id": "c", "currency": "EUR"}
+    first_writer = Writer(_config(bootstrap, topic, transactional_id))
+    await first_writer.start()
+    async with serve(create_app(Resources(writer=first_writer))) as client:
+        first = await client.post("/orders", json=body, headers={"Idempotency-Key": "k-9"})
+    await first_writer.stop()
+
+    second_writer = Writer(_config(bootstrap, topic, transactional_id))
+    await second_writer.start()
+    try:
+        async with serve(create_app(Resources(writer=second_writer))) as client:
+            again = await client.post("/orders", json=body, headers={"Idempotency-Key": "k-9"})
+            other = await client.post(
+                "/orders", json={**body, "customer_id": "d"}, headers={"Idempotency-Key": "k-9"}
+            )
+    finally:
+        await second_writer.stop()
+    assert again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["x-consistency-token"] == first.headers["x-consistency-token"]
+    _problem(other, 422, "idempotency-key-reused")
+    assert len(await read_topic(bootstrap, topic, PARTITIONS)) == 1
+
+
+async def test_restarting_rebuilds_a_state_equal_to_the_fold_of_the_topic(
+    client: Client,
+    writer: Writer,
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+) -> None:
+    orders = [await _create(client, customer=f"c-{n % 3}") for n in range(12)]
+    for n, order_id in enumerate(orders):
+        await _add(client, order_id, "A", quantity=n + 1)
+        if n % 2:
+            await client.post(f"/orders/{order_id}/place")
+        if n % 3 == 0:
+            await client.post(f"/orders/{order_id}/cancel", json={"reason": "r"})
+    restarted = Writer(_config(bootstrap, topic, transactional_id))
+    await restarted.start()  # fences the fixture's writer, which is fine here
+    try:
+        expected = folded_orders(await read_topic(bootstrap, topic, PARTITIONS))
+        assert restarted.orders == expected
+        assert restarted.orders == writer.orders
+    finally:
+        await restarted.stop()
+
+
+async def test_a_second_writer_fences_the_first_which_never_writes_again(
+    client: Client,
+    writer: Writer,
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+) -> None:
+    order_id = await _create(client)
+    usurper = Writer(_config(bootstrap, topic, transactional_id))
+    await usurper.start()
+    try:
+        refused = await _add(client, order_id, "MUG")
+        body = _problem(refused, 503, "unavailable")
+        assert "fenced" in body["detail"]
+        assert writer.state is WriterState.FENCED
+        _problem(await _add(client, order_id, "TEA"), 503, "unavailable")
+        assert (await client.get("/health/ready")).status_code == 503
+        events = await read_topic(bootstrap, topic, PARTITIONS)
+        assert [e.envelope.type for e in events] == ["OrderCreated"]
+    finally:
+        await usurper.stop()
+
+
+async def test_commands_wait_for_the_writer_to_load_and_readiness_says_so(
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+) -> None:
+    writer = Writer(_config(bootstrap, topic, transactional_id))
+    async with serve(create_app(Resources(writer=writer))) as client:
+        assert (await client.get("/health/ready")).status_code == 503
+        refused = await client.post("/orders", json={"customer_id": "c", "currency": "EUR"})
+        _problem(refused, 503, "unavailable")
+        assert refused.headers["retry-after"] == "1"
+        await writer.start()
+        try:
+            assert (await client.get("/health/ready")).status_code == 200
+        finally:
+            await writer.stop()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"retention.ms": "604800000"},
+        {"cleanup.policy": "compact"},
+        {"retention.bytes": "1073741824"},
+    ],
+)
+async def test_the_writer_refuses_a_topic_that_would_lose_history(
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+    config: dict[str, str],
+) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=2, replication_factor=1, topic_configs=config)]
+        )
+    finally:
+        await admin.close()
+    with pytest.raises(TopicWouldLoseHistory, match="ORDERS_ALLOW_DELETING_TOPIC"):
+        await Writer(_config(bootstrap, topic, transactional_id)).start()
+    overridden = Writer(
+        WriterConfig(
+            bootstrap_servers=bootstrap,
+            topic=topic,
+            transactional_id=transactional_id,
+            allow_deleting_topic=True,
+        )
+    )
+    await overridden.start()
+    await overridden.stop()
+    assert overridden.partition_count == 2
+
+
+async def test_a_new_topic_gets_infinite_retention(
+    writer: Writer, bootstrap: str, topic: str
+) -> None:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        response = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    entries = response[0].to_object()["resources"][0]["config_entries"]
+    config = {e["config_names"]: e["config_value"] for e in entries}
+    assert config["retention.ms"] == "-1"
+    assert config["cleanup.policy"] == "delete"
+    assert writer.partition_count == PARTITIONS

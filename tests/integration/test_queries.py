@@ -1,0 +1,672 @@
+"""The query API against real Postgres read models: shapes, filters, pages, read-your-writes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from litestar import Litestar
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections.checkpoints import wait_for_checkpoint
+from projections.schema import (
+    customer_summaries,
+    daily_sales,
+    metadata,
+    order_history,
+    orders,
+    projection_checkpoints,
+)
+from service.api.app import Resources, create_app
+from service.writer import Writer, WriterConfig
+from tests.support.http import serve
+
+TOPIC = "t"
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+ITEMS = [
+    {"sku": "MUG-1", "name": "Mug", "quantity": 2, "unit_price": 1250},
+    {"sku": "TEA-7", "name": "Tea", "quantity": 1, "unit_price": 499},
+]
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def order_row(
+    order_id: str,
+    *,
+    customer_id: str = "c-1",
+    status: str = "placed",
+    created_at: datetime = T0,
+    version: int = 2,
+) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "customer_id": customer_id,
+        "status": status,
+        "currency": "EUR",
+        "total": 2999,
+        "item_count": 2,
+        "items": ITEMS,
+        "version": version,
+        "paid_amount": 0,
+        "refunded_amount": 0,
+        "payment_reference": None,
+        "carrier": None,
+        "tracking_number": None,
+        "cancel_reason": None,
+        "created_at": created_at,
+        "placed_at": created_at + timedelta(minutes=5),
+        "paid_at": None,
+        "shipped_at": None,
+        "delivered_at": None,
+        "cancelled_at": None,
+        "updated_at": created_at + timedelta(minutes=5),
+    }
+
+
+def history_row(order_id: str, version: int, event_type: str) -> dict[str, Any]:
+    return {
+        "order_id": order_id,
+        "version": version,
+        "event_id": f"{order_id}-e{version}",
+        "type": event_type,
+        "schema_version": 1,
+        "occurred_at": T0 + timedelta(minutes=version),
+        "command_id": f"cmd-{version}",
+        "correlation_id": "corr-1",
+        "data": {"n": version},
+        "partition": 0,
+        "offset": 100 + version,
+    }
+
+
+async def insert(engine: AsyncEngine, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(table.insert(), rows)
+
+
+async def set_checkpoint(
+    engine: AsyncEngine,
+    projection: str,
+    next_offset: int,
+    *,
+    partition: int = 0,
+    topic: str = TOPIC,
+) -> None:
+    statement = pg_insert(projection_checkpoints).values(
+        projection=projection, topic=topic, partition=partition, next_offset=next_offset
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=["projection", "topic", "partition"],
+        set_={"next_offset": statement.excluded.next_offset},
+    )
+    async with engine.begin() as connection:
+        await connection.execute(statement)
+
+
+def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    if code is not None:
+        assert body["type"].endswith("/" + code), body
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def app_on(engine: AsyncEngine, *, wait_ms: int = 300, writer: Writer | None = None) -> Litestar:
+    return create_app(
+        Resources(engine=engine, writer=writer, topic=TOPIC, consistency_wait_ms=wait_ms)
+    )
+
+
+@pytest.fixture
+async def db(engine: AsyncEngine) -> AsyncEngine:
+    """The module's database with every read-model table and checkpoint emptied."""
+    async with engine.begin() as connection:
+        for table in reversed(metadata.sorted_tables):
+            await connection.execute(table.delete())
+    return engine
+
+
+@pytest.fixture
+async def client(db: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(app_on(db)) as client:
+        yield client
+
+
+async def walk(client: httpx.AsyncClient, query: str) -> list[list[str]]:
+    """Follow next_cursor from the first page to the last; the order ids of each page."""
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        url = f"/orders?{query}" + (f"&cursor={cursor}" if cursor else "")
+        response = await client.get(url)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append([item["order_id"] for item in body["items"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not end"
+
+
+# -- one order ---------------------------------------------------------------------------------
+
+
+async def test_an_order_is_returned_whole_with_its_version_as_etag(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    paid = order_row("o-1", status="paid", version=3)
+    paid.update(paid_amount=2999, payment_reference="psp-1", paid_at=T0 + timedelta(hours=1))
+    await insert(db, orders, [paid])
+
+    response = await client.get("/orders/o-1")
+
+    assert response.status_code == 200, response.text
+    assert response.headers["etag"] == '"3"'
+    body = response.json()
+    assert set(body) == {
+        "order_id", "customer_id", "status", "currency", "total", "item_count", "items",
+        "version", "paid_amount", "refunded_amount", "payment_reference", "carrier",
+        "tracking_number", "cancel_reason", "created_at", "placed_at", "paid_at", "shipped_at",
+        "delivered_at", "cancelled_at", "updated_at",
+    }  # fmt: skip
+    assert body["items"] == ITEMS
+    assert (body["status"], body["version"], body["total"], body["paid_amount"]) == (
+        "paid",
+        3,
+        2999,
+        2999,
+    )
+    assert body["payment_reference"] == "psp-1"
+    assert body["carrier"] is None
+    assert body["shipped_at"] is None
+    assert datetime.fromisoformat(body["created_at"]) == T0
+    assert datetime.fromisoformat(body["paid_at"]) == T0 + timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/orders/nope", "order-not-found"),
+        ("/orders/nope/history", "order-not-found"),
+        ("/customers/nobody/summary", "customer-not-found"),
+    ],
+)
+async def test_what_does_not_exist_is_a_404_problem(
+    db: AsyncEngine, client: httpx.AsyncClient, path: str, code: str
+) -> None:
+    await insert(db, orders, [order_row("o-1")])
+    await insert(db, order_history, [history_row("o-1", 1, "OrderCreated")])
+    await insert(
+        db,
+        customer_summaries,
+        [
+            {
+                "customer_id": "c-1",
+                "order_count": 1,
+                "open_orders": 1,
+                "lifetime_value": {},
+                "updated_at": T0,
+            }
+        ],
+    )
+
+    assert_problem(await client.get(path), 404, code)
+
+
+async def test_history_lists_the_orders_events_in_version_order(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(
+        db,
+        order_history,
+        [
+            history_row("o-1", 3, "OrderPlaced"),
+            history_row("o-1", 1, "OrderCreated"),
+            history_row("o-2", 1, "OrderCreated"),
+            history_row("o-1", 2, "ItemAdded"),
+        ],
+    )
+
+    response = await client.get("/orders/o-1/history")
+
+    assert response.status_code == 200, response.text
+    entries = response.json()
+    assert [(e["version"], e["type"]) for e in entries] == [
+        (1, "OrderCreated"),
+        (2, "ItemAdded"),
+        (3, "OrderPlaced"),
+    ]
+    first = entries[0]
+    assert set(first) == {
+        "version", "event_id", "type", "schema_version", "occurred_at", "command_id",
+        "correlation_id", "data",
+    }  # fmt: skip
+    assert (first["event_id"], first["command_id"], first["data"]) == ("o-1-e1", "cmd-1", {"n": 1})
+    assert datetime.fromisoformat(first["occurred_at"]) == T0 + timedelta(minutes=1)
+
+
+async def test_a_customer_summary_has_counts_and_value_per_currency(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(
+        db,
+        customer_summaries,
+        [
+            {
+                "customer_id": "c-1",
+                "order_count": 4,
+                "open_orders": 1,
+                "lifetime_value": {"EUR": 2999, "USD": 120},
+                "updated_at": T0,
+            }
+        ],
+    )
+
+    response = await client.get("/customers/c-1/summary")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "customer_id": "c-1",
+        "order_count": 4,
+        "open_orders": 1,
+        "lifetime_value": {"EUR": 2999, "USD": 120},
+    }
+
+
+async def test_daily_sales_covers_both_ends_of_the_range_ordered_by_day_then_currency(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    day = date(2025, 3, 10)
+
+    def sales(offset: int, currency: str) -> dict[str, Any]:
+        return {
+            "day": day + timedelta(days=offset),
+            "currency": currency,
+            "orders_placed": 3,
+            "orders_paid": 2,
+            "orders_cancelled": 1,
+            "revenue": 5000 + offset,
+            "refunded": 700,
+        }
+
+    await insert(
+        db,
+        daily_sales,
+        [sales(3, "EUR"), sales(0, "USD"), sales(-1, "EUR"), sales(2, "EUR"), sales(0, "EUR")],
+    )
+
+    response = await client.get("/reports/daily-sales?from=2025-03-10&to=2025-03-12")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["from"], body["to"]) == ("2025-03-10", "2025-03-12")
+    assert [(row["day"], row["currency"]) for row in body["rows"]] == [
+        ("2025-03-10", "EUR"),
+        ("2025-03-10", "USD"),
+        ("2025-03-12", "EUR"),
+    ]
+    assert body["rows"][-1] == {
+        "day": "2025-03-12",
+        "currency": "EUR",
+        "orders_placed": 3,
+        "orders_paid": 2,
+        "orders_cancelled": 1,
+        "revenue": 5002,
+        "refunded": 700,
+    }
+
+
+async def test_a_daily_sales_report_may_span_one_day_or_366(
+    client: httpx.AsyncClient,
+) -> None:
+    one_day = await client.get("/reports/daily-sales?from=2025-03-10&to=2025-03-10")
+    leap_year = await client.get("/reports/daily-sales?from=2024-01-01&to=2024-12-31")
+
+    assert (one_day.status_code, one_day.json()["rows"]) == (200, [])
+    assert leap_year.status_code == 200, leap_year.text
+
+
+# -- lists and pages ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 5, 6, 24, 200])
+async def test_paging_visits_every_order_once_in_creation_order(
+    db: AsyncEngine, client: httpx.AsyncClient, limit: int
+) -> None:
+    # 24 orders, created in groups of three at the same instant: ties are broken by order_id.
+    rows = [order_row(f"o-{n:02d}", created_at=T0 + timedelta(seconds=n // 3)) for n in range(24)]
+    random.Random(7).shuffle(rows)
+    await insert(db, orders, rows)
+    expected = [
+        row["order_id"] for row in sorted(rows, key=lambda r: (r["created_at"], r["order_id"]))
+    ]
+
+    pages = await walk(client, f"limit={limit}")
+
+    assert len(pages) == math.ceil(24 / limit)  # no empty trailing page
+    assert all(len(page) == limit for page in pages[:-1])
+    assert [order_id for page in pages for order_id in page] == expected
+
+
+async def test_a_cursor_is_a_position_so_earlier_inserts_shift_nothing(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(
+        db, orders, [order_row(f"o-{n}", created_at=T0 + timedelta(minutes=n)) for n in range(6)]
+    )
+    first = (await client.get("/orders?limit=3")).json()
+    # Orders that sort before the cursor arrive between the two page requests.
+    await insert(
+        db, orders, [order_row(f"early-{n}", created_at=T0 - timedelta(days=1)) for n in range(3)]
+    )
+
+    second = (await client.get(f"/orders?limit=3&cursor={first['next_cursor']}")).json()
+
+    assert [item["order_id"] for item in first["items"]] == ["o-0", "o-1", "o-2"]
+    assert [item["order_id"] for item in second["items"]] == ["o-3", "o-4", "o-5"]
+    assert second["next_cursor"] is None
+
+
+async def test_a_page_lists_order_summaries(db: AsyncEngine, client: httpx.AsyncClient) -> None:
+    await insert(db, orders, [order_row("o-1")])
+
+    body = (await client.get("/orders")).json()
+
+    assert body["next_cursor"] is None
+    assert body["items"] == [
+        {
+            "order_id": "o-1",
+            "customer_id": "c-1",
+            "status": "placed",
+            "currency": "EUR",
+            "total": 2999,
+            "item_count": 2,
+            "version": 2,
+            "created_at": "2025-03-01T12:00:00Z",
+            "updated_at": "2025-03-01T12:05:00Z",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("customer_id=c-2", ["b1", "b2", "b3"]),
+        ("status=paid", ["a2", "b2"]),
+        ("status=draft", []),
+        ("created_from=2025-03-02T00:00:00Z", ["b1", "b2", "a3", "b3"]),
+        ("created_to=2025-03-02T00:00:00Z", ["a1", "a2"]),
+        ("created_from=2025-03-02T00:00:00Z&created_to=2025-03-03T00:00:00Z", ["b1", "b2"]),
+        ("created_from=2025-03-02T01:00:00%2B01:00", ["b1", "b2", "a3", "b3"]),
+        ("customer_id=c-2&status=paid&created_from=2025-03-02T00:00:00Z", ["b2"]),
+        ("customer_id=c-9", []),
+    ],
+)
+async def test_orders_are_filtered_by_customer_status_and_creation_time(
+    db: AsyncEngine, client: httpx.AsyncClient, query: str, expected: list[str]
+) -> None:
+    day = timedelta(days=1)
+    await insert(
+        db,
+        orders,
+        [
+            order_row("a1", customer_id="c-1", status="placed", created_at=T0),
+            order_row("a2", customer_id="c-1", status="paid", created_at=T0 + timedelta(hours=1)),
+            order_row(
+                "b1", customer_id="c-2", status="cancelled", created_at=T0 + timedelta(hours=12)
+            ),
+            order_row("b2", customer_id="c-2", status="paid", created_at=T0 + day),
+            order_row("a3", customer_id="c-1", status="shipped", created_at=T0 + 2 * day),
+            order_row(
+                "b3",
+                customer_id="c-2",
+                status="delivered",
+                created_at=T0 + 2 * day + timedelta(seconds=1),
+            ),
+        ],
+    )
+
+    pages = await walk(client, f"{query}&limit=2")
+
+    assert [order_id for page in pages for order_id in page] == expected
+
+
+# -- bad requests ------------------------------------------------------------------------------
+
+_NAIVE_CURSOR = b64(b'["2025-03-01T12:00:00","o-1"]')
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/orders?status=bogus",
+        "/orders?status=",
+        "/orders?created_from=yesterday",
+        "/orders?created_to=2025-13-01T00:00:00Z",
+        "/orders?created_from=2025-03-01",
+        "/orders?created_from=2025-03-01T00:00:00",
+        "/orders?created_from=2025-03-02T00:00:00Z&created_to=2025-03-01T00:00:00Z",
+        "/orders?limit=0",
+        "/orders?limit=201",
+        "/orders?limit=-1",
+        "/orders?limit=ten",
+        "/orders?cursor=%21%21%21",
+        "/orders?cursor=" + b64(b"not json"),
+        "/orders?cursor=" + b64(b"[1, 2]"),
+        "/orders?cursor=" + b64(b'["2025-03-01T12:00:00Z"]'),
+        "/orders?cursor=" + _NAIVE_CURSOR,
+        "/orders?cursor=" + "A" * 300,
+        "/orders?customer_id=" + "c" * 65,
+        "/orders/" + "o" * 65,
+        "/orders/" + "o" * 65 + "/history",
+        "/customers/" + "c" * 65 + "/summary",
+        "/reports/daily-sales",
+        "/reports/daily-sales?from=2025-03-01",
+        "/reports/daily-sales?to=2025-03-01",
+        "/reports/daily-sales?from=2025-02-30&to=2025-03-01",
+        "/reports/daily-sales?from=yesterday&to=2025-03-01",
+        "/reports/daily-sales?from=2025-03-02&to=2025-03-01",
+        "/reports/daily-sales?from=2024-01-01&to=2025-01-01",
+    ],
+)
+async def test_a_bad_request_is_a_400_problem(
+    db: AsyncEngine, client: httpx.AsyncClient, path: str
+) -> None:
+    await insert(db, orders, [order_row("o-1")])
+
+    assert_problem(await client.get(path), 400)
+
+
+ROUTES = {
+    "orders": "/orders",
+    "order": "/orders/o-1",
+    "order_history": "/orders/o-1/history",
+    "customer_summary": "/customers/c-1/summary",
+    "daily_sales": "/reports/daily-sales?from=2025-03-01&to=2025-03-31",
+}
+# The projection each route waits on.
+PROJECTION = {
+    "orders": "orders",
+    "order": "orders",
+    "order_history": "order_history",
+    "customer_summary": "customer_summary",
+    "daily_sales": "daily_sales",
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("token", ["abc", "1", "1:", ":5", "-1:5", "1:2:3", "1:x", "1 : 2"])
+async def test_a_malformed_consistency_token_is_a_400_problem(
+    client: httpx.AsyncClient, route: str, token: str
+) -> None:
+    response = await client.get(ROUTES[route], headers={"X-Consistency-Token": token})
+
+    assert_problem(response, 400, "invalid-consistency-token")
+
+
+# -- read your writes --------------------------------------------------------------------------
+
+
+async def _seed_every_read_model(engine: AsyncEngine) -> None:
+    await insert(engine, orders, [order_row("o-1", version=1)])
+    await insert(engine, order_history, [history_row("o-1", 1, "OrderCreated")])
+    await insert(
+        engine,
+        customer_summaries,
+        [
+            {
+                "customer_id": "c-1",
+                "order_count": 1,
+                "open_orders": 1,
+                "lifetime_value": {},
+                "updated_at": T0,
+            }
+        ],
+    )
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_a_route_answers_once_its_own_projection_has_passed_the_token(
+    db: AsyncEngine, client: httpx.AsyncClient, route: str
+) -> None:
+    await _seed_every_read_model(db)
+    for projection in set(PROJECTION.values()):
+        await set_checkpoint(db, projection, 5, partition=2)  # has not applied offset 7
+    await set_checkpoint(db, PROJECTION[route], 8, partition=2)
+
+    response = await client.get(ROUTES[route], headers={"X-Consistency-Token": "2:7"})
+
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_a_route_is_503_while_its_own_projection_has_not_passed_the_token(
+    db: AsyncEngine, client: httpx.AsyncClient, route: str
+) -> None:
+    await _seed_every_read_model(db)
+    # Everything that is NOT this route's checkpoint has passed offset 7 ...
+    for projection in set(PROJECTION.values()) - {PROJECTION[route]}:
+        await set_checkpoint(db, projection, 8, partition=2)
+    await set_checkpoint(db, PROJECTION[route], 8, partition=1)
+    await set_checkpoint(db, PROJECTION[route], 8, partition=2, topic="another.topic")
+    # ... and this one is exactly at it: offset 7 is the next event to apply, not applied yet.
+    await set_checkpoint(db, PROJECTION[route], 7, partition=2)
+
+    response = await client.get(ROUTES[route], headers={"X-Consistency-Token": "2:7"})
+
+    assert_problem(response, 503, "not-yet-consistent")
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_missing_checkpoint_never_passes_a_token(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await _seed_every_read_model(db)
+
+    response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:0"})
+
+    assert_problem(response, 503, "not-yet-consistent")
+
+
+async def test_a_passed_token_or_none_is_answered_without_waiting_out_the_budget(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 11)
+    # A minute of budget: a query that waited it out would blow the 10 s bound below.
+    async with serve(app_on(db, wait_ms=60_000)) as client, asyncio.timeout(10):
+        with_token = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:10"})
+        without = await client.get("/orders/o-1")  # no token: nothing to wait for
+
+    assert with_token.status_code == 200, with_token.text
+    assert without.status_code == 200, without.text
+
+
+async def test_a_query_waits_for_the_projection_to_apply_the_token_and_sees_the_write(
+    db: AsyncEngine,
+) -> None:
+    await insert(db, orders, [order_row("o-1", status="placed", version=1)])
+    await set_checkpoint(db, "orders", 5)
+
+    async def projector_applies_the_payment() -> None:
+        await asyncio.sleep(0.05)  # stands in for another process getting round to it
+        async with db.begin() as connection:
+            await connection.execute(
+                orders.update()
+                .where(orders.c.order_id == "o-1")
+                .values(status="paid", version=2, paid_amount=2999)
+            )
+            await connection.execute(
+                projection_checkpoints.update()
+                .where(projection_checkpoints.c.projection == "orders")
+                .values(next_offset=8)
+            )
+
+    async with serve(app_on(db, wait_ms=10_000)) as client:
+        projector = asyncio.create_task(projector_applies_the_payment())
+        response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:7"})
+        await projector
+
+    assert response.status_code == 200, response.text
+    assert (response.json()["status"], response.json()["version"]) == ("paid", 2)
+    assert response.headers["etag"] == '"2"'
+
+
+async def test_wait_for_checkpoint_is_strictly_past_the_offset(db: AsyncEngine) -> None:
+    await set_checkpoint(db, "orders", 5)
+
+    assert await wait_for_checkpoint(db, "orders", TOPIC, 0, 4, timeout_s=0)
+    assert not await wait_for_checkpoint(db, "orders", TOPIC, 0, 5, timeout_s=0.02)
+    assert not await wait_for_checkpoint(db, "orders", TOPIC, 1, 0, timeout_s=0)
+    assert not await wait_for_checkpoint(db, "daily_sales", TOPIC, 0, 0, timeout_s=0)
+
+
+# -- wiring ------------------------------------------------------------------------------------
+
+
+async def test_queries_and_commands_share_the_orders_path(db: AsyncEngine) -> None:
+    writer = Writer(WriterConfig(bootstrap_servers="127.0.0.1:9", topic=TOPIC))  # never started
+    await insert(db, orders, [order_row("o-1")])
+
+    async with serve(app_on(db, writer=writer)) as client:
+        listed = await client.get("/orders")
+        one = await client.get("/orders/o-1")
+
+    assert listed.status_code == 200, listed.text
+    assert [item["order_id"] for item in listed.json()["items"]] == ["o-1"]
+    assert one.status_code == 200, one.text
+
+
+async def test_every_query_route_is_documented_with_an_operation_id(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = (await client.get("/schema/openapi.json")).json()
+
+    operations = {
+        operation["operationId"]: (path, method)
+        for path, item in schema["paths"].items()
+        for method, operation in item.items()
+        if "queries" in operation.get("tags", [])
+    }
+    assert operations == {
+        "listOrders": ("/orders", "get"),
+        "getOrder": ("/orders/{order_id}", "get"),
+        "getOrderHistory": ("/orders/{order_id}/history", "get"),
+        "getCustomerSummary": ("/customers/{customer_id}/summary", "get"),
+        "getDailySales": ("/reports/daily-sales", "get"),
+    }
