@@ -1,0 +1,71 @@
+"""`orders dev` from the outside: it brings everything up, serves, and stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+
+from service.embedded import free_port
+
+
+def _wait_for(url: str, process: subprocess.Popen[str], deadline: float) -> httpx.Response:
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"orders dev exited early:\n{process.stdout.read()}"  # type: ignore[union-attr]
+        try:
+            return httpx.get(url, timeout=2)
+        except httpx.TransportError:
+            time.sleep(0.2)  # pacing between polls of a server that is starting
+    raise AssertionError(f"{url} did not answer in time")
+
+
+def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm() -> None:
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert _wait_for(f"{base}/health", process, time.monotonic() + 180).status_code == 200
+        children = psutil.Process(process.pid).children(recursive=True)
+        names = " ".join(" ".join(child.cmdline()) for child in children)
+        assert "kafka.Kafka" in names
+        assert "postgres" in names
+
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the writer never became ready"
+            time.sleep(0.1)  # pacing between readiness polls
+        created = httpx.post(f"{base}/orders", json={"customer_id": "c-1", "currency": "EUR"})
+        assert created.status_code == 201
+        order = httpx.get(
+            base + created.headers["location"],
+            headers={"X-Consistency-Token": created.headers["x-consistency-token"]},
+            timeout=10,
+        )
+        assert order.status_code == 200, order.text
+        assert order.json()["customer_id"] == "c-1"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode == 0, output
+    assert "Kafka" in output and "API" in output
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
