@@ -1,9 +1,12 @@
-"""The ``daily_sales`` read model: per UTC day and currency, orders placed, paid, cancelled."""
+"""The ``daily_sales`` read model: per UTC day and currency, orders placed, paid, cancelled.
+
+A day's sales come from every partition, so ``daily_sales`` rows are aggregates: a batch folds
+its events into deltas from zero and the upsert adds them (see schema.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -20,9 +23,9 @@ class DailySalesProjection:
     tables: tuple[sa.Table, ...] = (daily_sales, daily_sales_orders)
 
     async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
+        # Only the order -> currency links are read; day rows are written as deltas.
         state = State(self.tables)
-        currencies = state["daily_sales_orders"]
-        currencies.remember(
+        state["daily_sales_orders"].remember(
             await select_in(
                 connection,
                 daily_sales_orders,
@@ -30,25 +33,6 @@ class DailySalesProjection:
                 (a.envelope.order_id for a in batch if isinstance(a.event, _COUNTED)),
             )
         )
-        created = {
-            a.envelope.order_id: a.event.currency
-            for a in batch
-            if isinstance(a.event, OrderCreated)
-        }
-        keys = set()
-        for applied in batch:
-            if isinstance(applied.event, _COUNTED):
-                link = currencies.get(applied.envelope.order_id)
-                currency = link["currency"] if link else created.get(applied.envelope.order_id)
-                if currency is not None:
-                    keys.add((applied.envelope.occurred_at.date(), currency))
-        if keys:
-            result = await connection.execute(
-                sa.select(daily_sales).where(
-                    sa.tuple_(daily_sales.c.day, daily_sales.c.currency).in_(list(keys))
-                )
-            )
-            state["daily_sales"].remember(result.all())
         return state
 
     def fold(self, state: State, applied: Applied) -> None:
@@ -62,18 +46,19 @@ class DailySalesProjection:
         link = currencies.get(envelope.order_id)
         if link is None:
             raise ProjectionBug(f"{envelope.type} of unknown order {envelope.order_id}")
-        day: date = envelope.occurred_at.date()
-        days = state["daily_sales"]
-        row = days.get(day, link["currency"]) or {
-            "day": day,
-            "currency": link["currency"],
-            "orders_placed": 0,
-            "orders_paid": 0,
-            "orders_cancelled": 0,
-            "revenue": 0,
-            "refunded": 0,
-        }
-        row = dict(row)
+        day, currency = envelope.occurred_at.date(), link["currency"]
+        row = dict(
+            state["daily_sales"].get(day, currency)
+            or {
+                "day": day,
+                "currency": currency,
+                "orders_placed": 0,
+                "orders_paid": 0,
+                "orders_cancelled": 0,
+                "revenue": 0,
+                "refunded": 0,
+            }
+        )
         if isinstance(event, OrderPlaced):
             row["orders_placed"] += 1
         elif isinstance(event, OrderPaid):
@@ -82,4 +67,4 @@ class DailySalesProjection:
         else:
             row["orders_cancelled"] += 1
             row["refunded"] += event.refunded_amount
-        days.put(row)
+        state["daily_sales"].put(row)

@@ -96,21 +96,45 @@ class Projection(Protocol):
         ...
 
 
+def merge_rule(table: sa.Table, column: str) -> str | None:
+    """How an upsert combines a stored value with a batch's: None (replace), add, max, ..."""
+    rule: str | None = table.info.get("merge", {}).get(column)
+    return rule
+
+
+def _merged(table: sa.Table, excluded: Any, column: str) -> Any:
+    match merge_rule(table, column):
+        case None:
+            return excluded[column]
+        case "add":
+            return table.c[column] + excluded[column]
+        case "max":
+            return sa.func.greatest(table.c[column], excluded[column])
+        case "add_per_key":
+            return sa.func.jsonb_add_per_key(table.c[column], excluded[column])
+        case other:
+            raise ValueError(f"unknown merge rule {other!r} on {table.name}.{column}")
+
+
 async def store(connection: AsyncConnection, state: State) -> int:
-    """Upsert every dirty row, one bulk statement per table. Returns the number of rows."""
+    """Upsert every dirty row, one bulk statement per table. Returns the number of rows.
+
+    Rows go in primary-key order, so concurrent batches lock shared rows in the same order
+    and cannot deadlock.
+    """
     written = 0
     for table_state in state.tables.values():
         if not table_state.dirty:
             continue
         table = table_state.table
-        rows = [table_state.rows[key] for key in table_state.dirty]
+        rows = [table_state.rows[key] for key in sorted(table_state.dirty)]
         statement = insert(table)
         keys = [column.name for column in table.primary_key.columns]
         others = [column.name for column in table.columns if column.name not in keys]
         if others:
             statement = statement.on_conflict_do_update(
                 index_elements=keys,
-                set_={name: statement.excluded[name] for name in others},
+                set_={name: _merged(table, statement.excluded, name) for name in others},
             )
         else:
             statement = statement.on_conflict_do_nothing(index_elements=keys)

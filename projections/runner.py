@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from projections import catalog
@@ -64,6 +64,7 @@ class RunnerConfig:
     bootstrap_servers: str
     topic: str
     group_prefix: str = "orders-projection"
+    instance_id: str | None = None
     batch_max_records: int = 5000
     batch_wait_ms: int = 50
     commit_kafka_offsets_every: float = 1.0
@@ -135,12 +136,23 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, runner: ProjectionRunner) -> None:
         self.runner = runner
 
+    # aiokafka runs these in its coordination task, concurrently with the loop's batch. They
+    # wait for the batch in flight (the lock is held only around database work, never around
+    # a Kafka call, so the rebalance cannot wait on itself), then hand partitions over.
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        for tp in revoked:
-            self.runner.positions.pop(tp.partition, None)
+        async with self.runner.applying:
+            for tp in revoked:
+                self.runner.positions.pop(tp.partition, None)
+        if revoked:
+            _log.info(
+                "%s: partitions %s revoked",
+                self.runner.name,
+                sorted(tp.partition for tp in revoked),
+            )
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.runner.seek_to_checkpoints([tp.partition for tp in assigned])
+        async with self.runner.applying:
+            await self.runner.seek_to_checkpoints([tp.partition for tp in assigned])
 
 
 @dataclass
@@ -154,6 +166,7 @@ class ProjectionRunner:
     halted: dict[int, Halt] = field(default_factory=dict)
     stats: RunnerStats = field(default_factory=RunnerStats)
     consumer: AIOKafkaConsumer | None = None
+    applying: asyncio.Lock = field(default_factory=asyncio.Lock)
     _last_kafka_commit: float = 0.0
 
     @property
@@ -184,6 +197,9 @@ class ProjectionRunner:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap_servers,
             group_id=f"{self.config.group_prefix}.{self.name}",
+            group_instance_id=(
+                f"{self.config.instance_id}.{self.name}" if self.config.instance_id else None
+            ),
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -213,16 +229,13 @@ class ProjectionRunner:
         while True:
             try:
                 await self.apply(fetched)
+                await self._commit_kafka_offsets()
                 return
-            except StaleCheckpoint as stale:
-                self.stats.stale_batches += 1
-                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.name, stale)
-                await self.seek_to_checkpoints(
-                    [tp.partition for tp in fetched if tp.partition in self.positions]
-                )
-                return
-            except (OperationalError, DBAPIError, OSError) as error:
-                if stop.is_set():
+            except (DBAPIError, OSError) as error:
+                connection_lost = isinstance(
+                    error, OSError | OperationalError | InterfaceError
+                ) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+                if stop.is_set() or not connection_lost:
                     raise
                 _log.warning(
                     "%s: database unavailable (%s); retrying the batch in %.1fs",
@@ -237,7 +250,25 @@ class ProjectionRunner:
         self,
         fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
     ) -> None:
-        """Apply one fetched batch and advance the checkpoints, in one transaction."""
+        """Apply one fetched batch and advance the checkpoints, in one transaction.
+
+        A checkpoint moved by another instance (``StaleCheckpoint``) rolls the whole batch
+        back; the partitions are then re-read from the stored checkpoints.
+        """
+        async with self.applying:
+            try:
+                await self._apply(fetched)
+            except StaleCheckpoint as stale:
+                self.stats.stale_batches += 1
+                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.name, stale)
+                await self.seek_to_checkpoints(
+                    [tp.partition for tp in fetched if tp.partition in self.positions]
+                )
+
+    async def _apply(
+        self,
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+    ) -> None:
         batch: list[Applied] = []
         moves: dict[int, tuple[int, int]] = {}
         for tp, records in fetched.items():
@@ -267,7 +298,6 @@ class ProjectionRunner:
             self.positions[partition] = new
         self.stats.batches += 1
         self.stats.events += len(batch)
-        await self._commit_kafka_offsets()
 
     async def _transaction(self, batch: list[Applied], moves: dict[int, tuple[int, int]]) -> None:
         async with self.engine.begin() as connection:
@@ -320,13 +350,22 @@ class ProjectionRunner:
         ):
             return
         self._last_kafka_commit = now
-        offsets = {self._tp(p): offset for p, offset in self.positions.items()}
-        with contextlib.suppress(KafkaError):
-            await self.consumer.commit(offsets)
+        assigned = self.consumer.assignment()
+        offsets = {
+            self._tp(p): offset for p, offset in self.positions.items() if self._tp(p) in assigned
+        }
+        if offsets:
+            with contextlib.suppress(KafkaError):
+                await self.consumer.commit(offsets)
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
-    return RunnerConfig(bootstrap_servers=settings.require_kafka(), topic=settings.topic)
+    return RunnerConfig(
+        bootstrap_servers=settings.require_kafka(),
+        topic=settings.topic,
+        group_prefix=settings.projection_group_prefix,
+        instance_id=settings.projector_instance_id,
+    )
 
 
 async def run_projector(

@@ -79,6 +79,10 @@ order_history = sa.Table(
 )
 
 # -- the "customer_summary" projection ---------------------------------------------------------
+# Aggregate rows (a customer's orders, a day's sales) are fed by events of MANY partitions, which
+# different projector instances may apply at the same time. Their batches therefore never read
+# and overwrite such rows: a batch folds its events into deltas from zero, and the upsert adds
+# the deltas to the stored row ("merge" in the table's info), under the row lock, in key order.
 customer_summaries = sa.Table(
     "customer_summaries",
     metadata,
@@ -88,6 +92,14 @@ customer_summaries = sa.Table(
     # currency -> net amount paid (payments minus refunds), in minor units
     sa.Column("lifetime_value", JSONB, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    info={
+        "merge": {
+            "order_count": "add",
+            "open_orders": "add",
+            "lifetime_value": "add_per_key",
+            "updated_at": "max",
+        }
+    },
 )
 # Which customer (and currency) each order belongs to, and whether it is still open: later
 # events of an order do not repeat the customer.
@@ -111,6 +123,15 @@ daily_sales = sa.Table(
     sa.Column("orders_cancelled", sa.Integer, nullable=False),
     sa.Column("revenue", sa.BigInteger, nullable=False),
     sa.Column("refunded", sa.BigInteger, nullable=False),
+    info={
+        "merge": {
+            "orders_placed": "add",
+            "orders_paid": "add",
+            "orders_cancelled": "add",
+            "revenue": "add",
+            "refunded": "add",
+        }
+    },
 )
 daily_sales_orders = sa.Table(
     "daily_sales_orders",

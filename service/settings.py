@@ -40,6 +40,10 @@ class Settings:
     partitions: int = 12
     allow_deleting_topic: bool = False
     transactional_id: str = "orders-writer"
+    projection_group_prefix: str = "orders-projection"
+    # Kafka static membership (KIP-345): a restarted projector with the same instance id takes
+    # its partitions back at once, without a rebalance. Unset: dynamic membership.
+    projector_instance_id: str | None = None
     group_commit_max_events: int = 500
     consistency_wait_ms: int = 5000
     max_body_bytes: int = 64 * 1024
@@ -54,6 +58,8 @@ class Settings:
             partitions=_int("ORDERS_PARTITIONS", 12),
             allow_deleting_topic=_flag("ORDERS_ALLOW_DELETING_TOPIC"),
             transactional_id=os.environ.get("ORDERS_TRANSACTIONAL_ID") or "orders-writer",
+            projection_group_prefix=os.environ.get("ORDERS_GROUP_PREFIX") or "orders-projection",
+            projector_instance_id=os.environ.get("ORDERS_PROJECTOR_INSTANCE_ID") or None,
             group_commit_max_events=_int("ORDERS_GROUP_COMMIT_MAX_EVENTS", 500),
             consistency_wait_ms=_int("ORDERS_CONSISTENCY_WAIT_MS", 5000),
             max_body_bytes=_int("ORDERS_MAX_BODY_BYTES", 64 * 1024),

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.schema import metadata
 from service.database import create_engine, migrate
 from service.embedded.kafka import run_coroutine
 from service.embedded.stack import Infrastructure, infrastructure
@@ -85,9 +87,12 @@ def database_url(infra: Infrastructure, request: pytest.FixtureRequest) -> Itera
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """An engine on the module's database, migrated to head."""
+    """An engine on the module's database, migrated to head, every read-model table empty."""
     engine = create_engine(database_url)
     await migrate(engine)
+    async with engine.begin() as connection:
+        names = ", ".join(f'"{table.name}"' for table in metadata.sorted_tables)
+        await connection.execute(text(f"TRUNCATE {names}"))
     yield engine
     await engine.dispose()
 

@@ -19,7 +19,20 @@ depends_on: str | Sequence[str] | None = None
 _TS = sa.DateTime(timezone=True)
 
 
+# Adds two {currency: amount} maps key by key; used to merge lifetime values (see schema.py).
+_JSONB_ADD = """
+CREATE FUNCTION jsonb_add_per_key(a jsonb, b jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT COALESCE(jsonb_object_agg(key, total), '{}'::jsonb)
+  FROM (SELECT key, SUM(value::bigint) AS total
+        FROM (SELECT * FROM jsonb_each_text(a) UNION ALL SELECT * FROM jsonb_each_text(b)) AS e
+        GROUP BY key) AS sums
+$$
+"""
+
+
 def upgrade() -> None:
+    op.execute(_JSONB_ADD)
     op.create_table(
         "orders",
         sa.Column("order_id", sa.Text, primary_key=True),
@@ -98,3 +111,4 @@ def downgrade() -> None:
     for table in ("daily_sales_orders", "daily_sales", "customer_summary_orders",
                   "customer_summaries", "order_history", "orders"):
         op.drop_table(table)
+    op.execute("DROP FUNCTION jsonb_add_per_key(jsonb, jsonb)")

@@ -1,0 +1,201 @@
+"""Exactly once under crashes: kill -9 the projector again and again while events stream in.
+
+Afterwards every read-model table must equal the oracle, a pure fold of every event in the
+topic. Figures are printed (run pytest with -s to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections.catalog import PROJECTIONS
+from service import domain
+from service.writer import CommandRequest, Writer, WriterConfig
+from tests.support.log import read_topic
+from tests.support.readmodel import end_offsets, mismatches, wait_caught_up
+
+pytestmark = pytest.mark.chaos
+
+PARTITIONS = 6
+TARGET_EVENTS = 20_000
+
+
+@dataclass
+class Projector:
+    """``orders projector`` as a child process, killed and restarted by the test."""
+
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    kills: int = 0
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would block it
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "projector"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.kills += 1
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        return code
+
+
+def _env(bootstrap: str, database_url: str, topic: str, group: str,
+         instance: str | None) -> dict[str, str]:
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": database_url,
+           "ORDERS_TOPIC": topic, "ORDERS_GROUP_PREFIX": group}
+    if instance:
+        env["ORDERS_PROJECTOR_INSTANCE_ID"] = instance
+    return env
+
+
+@pytest.fixture
+async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
+    writer = Writer(WriterConfig(bootstrap_servers=bootstrap, topic=topic,
+                                 partitions=PARTITIONS, transactional_id=f"chaos-{topic}"))
+    await writer.start()
+    yield writer
+    await writer.stop()
+
+
+def _lifecycle(order_id: str, n: int) -> list[domain.Command]:
+    """6 to 8 commands per order, ending delivered, cancelled (some after payment) or paid."""
+    at = datetime.now(UTC)
+    price = 100 + n % 900
+    commands: list[domain.Command] = [
+        domain.CreateOrder(order_id=order_id, at=at, customer_id=f"c-{n % 97}",
+                           currency=("EUR", "USD", "GBP")[n % 3]),
+        domain.AddItem(order_id=order_id, at=at, sku="A", name="a", quantity=2,
+                       unit_price=price),
+        domain.AddItem(order_id=order_id, at=at, sku="B", name="b", quantity=1,
+                       unit_price=price),
+        domain.ChangeItemQuantity(order_id=order_id, at=at, sku="B", quantity=3),
+        domain.PlaceOrder(order_id=order_id, at=at),
+        domain.PayOrder(order_id=order_id, at=at, amount=5 * price,
+                        currency=("EUR", "USD", "GBP")[n % 3], payment_reference=f"p-{n}"),
+    ]
+    if n % 3 == 0:
+        commands += [domain.ShipOrder(order_id=order_id, at=at, carrier="DHL",
+                                      tracking_number=f"t-{n}"),
+                     domain.DeliverOrder(order_id=order_id, at=at)]
+    elif n % 3 == 1:
+        commands.append(domain.CancelOrder(order_id=order_id, at=at, reason="r"))
+    return commands
+
+
+async def _stream(writer: Writer, *, events: int, seconds: float) -> int:
+    """Append at least ``events`` events, spread over about ``seconds``, from 50 clients."""
+    orders = events // 6 + 1
+    per_second = events / seconds
+    started = time.monotonic()
+    written = 0
+    next_order = 0
+
+    async def client() -> None:
+        nonlocal written, next_order
+        while next_order < orders:
+            n = next_order
+            next_order += 1
+            for command in _lifecycle(f"o-{n:06d}", n):
+                await writer.submit(CommandRequest(command=command))
+                written += 1
+                ahead = written / per_second - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # rate limit of the load, not synchronisation
+
+    await asyncio.gather(*(client() for _ in range(50)))
+    return written
+
+
+async def _until_logged(projector: Projector, pattern: re.Pattern[str], *,
+                        timeout: float) -> None:
+    """Poll the projector's log until ``pattern`` shows up, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not pattern.search(projector.log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{pattern.pattern!r} never appeared in its log"
+        await asyncio.sleep(0.1)  # pacing between reads of the log
+
+
+async def _kill_repeatedly(projector: Projector, streaming: asyncio.Task[int],
+                           kills: int, rng: random.Random) -> None:
+    """kill -9 at random moments while the stream flows; at least ``kills`` times."""
+    projector.start()
+    while projector.kills < kills or not streaming.done():
+        await asyncio.sleep(rng.uniform(0.4, 1.6))  # a random moment to crash at
+        projector.kill()
+        projector.start()
+
+
+async def test_kill_minus_nine_at_random_moments_applies_every_event_exactly_once(
+    writer: Writer, engine: AsyncEngine, database_url: str, bootstrap: str, topic: str,
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(os.environ.get("CHAOS_SEED", "20261128"))
+    projector = Projector(_env(bootstrap, database_url, topic, f"chaos-{topic}", "p1"),
+                          tmp_path / "projector.log")
+    streaming = asyncio.create_task(_stream(writer, events=TARGET_EVENTS, seconds=12))
+    await _kill_repeatedly(projector, streaming, kills=10, rng=rng)
+    written = streaming.result()
+
+    events = await read_topic(bootstrap, topic, PARTITIONS)
+    await wait_caught_up(engine, list(PROJECTIONS), topic, end_offsets(events), timeout=180)
+    assert projector.terminate() == 0
+    differences = {name: await mismatches(engine, projection, events)
+                   for name, projection in PROJECTIONS.items()}
+    print(f"\nchaos: {len(events)} events in the topic ({written} commands acknowledged), "
+          f"{projector.kills} kill -9 of the projector, mismatches per table: {differences}")
+    assert len(events) == written >= TARGET_EVENTS
+    assert projector.kills >= 10
+    assert all(count == 0 for tables in differences.values() for count in tables.values())
+
+
+async def test_two_instances_and_a_rebalance_mid_stream_still_equal_the_oracle(
+    writer: Writer, engine: AsyncEngine, database_url: str, bootstrap: str, topic: str,
+    tmp_path: Path,
+) -> None:
+    group = f"pair-{topic}"
+    first = Projector(_env(bootstrap, database_url, topic, group, None), tmp_path / "first.log")
+    second = Projector(_env(bootstrap, database_url, topic, group, None), tmp_path / "second.log")
+    first.start()
+    streaming = asyncio.create_task(_stream(writer, events=8_000, seconds=12))
+    await _until_logged(first, re.compile(r"orders: assigned partitions"), timeout=60)
+    second.start()  # a rebalance: the two instances now share the partitions
+    shared = re.compile(r"orders: assigned partitions \[\d+(, \d+){0,%d}\]" % (PARTITIONS - 2))
+    await _until_logged(second, shared, timeout=60)
+    await _until_logged(first, shared, timeout=60)
+    assert not streaming.done(), "the stream ended before the instances shared it"
+    assert first.terminate() == 0  # graceful leave: rebalance, second takes everything
+    await streaming
+    events = await read_topic(bootstrap, topic, PARTITIONS)
+    await wait_caught_up(engine, list(PROJECTIONS), topic, end_offsets(events), timeout=120)
+    assert second.terminate() == 0
+    differences = {name: await mismatches(engine, projection, events)
+                   for name, projection in PROJECTIONS.items()}
+    print(f"\nrebalance: {len(events)} events, mismatches per table: {differences}")
+    assert all(count == 0 for tables in differences.values() for count in tables.values())
