@@ -51,7 +51,7 @@ async def _serve(settings: Settings, **options: Any) -> None:
 
 def _configured(*, kafka: bool = True) -> Settings:
     """Settings from the environment, with the broker and database checked to answer."""
-    from service.embedded.kafka import wait_until_usable
+    from service.embedded.kafka import accepts_connections, wait_until_usable
     from service.embedded.postgres import check_reachable
 
     settings = Settings.from_env()
@@ -59,6 +59,8 @@ def _configured(*, kafka: bool = True) -> Settings:
     if kafka:
         bootstrap = settings.require_kafka()
         try:
+            if not accepts_connections(bootstrap, timeout=3.0):
+                raise EnvironmentProblem(bootstrap)
             wait_until_usable(
                 bootstrap, deadline=time.monotonic() + 20, process=None, log_file=None
             )

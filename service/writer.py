@@ -12,6 +12,20 @@ Invariants (design.md 3-5):
 * When a commit fails for any other reason its outcome is unknown, so we discard the producer
   and rebuild the whole state from the log (read_committed, up to the last stable offset)
   before deciding anything again. The state never comes from a read model.
+* The commit is requested only once every record of the batch is in the log (delivered, not
+  yet visible). A batch that fails before that point can therefore only ever be aborted: a
+  command refused while the broker was down never shows up once it returns. Only a failure
+  during the commit request itself leaves the outcome open (the broker may have committed).
+* Before the log is read, no transaction may be open on our partitions: ``init_transactions``
+  has just completed or aborted our own, and nobody else writes here. A transaction that is
+  still open (a "hanging" one, e.g. a commit marker the broker lost in an unclean restart)
+  holds the last stable offset back, so the state read would be stale and the next decisions
+  would repeat versions. The writer then refuses to take commands and says why, loudly.
+* A discarded producer is never flushed on the way out (closing it waits for the broker and
+  would finish its transaction when the broker returns). It is retired in the background:
+  its open transaction is aborted, or fenced by the ``init_transactions`` of the producer that
+  replaces it, which runs before the log is read again. So whatever it still does happens
+  before that read, and the rebuilt state includes it.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
@@ -35,11 +49,13 @@ from aiokafka.errors import (
 
 from service import envelope
 from service.domain import Command, DomainError, Order, decide, evolve
-from service.eventlog import ensure_topic, read_to_end
+from service.eventlog import committed_reader, ensure_topic, read_to_end
 
 _log = logging.getLogger(__name__)
 
 _FENCING_ERRORS = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+# What a broker outage looks like; anything else is logged with its traceback.
+_EXPECTED_OUTAGE_ERRORS = (KafkaError, TimeoutError, OSError)
 
 
 class WriterState(enum.StrEnum):
@@ -70,6 +86,23 @@ class VersionMismatch(Exception):
 
 class IdempotencyKeyReused(Exception):
     """The same Idempotency-Key came with a different request."""
+
+
+class OpenTransactionInLog(Exception):
+    """A transaction is still open on a partition after ``init_transactions``: reading the log
+    now would give a stale state, so the writer must not decide anything."""
+
+    def __init__(self, topic: str, open_at: dict[int, tuple[int, int]]) -> None:
+        where = ", ".join(
+            f"partition {p}: last stable offset {stable} < end {end}"
+            for p, (stable, end) in sorted(open_at.items())
+        )
+        super().__init__(
+            f"an open (hanging) transaction holds back {topic} ({where}); the writer will not "
+            "decide on a stale state. Find it with `kafka-transactions.sh find-hanging` and "
+            "resolve it with `kafka-transactions.sh abort`"
+        )
+        self.open_at = open_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +170,7 @@ class Writer:
         self._receipts: dict[str, _Receipt] = {}
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._producer: AIOKafkaProducer | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
         self.partition_count = 0
@@ -154,7 +188,11 @@ class Writer:
             allow_deleting=self.config.allow_deleting_topic,
         )
         await self._open_producer()
-        await self._load()
+        try:
+            await self._load()
+        except BaseException:
+            await self._close_producer()
+            raise
         self.state = WriterState.READY
         self._task = asyncio.create_task(self._run(), name="writer")
 
@@ -170,7 +208,15 @@ class Writer:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Commands queued while the batch in flight (or a recovery) finished.
+        self._fail_queued(self._unavailable())
         await self._close_producer()
+        if self._retiring:
+            # Producers discarded during an outage finish once the broker answers; bounded.
+            _done, pending = await asyncio.wait(self._retiring, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     @property
     def ready(self) -> bool:
@@ -210,7 +256,12 @@ class Writer:
         )
         # start() runs init_transactions: this fences any older producer with our id and
         # aborts its open transaction before we read the log.
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         self._producer = producer
 
     async def _close_producer(self) -> None:
@@ -219,7 +270,60 @@ class Writer:
             with contextlib.suppress(Exception):
                 await producer.stop()
 
+    def _discard_producer(self) -> asyncio.Task[None] | None:
+        """Stop using the producer at once; abort and close it in the background.
+
+        Not ``stop()`` here: it flushes, which waits for the broker and would then complete
+        whatever the producer still had pending. Aborting instead can only abort (a commit is
+        never requested before all records are delivered); a producer that had requested its
+        commit may still complete it, but the next ``init_transactions`` fences it first.
+        """
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return None
+        task = asyncio.create_task(self._retire(producer), name="writer-retire-producer")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    @staticmethod
+    async def _retire(producer: AIOKafkaProducer) -> None:
+        # Fails at once when no transaction is open or its commit was already requested.
+        with contextlib.suppress(Exception):
+            await producer.abort_transaction()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+
+    async def _check_no_open_transaction(self) -> None:
+        """Raise ``OpenTransactionInLog`` when a partition's last stable offset stays behind its
+        end. Called after ``init_transactions``; a marker still on its way gets a moment."""
+        partitions = [TopicPartition(self.config.topic, p) for p in range(self.partition_count)]
+        deadline = time.monotonic() + self.config.commit_timeout
+        while True:
+            stable = await self._end_offsets(partitions, "read_committed")
+            end = await self._end_offsets(partitions, "read_uncommitted")
+            open_at = {
+                tp.partition: (stable[tp], end[tp]) for tp in partitions if stable[tp] < end[tp]
+            }
+            if not open_at:
+                return
+            if time.monotonic() >= deadline:
+                raise OpenTransactionInLog(self.config.topic, open_at)
+            await asyncio.sleep(0.2)  # pacing between checks while markers are written
+
+    async def _end_offsets(
+        self, partitions: list[TopicPartition], isolation_level: str
+    ) -> dict[TopicPartition, int]:
+        consumer = committed_reader(self.config.bootstrap_servers, isolation_level=isolation_level)
+        await consumer.start()
+        try:
+            ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+            return ends
+        finally:
+            await consumer.stop()
+
     async def _load(self) -> None:
+        await self._check_no_open_transaction()
         started = time.monotonic()
         orders: dict[str, Order] = {}
         receipts: dict[str, _Receipt] = {}
@@ -366,13 +470,18 @@ class Writer:
             self.state = WriterState.FENCED
             self._fail(outgoing, self._unavailable())
             self._fail_queued(self._unavailable())
-            await self._close_producer()
+            self._discard_producer()
             return
-        except (KafkaError, TimeoutError, OSError) as error:
+        except Exception as error:
+            # Not only KafkaError/TimeoutError: whatever the producer raises, the batch's
+            # callers must hear back and the loop must go on, or every later command hangs.
             _log.warning(
-                "append failed (%r): outcome unknown, rebuilding state from the log", error
+                "append failed (%r): outcome unknown, rebuilding state from the log",
+                error,
+                exc_info=not isinstance(error, _EXPECTED_OUTAGE_ERRORS),
             )
-            self.state = WriterState.RECOVERING
+            if self.state is WriterState.READY:
+                self.state = WriterState.RECOVERING
             self._fail(
                 outgoing,
                 WriterUnavailable(
@@ -381,7 +490,9 @@ class Writer:
                 ),
             )
             self._fail_queued(self._unavailable())
-            await self._recover()
+            retiring = self._discard_producer()
+            if self.state is WriterState.RECOVERING:
+                await self._recover(retiring)
             return
         self.orders.update(staged)
         for (pending, sealed), (partition, offset) in zip(outgoing, positions, strict=True):
@@ -400,25 +511,23 @@ class Writer:
         producer = self._producer
         if producer is None:
             raise KafkaError("no producer")
+        # On any failure the caller discards the producer, which aborts what it can.
         await producer.begin_transaction()
-        try:
-            sends = []
-            for _, sealed in outgoing:
-                for item in sealed:
-                    sends.append(
-                        await producer.send(
-                            self.config.topic,
-                            value=envelope.encode(item),
-                            key=item.order_id.encode(),
-                            headers=envelope.headers(item),
-                        )
+        sends = []
+        for _, sealed in outgoing:
+            for item in sealed:
+                sends.append(
+                    await producer.send(
+                        self.config.topic,
+                        value=envelope.encode(item),
+                        key=item.order_id.encode(),
+                        headers=envelope.headers(item),
                     )
-            await producer.commit_transaction()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.abort_transaction(), 5)
-            raise
+                )
+        # Every record delivered before the commit is requested: until then the transaction
+        # can only be aborted, so a batch that fails here is certainly not in the log.
         metadata = await asyncio.gather(*sends)
+        await producer.commit_transaction()
         positions = []
         index = 0
         for _, sealed in outgoing:
@@ -427,11 +536,16 @@ class Writer:
             positions.append((last.partition, last.offset))
         return positions
 
-    async def _recover(self) -> None:
-        """Reopen the producer and reload the log, retrying until the broker is back."""
+    async def _recover(self, retiring: asyncio.Task[None] | None) -> None:
+        """Reopen the producer and reload the log, retrying until the broker is back.
+
+        Gives the discarded producer a moment to abort and close while the broker answers;
+        past that it carries on in the background (see ``_discard_producer``).
+        """
+        if retiring is not None:
+            await asyncio.wait({retiring}, timeout=self.config.commit_timeout)
         delay = 0.5
-        while True:
-            await self._close_producer()
+        while self.state is WriterState.RECOVERING:
             try:
                 await self._open_producer()
                 await self._load()
@@ -439,11 +553,26 @@ class Writer:
                 self.state = WriterState.FENCED
                 await self._close_producer()
                 return
-            except (KafkaError, OSError) as error:
-                _log.warning("event log still unavailable (%r); retrying in %.1fs", error, delay)
+            except OpenTransactionInLog as error:
+                await self._close_producer()
+                _log.error("cannot recover: %s; checking again in %.1fs", error, delay)
+                await asyncio.sleep(delay)  # back-off: this needs an operator, or the broker
+                delay = min(delay * 2, 5.0)
+                continue
+            except Exception as error:  # retried until the log can be read again
+                await self._close_producer()
+                _log.warning(
+                    "event log still unavailable (%r); retrying in %.1fs",
+                    error,
+                    delay,
+                    exc_info=not isinstance(error, _EXPECTED_OUTAGE_ERRORS),
+                )
                 await asyncio.sleep(delay)  # back-off between reconnection attempts
                 delay = min(delay * 2, 5.0)
                 continue
+            if self.state is not WriterState.RECOVERING:  # stopped meanwhile
+                await self._close_producer()
+                return
             self.state = WriterState.READY
             _log.info("writer recovered: state rebuilt from the log")
             return

@@ -235,7 +235,7 @@ def wait_until_usable(
             raise EnvironmentProblem(
                 f"the Kafka broker exited with code {process.returncode} while starting:\n{tail}"
             )
-        if not _accepts_connections(bootstrap):
+        if not accepts_connections(bootstrap, timeout=0):
             time.sleep(0.1)  # pacing between probes, not synchronisation
             continue
         try:
@@ -252,13 +252,18 @@ def wait_until_usable(
     )
 
 
-def _accepts_connections(bootstrap: str) -> bool:
+def accepts_connections(bootstrap: str, *, timeout: float = 1.0) -> bool:
+    """Whether the first bootstrap server accepts TCP connections within ``timeout``."""
     host, _, port = bootstrap.split(",")[0].rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
-    except OSError:
-        return False
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)  # pacing between connection attempts
 
 
 @dataclass
