@@ -6,7 +6,11 @@ Invariants (design.md 3-5):
   another, each against the state left by the previous one (including earlier commands of the
   same, not yet committed, batch). Two commands can never be decided on the same version.
 * A batch of commands is appended in ONE Kafka transaction (group commit). The in-memory state
-  moves forward only after the commit succeeded; callers hear "done" only then.
+  moves forward only after the commit succeeded; callers hear "done" only then, and only once
+  read_committed readers can see the batch. The broker answers the commit before it writes the
+  commit markers into the partitions, and a broker killed in between can come back without
+  some of them (a single KRaft node does); waiting for the last stable offset to pass the batch
+  means an acknowledged command is never in a transaction that can still be lost or aborted.
 * The producer is transactional. When another writer with the same transactional id starts, ours
   is fenced: we stop for good and every later command gets ``WriterUnavailable``.
 * When a commit fails for any other reason its outcome is unknown, so we discard the producer
@@ -38,8 +42,9 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
@@ -170,6 +175,8 @@ class Writer:
         self._receipts: dict[str, _Receipt] = {}
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._producer: AIOKafkaProducer | None = None
+        # Reads last stable offsets for the producer's batches; opened and closed with it.
+        self._stable_offsets: AIOKafkaConsumer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
@@ -256,19 +263,27 @@ class Writer:
         )
         # start() runs init_transactions: this fences any older producer with our id and
         # aborts its open transaction before we read the log.
+        stable_offsets = committed_reader(self.config.bootstrap_servers)
         try:
             await producer.start()
+            await stable_offsets.start()
         except BaseException:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            with contextlib.suppress(Exception):
+                await stable_offsets.stop()
             raise
-        self._producer = producer
+        self._producer, self._stable_offsets = producer, stable_offsets
 
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
+        stable_offsets, self._stable_offsets = self._stable_offsets, None
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
+        if stable_offsets is not None:
+            with contextlib.suppress(Exception):
+                await stable_offsets.stop()
 
     def _discard_producer(self) -> asyncio.Task[None] | None:
         """Stop using the producer at once; abort and close it in the background.
@@ -279,6 +294,11 @@ class Writer:
         commit may still complete it, but the next ``init_transactions`` fences it first.
         """
         producer, self._producer = self._producer, None
+        stable_offsets, self._stable_offsets = self._stable_offsets, None
+        if stable_offsets is not None:
+            task = asyncio.create_task(stable_offsets.stop(), name="writer-close-offsets")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         if producer is None:
             return None
         task = asyncio.create_task(self._retire(producer), name="writer-retire-producer")
@@ -508,8 +528,8 @@ class Writer:
     async def _transaction(
         self, outgoing: list[tuple[_Pending, list[envelope.Envelope]]]
     ) -> list[tuple[int, int]]:
-        producer = self._producer
-        if producer is None:
+        producer, stable_offsets = self._producer, self._stable_offsets
+        if producer is None or stable_offsets is None:
             raise KafkaError("no producer")
         # On any failure the caller discards the producer, which aborts what it can.
         await producer.begin_transaction()
@@ -528,6 +548,7 @@ class Writer:
         # can only be aborted, so a batch that fails here is certainly not in the log.
         metadata = await asyncio.gather(*sends)
         await producer.commit_transaction()
+        await self._until_visible(stable_offsets, metadata)
         positions = []
         index = 0
         for _, sealed in outgoing:
@@ -535,6 +556,19 @@ class Writer:
             last = metadata[index - 1]
             positions.append((last.partition, last.offset))
         return positions
+
+    @staticmethod
+    async def _until_visible(stable_offsets: AIOKafkaConsumer, metadata: list[Any]) -> None:
+        """Return once the last stable offset of every partition written has passed the batch,
+        i.e. the commit markers are in the partitions (see the module docstring)."""
+        last: dict[TopicPartition, int] = {}
+        for record in metadata:
+            last[record.topic_partition] = max(last.get(record.topic_partition, -1), record.offset)
+        while True:
+            stable = await stable_offsets.end_offsets(list(last))
+            if all(stable[tp] > offset for tp, offset in last.items()):
+                return
+            await asyncio.sleep(0.001)  # pacing while the broker writes the markers
 
     async def _recover(self, retiring: asyncio.Task[None] | None) -> None:
         """Reopen the producer and reload the log, retrying until the broker is back.
@@ -549,10 +583,19 @@ class Writer:
             try:
                 await self._open_producer()
                 await self._load()
-            except _FENCING_ERRORS:
+            except TransactionalIdAuthorizationFailed:
                 self.state = WriterState.FENCED
                 await self._close_producer()
                 return
+            except (ProducerFenced, InvalidProducerEpoch) as error:
+                # Not another writer: init_transactions fences others and is never fenced by
+                # them. It raced the discarded producer's last requests (the coordinator was
+                # still fencing and aborting that producer's transaction); try again.
+                await self._close_producer()
+                _log.warning("init_transactions raced the discarded producer (%r); retrying", error)
+                await asyncio.sleep(delay)  # back-off before the next attempt
+                delay = min(delay * 2, 5.0)
+                continue
             except OpenTransactionInLog as error:
                 await self._close_producer()
                 _log.error("cannot recover: %s; checking again in %.1fs", error, delay)

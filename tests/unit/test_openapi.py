@@ -33,4 +33,4 @@ def test_every_command_with_a_body_documents_an_example() -> None:
     }
     assert set(with_body) == {"createOrder", "addItem", "changeItemQuantity", "payOrder",
                               "shipOrder", "cancelOrder"}
-    assert all(content.get("examples") for content in with_body.values())
+    assert all(content["schema"].get("examples") for content in with_body.values())
