@@ -40,6 +40,18 @@ from service.settings import Settings
 _log = logging.getLogger(__name__)
 
 
+def _transient(error: BaseException) -> bool:
+    """A database error worth retrying: lost connection, deadlock, shutdown, no resources."""
+    if isinstance(error, OSError | OperationalError | InterfaceError):
+        return True
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        state = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", ""))
+        return state[:2] in {"08", "40", "53", "57"}
+    return False
+
+
 class _FoldFailed(Exception):
     def __init__(self, applied: Applied, reason: str) -> None:
         super().__init__(reason)
@@ -143,6 +155,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.runner.applying:
             for tp in revoked:
                 self.runner.positions.pop(tp.partition, None)
+                self.runner.unsought.discard(tp.partition)
         if revoked:
             _log.info(
                 "%s: partitions %s revoked",
@@ -151,8 +164,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        partitions = [tp.partition for tp in assigned]
         async with self.runner.applying:
-            await self.runner.seek_to_checkpoints([tp.partition for tp in assigned])
+            try:
+                await self.runner.seek_to_checkpoints(partitions)
+            except Exception as error:  # aiokafka would only log it: the run loop retries
+                self.runner.await_seek(partitions, error)
 
 
 @dataclass
@@ -167,6 +184,10 @@ class ProjectionRunner:
     stats: RunnerStats = field(default_factory=RunnerStats)
     consumer: AIOKafkaConsumer | None = None
     applying: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Bumped by every seek: records fetched before a seek of their partition are stale.
+    seeks: dict[int, int] = field(default_factory=dict)
+    # Assigned partitions whose checkpoint could not be read yet (the run loop retries).
+    unsought: set[int] = field(default_factory=set)
     _last_kafka_commit: float = 0.0
 
     @property
@@ -182,15 +203,46 @@ class ProjectionRunner:
             stored = await read_checkpoints(connection, self.name, self.config.topic, partitions)
         for partition in partitions:
             self.positions[partition] = stored[partition]
+            self.seeks[partition] = self.seeks.get(partition, 0) + 1
+            self.unsought.discard(partition)
             self.consumer.seek(self._tp(partition), stored[partition])
             if partition in self.halted:
                 self.consumer.pause(self._tp(partition))
+            else:
+                self.consumer.resume(self._tp(partition))
         _log.info(
             "%s: assigned partitions %s at %s",
             self.name,
             sorted(partitions),
             [stored[p] for p in sorted(partitions)],
         )
+
+    def await_seek(self, partitions: Sequence[int], error: Exception) -> None:
+        """Reading the checkpoints failed on assignment: pause, and let the loop retry."""
+        _log.warning(
+            "%s: could not read the checkpoints of partitions %s (%r); retrying",
+            self.name,
+            sorted(partitions),
+            error,
+        )
+        self.unsought.update(partitions)
+        for partition in partitions:
+            self.positions.pop(partition, None)
+            if self.consumer is not None:
+                self.consumer.pause(self._tp(partition))
+
+    async def _retry_seeks(self, stop: asyncio.Event) -> None:
+        delay = 0.2
+        while self.unsought and not stop.is_set():
+            async with self.applying:
+                pending = sorted(self.unsought)
+                try:
+                    await self.seek_to_checkpoints(pending)
+                    return
+                except Exception as error:
+                    self.await_seek(pending, error)
+            await asyncio.sleep(delay)  # back-off while the database is away
+            delay = min(delay * 2, 5.0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and apply until ``stop`` is set; then leave the group cleanly."""
@@ -210,11 +262,15 @@ class ProjectionRunner:
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
         try:
             while not stop.is_set():
+                if self.unsought:
+                    await self._retry_seeks(stop)
+                # Taken before the fetch: a seek during or after it makes its records stale.
+                generations = dict(self.seeks)
                 fetched = await self.consumer.getmany(
                     timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max_records
                 )
                 if fetched:
-                    await self._apply_with_retry(fetched, stop)
+                    await self._apply_with_retry(fetched, stop, generations)
         finally:
             # Leaves the group: the partitions move to the other instances at once.
             await self.consumer.stop()
@@ -224,18 +280,16 @@ class ProjectionRunner:
         self,
         fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
         stop: asyncio.Event,
+        generations: dict[int, int],
     ) -> None:
         delay = 0.2
         while True:
             try:
-                await self.apply(fetched)
+                await self.apply(fetched, generations)
                 await self._commit_kafka_offsets()
                 return
             except (DBAPIError, OSError) as error:
-                connection_lost = isinstance(
-                    error, OSError | OperationalError | InterfaceError
-                ) or (isinstance(error, DBAPIError) and error.connection_invalidated)
-                if stop.is_set() or not connection_lost:
+                if stop.is_set() or not _transient(error):
                     raise
                 _log.warning(
                     "%s: database unavailable (%s); retrying the batch in %.1fs",
@@ -249,13 +303,18 @@ class ProjectionRunner:
     async def apply(
         self,
         fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        generations: dict[int, int] | None = None,
     ) -> None:
         """Apply one fetched batch and advance the checkpoints, in one transaction.
 
         A checkpoint moved by another instance (``StaleCheckpoint``) rolls the whole batch
-        back; the partitions are then re-read from the stored checkpoints.
+        back; the partitions are then re-read from the stored checkpoints. ``generations``
+        (the seek counters when the fetch began) drops partitions sought since: their records
+        may predate the seek.
         """
         async with self.applying:
+            if generations is not None:
+                fetched = self._without_stale(fetched, generations)
             try:
                 await self._apply(fetched)
             except StaleCheckpoint as stale:
@@ -264,6 +323,24 @@ class ProjectionRunner:
                 await self.seek_to_checkpoints(
                     [tp.partition for tp in fetched if tp.partition in self.positions]
                 )
+
+    def _without_stale(
+        self,
+        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
+        generations: dict[int, int],
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """Drop the records of partitions sought since the fetch began, and fetch them again.
+
+        The consumer's position has already moved past the dropped records, so it is put back
+        at the checkpoint: otherwise the next fetch would start after them.
+        """
+        fresh = {}
+        for tp, records in fetched.items():
+            if self.seeks.get(tp.partition) == generations.get(tp.partition):
+                fresh[tp] = records
+            elif tp.partition in self.positions and self.consumer is not None:
+                self.consumer.seek(tp, self.positions[tp.partition])
+        return fresh
 
     async def _apply(
         self,
@@ -288,16 +365,57 @@ class ProjectionRunner:
                 applied_until = record.offset + 1
             if applied_until > expected:
                 moves[tp.partition] = (expected, applied_until)
+        committed = await self._commit(batch, moves)
+        for partition, (_, new) in committed.items():
+            self.positions[partition] = new
+        self.stats.batches += 1
+        self.stats.events += sum(
+            1 for a in batch if a.offset < committed.get(a.partition, (0, 0))[1]
+        )
+
+    async def _commit(
+        self, batch: list[Applied], moves: dict[int, tuple[int, int]]
+    ) -> dict[int, tuple[int, int]]:
+        """Apply the batch in one transaction; returns the checkpoint moves that committed.
+
+        An event the fold refuses halts its partition there and the rest is retried. When the
+        database refuses the batch (a value it cannot store), the batch is re-applied one
+        event at a time to find that event, whose partition then halts at it.
+        """
         while moves:
             try:
                 await self._transaction(batch, moves)
-                break
+                return moves
             except _FoldFailed as failed:
                 batch, moves = self._without_halted(failed, batch, moves)
-        for partition, (_, new) in moves.items():
-            self.positions[partition] = new
-        self.stats.batches += 1
-        self.stats.events += len(batch)
+            except DBAPIError as error:
+                if _transient(error):
+                    raise
+                return await self._one_by_one(batch, moves)
+        return {}
+
+    async def _one_by_one(
+        self, batch: list[Applied], moves: dict[int, tuple[int, int]]
+    ) -> dict[int, tuple[int, int]]:
+        committed = {}
+        for partition, (expected, _) in moves.items():
+            position = expected
+            for applied in [a for a in batch if a.partition == partition]:
+                try:
+                    await self._transaction([applied], {partition: (position, applied.offset + 1)})
+                except _FoldFailed as failed:
+                    self._halt(partition, applied.offset, applied.envelope.order_id, failed.reason)
+                    break
+                except DBAPIError as error:
+                    if _transient(error):
+                        raise
+                    reason = f"the database refused it: {error.orig}"
+                    self._halt(partition, applied.offset, applied.envelope.order_id, reason)
+                    break
+                position = applied.offset + 1
+            if position > expected:
+                committed[partition] = (expected, position)
+        return committed
 
     async def _transaction(self, batch: list[Applied], moves: dict[int, tuple[int, int]]) -> None:
         async with self.engine.begin() as connection:

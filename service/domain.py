@@ -23,6 +23,8 @@ MAX_TEXT_LENGTH: Final = 500
 MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
+# Control characters other than tab and newlines; NUL in particular no database stores.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 # --- Errors -------------------------------------------------------------------------
@@ -449,6 +451,8 @@ def _require_status(command: Command, state: Order | None, *allowed: OrderStatus
 def _require_text(field: str, value: str) -> None:
     if not value.strip():
         raise InvalidCommand(field, "must not be blank")
+    if _CONTROL_CHARACTERS.search(value):
+        raise InvalidCommand(field, "must not contain control characters")
     if len(value) > MAX_TEXT_LENGTH:
         raise InvalidCommand(field, f"must be at most {MAX_TEXT_LENGTH} characters")
 

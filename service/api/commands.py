@@ -20,7 +20,9 @@ from service.writer import Accepted, CommandRequest, Writer
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Text = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")
+]
 Identifier = Annotated[
     str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
 ]

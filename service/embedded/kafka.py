@@ -159,8 +159,14 @@ def _resolve_with_maven(target: Path) -> None:
 
 
 def _kafka_uuid() -> str:
-    """A cluster id in Kafka's own format: 16 random bytes, URL-safe base64, unpadded."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A cluster id in Kafka's own format: 16 random bytes, URL-safe base64, unpadded.
+
+    One starting with "-" would be read as an option by StorageTool, so those are redrawn.
+    """
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
 
 
 def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -1,0 +1,154 @@
+"""The machine's own limits, measured in the same run: raw consume and raw COPY.
+
+(Raw produce is ``events.produce`` on a pre-built list of records.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from sqlalchemy.dialects.postgresql import JSONB
+
+from projections.schema import orders
+from service import envelope
+
+
+@dataclass(frozen=True)
+class Rate:
+    count: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+async def consume(
+    bootstrap: str, topic: str, *, partitions: int, expected: int, timeout: float
+) -> Rate:
+    """Read the whole topic (read_committed, no group) with ``getmany`` and decode every record.
+
+    Fetch sizes and batch size are the projection runner's, so the ratio is like for like.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+    async with asyncio.timeout(timeout):
+        await consumer.start()
+        try:
+            assigned = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            ends = await consumer.end_offsets(assigned)
+            count = 0
+            started = time.perf_counter()
+            while count < expected:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for batch in fetched.values():
+                    for record in batch:
+                        envelope.decode(record.value)
+                    count += len(batch)
+                if not fetched:
+                    positions = [await consumer.position(tp) for tp in assigned]
+                    if all(p >= ends[tp] for p, tp in zip(positions, assigned, strict=True)):
+                        break
+            seconds = time.perf_counter() - started
+        finally:
+            await consumer.stop()
+    if count != expected:
+        raise RuntimeError(f"raw consume read {count} records, expected {expected}")
+    return Rate(count, seconds)
+
+
+def _orders_row(rng: random.Random, index: int) -> dict[str, Any]:
+    at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=index * 7)
+    items: list[dict[str, Any]] = [
+        {
+            "sku": f"SKU-{i}-{rng.randrange(5000):04d}",
+            "name": "Article",
+            "quantity": 2,
+            "unit_price": rng.randrange(100, 20_000),
+        }
+        for i in range(rng.randint(1, 3))
+    ]
+    total = sum(item["quantity"] * item["unit_price"] for item in items)
+    return {
+        "order_id": f"{rng.getrandbits(128):032x}",
+        "customer_id": f"c-{rng.randrange(30_000):07d}",
+        "status": "paid",
+        "currency": "EUR",
+        "total": total,
+        "item_count": len(items),
+        "items": json.dumps(items),
+        "version": len(items) + 3,
+        "paid_amount": total,
+        "refunded_amount": 0,
+        "payment_reference": f"psp-{rng.randrange(10**9)}",
+        "created_at": at,
+        "placed_at": at + timedelta(minutes=5),
+        "paid_at": at + timedelta(minutes=9),
+        "updated_at": at + timedelta(minutes=9),
+    }
+
+
+def _fallback(column: sa.Column[Any]) -> Any:
+    """A value for a column this benchmark does not know (the schema grew): by type."""
+    if column.nullable:
+        return None
+    if isinstance(column.type, JSONB):
+        return "{}"
+    python_type = column.type.python_type
+    if python_type is datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC)
+    return python_type()
+
+
+def orders_rows(count: int, *, seed: int = 11) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """``count`` rows shaped like the ``orders`` read model (columns from its schema)."""
+    rng = random.Random(seed)
+    columns = [column.name for column in orders.columns]
+    rows = []
+    for index in range(count):
+        known = _orders_row(rng, index)
+        rows.append(
+            tuple(known[c.name] if c.name in known else _fallback(c) for c in orders.columns)
+        )
+    return columns, rows
+
+
+async def copy_rows(dsn: str, *, count: int, batch: int, timeout: float) -> Rate:
+    """``copy_records_to_table`` into a copy of the ``orders`` table (same columns, indexes).
+
+    One transaction per ``batch`` rows, like the projector's batches. The database must be
+    migrated (the table is created ``LIKE orders INCLUDING ALL``).
+    """
+    columns, rows = orders_rows(count)
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.execute("CREATE TABLE bench_orders_copy (LIKE orders INCLUDING ALL)")
+            started = time.perf_counter()
+            for start in range(0, count, batch):
+                async with connection.transaction():
+                    await connection.copy_records_to_table(
+                        "bench_orders_copy", records=rows[start : start + batch], columns=columns
+                    )
+            seconds = time.perf_counter() - started
+            await connection.execute("DROP TABLE bench_orders_copy")
+    finally:
+        await connection.close(timeout=10)
+    return Rate(count, seconds)
