@@ -120,7 +120,7 @@ def parse_if_match(value: str | None) -> int | None:
 
 
 def _request_hash(request: Request[Any, Any, Any], body: msgspec.Struct | None) -> str:
-    digest = hashlib.sha256(f"{request.method} {request.url.path}\n".encode())
+    digest = hashlib.sha256(f"{request.method} {request.scope['path']}\n".encode())
     if body is not None:
         digest.update(msgspec.json.encode(body))
     return digest.hexdigest()[:32]
