@@ -21,10 +21,13 @@ Invariants (design.md 3-5):
   command refused while the broker was down never shows up once it returns. Only a failure
   during the commit request itself leaves the outcome open (the broker may have committed).
 * Before the log is read, no transaction may be open on our partitions: ``init_transactions``
-  has just completed or aborted our own, and nobody else writes here. A transaction that is
-  still open (a "hanging" one, e.g. a commit marker the broker lost in an unclean restart)
-  holds the last stable offset back, so the state read would be stale and the next decisions
-  would repeat versions. The writer then refuses to take commands and says why, loudly.
+  has just completed or aborted our own, and nobody else writes here. A transaction still
+  open there holds the last stable offset back, so the state read would be stale and the next
+  decisions would repeat versions. One our producer id left open (its marker lost by a broker
+  that restarted uncleanly: the coordinator thinks it is complete, so nothing else will ever
+  close it) is closed by aborting: it can only hold unacknowledged commands, because commands
+  are acknowledged only once their markers are in. If a partition is still held back after
+  that (another producer's transaction), the writer refuses to take commands and says why.
 * A discarded producer is never flushed on the way out (closing it waits for the broker and
   would finish its transaction when the broker returns). It is retired in the background:
   its open transaction is aborted, or fenced by the ``init_transactions`` of the producer that
@@ -103,9 +106,10 @@ class OpenTransactionInLog(Exception):
             for p, (stable, end) in sorted(open_at.items())
         )
         super().__init__(
-            f"an open (hanging) transaction holds back {topic} ({where}); the writer will not "
-            "decide on a stale state. Find it with `kafka-transactions.sh find-hanging` and "
-            "resolve it with `kafka-transactions.sh abort`"
+            f"an open transaction that is not the writer's holds back {topic} ({where}); the "
+            "writer will not decide on a stale state. Find it with `kafka-transactions.sh "
+            "find-hanging`, resolve it with `kafka-transactions.sh abort`, and make sure "
+            "nothing else writes to this topic"
         )
         self.open_at = open_at
 
@@ -198,7 +202,7 @@ class Writer:
         try:
             await self._load()
         except BaseException:
-            await self._close_producer()
+            await self._drop_producer()
             raise
         self.state = WriterState.READY
         self._task = asyncio.create_task(self._run(), name="writer")
@@ -230,7 +234,8 @@ class Writer:
         return self.state is WriterState.READY
 
     async def submit(self, request: CommandRequest) -> Accepted:
-        """Decide and append one command; returns once its events are committed to the log."""
+        """Decide and append one command; returns once its events are committed to the log
+        and visible to read_committed readers."""
         if self.state is not WriterState.READY:
             raise self._unavailable()
         reply: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
@@ -261,10 +266,10 @@ class Writer:
             request_timeout_ms=int(self.config.commit_timeout * 1000),
             max_batch_size=1024 * 1024,
         )
-        # start() runs init_transactions: this fences any older producer with our id and
-        # aborts its open transaction before we read the log.
         stable_offsets = committed_reader(self.config.bootstrap_servers)
         try:
+            # start() runs init_transactions: this fences any older producer with our id and
+            # aborts its open transaction before we read the log.
             await producer.start()
             await stable_offsets.start()
         except BaseException:
@@ -306,6 +311,12 @@ class Writer:
         task.add_done_callback(self._retiring.discard)
         return task
 
+    async def _drop_producer(self) -> None:
+        """Discard the producer after a failed start or recovery attempt; wait for it a while."""
+        retiring = self._discard_producer()
+        if retiring is not None:
+            await asyncio.wait({retiring}, timeout=self.config.commit_timeout)
+
     @staticmethod
     async def _retire(producer: AIOKafkaProducer) -> None:
         # Fails at once when no transaction is open or its commit was already requested.
@@ -315,8 +326,27 @@ class Writer:
             await producer.stop()
 
     async def _check_no_open_transaction(self) -> None:
-        """Raise ``OpenTransactionInLog`` when a partition's last stable offset stays behind its
-        end. Called after ``init_transactions``; a marker still on its way gets a moment."""
+        """Make sure no transaction holds a partition's last stable offset back (see the module
+        docstring); raise ``OpenTransactionInLog`` if one that is not ours does."""
+        open_at = await self._open_transactions()
+        if not open_at:
+            return
+        _log.error(
+            "transactions still open in %s after init_transactions (%s; a broker that restarted "
+            "uncleanly can lose commit markers): aborting what our producer id left there",
+            self.config.topic,
+            open_at,
+        )
+        await self._abort_left_open(sorted(open_at))
+        open_at = await self._open_transactions()
+        if open_at:
+            raise OpenTransactionInLog(self.config.topic, open_at)
+        _log.warning("the transactions left open in %s are aborted", self.config.topic)
+
+    async def _open_transactions(self) -> dict[int, tuple[int, int]]:
+        """Partitions whose last stable offset stays behind their end, with (stable, end).
+
+        Called after ``init_transactions``; markers still on their way get a moment."""
         partitions = [TopicPartition(self.config.topic, p) for p in range(self.partition_count)]
         deadline = time.monotonic() + self.config.commit_timeout
         while True:
@@ -325,11 +355,32 @@ class Writer:
             open_at = {
                 tp.partition: (stable[tp], end[tp]) for tp in partitions if stable[tp] < end[tp]
             }
-            if not open_at:
-                return
-            if time.monotonic() >= deadline:
-                raise OpenTransactionInLog(self.config.topic, open_at)
+            if not open_at or time.monotonic() >= deadline:
+                return open_at
             await asyncio.sleep(0.2)  # pacing between checks while markers are written
+
+    async def _abort_left_open(self, partitions: list[int]) -> None:
+        """Close a transaction our producer id left open on ``partitions`` by aborting one.
+
+        A marker only reaches partitions the transaction wrote to, so each gets a placeholder
+        record, aborted with the rest: read_committed readers never see it. The abort marker,
+        of our newer epoch, ends whatever our producer id had open there. Another producer's
+        transaction stays open.
+        """
+        producer = self._producer
+        if producer is None:
+            raise KafkaError("no producer")
+        async with asyncio.timeout(self.config.commit_timeout):
+            await producer.begin_transaction()
+            for partition in partitions:
+                await producer.send_and_wait(
+                    self.config.topic,
+                    key=b"",
+                    value=b"",
+                    partition=partition,
+                    headers=[("placeholder", b"aborts a transaction left open")],
+                )
+            await producer.abort_transaction()
 
     async def _end_offsets(
         self, partitions: list[TopicPartition], isolation_level: str
@@ -585,25 +636,25 @@ class Writer:
                 await self._load()
             except TransactionalIdAuthorizationFailed:
                 self.state = WriterState.FENCED
-                await self._close_producer()
+                await self._drop_producer()
                 return
             except (ProducerFenced, InvalidProducerEpoch) as error:
                 # Not another writer: init_transactions fences others and is never fenced by
                 # them. It raced the discarded producer's last requests (the coordinator was
                 # still fencing and aborting that producer's transaction); try again.
-                await self._close_producer()
+                await self._drop_producer()
                 _log.warning("init_transactions raced the discarded producer (%r); retrying", error)
                 await asyncio.sleep(delay)  # back-off before the next attempt
                 delay = min(delay * 2, 5.0)
                 continue
             except OpenTransactionInLog as error:
-                await self._close_producer()
+                await self._drop_producer()
                 _log.error("cannot recover: %s; checking again in %.1fs", error, delay)
                 await asyncio.sleep(delay)  # back-off: this needs an operator, or the broker
                 delay = min(delay * 2, 5.0)
                 continue
             except Exception as error:  # retried until the log can be read again
-                await self._close_producer()
+                await self._drop_producer()
                 _log.warning(
                     "event log still unavailable (%r); retrying in %.1fs",
                     error,
