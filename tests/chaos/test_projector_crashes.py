@@ -25,8 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.catalog import PROJECTIONS
 from service import domain
 from service.writer import CommandRequest, Writer, WriterConfig
-from tests.support.log import read_topic
-from tests.support.readmodel import end_offsets, mismatches, wait_caught_up
+from tests.support.log import LoggedEvent, read_topic
+from tests.support.projection_harness import (
+    differences,
+    ends_of,
+    oracle_contents,
+    table_contents,
+    wait_caught_up,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -133,6 +139,21 @@ async def _stream(writer: Writer, *, events: int, seconds: float) -> int:
     return written
 
 
+def _ends(events: list[LoggedEvent]) -> dict[int, int]:
+    return ends_of((e.record.partition, e.record.offset) for e in events)
+
+
+async def _against_the_oracle(engine: AsyncEngine, events: list[LoggedEvent]) -> list[str]:
+    """Every difference between each projection's tables and a pure fold of the topic."""
+    applied = [e.applied() for e in events]
+    found = []
+    for projection in PROJECTIONS.values():
+        expected = oracle_contents(projection, applied)
+        assert any(expected.values()), f"the oracle of {projection.name} is empty"
+        found += differences(await table_contents(engine, projection), expected)
+    return found
+
+
 async def _until_logged(projector: Projector, pattern: re.Pattern[str], *,
                         timeout: float) -> None:
     """Poll the projector's log until ``pattern`` shows up, or fail after ``timeout``."""
@@ -164,15 +185,14 @@ async def test_kill_minus_nine_at_random_moments_applies_every_event_exactly_onc
     written = streaming.result()
 
     events = await read_topic(bootstrap, topic, PARTITIONS)
-    await wait_caught_up(engine, list(PROJECTIONS), topic, end_offsets(events), timeout=180)
+    await wait_caught_up(engine, topic, PROJECTIONS, _ends(events), timeout=180)
     assert projector.terminate() == 0
-    differences = {name: await mismatches(engine, projection, events)
-                   for name, projection in PROJECTIONS.items()}
+    found = await _against_the_oracle(engine, events)
     print(f"\nchaos: {len(events)} events in the topic ({written} commands acknowledged), "
-          f"{projector.kills} kill -9 of the projector, mismatches per table: {differences}")
+          f"{projector.kills} kill -9 of the projector, differences from the oracle: {found}")
     assert len(events) == written >= TARGET_EVENTS
     assert projector.kills >= 10
-    assert all(count == 0 for tables in differences.values() for count in tables.values())
+    assert found == []
 
 
 async def test_two_instances_and_a_rebalance_mid_stream_still_equal_the_oracle(
@@ -194,9 +214,8 @@ async def test_two_instances_and_a_rebalance_mid_stream_still_equal_the_oracle(
     assert first.terminate() == 0  # graceful leave: rebalance, second takes everything
     await streaming
     events = await read_topic(bootstrap, topic, PARTITIONS)
-    await wait_caught_up(engine, list(PROJECTIONS), topic, end_offsets(events), timeout=120)
+    await wait_caught_up(engine, topic, PROJECTIONS, _ends(events), timeout=120)
     assert second.terminate() == 0
-    differences = {name: await mismatches(engine, projection, events)
-                   for name, projection in PROJECTIONS.items()}
-    print(f"\nrebalance: {len(events)} events, mismatches per table: {differences}")
-    assert all(count == 0 for tables in differences.values() for count in tables.values())
+    found = await _against_the_oracle(engine, events)
+    print(f"\nrebalance: {len(events)} events, differences from the oracle: {found}")
+    assert found == []
