@@ -8,7 +8,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.schema import projection_checkpoints
+from projections.schema import projection_checkpoints, projection_versions
 
 POLL_INTERVAL_S = 0.005
 
@@ -28,10 +28,24 @@ async def wait_for_checkpoint(
     that holds, False if ``timeout_s`` passes first (or at once, with ``timeout_s <= 0``,
     when it does not hold yet). A missing checkpoint row means nothing is applied yet.
     """
-    query = sa.select(projection_checkpoints.c.next_offset).where(
-        projection_checkpoints.c.projection == projection,
-        projection_checkpoints.c.topic == topic,
-        projection_checkpoints.c.partition == partition,
+    checkpoints, versions = projection_checkpoints, projection_versions
+    # The live version's checkpoint: a rebuild switches versions only once the new one has
+    # applied at least as much, so the answer never goes backwards.
+    query = (
+        sa.select(checkpoints.c.next_offset)
+        .join(
+            versions,
+            sa.and_(
+                versions.c.projection == checkpoints.c.projection,
+                versions.c.version == checkpoints.c.version,
+            ),
+        )
+        .where(
+            versions.c.state == "live",
+            checkpoints.c.projection == projection,
+            checkpoints.c.topic == topic,
+            checkpoints.c.partition == partition,
+        )
     )
     deadline = time.monotonic() + timeout_s
     # One connection for the whole (bounded) wait: a checkout per poll would ping each time.

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projections.projection import Applied, ProjectionBug, Row, State, select_in
+from projections.projection import Applied, Db, ProjectionBug, Row, State
 from projections.schema import customer_summaries, customer_summary_orders
 from service.domain import OrderCancelled, OrderCreated, OrderDelivered, OrderPaid
 
@@ -39,12 +38,11 @@ class CustomerSummaryProjection:
     name = "customer_summary"
     tables: tuple[sa.Table, ...] = (customer_summaries, customer_summary_orders)
 
-    async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
         # Only the order -> customer links are read; summaries are written as deltas.
         state = State(self.tables)
         state["customer_summary_orders"].remember(
-            await select_in(
-                connection,
+            await db.select_in(
                 customer_summary_orders,
                 "order_id",
                 (a.envelope.order_id for a in batch if not isinstance(a.event, OrderCreated)),

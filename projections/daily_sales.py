@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projections.projection import Applied, ProjectionBug, State, select_in
+from projections.projection import Applied, Db, ProjectionBug, State
 from projections.schema import daily_sales, daily_sales_orders
 from service.domain import OrderCancelled, OrderCreated, OrderPaid, OrderPlaced
 
@@ -22,12 +21,11 @@ class DailySalesProjection:
     name = "daily_sales"
     tables: tuple[sa.Table, ...] = (daily_sales, daily_sales_orders)
 
-    async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
         # Only the order -> currency links are read; day rows are written as deltas.
         state = State(self.tables)
         state["daily_sales_orders"].remember(
-            await select_in(
-                connection,
+            await db.select_in(
                 daily_sales_orders,
                 "order_id",
                 (a.envelope.order_id for a in batch if isinstance(a.event, _COUNTED)),

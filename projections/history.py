@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 import msgspec
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projections.projection import Applied, State
+from projections.projection import Applied, Db, State
 from projections.schema import order_history
 
 
@@ -16,7 +15,7 @@ class OrderHistoryProjection:
     name = "order_history"
     tables: tuple[sa.Table, ...] = (order_history,)
 
-    async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
         # Append-only: a batch never needs existing rows; the primary key (order, version)
         # refuses a second copy of an event.
         return State(self.tables)

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from typing import assert_never
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projections.projection import Applied, ProjectionBug, Row, State, select_in
+from projections.projection import Applied, Db, ProjectionBug, Row, State
 from projections.schema import orders
 from service.domain import (
     ItemAdded,
@@ -31,10 +30,10 @@ class OrdersProjection:
     name = "orders"
     tables: tuple[sa.Table, ...] = (orders,)
 
-    async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
         state = State(self.tables)
         state["orders"].remember(
-            await select_in(connection, orders, "order_id", (a.envelope.order_id for a in batch))
+            await db.select_in(orders, "order_id", (a.envelope.order_id for a in batch))
         )
         return state
 

@@ -1,18 +1,23 @@
-"""The projections runner: consume, batch, apply in ONE Postgres transaction with the checkpoint.
+"""The projections runner: consume once, apply every projection in ONE Postgres transaction.
 
 Exactly-once effects (design.md, invariant 6):
 
-* The checkpoint table holds, per (projection, topic, partition), the offset of the next event
-  to apply. It is the only position that counts: on assignment the consumer seeks there;
+* The checkpoint table holds, per (projection, version, topic, partition), the offset of the
+  next event to apply. It is the only position that counts: on assignment the consumer seeks
+  to the lowest checkpoint of the partition, and each projection skips what it already has.
   Kafka's committed offsets are written afterwards for lag tools only.
-* A batch's rows and its checkpoint advance commit together. The checkpoint update is a
+* A batch's rows and its checkpoints commit together. Each checkpoint update is a
   compare-and-set on the offset this instance expects; an instance that lost a partition in a
-  rebalance (a zombie) matches zero rows, so its whole transaction rolls back and it re-seeks.
-* The rebalance listener runs inside ``getmany``, never while a batch is being applied, so it
-  shares no lock with the loop (aiokafka, "Storing Offsets Outside Kafka").
+  rebalance (a zombie) matches fewer rows, so its whole transaction rolls back and it re-seeks.
+* Each batch also locks its versions' registry rows (``FOR SHARE``): a rebuild switches
+  versions between batches, and a runner that finds its version retired follows the new one.
+* aiokafka runs the rebalance listener in its own task, concurrently with the loop; the
+  listener waits for the batch in flight through a lock held only around database work,
+  never around a Kafka call, so it cannot wait on itself.
 
-An event that cannot be applied halts its partition (invariant 7): the partition is paused at
-that event, the reason is logged and shown by ``status``; the other partitions go on.
+An event a projection cannot apply halts that projection in that partition (invariant 7): the
+reason is stored (``orders projections status``) and logged; the other projections and
+partitions go on. Events of an order an operator parked are set aside with it.
 """
 
 from __future__ import annotations
@@ -21,54 +26,79 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-import sqlalchemy as sa
+import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
-from projections.projection import Applied, Projection, State, store
-from projections.schema import projection_checkpoints
+from projections.projection import Applied, Db, Projection, State, begin, store
+from projections.versions import Target, building, live_targets
 from service import envelope
 from service.settings import Settings
 
 _log = logging.getLogger(__name__)
 
+Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
-def _transient(error: BaseException) -> bool:
+
+def transient(error: BaseException) -> bool:
     """A database error worth retrying: lost connection, deadlock, shutdown, no resources."""
-    if isinstance(error, OSError | OperationalError | InterfaceError):
+    if isinstance(error, OSError | OperationalError | InterfaceError | asyncpg.InterfaceError):
         return True
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:
             return True
-        state = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", ""))
-        return state[:2] in {"08", "40", "53", "57"}
-    return False
-
-
-class _FoldFailed(Exception):
-    def __init__(self, applied: Applied, reason: str) -> None:
-        super().__init__(reason)
-        self.applied = applied
-        self.reason = reason
+        error = error.orig if error.orig is not None else error
+    state = str(getattr(error, "sqlstate", "") or getattr(error, "pgcode", "") or "")
+    return state[:2] in {"08", "40", "53", "57"}
 
 
 class StaleCheckpoint(Exception):
-    """The stored checkpoint is not where this instance expected: another instance moved it."""
+    """A stored checkpoint is not where this instance expected: another instance moved it."""
+
+
+class VersionsChanged(Exception):
+    """A version this runner applies to is no longer in the state it runs for (a switch)."""
 
 
 @dataclass(frozen=True)
 class Halt:
+    projection: str
     partition: int
     offset: int
     order_id: str | None
     reason: str
+
+
+@dataclass
+class Group:
+    """The events of one partition that one projection version applies in a transaction."""
+
+    target: Target
+    partition: int
+    expected: int
+    new: int
+    events: list[Applied] = field(default_factory=list)
+
+    @property
+    def last_event_at(self) -> datetime | None:
+        return self.events[-1].envelope.occurred_at if self.events else None
+
+
+class _FoldFailed(Exception):
+    def __init__(self, target: Target, applied: Applied, reason: str) -> None:
+        super().__init__(reason)
+        self.target = target
+        self.applied = applied
+        self.reason = reason
 
 
 @dataclass(kw_only=True)
@@ -79,7 +109,10 @@ class RunnerConfig:
     instance_id: str | None = None
     batch_max_records: int = 5000
     batch_wait_ms: int = 50
+    max_partition_fetch_bytes: int = 4 * 1024 * 1024
     commit_kafka_offsets_every: float = 1.0
+    # How often a halted projection looks for an operator's park (or idle catch-up runs).
+    housekeeping_every: float = 0.5
 
 
 @dataclass
@@ -91,75 +124,94 @@ class RunnerStats:
 
 
 async def read_checkpoints(
-    connection: AsyncConnection, projection: str, topic: str, partitions: Sequence[int]
-) -> dict[int, int]:
-    """The stored next offsets, creating offset-0 rows for partitions never seen before."""
-    if partitions:
-        await connection.execute(
-            insert(projection_checkpoints).on_conflict_do_nothing(),
-            [
-                {"projection": projection, "topic": topic, "partition": p, "next_offset": 0}
-                for p in partitions
-            ],
-        )
-    result = await connection.execute(
-        sa.select(projection_checkpoints.c.partition, projection_checkpoints.c.next_offset).where(
-            projection_checkpoints.c.projection == projection,
-            projection_checkpoints.c.topic == topic,
-            projection_checkpoints.c.partition.in_(list(partitions)),
-        )
+    connection: asyncpg.Connection, targets: Sequence[Target], topic: str, partitions: Sequence[int]
+) -> dict[tuple[str, int], int]:
+    """(projection, partition) -> stored next offset; offset-0 rows for partitions never seen."""
+    names = [t.name for t in targets for _ in partitions]
+    versions = [t.version for t in targets for _ in partitions]
+    numbers = [p for _ in targets for p in partitions]
+    await connection.execute(
+        "INSERT INTO projection_checkpoints (projection, version, topic, partition, next_offset) "
+        "SELECT n, v, $4, p, 0 FROM unnest($1::text[], $2::int[], $3::int[]) AS u(n, v, p) "
+        "ON CONFLICT DO NOTHING",
+        names,
+        versions,
+        numbers,
+        topic,
     )
-    return {row.partition: row.next_offset for row in result}
+    rows = await connection.fetch(
+        "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
+        "JOIN unnest($1::text[], $2::int[], $3::int[]) AS u(n, v, p) "
+        "ON c.projection = u.n AND c.version = u.v AND c.partition = u.p WHERE c.topic = $4",
+        names,
+        versions,
+        numbers,
+        topic,
+    )
+    return {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
 
 
 async def advance_checkpoints(
-    connection: AsyncConnection, projection: str, topic: str, moves: dict[int, tuple[int, int]]
+    connection: asyncpg.Connection, topic: str, groups: Sequence[Group]
 ) -> None:
-    """Compare-and-set each partition's checkpoint from ``expected`` to ``new``, in one statement.
+    """Compare-and-set each group's checkpoint from ``expected`` to ``new``, in one statement.
 
-    Raises ``StaleCheckpoint`` unless every partition was at the expected offset.
+    Raises ``StaleCheckpoint`` unless every checkpoint was at the expected offset.
     """
-    values = sa.values(
-        sa.column("partition", sa.Integer),
-        sa.column("expected", sa.BigInteger),
-        sa.column("new", sa.BigInteger),
-        name="moves",
-    ).data([(p, expected, new) for p, (expected, new) in moves.items()])
-    table = projection_checkpoints
-    statement = (
-        table.update()
-        .where(
-            table.c.projection == projection,
-            table.c.topic == topic,
-            table.c.partition == values.c.partition,
-            table.c.next_offset == values.c.expected,
-        )
-        .values(next_offset=values.c.new, updated_at=sa.func.now())
-        .returning(table.c.partition)
+    moved = await connection.fetch(
+        "UPDATE projection_checkpoints AS c SET next_offset = m.new, "
+        "last_event_at = COALESCE(m.at, c.last_event_at), updated_at = now() "
+        "FROM unnest($1::text[], $2::int[], $3::int[], $4::int8[], $5::int8[], $6::timestamptz[])"
+        " AS m(projection, version, partition, expected, new, at) "
+        "WHERE c.projection = m.projection AND c.version = m.version AND c.topic = $7 "
+        "AND c.partition = m.partition AND c.next_offset = m.expected "
+        "RETURNING c.projection, c.partition",
+        [g.target.name for g in groups],
+        [g.target.version for g in groups],
+        [g.partition for g in groups],
+        [g.expected for g in groups],
+        [g.new for g in groups],
+        [g.last_event_at for g in groups],
+        topic,
     )
-    moved = {row.partition for row in await connection.execute(statement)}
-    if moved != set(moves):
+    if len(moved) != len(groups):
+        done = {(row["projection"], row["partition"]) for row in moved}
+        missed = sorted((g.target.name, g.partition) for g in groups)
         raise StaleCheckpoint(
-            f"{projection}: partitions {sorted(set(moves) - moved)} were moved by another instance"
+            f"checkpoints {[m for m in missed if m not in done]} were moved by another instance"
         )
+
+
+async def parked_orders(
+    connection: asyncpg.Connection, targets: Sequence[Target], order_ids: Iterable[str]
+) -> set[tuple[str, str]]:
+    """(projection, order id) of the given orders that an operator parked; locked FOR SHARE."""
+    wanted = list(set(order_ids))
+    if not wanted:
+        return set()
+    rows = await connection.fetch(
+        "SELECT p.projection, p.order_id FROM parked_orders p "
+        "JOIN unnest($1::text[], $2::int[]) AS t(n, v) ON p.projection = t.n AND p.version = t.v "
+        "WHERE p.order_id = ANY($3::text[]) FOR SHARE OF p",
+        [t.name for t in targets],
+        [t.version for t in targets],
+        wanted,
+    )
+    return {(row["projection"], row["order_id"]) for row in rows}
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, runner: ProjectionRunner) -> None:
         self.runner = runner
 
-    # aiokafka runs these in its coordination task, concurrently with the loop's batch. They
-    # wait for the batch in flight (the lock is held only around database work, never around
-    # a Kafka call, so the rebalance cannot wait on itself), then hand partitions over.
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         async with self.runner.applying:
             for tp in revoked:
-                self.runner.positions.pop(tp.partition, None)
-                self.runner.unsought.discard(tp.partition)
+                self.runner.forget(tp.partition)
         if revoked:
             _log.info(
                 "%s: partitions %s revoked",
-                self.runner.name,
+                self.runner.label,
                 sorted(tp.partition for tp in revoked),
             )
 
@@ -174,13 +226,21 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 @dataclass
 class ProjectionRunner:
-    """Runs one projection in its own consumer group."""
+    """Runs projections from one consumer: each event decoded once, one transaction per batch.
 
-    projection: Projection
+    ``building=False`` follows each projection's live version (and moves on when a rebuild
+    switches versions); ``building=True`` fills the versions a rebuild is building, and stops
+    once they are no longer building.
+    """
+
+    projections: Sequence[Projection]
     engine: AsyncEngine
     config: RunnerConfig
-    positions: dict[int, int] = field(default_factory=dict)
-    halted: dict[int, Halt] = field(default_factory=dict)
+    building: bool = False
+    targets: list[Target] = field(default_factory=list)
+    # partition -> projection name -> next offset to apply (the stored checkpoint)
+    positions: dict[int, dict[str, int]] = field(default_factory=dict)
+    halted: dict[tuple[str, int], Halt] = field(default_factory=dict)
     stats: RunnerStats = field(default_factory=RunnerStats)
     consumer: AIOKafkaConsumer | None = None
     applying: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -188,40 +248,97 @@ class ProjectionRunner:
     seeks: dict[int, int] = field(default_factory=dict)
     # Assigned partitions whose checkpoint could not be read yet (the run loop retries).
     unsought: set[int] = field(default_factory=set)
+    # Halts stored in the database, to clear once their partition moves past them.
+    stored_halts: dict[tuple[str, int], int] = field(default_factory=dict)
+    finished: bool = False
     _last_kafka_commit: float = 0.0
+    _last_housekeeping: float = 0.0
 
     @property
-    def name(self) -> str:
-        return self.projection.name
+    def label(self) -> str:
+        names = "+".join(sorted(p.name for p in self.projections))
+        return f"{names}{' (rebuild)' if self.building else ''}"
+
+    @property
+    def group_id(self) -> str:
+        names = "+".join(sorted(p.name for p in self.projections))
+        kind = "rebuild." if self.building else ""
+        return f"{self.config.group_prefix}.{kind}{names}"
 
     def _tp(self, partition: int) -> TopicPartition:
         return TopicPartition(self.config.topic, partition)
 
-    async def seek_to_checkpoints(self, partitions: Sequence[int]) -> None:
+    async def load_targets(self) -> None:
+        """The versions to apply to: the live ones, or the ones being built."""
+        async with begin(self.engine) as connection:
+            if not self.building:
+                self.targets = await live_targets(connection, self.projections)
+                return
+            found = [await building(connection, p) for p in self.projections]
+        missing = [p.name for p, t in zip(self.projections, found, strict=True) if t is None]
+        if missing:
+            raise VersionsChanged(f"no version of {', '.join(missing)} is being built")
+        self.targets = [t for t in found if t is not None]
+
+    # -- positions ------------------------------------------------------------------------
+
+    def forget(self, partition: int) -> None:
+        self.positions.pop(partition, None)
+        self.unsought.discard(partition)
+        for key in [k for k in self.halted if k[1] == partition]:
+            del self.halted[key]
+
+    def _reposition(self, partition: int) -> None:
+        """Seek to the lowest checkpoint of the projections not halted there (or pause)."""
         assert self.consumer is not None
-        async with self.engine.begin() as connection:
-            stored = await read_checkpoints(connection, self.name, self.config.topic, partitions)
+        self.seeks[partition] = self.seeks.get(partition, 0) + 1
+        going = [
+            offset
+            for name, offset in self.positions.get(partition, {}).items()
+            if (name, partition) not in self.halted
+        ]
+        if going:
+            self.consumer.seek(self._tp(partition), min(going))
+            self.consumer.resume(self._tp(partition))
+        else:
+            self.consumer.pause(self._tp(partition))
+
+    async def seek_to_checkpoints(self, partitions: Sequence[int]) -> None:
+        """Read the stored checkpoints (and halts) of ``partitions`` and seek there."""
+        assert self.consumer is not None
+        async with begin(self.engine) as connection:
+            stored = await read_checkpoints(connection, self.targets, self.config.topic, partitions)
+            halts = await connection.fetch(
+                'SELECT projection, partition, "offset" FROM projection_halts h '
+                "JOIN unnest($1::text[], $2::int[]) AS t(n, v) "
+                "ON h.projection = t.n AND h.version = t.v "
+                "WHERE h.topic = $3 AND h.partition = ANY($4::int[])",
+                [t.name for t in self.targets],
+                [t.version for t in self.targets],
+                self.config.topic,
+                list(partitions),
+            )
         for partition in partitions:
-            self.positions[partition] = stored[partition]
-            self.seeks[partition] = self.seeks.get(partition, 0) + 1
+            # A stored halt is tried again (the cause may be fixed); it is cleared once passed.
+            for key in [k for k in self.halted if k[1] == partition]:
+                del self.halted[key]
+            self.positions[partition] = {t.name: stored[(t.name, partition)] for t in self.targets}
             self.unsought.discard(partition)
-            self.consumer.seek(self._tp(partition), stored[partition])
-            if partition in self.halted:
-                self.consumer.pause(self._tp(partition))
-            else:
-                self.consumer.resume(self._tp(partition))
+            self._reposition(partition)
+        for row in halts:
+            self.stored_halts[(row["projection"], row["partition"])] = row["offset"]
         _log.info(
             "%s: assigned partitions %s at %s",
-            self.name,
+            self.label,
             sorted(partitions),
-            [stored[p] for p in sorted(partitions)],
+            [self.positions[p] for p in sorted(partitions)],
         )
 
     def await_seek(self, partitions: Sequence[int], error: Exception) -> None:
         """Reading the checkpoints failed on assignment: pause, and let the loop retry."""
         _log.warning(
             "%s: could not read the checkpoints of partitions %s (%r); retrying",
-            self.name,
+            self.label,
             sorted(partitions),
             error,
         )
@@ -244,24 +361,28 @@ class ProjectionRunner:
             await asyncio.sleep(delay)  # back-off while the database is away
             delay = min(delay * 2, 5.0)
 
+    # -- the loop -------------------------------------------------------------------------
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and apply until ``stop`` is set; then leave the group cleanly."""
+        """Consume and apply until ``stop`` is set (or, rebuilding, the build is over)."""
+        await self.load_targets()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap_servers,
-            group_id=f"{self.config.group_prefix}.{self.name}",
+            group_id=self.group_id,
             group_instance_id=(
-                f"{self.config.instance_id}.{self.name}" if self.config.instance_id else None
+                f"{self.config.instance_id}.{self.group_id}" if self.config.instance_id else None
             ),
             isolation_level="read_committed",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=32 * 1024 * 1024,
+            max_partition_fetch_bytes=self.config.max_partition_fetch_bytes,
+            fetch_max_bytes=max(32 * 1024 * 1024, self.config.max_partition_fetch_bytes),
         )
         await self.consumer.start()
         self.consumer.subscribe([self.config.topic], listener=_Listener(self))
+        _log.info("%s: applying to %s", self.label, ", ".join(map(str, self.targets)))
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self.finished:
                 if self.unsought:
                     await self._retry_seeks(stop)
                 # Taken before the fetch: a seek during or after it makes its records stale.
@@ -269,66 +390,83 @@ class ProjectionRunner:
                 fetched = await self.consumer.getmany(
                     timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max_records
                 )
-                if fetched:
-                    await self._apply_with_retry(fetched, stop, generations)
+                await self._with_retry(stop, self.apply, fetched, generations)
+                if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every:
+                    await self._with_retry(stop, self.housekeeping)
+                    self._last_housekeeping = time.monotonic()
+                await self._commit_kafka_offsets()
         finally:
             # Leaves the group: the partitions move to the other instances at once.
             await self.consumer.stop()
             self.consumer = None
 
-    async def _apply_with_retry(
-        self,
-        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-        stop: asyncio.Event,
-        generations: dict[int, int],
-    ) -> None:
+    async def _with_retry(self, stop: asyncio.Event, step: Any, *args: Any) -> None:
         delay = 0.2
         while True:
             try:
-                await self.apply(fetched, generations)
-                await self._commit_kafka_offsets()
+                await step(*args)
                 return
-            except (DBAPIError, OSError) as error:
-                if stop.is_set() or not _transient(error):
+            except VersionsChanged as changed:
+                await self._follow_versions(changed)
+                return
+            except Exception as error:
+                if stop.is_set() or not transient(error):
                     raise
                 _log.warning(
-                    "%s: database unavailable (%s); retrying the batch in %.1fs",
-                    self.name,
+                    "%s: database unavailable (%s); retrying in %.1fs",
+                    self.label,
                     type(error).__name__,
                     delay,
                 )
                 await asyncio.sleep(delay)  # back-off while the database is away
                 delay = min(delay * 2, 5.0)
 
-    async def apply(
-        self,
-        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-        generations: dict[int, int] | None = None,
-    ) -> None:
+    async def _follow_versions(self, changed: VersionsChanged) -> None:
+        """A rebuild switched versions: a live runner follows the new ones; a builder is done."""
+        if self.building:
+            _log.info("%s: %s; the build is over", self.label, changed)
+            self.finished = True
+            return
+        _log.info("%s: %s; following the new live versions", self.label, changed)
+        async with self.applying:
+            await self.load_targets()
+            self.halted.clear()
+            self.stored_halts.clear()
+            if self.positions:
+                await self.seek_to_checkpoints(sorted(self.positions))
+
+    async def apply(self, fetched: Fetched, generations: dict[int, int] | None = None) -> None:
         """Apply one fetched batch and advance the checkpoints, in one transaction.
 
         A checkpoint moved by another instance (``StaleCheckpoint``) rolls the whole batch
-        back; the partitions are then re-read from the stored checkpoints. ``generations``
+        back; its partitions are then re-read from the stored checkpoints. ``generations``
         (the seek counters when the fetch began) drops partitions sought since: their records
         may predate the seek.
         """
+        if not fetched:
+            return
         async with self.applying:
             if generations is not None:
                 fetched = self._without_stale(fetched, generations)
+            groups, raw = self._groups(fetched)
             try:
-                await self._apply(fetched)
+                committed = await self._commit(groups, raw)
             except StaleCheckpoint as stale:
                 self.stats.stale_batches += 1
-                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.name, stale)
+                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.label, stale)
                 await self.seek_to_checkpoints(
                     [tp.partition for tp in fetched if tp.partition in self.positions]
                 )
+                return
+            self._moved(committed)
 
-    def _without_stale(
-        self,
-        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-        generations: dict[int, int],
-    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    def _moved(self, committed: Sequence[Group]) -> None:
+        for group in committed:
+            self.positions[group.partition][group.target.name] = group.new
+            self.stats.events += len(group.events)
+        self.stats.batches += 1
+
+    def _without_stale(self, fetched: Fetched, generations: dict[int, int]) -> Fetched:
         """Drop the records of partitions sought since the fetch began, and fetch them again.
 
         The consumer's position has already moved past the dropped records, so it is put back
@@ -338,126 +476,269 @@ class ProjectionRunner:
         for tp, records in fetched.items():
             if self.seeks.get(tp.partition) == generations.get(tp.partition):
                 fresh[tp] = records
-            elif tp.partition in self.positions and self.consumer is not None:
-                self.consumer.seek(tp, self.positions[tp.partition])
+            elif tp.partition in self.positions:
+                self._reposition(tp.partition)
         return fresh
 
-    async def _apply(
-        self,
-        fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]],
-    ) -> None:
-        batch: list[Applied] = []
-        moves: dict[int, tuple[int, int]] = {}
+    def _groups(self, fetched: Fetched) -> tuple[list[Group], dict[tuple[int, int], bytes]]:
+        """Decode each record once; split the batch by (projection, partition)."""
+        groups = []
+        raw: dict[tuple[int, int], bytes] = {}
         for tp, records in fetched.items():
-            expected = self.positions.get(tp.partition)
-            if expected is None or tp.partition in self.halted:
-                continue  # revoked or halted meanwhile: not ours to apply
-            applied_until = expected
+            partition = tp.partition
+            positions = self.positions.get(partition)
+            if positions is None:
+                continue  # revoked meanwhile: not ours to apply
+            going = {
+                t.name: Group(t, partition, positions[t.name], positions[t.name])
+                for t in self.targets
+                if (t.name, partition) not in self.halted
+            }
             for record in records:
-                if record.offset < expected:
+                wanted = [g for g in going.values() if record.offset >= g.expected]
+                if not wanted:
                     continue
+                raw[(partition, record.offset)] = record.value
                 try:
                     sealed, event = envelope.decode(record.value)
                 except envelope.UndecodableEvent as error:
-                    self._halt(tp.partition, record.offset, None, str(error))
-                    break
-                batch.append(Applied(sealed, event, tp.partition, record.offset))
-                applied_until = record.offset + 1
-            if applied_until > expected:
-                moves[tp.partition] = (expected, applied_until)
-        committed = await self._commit(batch, moves)
-        for partition, (_, new) in committed.items():
-            self.positions[partition] = new
-        self.stats.batches += 1
-        self.stats.events += sum(
-            1 for a in batch if a.offset < committed.get(a.partition, (0, 0))[1]
-        )
+                    order_id = record.key.decode(errors="replace") if record.key else None
+                    for group in wanted:
+                        del going[group.target.name]
+                        self._halt(group.target, partition, record.offset, order_id, str(error))
+                        if group.events:
+                            groups.append(group)
+                    continue
+                applied = Applied(sealed, event, partition, record.offset)
+                for group in wanted:
+                    group.events.append(applied)
+                    group.new = record.offset + 1
+            groups.extend(g for g in going.values() if g.new > g.expected)
+        return groups, raw
 
-    async def _commit(
-        self, batch: list[Applied], moves: dict[int, tuple[int, int]]
-    ) -> dict[int, tuple[int, int]]:
-        """Apply the batch in one transaction; returns the checkpoint moves that committed.
+    # -- transactions ---------------------------------------------------------------------
 
-        An event the fold refuses halts its partition there and the rest is retried. When the
-        database refuses the batch (a value it cannot store), the batch is re-applied one
-        event at a time to find that event, whose partition then halts at it.
+    async def _commit(self, groups: list[Group], raw: dict[tuple[int, int], bytes]) -> list[Group]:
+        """Apply the groups; returns those that committed (some perhaps cut short by a halt).
+
+        All in one transaction first. An event a projection's fold refuses halts that
+        projection's partition there and the rest is retried. When the database refuses the
+        batch (a value it cannot store), the groups are split in halves until the event is
+        found, whose projection and partition then halt at it.
         """
-        while moves:
+        committed: list[Group] = []
+        pending: list[list[Group]] = [groups]
+        while pending:
+            part = [
+                g
+                for g in pending.pop(0)
+                if (g.target.name, g.partition) not in self.halted and g.new > g.expected
+            ]
+            if not part:
+                continue
             try:
-                await self._transaction(batch, moves)
-                return moves
+                await self._transaction(part, raw)
+                committed.extend(part)
             except _FoldFailed as failed:
-                batch, moves = self._without_halted(failed, batch, moves)
-            except DBAPIError as error:
-                if _transient(error):
+                pending.insert(0, self._cut_at(failed, part))
+            except (asyncpg.PostgresError, DBAPIError) as error:
+                if transient(error):
                     raise
-                return await self._one_by_one(batch, moves)
-        return {}
-
-    async def _one_by_one(
-        self, batch: list[Applied], moves: dict[int, tuple[int, int]]
-    ) -> dict[int, tuple[int, int]]:
-        committed = {}
-        for partition, (expected, _) in moves.items():
-            position = expected
-            for applied in [a for a in batch if a.partition == partition]:
-                try:
-                    await self._transaction([applied], {partition: (position, applied.offset + 1)})
-                except _FoldFailed as failed:
-                    self._halt(partition, applied.offset, applied.envelope.order_id, failed.reason)
-                    break
-                except DBAPIError as error:
-                    if _transient(error):
-                        raise
-                    reason = f"the database refused it: {error.orig}"
-                    self._halt(partition, applied.offset, applied.envelope.order_id, reason)
-                    break
-                position = applied.offset + 1
-            if position > expected:
-                committed[partition] = (expected, position)
+                halves = _halves(part)
+                if halves is None:
+                    bad = part[0]
+                    if not bad.events:
+                        raise  # a bare checkpoint move refused: not an event's fault
+                    first = bad.events[0]
+                    reason = f"the database refused it: {error}"
+                    self._halt(
+                        bad.target, bad.partition, first.offset, first.envelope.order_id, reason
+                    )
+                else:
+                    pending[0:0] = halves
         return committed
 
-    async def _transaction(self, batch: list[Applied], moves: dict[int, tuple[int, int]]) -> None:
-        async with self.engine.begin() as connection:
-            await advance_checkpoints(connection, self.name, self.config.topic, moves)
-            state = await self.projection.load(connection, batch)
-            for applied in batch:
-                try:
-                    self.projection.fold(state, applied)
-                except Exception as error:  # a handler bug must halt, not vanish
-                    raise _FoldFailed(applied, f"{type(error).__name__}: {error}") from error
-            self.stats.rows_written += await store(connection, state)
-
-    def _without_halted(
-        self,
-        failed: _FoldFailed,
-        batch: list[Applied],
-        moves: dict[int, tuple[int, int]],
-    ) -> tuple[list[Applied], dict[int, tuple[int, int]]]:
-        """Halt the failed event's partition there; keep the rest of the batch."""
+    def _cut_at(self, failed: _FoldFailed, part: list[Group]) -> list[Group]:
+        """Halt the failed event's projection and partition there; keep what came before."""
         bad = failed.applied
-        self._halt(bad.partition, bad.offset, bad.envelope.order_id, failed.reason)
-        kept = [a for a in batch if a.partition != bad.partition or a.offset < bad.offset]
-        moves = dict(moves)
-        expected = moves.pop(bad.partition)[0]
-        if bad.offset > expected:
-            moves[bad.partition] = (expected, bad.offset)
-        return kept, moves
+        self._halt(failed.target, bad.partition, bad.offset, bad.envelope.order_id, failed.reason)
+        kept = []
+        for group in part:
+            if group.target.name == failed.target.name and group.partition == bad.partition:
+                before = [a for a in group.events if a.offset < bad.offset]
+                group = Group(group.target, group.partition, group.expected, bad.offset, before)
+            kept.append(group)
+        return kept
 
-    def _halt(self, partition: int, offset: int, order_id: str | None, reason: str) -> None:
-        halt = Halt(partition, offset, order_id, reason)
-        self.halted[partition] = halt
-        if self.consumer is not None:
+    async def _transaction(self, groups: list[Group], raw: dict[tuple[int, int], bytes]) -> None:
+        targets = {g.target.name: g.target for g in groups}
+        async with begin(self.engine) as connection:
+            await self._check_versions(connection, list(targets.values()))
+            await advance_checkpoints(connection, self.config.topic, groups)
+            parked = await parked_orders(
+                connection,
+                list(targets.values()),
+                (a.envelope.order_id for g in groups for a in g.events),
+            )
+            by_target: dict[str, list[Applied]] = defaultdict(list)
+            set_aside: list[tuple[Target, Applied]] = []
+            for group in groups:
+                for applied in group.events:
+                    if (group.target.name, applied.envelope.order_id) in parked:
+                        set_aside.append((group.target, applied))
+                    else:
+                        by_target[group.target.name].append(applied)
+            for name, events in by_target.items():
+                target = targets[name]
+                db = Db(connection, target.schema)
+                state = await target.projection.load(db, events)
+                _fold(target, state, events)
+                self.stats.rows_written += await store(db, state)
+            if set_aside:
+                await _park(connection, self.config.topic, set_aside, raw)
+            await self._clear_passed_halts(connection, groups)
+
+    async def _check_versions(
+        self, connection: asyncpg.Connection, targets: Sequence[Target]
+    ) -> None:
+        wanted = "building" if self.building else "live"
+        rows = await connection.fetch(
+            "SELECT projection, version, state FROM projection_versions "
+            "WHERE projection = ANY($1::text[]) FOR SHARE",
+            [t.name for t in targets],
+        )
+        states = {(row["projection"], row["version"]): row["state"] for row in rows}
+        for target in targets:
+            state = states.get((target.name, target.version))
+            if state != wanted:
+                raise VersionsChanged(f"{target} is {state or 'gone'}, no longer {wanted}")
+
+    async def _clear_passed_halts(
+        self, connection: asyncpg.Connection, groups: Sequence[Group]
+    ) -> None:
+        passed = [
+            g
+            for g in groups
+            if (offset := self.stored_halts.get((g.target.name, g.partition))) is not None
+            and g.new > offset
+        ]
+        if not passed:
+            return
+        await connection.execute(
+            "DELETE FROM projection_halts h USING unnest($1::text[], $2::int[], $3::int[]) "
+            "AS u(n, v, p) WHERE h.projection = u.n AND h.version = u.v AND h.partition = u.p "
+            "AND h.topic = $4",
+            [g.target.name for g in passed],
+            [g.target.version for g in passed],
+            [g.partition for g in passed],
+            self.config.topic,
+        )
+        for group in passed:
+            self.stored_halts.pop((group.target.name, group.partition), None)
+
+    # -- halts ----------------------------------------------------------------------------
+
+    def _halt(
+        self, target: Target, partition: int, offset: int, order_id: str | None, reason: str
+    ) -> None:
+        self.halted[(target.name, partition)] = Halt(
+            target.name, partition, offset, order_id, reason
+        )
+        if self.consumer is not None and all(
+            (t.name, partition) in self.halted for t in self.targets
+        ):
             self.consumer.pause(self._tp(partition))
         _log.error(
-            "%s: HALTED partition %d at offset %d (order %s): %s. Fix the cause, then "
-            "restart the projector, or park the event (orders projections park)",
-            self.name,
+            "%s: HALTED partition %d at offset %d (order %s): %s. Fix the cause and restart "
+            "the projector, or set the order aside: orders projections park %s --partition %d "
+            "--offset %d",
+            target,
             partition,
             offset,
             order_id or "?",
             reason,
+            target.name,
+            partition,
+            offset,
         )
+
+    async def housekeeping(self) -> None:
+        """Store new halts, pick up parks, and move idle checkpoints past transaction markers."""
+        async with self.applying:
+            if self.halted:
+                await self._sync_halts()
+            await self._past_markers()
+
+    async def _sync_halts(self) -> None:
+        """Store new halts; a halt whose stored row an operator removed (a park) is lifted."""
+        async with begin(self.engine) as connection:
+            rows = await connection.fetch(
+                'SELECT h.projection, h.partition, h."offset" FROM projection_halts h '
+                "JOIN unnest($1::text[], $2::int[]) AS t(n, v) "
+                "ON h.projection = t.n AND h.version = t.v WHERE h.topic = $3",
+                [t.name for t in self.targets],
+                [t.version for t in self.targets],
+                self.config.topic,
+            )
+            stored = {(row["projection"], row["partition"]): row["offset"] for row in rows}
+            for key, halt in list(self.halted.items()):
+                if key in self.stored_halts and key not in stored:
+                    await self._lift(connection, halt)
+                elif stored.get(key) != halt.offset:
+                    await _store_halt(
+                        connection, self._target(halt.projection), self.config.topic, halt
+                    )
+                    self.stored_halts[key] = halt.offset
+
+    def _target(self, name: str) -> Target:
+        return next(t for t in self.targets if t.name == name)
+
+    async def _lift(self, connection: asyncpg.Connection, halt: Halt) -> None:
+        """An operator removed the halt (e.g. parked the event): resume from the checkpoint."""
+        key = (halt.projection, halt.partition)
+        target = self._target(halt.projection)
+        stored = await read_checkpoints(connection, [target], self.config.topic, [halt.partition])
+        del self.halted[key]
+        self.stored_halts.pop(key, None)
+        self.positions[halt.partition][halt.projection] = stored[key]
+        _log.info("%s: partition %d resumes at offset %d", target, halt.partition, stored[key])
+        self._reposition(halt.partition)
+
+    async def _past_markers(self) -> None:
+        """Move checkpoints over what only transaction markers fill, so lag can reach 0.
+
+        After a transaction, the next readable record sits past its commit marker. Once the
+        consumer has returned everything up to its position (the batch in flight is done), the
+        offsets between a projection's checkpoint and that position hold no events for it.
+        """
+        if self.consumer is None:
+            return
+        assigned = self.consumer.assignment()
+        groups = []
+        for partition, positions in self.positions.items():
+            tp = self._tp(partition)
+            if tp not in assigned or partition in self.unsought:
+                continue
+            position = await self.consumer.position(tp)
+            for target in self.targets:
+                expected = positions.get(target.name)
+                if (
+                    expected is not None
+                    and (target.name, partition) not in self.halted
+                    and expected < position
+                ):
+                    groups.append(Group(target, partition, expected, position))
+        if not groups:
+            return
+        try:
+            async with begin(self.engine) as connection:
+                await self._check_versions(connection, list({g.target for g in groups}))
+                await advance_checkpoints(connection, self.config.topic, groups)
+        except StaleCheckpoint:
+            await self.seek_to_checkpoints(sorted({g.partition for g in groups}))
+            return
+        for group in groups:
+            self.positions[group.partition][group.target.name] = group.new
 
     async def _commit_kafka_offsets(self) -> None:
         """Informational only: lets Kafka tools show lag. Correctness never reads them."""
@@ -470,11 +751,82 @@ class ProjectionRunner:
         self._last_kafka_commit = now
         assigned = self.consumer.assignment()
         offsets = {
-            self._tp(p): offset for p, offset in self.positions.items() if self._tp(p) in assigned
+            self._tp(p): min(offsets.values())
+            for p, offsets in self.positions.items()
+            if self._tp(p) in assigned and offsets
         }
         if offsets:
             with contextlib.suppress(KafkaError):
                 await self.consumer.commit(offsets)
+
+
+def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:
+    fold = target.projection.fold
+    for applied in events:
+        try:
+            fold(state, applied)
+        except Exception as error:  # a handler bug must halt, not vanish
+            raise _FoldFailed(target, applied, f"{type(error).__name__}: {error}") from error
+
+
+async def _store_halt(
+    connection: asyncpg.Connection, target: Target, topic: str, halt: Halt
+) -> None:
+    await connection.execute(
+        'INSERT INTO projection_halts (projection, version, topic, partition, "offset", '
+        "order_id, reason) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+        "ON CONFLICT (projection, version, topic, partition) DO UPDATE SET "
+        '"offset" = EXCLUDED."offset", order_id = EXCLUDED.order_id, '
+        "reason = EXCLUDED.reason, halted_at = now()",
+        target.name,
+        target.version,
+        topic,
+        halt.partition,
+        halt.offset,
+        halt.order_id,
+        halt.reason,
+    )
+
+
+def _halves(part: list[Group]) -> list[list[Group]] | None:
+    """Split a refused transaction in two, in order; None when it is down to one event."""
+    if len(part) > 1:
+        middle = len(part) // 2
+        return [part[:middle], part[middle:]]
+    group = part[0]
+    if len(group.events) <= 1:
+        return None
+    middle = len(group.events) // 2
+    split_at = group.events[middle].offset
+    first = Group(group.target, group.partition, group.expected, split_at, group.events[:middle])
+    second = Group(group.target, group.partition, split_at, group.new, group.events[middle:])
+    return [[first], [second]]
+
+
+async def _park(
+    connection: asyncpg.Connection,
+    topic: str,
+    events: Sequence[tuple[Target, Applied]],
+    raw: dict[tuple[int, int], bytes],
+) -> None:
+    """Set aside later events of parked orders, with the order (invariant 7)."""
+    await connection.executemany(
+        'INSERT INTO parked_events (projection, version, topic, partition, "offset", order_id, '
+        "value, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, 'its order is parked') "
+        "ON CONFLICT DO NOTHING",
+        [
+            (
+                target.name,
+                target.version,
+                topic,
+                applied.partition,
+                applied.offset,
+                applied.envelope.order_id,
+                raw[(applied.partition, applied.offset)],
+            )
+            for target, applied in events
+        ],
+    )
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
@@ -489,11 +841,11 @@ def runner_config(settings: Settings) -> RunnerConfig:
 async def run_projector(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event, *, only: list[str] | None = None
 ) -> None:
-    """Run the chosen projections (all by default), each in its own consumer group."""
+    """Run the chosen projections (all by default), live versions, from one consumer."""
     config = runner_config(settings)
-    runners = [ProjectionRunner(p, engine, config) for p in catalog.select(only)]
-    _log.info("projector running: %s on topic %s", ", ".join(r.name for r in runners), config.topic)
-    await asyncio.gather(*(runner.run(stop) for runner in runners))
+    runner = ProjectionRunner(catalog.select(only), engine, config)
+    _log.info("projector running: %s on topic %s", runner.label, config.topic)
+    await runner.run(stop)
 
 
 def oracle(projection: Projection, events: Sequence[Applied]) -> State:

@@ -16,20 +16,98 @@ metadata = sa.MetaData(
     }
 )
 
-# Where each projection stands in each partition: the offset of the next event to apply.
-# Written in the same transaction as the projection's rows, with a compare-and-set on
-# next_offset, so a batch takes effect exactly once.
+# Every version of every projection. A version's tables live in their own Postgres schema
+# (``schema_for``); the views in ``public`` that queries read point at the LIVE version's
+# tables. A rebuild fills a BUILDING version while the live one keeps serving, then one
+# transaction makes it live and repoints the views (projections/versions.py).
+projection_versions = sa.Table(
+    "projection_versions",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),  # building | live | retired | dropped
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("switched_at", sa.DateTime(timezone=True)),
+)
+
+# Where each projection version stands in each partition: the offset of the next event to
+# apply, and the time of the last applied event (for lag in seconds). Written in the same
+# transaction as the version's rows, with a compare-and-set on next_offset, so a batch takes
+# effect exactly once.
 projection_checkpoints = sa.Table(
     "projection_checkpoints",
     metadata,
     sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("topic", sa.Text, primary_key=True),
     sa.Column("partition", sa.Integer, primary_key=True),
     sa.Column("next_offset", sa.BigInteger, nullable=False),
+    sa.Column("last_event_at", sa.DateTime(timezone=True)),
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
 )
+
+# A partition a projection version stopped at, because the event there cannot be applied.
+# Deleting the row (``orders projections park``, or a restart) lets the runner try again.
+projection_halts = sa.Table(
+    "projection_halts",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("partition", sa.Integer, primary_key=True),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("order_id", sa.Text),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column(
+        "halted_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+# Events an operator set aside (invariant 7): the poison event and every later event of the
+# same order, so that order's read model never shows a state that skipped an event.
+parked_orders = sa.Table(
+    "parked_orders",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("order_id", sa.Text, primary_key=True),
+    sa.Column(
+        "parked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+parked_events = sa.Table(
+    "parked_events",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("partition", sa.Integer, primary_key=True),
+    sa.Column("offset", sa.BigInteger, primary_key=True),
+    sa.Column("order_id", sa.Text, nullable=False),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column(
+        "parked_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+BOOKKEEPING = (
+    projection_versions,
+    projection_checkpoints,
+    projection_halts,
+    parked_orders,
+    parked_events,
+)
+
+
+def schema_for(projection: str, version: int) -> str:
+    """The Postgres schema holding the tables of one version of a projection."""
+    return f"proj_{projection}_v{version}"
+
 
 # -- the "orders" projection: one row per order, its line items as a JSON array -----------------
 orders = sa.Table(
@@ -76,6 +154,8 @@ order_history = sa.Table(
     sa.Column("data", JSONB, nullable=False),
     sa.Column("partition", sa.Integer, nullable=False),
     sa.Column("offset", sa.BigInteger, nullable=False),
+    # Rows are only ever added (COPY): a second copy of an event is refused by the key.
+    info={"append_only": True},
 )
 
 # -- the "customer_summary" projection ---------------------------------------------------------

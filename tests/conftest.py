@@ -16,14 +16,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.schema import metadata
 from service.database import create_engine, migrate
 from service.embedded.kafka import run_coroutine
 from service.embedded.stack import Infrastructure, infrastructure
+from tests.support.database import reset_read_side
 
 
 def _docker_engine_available() -> bool:
@@ -90,9 +89,7 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     """An engine on the module's database, migrated to head, every read-model table empty."""
     engine = create_engine(database_url)
     await migrate(engine)
-    async with engine.begin() as connection:
-        names = ", ".join(f'"{table.name}"' for table in metadata.sorted_tables)
-        await connection.execute(text(f"TRUNCATE {names}"))
+    await reset_read_side(engine)
     yield engine
     await engine.dispose()
 

@@ -21,13 +21,13 @@ from projections.checkpoints import wait_for_checkpoint
 from projections.schema import (
     customer_summaries,
     daily_sales,
-    metadata,
     order_history,
     orders,
     projection_checkpoints,
 )
 from service.api.app import Resources, create_app
 from service.writer import Writer, WriterConfig
+from tests.support.database import reset_read_side
 from tests.support.http import serve
 
 TOPIC = "t"
@@ -103,10 +103,10 @@ async def set_checkpoint(
     topic: str = TOPIC,
 ) -> None:
     statement = pg_insert(projection_checkpoints).values(
-        projection=projection, topic=topic, partition=partition, next_offset=next_offset
+        projection=projection, version=1, topic=topic, partition=partition, next_offset=next_offset
     )
     statement = statement.on_conflict_do_update(
-        index_elements=["projection", "topic", "partition"],
+        index_elements=["projection", "version", "topic", "partition"],
         set_={"next_offset": statement.excluded.next_offset},
     )
     async with engine.begin() as connection:
@@ -135,9 +135,7 @@ def app_on(engine: AsyncEngine, *, wait_ms: int = 300, writer: Writer | None = N
 @pytest.fixture
 async def db(engine: AsyncEngine) -> AsyncEngine:
     """The module's database with every read-model table and checkpoint emptied."""
-    async with engine.begin() as connection:
-        for table in reversed(metadata.sorted_tables):
-            await connection.execute(table.delete())
+    await reset_read_side(engine)
     return engine
 
 

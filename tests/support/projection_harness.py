@@ -19,14 +19,14 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 from aiokafka import ConsumerRecord, TopicPartition
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
-from projections.projection import Applied, Projection, State
-from projections.runner import ProjectionRunner, RunnerConfig, oracle
-from projections.schema import metadata, projection_checkpoints
+from projections.projection import Applied, Db, Projection, State
+from projections.runner import Halt, ProjectionRunner, RunnerConfig, oracle
 from service import envelope
 from service.eventlog import read_to_end
+from tests.support.database import reset_read_side
 
 DEADLINE_S = 45.0
 POLL_S = 0.02
@@ -138,16 +138,16 @@ class Lagging:
         self.tables = inner.tables
         self.lag_s = lag_s
 
-    async def load(self, connection: AsyncConnection, batch: Sequence[Applied]) -> State:
-        await connection.execute(sa.text("SELECT pg_sleep(:s)"), {"s": self.lag_s})
-        return await self.inner.load(connection, batch)
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
+        await db.connection.execute("SELECT pg_sleep($1)", self.lag_s)
+        return await self.inner.load(db, batch)
 
     def fold(self, state: State, applied: Applied) -> None:
         self.inner.fold(state, applied)
 
 
 def runner_for(
-    name: str,
+    names: Sequence[str],
     engine: AsyncEngine,
     bootstrap: str,
     topic: str,
@@ -155,20 +155,24 @@ def runner_for(
     *,
     lag_s: float = 0.0,
 ) -> ProjectionRunner:
+    """One runner (one consumer) applying the named projections."""
     config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
-    projection: Projection = catalog.PROJECTIONS[name]
+    projections: list[Projection] = [catalog.PROJECTIONS[name] for name in names]
     if lag_s:
-        projection = Lagging(projection, lag_s)
-    return ProjectionRunner(projection, engine, config)
+        projections = [Lagging(projection, lag_s) for projection in projections]
+    return ProjectionRunner(projections, engine, config)
 
 
 @dataclass
 class Running:
-    """Runners of some projections, each consuming in its own task until ``stop`` is set."""
+    """A runner of some projections, consuming in its own task until ``stop`` is set."""
 
-    runners: dict[str, ProjectionRunner]
+    runner: ProjectionRunner
     tasks: dict[str, asyncio.Task[None]]
     stop: asyncio.Event
+
+    def halt(self, name: str, partition: int) -> Halt | None:
+        return self.runner.halted.get((name, partition))
 
     def check_alive(self) -> None:
         for name, task in self.tasks.items():
@@ -195,22 +199,15 @@ async def running(
     their checkpoints (its rebalance listener has finished).
     """
     stop = asyncio.Event()
-    runners = {
-        name: runner_for(name, engine, bootstrap, topic, group_prefix, lag_s=lag_s)
-        for name in names
-    }
-    tasks = {
-        name: asyncio.create_task(runner.run(stop), name=f"runner-{name}")
-        for name, runner in runners.items()
-    }
-    handle = Running(runners, tasks, stop)
+    runner = runner_for(names, engine, bootstrap, topic, group_prefix, lag_s=lag_s)
+    tasks = {"+".join(names): asyncio.create_task(runner.run(stop), name="runner")}
+    handle = Running(runner, tasks, stop)
     failed = False
     try:
         if assigned is not None:
 
             async def sought() -> tuple[bool, Any]:
-                counts = {name: len(runner.positions) for name, runner in runners.items()}
-                return all(count >= assigned for count in counts.values()), counts
+                return len(runner.positions) >= assigned, runner.positions
 
             await eventually(
                 sought, f"{list(names)} to be assigned {assigned} partitions", alive=handle
@@ -250,13 +247,16 @@ async def eventually(
 
 
 async def checkpoints(engine: AsyncEngine, projection: str, topic: str) -> dict[int, int]:
-    table = projection_checkpoints
+    """The live version's checkpoints: partition -> next offset."""
     async with engine.connect() as connection:
         rows = (
             await connection.execute(
-                sa.select(table.c.partition, table.c.next_offset).where(
-                    table.c.projection == projection, table.c.topic == topic
-                )
+                sa.text(
+                    "SELECT c.partition, c.next_offset FROM projection_checkpoints c "
+                    "JOIN projection_versions v USING (projection, version) "
+                    "WHERE v.state = 'live' AND c.projection = :p AND c.topic = :t"
+                ),
+                {"p": projection, "t": topic},
             )
         ).all()
     return {row.partition: row.next_offset for row in rows}
@@ -318,9 +318,7 @@ def decoded(fetched: Fetched, *, skip: Iterable[tuple[int, int]] = ()) -> list[A
 
 async def clear_read_models(engine: AsyncEngine) -> None:
     """Empty every read-model table and checkpoint of this module's database."""
-    async with engine.begin() as connection:
-        for table in reversed(metadata.sorted_tables):
-            await connection.execute(table.delete())
+    await reset_read_side(engine)
 
 
 def normalise(value: Any) -> Any:
