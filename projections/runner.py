@@ -269,16 +269,17 @@ class ProjectionRunner:
         return TopicPartition(self.config.topic, partition)
 
     async def load_targets(self) -> None:
-        """The versions to apply to: the live ones, or the ones being built."""
+        """The versions to apply to: the live ones, or those still being built."""
         async with begin(self.engine) as connection:
             if not self.building:
                 self.targets = await live_targets(connection, self.projections)
                 return
             found = [await building(connection, p) for p in self.projections]
-        missing = [p.name for p, t in zip(self.projections, found, strict=True) if t is None]
-        if missing:
-            raise VersionsChanged(f"no version of {', '.join(missing)} is being built")
-        self.targets = [t for t in found if t is not None]
+        targets = [t for t in found if t is not None]
+        if not targets:
+            names = ", ".join(p.name for p in self.projections)
+            raise VersionsChanged(f"no version of {names} is being built")
+        self.targets = targets
 
     # -- positions ------------------------------------------------------------------------
 
@@ -422,14 +423,16 @@ class ProjectionRunner:
                 delay = min(delay * 2, 5.0)
 
     async def _follow_versions(self, changed: VersionsChanged) -> None:
-        """A rebuild switched versions: a live runner follows the new ones; a builder is done."""
-        if self.building:
-            _log.info("%s: %s; the build is over", self.label, changed)
-            self.finished = True
-            return
-        _log.info("%s: %s; following the new live versions", self.label, changed)
+        """A rebuild switched versions: a live runner follows the new ones; a builder goes on
+        with the versions still being built, and is done when none is left."""
+        _log.info("%s: %s; reloading the versions", self.label, changed)
         async with self.applying:
-            await self.load_targets()
+            try:
+                await self.load_targets()
+            except VersionsChanged as over:
+                _log.info("%s: %s; the build is over", self.label, over)
+                self.finished = True
+                return
             self.halted.clear()
             self.stored_halts.clear()
             if self.positions:

@@ -1,0 +1,313 @@
+"""Rebuilding read models from the log, without taking queries down.
+
+Blue/green (the default): each named projection gets a new version, built into its own tables
+from offset 0 by one consumer (events decoded once for all of them) with bulk settings, while
+the live version keeps serving queries and following new events. Once a new version has
+caught up, its secondary indexes are built and one transaction makes it live (views
+repointed); the old version's tables are then dropped, or kept with ``keep_old``.
+
+Interrupted at any moment, readers stay on the old, complete version: the building version
+and its checkpoints stay in the database, and the next run resumes it (or, with ``restart``,
+drops it and starts over).
+
+In place (``in_place``): stop-the-world. One transaction empties the live tables and puts the
+checkpoints back to 0; then the log is replayed into them. Readers see the read model refill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from aiokafka import TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections import catalog
+from projections.projection import Projection, begin
+from projections.runner import ProjectionRunner, RunnerConfig
+from projections.versions import (
+    NotCaughtUp,
+    Target,
+    build_indexes,
+    building,
+    create_building,
+    drop,
+    live_targets,
+    switch,
+)
+from service.eventlog import committed_reader
+
+_log = logging.getLogger(__name__)
+
+# A new version within this many events of the end is close enough to build its indexes and
+# try the switch (which itself insists on having applied at least what the live one has).
+CATCH_UP_EVENTS = 5000
+SWITCH_ATTEMPTS_S = 60.0
+
+
+class RebuildInterrupted(Exception):
+    """Stopped before the switch: readers stay on the old version; run again to resume."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str  # replaying | indexing | switching | done
+    position: int  # events of the topic behind every rebuilt projection's checkpoints
+    end: int  # the topic's last stable offsets, summed
+    rate: float  # events/s over the last tick
+    elapsed_s: float
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.end - self.position)
+
+    @property
+    def eta_s(self) -> float | None:
+        return self.lag / self.rate if self.rate > 0 else None
+
+
+@dataclass
+class RebuildResult:
+    projections: list[str]
+    in_place: bool
+    seconds: float = 0.0
+    events: int = 0  # events applied, summed over the rebuilt projections
+    topic_events: int = 0  # the topic's events read (each applied to every projection)
+    switched: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.topic_events / self.seconds if self.seconds else 0.0
+
+
+def bulk(config: RunnerConfig) -> RunnerConfig:
+    """Settings for replaying the log: bigger batches and fetches."""
+    return replace(
+        config,
+        batch_max_records=max(config.batch_max_records, 20_000),
+        batch_wait_ms=max(config.batch_wait_ms, 200),
+        max_partition_fetch_bytes=max(config.max_partition_fetch_bytes, 16 * 1024 * 1024),
+    )
+
+
+class _Tracker:
+    """Checkpoints of the targets next to the topic's end, once a tick."""
+
+    def __init__(self, engine: AsyncEngine, config: RunnerConfig, targets: Sequence[Target]):
+        self.engine = engine
+        self.config = config
+        self.targets = list(targets)
+        self.consumer = committed_reader(config.bootstrap_servers)
+        self.started = time.monotonic()
+        self.last: tuple[float, int] | None = None
+        self.first_position: int | None = None
+
+    async def __aenter__(self) -> _Tracker:
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.consumer.stop()
+
+    async def ends(self) -> dict[int, int]:
+        partitions = self.consumer.partitions_for_topic(self.config.topic) or set()
+        if not partitions:
+            return {}
+        ends = await self.consumer.end_offsets(
+            [TopicPartition(self.config.topic, p) for p in partitions]
+        )
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    async def lags(self) -> tuple[dict[str, int], int, int]:
+        """Per target name, events behind the end; and (position, end) over all targets."""
+        ends = await self.ends()
+        async with begin(self.engine) as connection:
+            rows = await connection.fetch(
+                "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
+                "JOIN unnest($1::text[], $2::int[]) AS t(n, v) "
+                "ON c.projection = t.n AND c.version = t.v WHERE c.topic = $3",
+                [t.name for t in self.targets],
+                [t.version for t in self.targets],
+                self.config.topic,
+            )
+        stored = {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
+        lags = {
+            t.name: sum(max(0, end - stored.get((t.name, p), 0)) for p, end in ends.items())
+            for t in self.targets
+        }
+        position = (
+            sum(min(stored.get((t.name, p), 0) for t in self.targets) for p in ends)
+            if self.targets
+            else sum(ends.values())
+        )
+        return lags, position, sum(ends.values())
+
+    def progress(self, phase: str, position: int, end: int) -> Progress:
+        now = time.monotonic()
+        if self.first_position is None:
+            self.first_position = position
+        rate = 0.0
+        if self.last is not None and now > self.last[0]:
+            rate = (position - self.last[1]) / (now - self.last[0])
+        self.last = (now, position)
+        return Progress(phase, position, end, max(rate, 0.0), now - self.started)
+
+
+async def rebuild(
+    engine: AsyncEngine,
+    config: RunnerConfig,
+    names: Sequence[str],
+    *,
+    in_place: bool = False,
+    keep_old: bool = False,
+    restart: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: asyncio.Event | None = None,
+    tick_s: float = 1.0,
+) -> RebuildResult:
+    """Rebuild the named projections (see the module's docstring); returns what it did."""
+    projections = catalog.select(list(names))
+    stop = stop or asyncio.Event()
+    report = on_progress or (lambda progress: None)
+    started = time.monotonic()
+    result = RebuildResult([p.name for p in projections], in_place)
+    if in_place:
+        targets = await _reset_in_place(engine, projections)
+        runner = ProjectionRunner(projections, engine, bulk(config))
+        pairs: dict[str, tuple[Target, Target]] = {}
+    else:
+        pairs = await _prepare(engine, projections, restart=restart)
+        targets = [new for _, new in pairs.values()]
+        runner = ProjectionRunner(projections, engine, bulk(config), building=True)
+    runner_stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
+    try:
+        async with _Tracker(engine, config, targets) as tracker:
+            await _until_done(
+                tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
+            )
+            result.topic_events = (tracker.last[1] if tracker.last else 0) - (
+                tracker.first_position or 0
+            )
+    finally:
+        runner_stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    result.seconds = time.monotonic() - started
+    result.events = runner.stats.events
+    return result
+
+
+async def _reset_in_place(engine: AsyncEngine, projections: Sequence[Projection]) -> list[Target]:
+    from projections.versions import reset
+
+    async with begin(engine) as connection:
+        targets = await live_targets(connection, projections)
+        for target in targets:
+            await reset(connection, target)
+    _log.info("emptied %s and reset their checkpoints", ", ".join(map(str, targets)))
+    return targets
+
+
+async def _prepare(
+    engine: AsyncEngine, projections: Sequence[Projection], *, restart: bool
+) -> dict[str, tuple[Target, Target]]:
+    """(live, new) per projection: a resumed building version, or a fresh one."""
+    pairs = {}
+    async with begin(engine) as connection:
+        for projection in projections:
+            (live,) = await live_targets(connection, [projection])
+            new = await building(connection, projection)
+            if new is not None and restart:
+                _log.info("dropping %s, left by an earlier rebuild (--restart)", new)
+                await drop(connection, new)
+                new = None
+            if new is None:
+                new = await create_building(connection, live)
+                _log.info("building %s next to %s", new, live)
+            else:
+                _log.info("resuming the build of %s (left by an earlier rebuild)", new)
+            pairs[projection.name] = (live, new)
+    return pairs
+
+
+async def _until_done(
+    tracker: _Tracker,
+    task: asyncio.Task[None],
+    pairs: dict[str, tuple[Target, Target]],
+    stop: asyncio.Event,
+    report: Callable[[Progress], None],
+    result: RebuildResult,
+    *,
+    keep_old: bool,
+    tick_s: float,
+) -> None:
+    pending = dict(pairs)
+    in_place = not pairs
+    while True:
+        if task.done():
+            task.result()  # a failure surfaces here
+            if pending or in_place:
+                raise RuntimeError("the rebuild's runner stopped before the rebuild was done")
+        lags, position, end = await tracker.lags()
+        if in_place and all(lag == 0 for lag in lags.values()):
+            report(tracker.progress("done", position, end))
+            return
+        report(tracker.progress("replaying", position, end))
+        for name in [n for n in pending if lags[n] <= CATCH_UP_EVENTS]:
+            live, new = pending.pop(name)
+            await _index_and_switch(tracker, live, new, stop, report)
+            result.switched.append(str(new))
+            if not keep_old:
+                async with begin(tracker.engine) as connection:
+                    await drop(connection, live)
+                result.dropped.append(str(live))
+        if not pending and not in_place:
+            report(tracker.progress("done", position, end))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), tick_s)
+        if stop.is_set():
+            raise RebuildInterrupted(
+                "interrupted: readers stay on the live versions; "
+                + (
+                    "run the same rebuild again to resume it"
+                    if not in_place
+                    else "the in-place rebuild left partial tables: run it again"
+                )
+            )
+
+
+async def _index_and_switch(
+    tracker: _Tracker,
+    live: Target,
+    new: Target,
+    stop: asyncio.Event,
+    report: Callable[[Progress], None],
+) -> None:
+    """Build ``new``'s secondary indexes, then switch once it has all that ``live`` has."""
+    _, position, end = await tracker.lags()
+    report(tracker.progress("indexing", position, end))
+    began = time.monotonic()
+    async with begin(tracker.engine) as connection:
+        count = await build_indexes(connection, live, new)
+    _log.info("%s: %d index(es) built in %.1fs", new, count, time.monotonic() - began)
+    report(tracker.progress("switching", position, end))
+    deadline = time.monotonic() + SWITCH_ATTEMPTS_S
+    while True:
+        try:
+            async with begin(tracker.engine) as connection:
+                await switch(connection, live, new, tracker.config.topic)
+            _log.info("%s is live; readers switched from %s", new, live)
+            return
+        except NotCaughtUp as behind:
+            if stop.is_set() or time.monotonic() > deadline:
+                raise RebuildInterrupted(
+                    f"{behind}; readers stay on {live}: run the rebuild again to resume"
+                ) from None
+            await asyncio.sleep(0.05)  # the new version's runner is applying; check again

@@ -1,0 +1,213 @@
+"""How far each projection is: checkpoints next to the topic's last stable offsets.
+
+Shared by ``orders projections status`` and ``GET /ops/projections``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from aiokafka import TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections import catalog
+from projections.projection import begin
+from service.eventlog import committed_reader
+
+# Partition and projection states, worst first.
+HALTED = "halted"
+REBUILDING = "rebuilding"
+RUNNING = "running"
+CAUGHT_UP = "caught up"
+
+
+class PartitionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    partition: int
+    checkpoint: int
+    last_stable_offset: int | None
+    lag_events: int | None
+    lag_seconds: float | None
+    last_event_at: datetime | None
+    state: str
+    halted_at_offset: int | None = None
+    halted_order_id: str | None = None
+    reason: str | None = None
+
+
+class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
+    projection: str
+    version: int
+    role: str  # live | building
+    state: str
+    lag_events: int | None
+    parked_events: int
+    partitions: list[PartitionStatus]
+
+
+class TopicStatus(msgspec.Struct, frozen=True, kw_only=True):
+    topic: str
+    partitions: int | None
+    projections: list[VersionStatus]
+
+
+async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | None:
+    """partition -> last stable offset (what read_committed consumers can reach); None: no topic."""
+    consumer = committed_reader(bootstrap)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions is None:
+            await consumer.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return None
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+async def status(
+    engine: AsyncEngine, bootstrap: str, topic: str, names: Sequence[str] | None = None
+) -> TopicStatus:
+    """Every live and building version of the named projections (all by default)."""
+    wanted = [p.name for p in catalog.select(list(names) if names else None)]
+    stable = await last_stable_offsets(bootstrap, topic)
+    now = datetime.now(UTC)
+    async with begin(engine) as connection:
+        versions = await connection.fetch(
+            "SELECT projection, version, state FROM projection_versions "
+            "WHERE projection = ANY($1::text[]) AND state IN ('live', 'building') "
+            "ORDER BY projection, version",
+            wanted,
+        )
+        checkpoints = await connection.fetch(
+            "SELECT projection, version, partition, next_offset, last_event_at "
+            "FROM projection_checkpoints WHERE topic = $1",
+            topic,
+        )
+        halts = await connection.fetch(
+            'SELECT projection, version, partition, "offset", order_id, reason '
+            "FROM projection_halts WHERE topic = $1",
+            topic,
+        )
+        parked = await connection.fetch(
+            "SELECT projection, version, count(*) AS events FROM parked_events "
+            "WHERE topic = $1 GROUP BY projection, version",
+            topic,
+        )
+    stored = {(r["projection"], r["version"], r["partition"]): r for r in checkpoints}
+    halted = {(r["projection"], r["version"], r["partition"]): r for r in halts}
+    parked_counts = {(r["projection"], r["version"]): r["events"] for r in parked}
+    partitions = sorted(stable) if stable is not None else []
+    found = []
+    for row in versions:
+        name, version, role = row["projection"], row["version"], row["state"]
+        rows = []
+        for partition in partitions or sorted(
+            p for (n, v, p) in stored if (n, v) == (name, version)
+        ):
+            checkpoint = stored.get((name, version, partition))
+            next_offset = checkpoint["next_offset"] if checkpoint else 0
+            last_at = checkpoint["last_event_at"] if checkpoint else None
+            end = stable.get(partition) if stable is not None else None
+            lag = max(0, end - next_offset) if end is not None else None
+            halt = halted.get((name, version, partition))
+            if halt is not None:
+                state = HALTED
+            elif role == "building":
+                state = REBUILDING
+            elif lag == 0:
+                state = CAUGHT_UP
+            else:
+                state = RUNNING
+            rows.append(
+                PartitionStatus(
+                    partition=partition,
+                    checkpoint=next_offset,
+                    last_stable_offset=end,
+                    lag_events=lag,
+                    lag_seconds=_lag_seconds(lag, last_at, now),
+                    last_event_at=last_at,
+                    state=state,
+                    halted_at_offset=halt["offset"] if halt else None,
+                    halted_order_id=halt["order_id"] if halt else None,
+                    reason=halt["reason"] if halt else None,
+                )
+            )
+        lags = [r.lag_events for r in rows]
+        found.append(
+            VersionStatus(
+                projection=name,
+                version=version,
+                role=role,
+                state=_overall(role, [r.state for r in rows]),
+                lag_events=None if None in lags else sum(lag or 0 for lag in lags),
+                parked_events=parked_counts.get((name, version), 0),
+                partitions=rows,
+            )
+        )
+    return TopicStatus(
+        topic=topic, partitions=len(stable) if stable is not None else None, projections=found
+    )
+
+
+def _lag_seconds(lag: int | None, last_event_at: datetime | None, now: datetime) -> float | None:
+    """How old the last applied event is, when events wait behind it; 0 when caught up."""
+    if lag == 0:
+        return 0.0
+    if lag is None or last_event_at is None:
+        return None
+    return max(0.0, (now - last_event_at).total_seconds())
+
+
+def _overall(role: str, states: Sequence[str]) -> str:
+    if HALTED in states:
+        return HALTED
+    if role == "building":
+        return REBUILDING
+    if states and all(state == CAUGHT_UP for state in states):
+        return CAUGHT_UP
+    return RUNNING
+
+
+def render(report: TopicStatus) -> str:
+    """A readable table: one line per projection version and partition, halts explained."""
+    if report.partitions is None:
+        head = f"topic {report.topic}: not found (no events written yet?)"
+    else:
+        head = f"topic {report.topic}: {report.partitions} partitions"
+    lines = [
+        head,
+        f"{'PROJECTION':<18} {'VERSION':<12} {'PART':>4} {'CHECKPOINT':>11} {'END':>11} "
+        f"{'LAG':>9} {'LAG(s)':>8}  STATE",
+    ]
+    for version in report.projections:
+        label = f"v{version.version} {version.role}"
+        for row in version.partitions:
+            lag_s = "-" if row.lag_seconds is None else f"{row.lag_seconds:.1f}"
+            lines.append(
+                f"{version.projection:<18} {label:<12} {row.partition:>4} {row.checkpoint:>11} "
+                f"{_n(row.last_stable_offset):>11} {_n(row.lag_events):>9} {lag_s:>8}  {row.state}"
+            )
+            if row.state == HALTED:
+                lines.append(
+                    f"{'':<18} {'':<12} {'':>4}   at offset {row.halted_at_offset}, order "
+                    f"{row.halted_order_id or '?'}: {row.reason}"
+                )
+                lines.append(
+                    f"{'':<18} {'':<12} {'':>4}   fix and restart the projector, or: orders "
+                    f"projections park {version.projection} --partition {row.partition} "
+                    f"--offset {row.halted_at_offset}"
+                )
+        summary = f"{version.projection} v{version.version}: {version.state}"
+        if version.parked_events:
+            summary += f", {version.parked_events} parked event(s) (orders projections parked)"
+        lines.append(f"  -> {summary}")
+    return "\n".join(lines)
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else str(value)
