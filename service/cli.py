@@ -4,6 +4,7 @@ orders dev          Kafka + Postgres started for you, migrations, API and projec
 orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
 orders projector    the projections runner
 orders migrate      alembic upgrade head (or --downgrade REV)
+orders events tail  print the events on the topic, decoded (needs Kafka only)
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -49,13 +52,14 @@ async def _serve(settings: Settings, **options: Any) -> None:
     await serve(settings, shutdown_on_signals(), **options)
 
 
-def _configured(*, kafka: bool = True) -> Settings:
+def _configured(*, kafka: bool = True, database: bool = True) -> Settings:
     """Settings from the environment, with the broker and database checked to answer."""
     from service.embedded.kafka import accepts_connections, wait_until_usable
     from service.embedded.postgres import check_reachable
 
     settings = Settings.from_env()
-    check_reachable(settings.require_database())
+    if database:
+        check_reachable(settings.require_database())
     if kafka:
         bootstrap = settings.require_kafka()
         try:
@@ -138,6 +142,67 @@ def cmd_dev(args: argparse.Namespace) -> None:
     print("stopped")
 
 
+def cmd_events_tail(args: argparse.Namespace) -> None:
+    from service.tail import TailOptions, tail
+
+    settings = _configured(database=False)
+    options = TailOptions(
+        order_id=args.order,
+        from_beginning=args.from_beginning,
+        follow=args.follow,
+        limit=args.limit,
+        as_json=args.json,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        printed = await tail(
+            settings.require_kafka(), settings.topic, sys.stdout, options, stop=stop
+        )
+        _log.info("%d event(s) shown from %s", printed, settings.topic)
+
+    try:
+        _run(main)
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error. Point stdout at /dev/null so that the
+        # interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _add_events_parser(commands: Any) -> None:
+    events = commands.add_parser("events", help="look at the events topic")
+    actions = events.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tail = actions.add_parser(
+        "tail",
+        help="print the events on the topic, decoded (needs KAFKA_BOOTSTRAP_SERVERS)",
+        description="Print the committed events on ORDERS_TOPIC, one line each. Without "
+        "--from-beginning only new events are shown (it follows); with it, from offset 0 to the "
+        "end of the log at start, or on and on with --follow. Ctrl-C stops.",
+    )
+    tail.add_argument(
+        "--order", metavar="ID", help="only this order's events (reads only its partition)"
+    )
+    tail.add_argument(
+        "--from-beginning", action="store_true", help="start at offset 0 (default: at the end)"
+    )
+    tail.add_argument("--follow", action="store_true", help="keep printing new events until Ctrl-C")
+    tail.add_argument("--limit", type=_positive, metavar="N", help="stop after N events")
+    tail.add_argument(
+        "--json", action="store_true", help="one JSON object per line: envelope, partition, offset"
+    )
+    tail.set_defaults(handler=cmd_events_tail)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orders", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
     migrate.set_defaults(handler=cmd_migrate)
+
+    _add_events_parser(commands)
     return parser
 
 
