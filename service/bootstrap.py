@@ -87,6 +87,7 @@ async def serve(
                     engine=engine,
                     topic=settings.topic,
                     consistency_wait_ms=settings.consistency_wait_ms,
+                    kafka_bootstrap=settings.require_kafka(),
                 ),
                 max_body_bytes=settings.max_body_bytes,
             )

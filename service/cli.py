@@ -5,6 +5,7 @@ orders api          the HTTP API (commands and queries) against configured Kafka
 orders projector    the projections runner
 orders migrate      alembic upgrade head (or --downgrade REV)
 orders events tail  print the events on the topic, decoded (needs Kafka only)
+orders projections  status | rebuild | park | parked | retry | skip: operate the read models
 """
 
 from __future__ import annotations
@@ -179,6 +180,241 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> None:
+    """Run ``job(engine, settings)`` with the configured database and broker; errors explained."""
+    from projections.parking import ParkingRefused
+    from projections.versions import NoLiveVersion
+    from service.database import create_engine
+
+    settings = _configured()
+
+    async def main() -> None:
+        engine = create_engine(settings.require_database(), pool_size=4)
+        try:
+            await job(engine, settings)
+        finally:
+            await engine.dispose()
+
+    try:
+        _run(main)
+    except (ParkingRefused, NoLiveVersion) as refused:
+        print(f"orders: {refused}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_projections_status(args: argparse.Namespace) -> None:
+    import msgspec
+
+    from projections.status import render, status
+
+    async def job(engine: Any, settings: Settings) -> None:
+        report = await status(engine, settings.require_kafka(), settings.topic, args.names)
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        else:
+            print(render(report))
+
+    _database_job(job)
+
+
+class _ProgressPrinter:
+    """One refreshed line on a terminal; a log line every few seconds otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last_line = 0.0
+
+    def __call__(self, progress: Any) -> None:
+        done = progress.position / progress.end if progress.end else 1.0
+        eta = "-" if progress.eta_s is None else f"{progress.eta_s:.0f}s"
+        line = (
+            f"{self.label}: {progress.phase} {progress.position:,}/{progress.end:,} events "
+            f"({done:.0%}), {progress.rate:,.0f} events/s, lag {progress.lag:,}, ETA {eta}, "
+            f"{progress.elapsed_s:.0f}s"
+        )
+        if self.tty:
+            print(
+                f"\r\033[K{line}",
+                end="" if progress.phase != "done" else "\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif progress.phase != "replaying" or time.monotonic() - self.last_line >= 5:
+            self.last_line = time.monotonic()
+            _log.info("%s", line)
+
+
+def cmd_projections_rebuild(args: argparse.Namespace) -> None:
+    from projections import catalog
+    from projections.rebuild import RebuildInterrupted, rebuild
+    from projections.runner import runner_config
+
+    names = list(catalog.PROJECTIONS) if args.names == ["all"] else args.names
+    catalog.select(names)  # unknown names: a clear error before connecting
+
+    async def job(engine: Any, settings: Settings) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            result = await rebuild(
+                engine,
+                runner_config(settings),
+                names,
+                in_place=args.in_place,
+                keep_old=args.keep_old,
+                restart=args.restart,
+                on_progress=_ProgressPrinter("+".join(names)),
+                stop=stop,
+            )
+        except RebuildInterrupted as interrupted:
+            print(f"\norders: {interrupted}", file=sys.stderr)
+            raise SystemExit(130) from None
+        print(
+            f"rebuilt {', '.join(result.projections)}"
+            f"{' in place' if result.in_place else ''}: {result.topic_events:,} events in "
+            f"{result.seconds:.1f}s ({result.rate:,.0f} events/s)"
+        )
+        if result.switched:
+            print(f"  now live: {', '.join(result.switched)}")
+        if result.dropped:
+            print(f"  dropped: {', '.join(result.dropped)}")
+
+    _database_job(job)
+
+
+def cmd_projections_park(args: argparse.Namespace) -> None:
+    from projections.parking import park
+
+    async def job(engine: Any, settings: Settings) -> None:
+        event = await park(
+            engine,
+            settings.require_kafka(),
+            settings.topic,
+            args.name,
+            args.partition,
+            args.offset,
+            version=args.version,
+        )
+        print(
+            f"parked {event.partition}/{event.offset} of {event.projection} v{event.version} "
+            f"with order {event.order_id} ({event.reason}); later events of that order are "
+            f"set aside too. After a fix: orders projections retry {event.projection} "
+            f"--order {event.order_id}"
+        )
+
+    _database_job(job)
+
+
+def cmd_projections_parked(args: argparse.Namespace) -> None:
+    from projections.parking import parked
+
+    async def job(engine: Any, settings: Settings) -> None:
+        events = await parked(engine, settings.topic, args.names)
+        if not events:
+            print("no parked events")
+        for event in events:
+            print(
+                f"{event.projection} v{event.version}  {event.partition}/{event.offset}  "
+                f"order {event.order_id}  parked {event.parked_at:%Y-%m-%d %H:%M:%S}  "
+                f"{event.reason}"
+            )
+
+    _database_job(job)
+
+
+def cmd_projections_retry(args: argparse.Namespace) -> None:
+    from projections.parking import retry
+
+    async def job(engine: Any, settings: Settings) -> None:
+        events = await retry(
+            engine, settings.topic, args.name, order_id=args.order, version=args.version
+        )
+        orders = sorted({event.order_id for event in events})
+        count = f"{len(events)} parked event(s) of {len(orders)} order(s)"
+        print(f"applied {count}: {', '.join(orders)}")
+
+    _database_job(job)
+
+
+def cmd_projections_skip(args: argparse.Namespace) -> None:
+    from projections.parking import skip
+
+    async def job(engine: Any, settings: Settings) -> None:
+        event = await skip(
+            engine, settings.topic, args.name, args.partition, args.offset, version=args.version
+        )
+        print(
+            f"discarded parked event {event.partition}/{event.offset} of order {event.order_id} "
+            f"from {event.projection} v{event.version}; the order stays parked until retry"
+        )
+
+    _database_job(job)
+
+
+def _add_projections_parser(commands: Any) -> None:
+    group = commands.add_parser(
+        "projections", help="operate the read models: status, rebuild, park, retry, skip"
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    status = actions.add_parser(
+        "status", help="checkpoint, end, lag and state of every projection and partition"
+    )
+    status.add_argument("names", nargs="*", help="only these projections (default: all)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_projections_status)
+
+    rebuild = actions.add_parser(
+        "rebuild",
+        help="rebuild read models from the log, blue/green (queries keep working)",
+        description="Build a new version of each named projection from offset 0 next to the "
+        "live one, then switch readers to it in one transaction. Ctrl-C leaves readers on the "
+        "live version; running it again resumes.",
+    )
+    rebuild.add_argument("names", nargs="+", help="projection names, or `all`")
+    rebuild.add_argument(
+        "--in-place",
+        action="store_true",
+        help="stop-the-world: empty the live tables and replay into them (stop the projector)",
+    )
+    rebuild.add_argument(
+        "--keep-old", action="store_true", help="keep the old version's tables after the switch"
+    )
+    rebuild.add_argument(
+        "--restart", action="store_true", help="drop an interrupted build instead of resuming it"
+    )
+    rebuild.set_defaults(handler=cmd_projections_rebuild)
+
+    def position(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", help="the projection")
+        parser.add_argument("--partition", type=int, required=True)
+        parser.add_argument("--offset", type=int, required=True)
+        parser.add_argument("--version", type=int, help="default: the live version")
+
+    park = actions.add_parser(
+        "park", help="set aside the event a projection is halted at, with its order"
+    )
+    position(park)
+    park.set_defaults(handler=cmd_projections_park)
+
+    listing = actions.add_parser("parked", help="list parked events")
+    listing.add_argument("names", nargs="*", help="only these projections (default: all)")
+    listing.set_defaults(handler=cmd_projections_parked)
+
+    retry = actions.add_parser("retry", help="apply parked events again (after a fix)")
+    retry.add_argument("name", help="the projection")
+    retry.add_argument("--order", metavar="ID", help="only this order (default: every one)")
+    retry.add_argument("--version", type=int, help="default: the live version")
+    retry.set_defaults(handler=cmd_projections_retry)
+
+    skip = actions.add_parser("skip", help="discard one parked event for good")
+    position(skip)
+    skip.set_defaults(handler=cmd_projections_skip)
+
+
 def _add_events_parser(commands: Any) -> None:
     events = commands.add_parser("events", help="look at the events topic")
     actions = events.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -240,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=cmd_migrate)
 
     _add_events_parser(commands)
+    _add_projections_parser(commands)
     return parser
 
 

@@ -13,6 +13,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.api.commands import OrderCommands
+from service.api.ops import Operations
 from service.api.problems import EXCEPTION_HANDLERS
 from service.api.queries import QUERY_HANDLERS, ReadConsistency
 from service.writer import Writer
@@ -26,6 +27,7 @@ class Resources:
     engine: AsyncEngine | None = None
     topic: str = "orders.events"
     consistency_wait_ms: int = 5000
+    kafka_bootstrap: str | None = None  # for operations (projection status)
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -45,6 +47,13 @@ def create_app(
     def provide_engine() -> AsyncEngine:
         assert resources.engine is not None, "this process has no database"
         return resources.engine
+
+    def provide_kafka_bootstrap() -> str:
+        assert resources.kafka_bootstrap is not None, "this process has no Kafka address"
+        return resources.kafka_bootstrap
+
+    def provide_topic() -> str:
+        return resources.topic
 
     read_consistency = ReadConsistency(resources.topic, resources.consistency_wait_ms / 1000)
 
@@ -74,12 +83,16 @@ def create_app(
         route_handlers.append(OrderCommands)
     if resources.engine is not None:
         route_handlers.extend(QUERY_HANDLERS)
+    if resources.engine is not None and resources.kafka_bootstrap is not None:
+        route_handlers.append(Operations)
     return Litestar(
         route_handlers=route_handlers,
         dependencies={
             "writer": Provide(provide_writer, sync_to_thread=False),
             "engine": Provide(provide_engine, sync_to_thread=False),
             "read_consistency": Provide(provide_read_consistency, sync_to_thread=False),
+            "kafka_bootstrap": Provide(provide_kafka_bootstrap, sync_to_thread=False),
+            "topic": Provide(provide_topic, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,

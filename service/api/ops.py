@@ -1,0 +1,26 @@
+"""Operations over HTTP: how far behind each projection is (the same data as the CLI's status)."""
+
+from __future__ import annotations
+
+from litestar import Controller, get
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections.status import TopicStatus, status
+
+
+class Operations(Controller):
+    path = "/ops"
+    tags = ["operations"]
+
+    @get(
+        "/projections",
+        operation_id="projectionStatus",
+        summary="Projections: checkpoint, last stable offset, lag and state per partition",
+        description="The same data as `orders projections status --json`. States: `caught up`, "
+        "`running` (events wait), `rebuilding` (a new version being built), `halted` (an event "
+        "cannot be applied; see `reason`).",
+    )
+    async def projections(
+        self, engine: AsyncEngine, kafka_bootstrap: str, topic: str
+    ) -> TopicStatus:
+        return await status(engine, kafka_bootstrap, topic)
