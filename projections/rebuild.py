@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
 from projections.projection import Projection, begin
 from projections.runner import ProjectionRunner, RunnerConfig
+from projections.status import stable_offsets
 from projections.versions import (
     NotCaughtUp,
     Target,
@@ -45,7 +45,8 @@ _log = logging.getLogger(__name__)
 
 # A new version within this many events of the end is close enough to build its indexes and
 # try the switch (which itself insists on having applied at least what the live one has).
-CATCH_UP_EVENTS = 5000
+CATCH_UP_EVENTS = 1000
+BULK_BATCH = 20_000
 SWITCH_ATTEMPTS_S = 60.0
 
 
@@ -85,11 +86,11 @@ class RebuildResult:
         return self.topic_events / self.seconds if self.seconds else 0.0
 
 
-def bulk(config: RunnerConfig) -> RunnerConfig:
+def bulk(config: RunnerConfig, batch: int = BULK_BATCH) -> RunnerConfig:
     """Settings for replaying the log: bigger batches and fetches."""
     return replace(
         config,
-        batch_max_records=max(config.batch_max_records, 20_000),
+        batch_max_records=batch,
         batch_wait_ms=max(config.batch_wait_ms, 200),
         max_partition_fetch_bytes=max(config.max_partition_fetch_bytes, 16 * 1024 * 1024),
     )
@@ -115,13 +116,12 @@ class _Tracker:
         await self.consumer.stop()
 
     async def ends(self) -> dict[int, int]:
-        partitions = self.consumer.partitions_for_topic(self.config.topic) or set()
-        if not partitions:
-            return {}
-        ends = await self.consumer.end_offsets(
-            [TopicPartition(self.config.topic, p) for p in partitions]
-        )
-        return {tp.partition: offset for tp, offset in ends.items()}
+        ends = await stable_offsets(self.consumer, self.config.topic)
+        if ends is None:
+            raise RebuildInterrupted(
+                f"no topic {self.config.topic}: nothing to rebuild from (is ORDERS_TOPIC right?)"
+            )
+        return ends
 
     async def lags(self) -> tuple[dict[str, int], int, int]:
         """Per target name, events behind the end; and (position, end) over all targets."""
@@ -169,6 +169,7 @@ async def rebuild(
     on_progress: Callable[[Progress], None] | None = None,
     stop: asyncio.Event | None = None,
     tick_s: float = 1.0,
+    batch: int = BULK_BATCH,
 ) -> RebuildResult:
     """Rebuild the named projections (see the module's docstring); returns what it did."""
     projections = catalog.select(list(names))
@@ -178,12 +179,12 @@ async def rebuild(
     result = RebuildResult([p.name for p in projections], in_place)
     if in_place:
         targets = await _reset_in_place(engine, projections)
-        runner = ProjectionRunner(projections, engine, bulk(config))
+        runner = ProjectionRunner(projections, engine, bulk(config, batch))
         pairs: dict[str, tuple[Target, Target]] = {}
     else:
         pairs = await _prepare(engine, projections, restart=restart)
         targets = [new for _, new in pairs.values()]
-        runner = ProjectionRunner(projections, engine, bulk(config), building=True)
+        runner = ProjectionRunner(projections, engine, bulk(config, batch), building=True)
     runner_stop = asyncio.Event()
     task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
     try:
@@ -259,6 +260,15 @@ async def _until_done(
             report(tracker.progress("done", position, end))
             return
         report(tracker.progress("replaying", position, end))
+        if stop.is_set():
+            raise RebuildInterrupted(
+                "interrupted: readers stay on the live versions; "
+                + (
+                    "the in-place rebuild left partial tables: run it again"
+                    if in_place
+                    else "run the same rebuild again to resume it"
+                )
+            )
         for name in [n for n in pending if lags[n] <= CATCH_UP_EVENTS]:
             live, new = pending.pop(name)
             await _index_and_switch(tracker, live, new, stop, report)
@@ -272,15 +282,6 @@ async def _until_done(
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), tick_s)
-        if stop.is_set():
-            raise RebuildInterrupted(
-                "interrupted: readers stay on the live versions; "
-                + (
-                    "run the same rebuild again to resume it"
-                    if not in_place
-                    else "the in-place rebuild left partial tables: run it again"
-                )
-            )
 
 
 async def _index_and_switch(
@@ -308,6 +309,10 @@ async def _index_and_switch(
         except NotCaughtUp as behind:
             if stop.is_set() or time.monotonic() > deadline:
                 raise RebuildInterrupted(
-                    f"{behind}; readers stay on {live}: run the rebuild again to resume"
+                    f"{behind}; readers stay on {live}: run the same rebuild again to resume it"
                 ) from None
-            await asyncio.sleep(0.05)  # the new version's runner is applying; check again
+            _, position, end = await tracker.lags()
+            report(tracker.progress("switching", position, end))
+            # The new version's runner is applying meanwhile: check again in a moment.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import msgspec
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
@@ -52,19 +52,25 @@ class TopicStatus(msgspec.Struct, frozen=True, kw_only=True):
     projections: list[VersionStatus]
 
 
+async def stable_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int] | None:
+    """partition -> last stable offset, with a read_committed ``consumer``; None: no topic."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        # What ``consumer.topics()`` does, keeping the partitions it learns.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
+    if not partitions:
+        return None
+    ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    return {tp.partition: offset for tp, offset in ends.items()}
+
+
 async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | None:
     """partition -> last stable offset (what read_committed consumers can reach); None: no topic."""
     consumer = committed_reader(bootstrap)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return None
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return {tp.partition: offset for tp, offset in ends.items()}
+        return await stable_offsets(consumer, topic)
     finally:
         await consumer.stop()
 

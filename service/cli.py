@@ -266,6 +266,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
                 in_place=args.in_place,
                 keep_old=args.keep_old,
                 restart=args.restart,
+                batch=args.batch,
                 on_progress=_ProgressPrinter("+".join(names)),
                 stop=stop,
             )
@@ -385,6 +386,13 @@ def _add_projections_parser(commands: Any) -> None:
     )
     rebuild.add_argument(
         "--restart", action="store_true", help="drop an interrupted build instead of resuming it"
+    )
+    rebuild.add_argument(
+        "--batch",
+        type=_positive,
+        default=20_000,
+        metavar="N",
+        help="events per transaction while replaying (default 20000)",
     )
     rebuild.set_defaults(handler=cmd_projections_rebuild)
 
