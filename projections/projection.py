@@ -54,8 +54,11 @@ class TableState:
     rows: dict[Key, Row] = field(default_factory=dict)
     dirty: set[Key] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.keys = _key_names(self.table)
+
     def key_of(self, row: Row) -> Key:
-        return tuple(row[column.name] for column in self.table.primary_key.columns)
+        return tuple([row[name] for name in self.keys])
 
     def get(self, *key: Any) -> Row | None:
         return self.rows.get(key)
@@ -69,6 +72,11 @@ class TableState:
         """Rows read from the database: known, not yet changed."""
         for row in rows:
             self.rows[self.key_of(row)] = row
+
+
+@functools.cache
+def _key_names(table: sa.Table) -> tuple[str, ...]:
+    return tuple(column.name for column in table.primary_key.columns)
 
 
 class State:
