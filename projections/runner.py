@@ -28,7 +28,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -451,7 +451,8 @@ class ProjectionRunner:
         async with self.applying:
             if generations is not None:
                 fetched = self._without_stale(fetched, generations)
-            groups, raw = self._groups(fetched)
+            groups, raw, halts = self._groups(fetched)
+            halted_before = dict(self.halted)
             try:
                 committed = await self._commit(groups, raw)
             except StaleCheckpoint as stale:
@@ -461,7 +462,18 @@ class ProjectionRunner:
                     [tp.partition for tp in fetched if tp.partition in self.positions]
                 )
                 return
+            except BaseException:
+                # Nothing committed: halts found meanwhile are found again when retried.
+                changed = {p for _, p in self.halted.keys() ^ halted_before.keys()}
+                self.halted = halted_before
+                for partition in changed:
+                    self._reposition(partition)
+                raise
             self._moved(committed)
+            for halt in halts:
+                key = (halt.projection, halt.partition)
+                if key not in self.halted and self.positions[halt.partition][key[0]] == halt.offset:
+                    self._halt(self._target(halt.projection), *astuple(halt)[1:])
 
     def _moved(self, committed: Sequence[Group]) -> None:
         for group in committed:
@@ -483,41 +495,60 @@ class ProjectionRunner:
                 self._reposition(tp.partition)
         return fresh
 
-    def _groups(self, fetched: Fetched) -> tuple[list[Group], dict[tuple[int, int], bytes]]:
-        """Decode each record once; split the batch by (projection, partition)."""
+    def _groups(
+        self, fetched: Fetched
+    ) -> tuple[list[Group], dict[tuple[int, int], bytes], list[Halt]]:
+        """Decode each record once; split the batch by (projection, partition).
+
+        A projection takes the records from its checkpoint on, up to the first it cannot
+        decode: its checkpoint moves to that record, where it halts once the batch commits.
+        The others go on past that record.
+        """
         groups = []
+        halts = []
         raw: dict[tuple[int, int], bytes] = {}
         for tp, records in fetched.items():
             partition = tp.partition
             positions = self.positions.get(partition)
             if positions is None:
                 continue  # revoked meanwhile: not ours to apply
-            going = {
-                t.name: Group(t, partition, positions[t.name], positions[t.name])
+            going = [
+                Group(t, partition, positions[t.name], positions[t.name])
                 for t in self.targets
                 if (t.name, partition) not in self.halted
-            }
+            ]
+            if not going:
+                continue
+            lowest = min(group.expected for group in going)
+            applied: list[Applied] = []
+            poison: list[tuple[int, str | None, str]] = []
             for record in records:
-                wanted = [g for g in going.values() if record.offset >= g.expected]
-                if not wanted:
+                if record.offset < lowest:
                     continue
                 raw[(partition, record.offset)] = record.value
                 try:
                     sealed, event = envelope.decode(record.value)
                 except envelope.UndecodableEvent as error:
-                    order_id = record.key.decode(errors="replace") if record.key else None
-                    for group in wanted:
-                        del going[group.target.name]
-                        self._halt(group.target, partition, record.offset, order_id, str(error))
-                        if group.events:
-                            groups.append(group)
+                    key = record.key.decode(errors="replace") if record.key else None
+                    poison.append((record.offset, key, str(error)))
                     continue
-                applied = Applied(sealed, event, partition, record.offset)
-                for group in wanted:
-                    group.events.append(applied)
-                    group.new = record.offset + 1
-            groups.extend(g for g in going.values() if g.new > g.expected)
-        return groups, raw
+                applied.append(Applied(sealed, event, partition, record.offset))
+            for group in going:
+                bad = next((p for p in poison if p[0] >= group.expected), None)
+                if group.expected == lowest and bad is None:
+                    group.events = applied  # the usual case: shared, never mutated
+                else:
+                    until = bad[0] if bad is not None else float("inf")
+                    group.events = [a for a in applied if group.expected <= a.offset < until]
+                if group.events:
+                    group.new = group.events[-1].offset + 1
+                if bad is not None:
+                    # Every record between the checkpoint and ``bad`` was in this fetch.
+                    group.new = bad[0]
+                    halts.append(Halt(group.target.name, partition, *bad))
+                if group.new > group.expected:
+                    groups.append(group)
+        return groups, raw, halts
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -535,7 +566,8 @@ class ProjectionRunner:
             part = [
                 g
                 for g in pending.pop(0)
-                if (g.target.name, g.partition) not in self.halted and g.new > g.expected
+                if ((g.target.name, g.partition) not in self.halted or not g.events)
+                and g.new > g.expected
             ]
             if not part:
                 continue
@@ -557,6 +589,9 @@ class ProjectionRunner:
                     self._halt(
                         bad.target, bad.partition, first.offset, first.envelope.order_id, reason
                     )
+                    if first.offset > bad.expected:  # only markers before it: move up to it
+                        move = Group(bad.target, bad.partition, bad.expected, first.offset)
+                        pending.insert(0, [move])
                 else:
                     pending[0:0] = halves
         return committed
@@ -586,6 +621,9 @@ class ProjectionRunner:
             by_target: dict[str, list[Applied]] = defaultdict(list)
             set_aside: list[tuple[Target, Applied]] = []
             for group in groups:
+                if not parked:
+                    by_target[group.target.name].extend(group.events)
+                    continue
                 for applied in group.events:
                     if (group.target.name, applied.envelope.order_id) in parked:
                         set_aside.append((group.target, applied))
