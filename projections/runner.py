@@ -65,6 +65,10 @@ class StaleCheckpoint(Exception):
     """A stored checkpoint is not where this instance expected: another instance moved it."""
 
 
+class _ConsumerBroken(Exception):
+    """The Kafka consumer failed in a way only a new consumer recovers from."""
+
+
 class VersionsChanged(Exception):
     """A version this runner applies to is no longer in the state it runs for (a switch)."""
 
@@ -365,9 +369,29 @@ class ProjectionRunner:
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and apply until ``stop`` is set (or, rebuilding, the build is over)."""
+        """Consume and apply until ``stop`` is set (or, rebuilding, the build is over).
+
+        A consumer that breaks (the broker went away mid-coordination) is replaced after a
+        back-off: the new one joins the group and seeks to the stored checkpoints again.
+        """
         await self.load_targets()
-        self.consumer = AIOKafkaConsumer(
+        delay = 0.5
+        while not stop.is_set() and not self.finished:
+            try:
+                await self._consume(stop)
+            except _ConsumerBroken as broken:
+                _log.warning(
+                    "%s: the Kafka consumer broke (%r); a new one in %.1fs",
+                    self.label,
+                    broken.__cause__,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap_servers,
             group_id=self.group_id,
             group_instance_id=(
@@ -379,8 +403,15 @@ class ProjectionRunner:
             max_partition_fetch_bytes=self.config.max_partition_fetch_bytes,
             fetch_max_bytes=max(32 * 1024 * 1024, self.config.max_partition_fetch_bytes),
         )
-        await self.consumer.start()
-        self.consumer.subscribe([self.config.topic], listener=_Listener(self))
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        consumer = self._new_consumer()
+        try:
+            await consumer.start()
+        except KafkaError as error:
+            raise _ConsumerBroken from error
+        self.consumer = consumer
+        consumer.subscribe([self.config.topic], listener=_Listener(self))
         _log.info("%s: applying to %s", self.label, ", ".join(map(str, self.targets)))
         try:
             while not stop.is_set() and not self.finished:
@@ -388,9 +419,13 @@ class ProjectionRunner:
                     await self._retry_seeks(stop)
                 # Taken before the fetch: a seek during or after it makes its records stale.
                 generations = dict(self.seeks)
-                fetched = await self.consumer.getmany(
-                    timeout_ms=self.config.batch_wait_ms, max_records=self.config.batch_max_records
-                )
+                try:
+                    fetched = await consumer.getmany(
+                        timeout_ms=self.config.batch_wait_ms,
+                        max_records=self.config.batch_max_records,
+                    )
+                except Exception as error:  # aiokafka re-raises its coordinator's failures here
+                    raise _ConsumerBroken from error
                 await self._with_retry(stop, self.apply, fetched, generations)
                 if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every:
                     await self._with_retry(stop, self.housekeeping)
@@ -398,8 +433,12 @@ class ProjectionRunner:
                 await self._commit_kafka_offsets()
         finally:
             # Leaves the group: the partitions move to the other instances at once.
-            await self.consumer.stop()
-            self.consumer = None
+            async with self.applying:
+                self.consumer = None
+                for partition in list(self.positions):
+                    self.forget(partition)
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
     async def _with_retry(self, stop: asyncio.Event, step: Any, *args: Any) -> None:
         delay = 0.2
@@ -563,12 +602,7 @@ class ProjectionRunner:
         committed: list[Group] = []
         pending: list[list[Group]] = [groups]
         while pending:
-            part = [
-                g
-                for g in pending.pop(0)
-                if ((g.target.name, g.partition) not in self.halted or not g.events)
-                and g.new > g.expected
-            ]
+            part = [g for g in pending.pop(0) if g.new > g.expected and self._before_halt(g)]
             if not part:
                 continue
             try:
@@ -595,6 +629,11 @@ class ProjectionRunner:
                 else:
                     pending[0:0] = halves
         return committed
+
+    def _before_halt(self, group: Group) -> bool:
+        """Whether ``group`` ends at or before where its projection halted (if it did)."""
+        halt = self.halted.get((group.target.name, group.partition))
+        return halt is None or group.new <= halt.offset
 
     def _cut_at(self, failed: _FoldFailed, part: list[Group]) -> list[Group]:
         """Halt the failed event's projection and partition there; keep what came before."""

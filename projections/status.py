@@ -5,6 +5,8 @@ Shared by ``orders projections status`` and ``GET /ops/projections``.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -27,7 +29,9 @@ class PartitionStatus(msgspec.Struct, frozen=True, kw_only=True):
     partition: int
     checkpoint: int
     last_stable_offset: int | None
+    # Events waiting, counted (transaction markers take offsets too); None past COUNT_CAP.
     lag_events: int | None
+    lag_offsets: int | None
     lag_seconds: float | None
     last_event_at: datetime | None
     state: str
@@ -42,6 +46,7 @@ class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
     role: str  # live | building
     state: str
     lag_events: int | None
+    lag_offsets: int | None
     parked_events: int
     partitions: list[PartitionStatus]
 
@@ -75,12 +80,58 @@ async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | No
         await consumer.stop()
 
 
+# Counting the events behind a checkpoint reads them: at most this many per partition.
+COUNT_CAP = 50_000
+COUNT_TIME_S = 5.0
+
+
+class _EventOffsets:
+    """The offsets of the committed events from some offset up to the last stable offset."""
+
+    def __init__(self) -> None:
+        self.starts: dict[int, int] = {}
+        self.offsets: dict[int, list[int]] = {}
+        self.complete: set[int] = set()
+
+    async def read(self, consumer: AIOKafkaConsumer, topic: str, ends: dict[int, int]) -> None:
+        wanted = {p: s for p, s in self.starts.items() if s < ends.get(p, 0)}
+        self.complete = {p for p in self.starts if p not in wanted}
+        if not wanted:
+            return
+        tps = {p: TopicPartition(topic, p) for p in wanted}
+        consumer.assign(list(tps.values()))
+        for partition, start in wanted.items():
+            consumer.seek(tps[partition], start)
+            self.offsets[partition] = []
+        deadline = time.monotonic() + COUNT_TIME_S
+        while wanted and time.monotonic() < deadline:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=COUNT_CAP)
+            for tp, records in fetched.items():
+                self.offsets[tp.partition] += [
+                    r.offset for r in records if r.offset < ends[tp.partition]
+                ]
+            for partition in list(wanted):
+                done = await consumer.position(tps[partition]) >= ends[partition]
+                if done or len(self.offsets[partition]) >= COUNT_CAP:
+                    if done:
+                        self.complete.add(partition)
+                    del wanted[partition]
+                    consumer.pause(tps[partition])
+
+    def count(self, partition: int, start: int) -> int | None:
+        """Events at or after ``start``; None when they were not all read."""
+        if partition not in self.complete:
+            return None
+        return len(self.offsets.get(partition, [])) - bisect_left(
+            self.offsets.get(partition, []), start
+        )
+
+
 async def status(
     engine: AsyncEngine, bootstrap: str, topic: str, names: Sequence[str] | None = None
 ) -> TopicStatus:
     """Every live and building version of the named projections (all by default)."""
     wanted = [p.name for p in catalog.select(list(names) if names else None)]
-    stable = await last_stable_offsets(bootstrap, topic)
     now = datetime.now(UTC)
     async with begin(engine) as connection:
         versions = await connection.fetch(
@@ -105,6 +156,20 @@ async def status(
             topic,
         )
     stored = {(r["projection"], r["version"], r["partition"]): r for r in checkpoints}
+    events = _EventOffsets()
+    for (name, _, partition), row in stored.items():
+        if name in wanted:
+            start = events.starts.get(partition, row["next_offset"])
+            events.starts[partition] = min(start, row["next_offset"])
+    consumer = committed_reader(bootstrap)
+    await consumer.start()
+    try:
+        stable = await stable_offsets(consumer, topic)
+        for partition in stable or {}:
+            events.starts.setdefault(partition, 0)
+        await events.read(consumer, topic, stable or {})
+    finally:
+        await consumer.stop()
     halted = {(r["projection"], r["version"], r["partition"]): r for r in halts}
     parked_counts = {(r["projection"], r["version"]): r["events"] for r in parked}
     partitions = sorted(stable) if stable is not None else []
@@ -119,13 +184,14 @@ async def status(
             next_offset = checkpoint["next_offset"] if checkpoint else 0
             last_at = checkpoint["last_event_at"] if checkpoint else None
             end = stable.get(partition) if stable is not None else None
-            lag = max(0, end - next_offset) if end is not None else None
+            lag_offsets = max(0, end - next_offset) if end is not None else None
+            lag = 0 if lag_offsets == 0 else events.count(partition, next_offset)
             halt = halted.get((name, version, partition))
             if halt is not None:
                 state = HALTED
             elif role == "building":
                 state = REBUILDING
-            elif lag == 0:
+            elif lag_offsets == 0 or lag == 0:
                 state = CAUGHT_UP
             else:
                 state = RUNNING
@@ -135,7 +201,8 @@ async def status(
                     checkpoint=next_offset,
                     last_stable_offset=end,
                     lag_events=lag,
-                    lag_seconds=_lag_seconds(lag, last_at, now),
+                    lag_offsets=lag_offsets,
+                    lag_seconds=_lag_seconds(lag if lag is not None else lag_offsets, last_at, now),
                     last_event_at=last_at,
                     state=state,
                     halted_at_offset=halt["offset"] if halt else None,
@@ -144,6 +211,7 @@ async def status(
                 )
             )
         lags = [r.lag_events for r in rows]
+        offset_lags = [r.lag_offsets for r in rows]
         found.append(
             VersionStatus(
                 projection=name,
@@ -151,6 +219,7 @@ async def status(
                 role=role,
                 state=_overall(role, [r.state for r in rows]),
                 lag_events=None if None in lags else sum(lag or 0 for lag in lags),
+                lag_offsets=None if None in offset_lags else sum(x or 0 for x in offset_lags),
                 parked_events=parked_counts.get((name, version), 0),
                 partitions=rows,
             )
@@ -194,9 +263,10 @@ def render(report: TopicStatus) -> str:
         label = f"v{version.version} {version.role}"
         for row in version.partitions:
             lag_s = "-" if row.lag_seconds is None else f"{row.lag_seconds:.1f}"
+            lag = _n(row.lag_events) if row.lag_events is not None else f"~{_n(row.lag_offsets)}"
             lines.append(
                 f"{version.projection:<18} {label:<12} {row.partition:>4} {row.checkpoint:>11} "
-                f"{_n(row.last_stable_offset):>11} {_n(row.lag_events):>9} {lag_s:>8}  {row.state}"
+                f"{_n(row.last_stable_offset):>11} {lag:>9} {lag_s:>8}  {row.state}"
             )
             if row.state == HALTED:
                 lines.append(

@@ -119,7 +119,12 @@ def decode_data(envelope: Envelope) -> DomainEvent:
             upcast = UPCASTERS.get((envelope.type, version))
             if upcast is None:
                 raise UndecodableEvent(f"no upcaster for {envelope.type} v{version}")
-            data = upcast(data)
+            try:
+                data = upcast(data)
+            except Exception as exc:  # an upcaster's bug halts like any undecodable event
+                raise UndecodableEvent(
+                    f"upcasting {envelope.type} v{version} failed: {type(exc).__name__}: {exc}"
+                ) from exc
         return cast(DomainEvent, msgspec.convert(data, EVENT_TYPES[envelope.type]))
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise UndecodableEvent(f"{envelope.type} data does not decode: {exc}") from exc

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import TopicStatus, status
+
+Engine = NamedDependency[AsyncEngine]
+Text = NamedDependency[str]
 
 
 class Operations(Controller):
@@ -20,7 +24,5 @@ class Operations(Controller):
         "`running` (events wait), `rebuilding` (a new version being built), `halted` (an event "
         "cannot be applied; see `reason`).",
     )
-    async def projections(
-        self, engine: AsyncEngine, kafka_bootstrap: str, topic: str
-    ) -> TopicStatus:
+    async def projections(self, engine: Engine, kafka_bootstrap: Text, topic: Text) -> TopicStatus:
         return await status(engine, kafka_bootstrap, topic)

@@ -1,9 +1,10 @@
 """The projections against the real broker and real Postgres (design.md, invariants 6 and 7).
 
-Commands go through the HTTP API to a real ``Writer``; the four projection runners consume the
-topic in-process, each in its own consumer group; queries read what they wrote. The tables are
-compared with the oracle, a pure fold of every event in the topic. Poison events are produced
-straight to the topic. Waiting is polling with a deadline (``tests.support.projection_harness``).
+Commands go through the HTTP API to a real ``Writer``; a projection runner consumes the topic
+in-process (one consumer for the projections it runs, one transaction per batch covering all of
+them); queries read what they wrote. The tables are compared with the oracle, a pure fold of
+every event in the topic. Poison events are produced straight to the topic. Waiting is polling
+with a deadline (``tests.support.projection_harness``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -25,15 +26,23 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
+from projections.projection import Applied, Db, Projection, State, begin
 from projections.runner import (
+    Group,
+    Halt,
     ProjectionRunner,
     RunnerConfig,
     StaleCheckpoint,
     advance_checkpoints,
     read_checkpoints,
 )
+from projections.schema import (
+    daily_sales,
+    projection_checkpoints,
+    projection_halts,
+    projection_versions,
+)
 from projections.schema import orders as orders_table
-from projections.schema import projection_checkpoints
 from service import envelope
 from service.api.app import Resources, create_app
 from service.domain import ItemAdded, OrderPaid
@@ -42,14 +51,18 @@ from tests.support.http import serve
 from tests.support.log import read_topic
 from tests.support.projection_harness import (
     Api,
+    Contents,
     Done,
     Running,
     assert_tables_equal_oracle,
     checkpoints,
     clear_read_models,
     decoded,
+    differences,
     ends_of,
     eventually,
+    normalise,
+    oracle_contents,
     read_records,
     running,
     table_contents,
@@ -173,6 +186,100 @@ async def first_offset_from(bootstrap: str, topic: str, partition: int, offset: 
             return bool(records), records[0].offset if records else None
 
         return int(await eventually(check, f"a record at or after {partition}:{offset}"))
+    finally:
+        await consumer.stop()
+
+
+async def stored_positions(
+    runner: ProjectionRunner, topic: str, partitions: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """The runner's projections' stored checkpoints, shaped like ``runner.positions``."""
+    async with begin(runner.engine) as connection:
+        stored = await read_checkpoints(connection, runner.targets, topic, partitions)
+    return {p: {t.name: stored[(t.name, p)] for t in runner.targets} for p in partitions}
+
+
+class Counting:
+    """A real projection that counts the events each of its batches hands it.
+
+    Counted in ``load``, inside the batch's transaction: a batch that rolled back afterwards
+    would be counted too, so a count can only come out too high, never hide a double apply.
+    """
+
+    def __init__(self, inner: Projection) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.tables = inner.tables
+        self.events = 0
+
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
+        self.events += len(batch)
+        return await self.inner.load(db, batch)
+
+    def fold(self, state: State, applied: Applied) -> None:
+        self.inner.fold(state, applied)
+
+
+def counted(runner: ProjectionRunner) -> dict[str, int]:
+    """Events each (``Counting``) projection of ``runner`` was handed, by projection name."""
+    return {p.name: p.events for p in runner.projections if isinstance(p, Counting)}
+
+
+async def stored_halts(db: AsyncEngine, topic: str) -> dict[tuple[str, int], tuple[Any, ...]]:
+    """The ``projection_halts`` rows of ``topic``: (projection, partition) -> the rest."""
+    halts = projection_halts
+    async with db.connect() as connection:
+        rows = (
+            await connection.execute(
+                sa.select(
+                    halts.c.projection,
+                    halts.c.partition,
+                    halts.c.version,
+                    halts.c.offset,
+                    halts.c.order_id,
+                    halts.c.reason,
+                ).where(halts.c.topic == topic)
+            )
+        ).all()
+    return {(row[0], row[1]): tuple(row[2:]) for row in rows}
+
+
+async def wait_halts_stored(db: AsyncEngine, topic: str, run: Running) -> None:
+    """Wait until ``projection_halts`` holds exactly the runner's halts (version, offset, ...)."""
+    versions = {t.name: t.version for t in run.runner.targets}
+    wanted = {
+        key: (versions[halt.projection], halt.offset, halt.order_id, halt.reason)
+        for key, halt in run.runner.halted.items()
+    }
+    assert wanted, "no halt to look for"
+
+    async def stored() -> tuple[bool, Any]:
+        found = await stored_halts(db, topic)
+        return found == wanted, (found, wanted)
+
+    await eventually(stored, "the halts to be stored in projection_halts", alive=run)
+
+
+async def wait_settled(
+    db: AsyncEngine, bootstrap: str, topic: str, run: Running, name: str, partition: int
+) -> int:
+    """Wait until ``name``'s stored checkpoint and the runner's position in ``partition`` sit at
+    the partition's end (past the last commit marker): nothing left there for the runner to
+    move. Returns that end offset, where the partition's next record will go.
+    """
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    try:
+
+        async def check() -> tuple[bool, Any]:
+            end = (await consumer.end_offsets([tp]))[tp]
+            stored = (await checkpoints(db, name, topic)).get(partition)
+            position = run.runner.positions.get(partition, {}).get(name)
+            return stored == position == end, (stored, position, end)
+
+        detail = await eventually(check, f"{name} to settle at the end of {partition}", alive=run)
+        return int(detail[2])
     finally:
         await consumer.stop()
 
@@ -596,6 +703,129 @@ async def test_every_read_model_table_equals_the_oracle_after_a_mixed_workload(
     assert refunds, "the workload has no cancelled paid order"
 
 
+Checkpoints = dict[str, dict[int, int]]
+
+
+def keyed(table: sa.Table, rows: Any) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Rows as plain comparable values, by primary key (as the harness compares them)."""
+    keys = [column.name for column in table.primary_key.columns]
+    plain = [{name: normalise(value) for name, value in row.items()} for row in rows]
+    return {tuple(row[k] for k in keys): row for row in plain}
+
+
+async def snapshot(db: AsyncEngine, topic: str) -> tuple[Checkpoints, dict[str, Contents]]:
+    """The live checkpoints and every read-model table, read in ONE repeatable-read snapshot."""
+    async with db.connect() as plain:
+        connection = await plain.execution_options(isolation_level="REPEATABLE READ")
+        async with connection.begin():
+            rows = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT c.projection, c.partition, c.next_offset "
+                        "FROM projection_checkpoints c "
+                        "JOIN projection_versions v USING (projection, version) "
+                        "WHERE v.state = 'live' AND c.topic = :t"
+                    ),
+                    {"t": topic},
+                )
+            ).all()
+            contents: dict[str, Contents] = {}
+            for name in ALL:
+                contents[name] = {}
+                for table in catalog.PROJECTIONS[name].tables:
+                    result = await connection.execute(sa.select(table))
+                    contents[name][table.name] = keyed(table, (r._mapping for r in result))
+    stored: Checkpoints = {name: {} for name in ALL}
+    for projection, partition, next_offset in rows:
+        stored[projection][partition] = next_offset
+    return stored, contents
+
+
+async def test_one_runner_applies_all_four_projections_and_their_checkpoints_in_one_transaction(
+    api: Api, db: AsyncEngine, bootstrap: str, topic: str, group_prefix: str, suffix: str
+) -> None:
+    """One runner (one consumer) for the four projections: each batch's rows of every
+    projection and the four checkpoints commit together. So any snapshot of the database taken
+    while it applies a mixed workload shows the four checkpoints equal in every partition, and
+    every table equal to the oracle of exactly the events below those checkpoints.
+    """
+    snapshots: list[tuple[Checkpoints, dict[str, Contents]]] = []
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        workload = asyncio.create_task(mixed_workload(api, f"one-tx-{suffix}", 40))
+        try:
+            while not workload.done():
+                snapshots.append(await snapshot(db, topic))
+                run.check_alive()
+                await asyncio.wait({workload}, timeout=0.1)  # sampling interval
+            await workload
+        finally:
+            if not workload.done():
+                workload.cancel()
+        ends = api.ends()
+        await wait_caught_up(db, topic, ALL, ends, alive=run)
+        snapshots.append(await snapshot(db, topic))
+        assert run.runner.stats.stale_batches == 0
+
+    events = decoded(await read_records(bootstrap, topic, PARTITIONS))
+    assert len(events) == len(api.accepted)
+    final = snapshots[-1][0]["orders"]
+    assert all(final[p] >= end for p, end in ends.items()), (final, ends)
+    midway = 0
+    for number, (stored, contents) in enumerate(snapshots):
+        assert stored["orders"].keys() == set(range(PARTITIONS)), (number, stored)
+        for name in ALL:
+            assert stored[name] == stored["orders"], (number, stored)
+        if any(0 < stored["orders"][p] < final[p] for p in final):
+            midway += 1
+        below = [e for e in events if e.offset < stored["orders"][e.partition]]
+        for name in ALL:
+            expected = oracle_contents(catalog.PROJECTIONS[name], below)
+            problems = differences(contents[name], expected)
+            assert not problems, (number, stored, name, problems)
+    assert midway, f"no snapshot of {len(snapshots)} caught the runner half-way"
+    await assert_tables_equal_oracle(db, ALL, events)
+
+
+async def test_a_projection_added_later_fills_itself_from_offset_0(
+    api: Api, db: AsyncEngine, bootstrap: str, topic: str, group_prefix: str, suffix: str
+) -> None:
+    """A runner of three projections, then one of all four (same group prefix): the fourth
+    starts from offset 0 while the three go on from their checkpoints, applying nothing twice.
+    """
+    three = ["orders", "order_history", "customer_summary"]
+    added = "daily_sales"
+    async with running(
+        db, bootstrap, topic, group_prefix, three, assigned=PARTITIONS, wrap=Counting
+    ) as before:
+        await mixed_workload(api, f"early-{suffix}", 24)
+        await wait_caught_up(db, topic, three, api.ends(), alive=before)
+    early = decoded(await read_records(bootstrap, topic, PARTITIONS))
+    assert len(early) == len(api.accepted)
+    assert counted(before.runner) == dict.fromkeys(three, len(early))
+    assert await checkpoints(db, added, topic) == {}, f"a runner without {added} touched it"
+    await assert_tables_equal_oracle(db, three, early)
+    async with db.connect() as connection:
+        assert not await connection.scalar(sa.select(sa.func.count()).select_from(daily_sales))
+
+    async with running(
+        db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS, wrap=Counting
+    ) as after:
+        assert after.runner.group_id != before.runner.group_id
+        await mixed_workload(api, f"late-{suffix}", 16)
+        await wait_caught_up(db, topic, ALL, api.ends(), alive=after)
+
+    events = decoded(await read_records(bootstrap, topic, PARTITIONS))
+    assert len(events) == len(api.accepted)
+    late = len(events) - len(early)
+    assert late > 0
+    # The new projection was handed every event; the three only the ones after their
+    # checkpoints, that is the new ones.
+    assert counted(after.runner) == {**dict.fromkeys(three, late), added: len(events)}
+    assert after.runner.stats.events == len(events) + len(three) * late
+    assert after.runner.stats.stale_batches == 0
+    await assert_tables_equal_oracle(db, ALL, events)
+
+
 # -- 4. a stale instance writes nothing --------------------------------------------------------
 
 
@@ -610,13 +840,16 @@ async def test_a_stale_instance_whose_checkpoint_moved_writes_nothing(
     config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
     everything = list(range(PARTITIONS))
 
-    # Both instances believe they own every partition at offset 0 ...
-    zombie = ProjectionRunner(projection, db, config)
-    owner = ProjectionRunner(projection, db, config)
+    # Both instances (each a runner of this one projection) believe they own every partition
+    # at offset 0 ...
+    zombie = ProjectionRunner([projection], db, config)
+    owner = ProjectionRunner([projection], db, config)
     for instance in (zombie, owner):
-        async with db.begin() as connection:
-            instance.positions = await read_checkpoints(connection, name, topic, everything)
-    assert zombie.positions == dict.fromkeys(everything, 0)
+        await instance.load_targets()
+        instance.positions = await stored_positions(instance, topic, everything)
+    at_zero = {p: {name: 0} for p in everything}
+    assert zombie.positions == at_zero
+    (target,) = zombie.targets
 
     # ... but after a rebalance partition ``taken`` belongs to ``owner``, which applies it.
     taken = min(fetched, key=lambda tp: tp.partition)
@@ -644,10 +877,12 @@ async def test_a_stale_instance_whose_checkpoint_moved_writes_nothing(
         try:
             await zombie.apply(fetched)
         except StaleCheckpoint:
-            assert zombie.positions == dict.fromkeys(everything, 0)
+            assert zombie.positions == at_zero
         else:
             assert zombie.stats.stale_batches == 1, "apply neither raised nor handled the CAS"
-            assert zombie.positions == moved, "after a stale batch: re-read the checkpoints"
+            assert zombie.positions == {p: {name: offset} for p, offset in moved.items()}, (
+                "after a stale batch: re-read the checkpoints"
+            )
         assert await table_contents(db, projection) == before
         assert await checkpoints(db, name, topic) == moved
         assert zombie.stats.events == 0
@@ -655,19 +890,20 @@ async def test_a_stale_instance_whose_checkpoint_moved_writes_nothing(
         # The compare-and-set alone: a move from an offset that is not stored changes nothing,
         # not even for the partition whose expected offset is right.
         with pytest.raises(StaleCheckpoint):
-            async with db.begin() as connection:
+            async with begin(db) as connection:
                 await advance_checkpoints(
                     connection,
-                    name,
                     topic,
-                    {taken.partition: (0, 1), taken.partition ^ 1: (0, 1)},
+                    [
+                        Group(target, taken.partition, 0, 1),
+                        Group(target, taken.partition ^ 1, 0, 1),
+                    ],
                 )
         assert await checkpoints(db, name, topic) == moved
 
         # Re-read the checkpoints (what the runner does on StaleCheckpoint and on assignment)
         # and apply again: every event is in the tables exactly once.
-        async with db.begin() as connection:
-            zombie.positions = await read_checkpoints(connection, name, topic, everything)
+        zombie.positions = await stored_positions(zombie, topic, everything)
         await zombie.apply(fetched)
     finally:
         zombie.consumer = None
@@ -688,21 +924,24 @@ async def test_a_running_runner_handles_a_checkpoint_moved_behind_its_back(
 ) -> None:
     customer = f"moved-{suffix}"
     async with running(db, bootstrap, topic, group_prefix, ["orders"], assigned=PARTITIONS) as run:
-        runner = run.runners["orders"]
+        runner = run.runner
+        (target,) = runner.targets
         first = await api.create(customer)
         partition = first.partition
         await wait_caught_up(db, topic, ["orders"], api.ends(), alive=run)
-        stored = (await checkpoints(db, "orders", topic))[partition]
-        assert runner.positions[partition] == stored
+        # Idle, the runner moves its checkpoint over the commit marker to the partition's end:
+        # wait for that, so that only another instance can move the checkpoint from here on.
+        stored = await wait_settled(db, bootstrap, topic, run, "orders", partition)
+        assert stored == first.offset + 2, "the checkpoint should be past the commit marker"
 
         # Another instance took the partition and applied its next transaction (the event at
-        # ``stored + 1``, after the commit marker at ``stored``): it moved the checkpoint.
+        # ``stored``, its commit marker at ``stored + 1``): it moved the checkpoint.
         claimed = stored + 2
-        async with db.begin() as connection:
-            await advance_checkpoints(connection, "orders", topic, {partition: (stored, claimed)})
+        async with begin(db) as raw:
+            await advance_checkpoints(raw, topic, [Group(target, partition, stored, claimed)])
 
         zombie_write = await create_on(api, customer, {partition})
-        assert zombie_write.offset == stored + 1, "the next event should sit at stored + 1"
+        assert zombie_write.offset == stored, "the next event should sit at the partition's end"
 
         async def stale() -> tuple[bool, Any]:
             return runner.stats.stale_batches >= 1, runner.stats
@@ -723,12 +962,15 @@ async def test_a_running_runner_handles_a_checkpoint_moved_behind_its_back(
 
         # It re-sought to the stored checkpoint and goes on from there, all partitions alike.
         later = await create_on(api, customer, {partition})
-        assert later.offset == claimed + 1
+        assert later.offset == claimed
         for other in set(range(PARTITIONS)) - {partition}:
             await create_on(api, customer, {other})
         ends = api.ends()
         await wait_caught_up(db, topic, ["orders"], ends, alive=run)
-        assert runner.positions[partition] == ends[partition]
+        # ends[partition] is the last commit marker; the runner's position goes just past it.
+        settled = await wait_settled(db, bootstrap, topic, run, "orders", partition)
+        assert settled == ends[partition] + 1
+        assert runner.positions[partition]["orders"] == settled
         rows = await table_contents(db, catalog.PROJECTIONS["orders"])
         present = {key[0] for key in rows["orders"]}
         expected = {d.order_id for d in api.accepted} - {zombie_write.order_id}
@@ -784,6 +1026,27 @@ POISONS: dict[str, tuple[Callable[[str], bytes], list[str], str]] = {
 }
 
 
+async def check_stopped_at(
+    db: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    run: Running,
+    halting: Sequence[str],
+    partition: int,
+    applied_before: int,
+    poison_offset: int,
+) -> None:
+    """Each ``halting`` projection's checkpoint in ``partition`` stops at the poison: past
+    ``applied_before`` (the offset of the last event before it), and the next record a consumer
+    reads from there (past commit markers) is the poison. The runner's position agrees.
+    """
+    for name in halting:
+        stored = (await checkpoints(db, name, topic))[partition]
+        assert applied_before < stored <= poison_offset, name
+        assert await first_offset_from(bootstrap, topic, partition, stored) == poison_offset, name
+        assert run.runner.positions[partition][name] == stored, name
+
+
 @pytest.mark.parametrize("kind", list(POISONS))
 async def test_a_poison_event_halts_only_its_partition(
     kind: str,
@@ -794,7 +1057,11 @@ async def test_a_poison_event_halts_only_its_partition(
     group_prefix: str,
     suffix: str,
 ) -> None:
-    make_poison, names, reason = POISONS[kind]
+    """One runner for all four projections: the poison halts the projections that cannot
+    apply it, in its partition only; the other projections and partitions go on.
+    """
+    make_poison, halting, reason = POISONS[kind]
+    going_on = [name for name in ALL if name not in halting]
     everything = set(range(PARTITIONS))
 
     # Before the poison: orders in the poisoned partition and in others.
@@ -822,54 +1089,100 @@ async def test_a_poison_event_halts_only_its_partition(
         }
         return decoded(kept)
 
-    async def check_halted(run: Running) -> None:
+    async def check_halted(run: Running) -> dict[tuple[str, int], Halt]:
+        runner = run.runner
+        wanted = {(name, poisoned) for name in halting}
+
         async def halted() -> tuple[bool, Any]:
-            return all(poisoned in r.halted for r in run.runners.values()), {
-                n: r.halted for n, r in run.runners.items()
-            }
+            return wanted <= set(runner.halted), dict(runner.halted)
 
-        await eventually(halted, f"every runner to halt partition {poisoned}", alive=run)
+        await eventually(halted, f"{halting} to halt partition {poisoned}", alive=run)
         others = {p: end for p, end in api.ends().items() if p != poisoned}
-        await wait_caught_up(db, topic, names, others, alive=run)
-        for name, runner in run.runners.items():
-            assert set(runner.halted) == {poisoned}, name
-            halt = runner.halted[poisoned]
-            assert (halt.partition, halt.offset) == (poisoned, poison_offset), name
+        await wait_caught_up(db, topic, halting, others, alive=run)
+        # The projections that can apply the poison go on in its partition too.
+        await wait_caught_up(db, topic, going_on, api.ends(), alive=run)
+        assert set(runner.halted) == wanted
+        for name in halting:
+            halt = runner.halted[(name, poisoned)]
+            assert (halt.projection, halt.partition, halt.offset) == (name, poisoned, poison_offset)
             assert reason in halt.reason, (name, halt.reason)
+            assert halt.order_id == ghost, name
             if kind == "refused-by-fold":
-                assert halt.order_id == ghost
                 assert ghost in halt.reason
-            stored = (await checkpoints(db, name, topic))[poisoned]
-            # Everything before the poison is applied; the checkpoint stops at the poison: the
-            # next record a consumer reads from there (past commit markers) is the poison.
-            assert before_on_poisoned[-1].offset < stored <= poison_offset, name
-            assert await first_offset_from(bootstrap, topic, poisoned, stored) == poison_offset
-            assert runner.positions[poisoned] == stored
+        await check_stopped_at(
+            db,
+            bootstrap,
+            topic,
+            run,
+            halting,
+            poisoned,
+            before_on_poisoned[-1].offset,
+            poison_offset,
+        )
+        await wait_halts_stored(db, topic, run)
         fetched = await read_records(bootstrap, topic, PARTITIONS)
-        await assert_tables_equal_oracle(db, names, expected_events(fetched))
+        await assert_tables_equal_oracle(db, halting, expected_events(fetched))
+        if going_on:
+            await assert_tables_equal_oracle(db, going_on, decoded(fetched))
+        return dict(runner.halted)
 
-    async with running(db, bootstrap, topic, group_prefix, names, assigned=PARTITIONS) as run:
-        await check_halted(run)
-        halts = {name: runner.halted[poisoned] for name, runner in run.runners.items()}
-        stopped_at = {name: (await checkpoints(db, name, topic))[poisoned] for name in names}
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        halts = await check_halted(run)
+        stopped_at = {name: (await checkpoints(db, name, topic))[poisoned] for name in halting}
 
         # While halted, the other partitions keep being applied; the poisoned one stays put.
         await api.pay(before_elsewhere.order_id, 1400)
         await api.pay(after_elsewhere.order_id, 1400)
         await placed_order(api, f"{kind}-{suffix}-5", {poisoned})
-        await check_halted(run)
-        assert {name: r.halted[poisoned] for name, r in run.runners.items()} == halts
+        assert await check_halted(run) == halts
+        assert {n: (await checkpoints(db, n, topic))[poisoned] for n in halting} == stopped_at
 
-    # A restarted runner (same group) stops at the same poison again and applies nothing twice.
-    async with running(db, bootstrap, topic, group_prefix, names, assigned=PARTITIONS) as again:
-        await check_halted(again)
-        assert {name: r.halted[poisoned] for name, r in again.runners.items()} == halts
-        assert {name: (await checkpoints(db, name, topic))[poisoned] for name in names} == (
-            stopped_at
-        )
-        assert {name: r.stats.events for name, r in again.runners.items()} == dict.fromkeys(
-            names, 0
-        )
+    # A restarted runner (same group) tries the stored halts again, stops at the same poison
+    # and applies nothing twice (no event of any projection).
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as again:
+        assert await check_halted(again) == halts
+        assert {n: (await checkpoints(db, n, topic))[poisoned] for n in halting} == stopped_at
+        assert again.runner.stats.events == 0
+
+
+@pytest.mark.parametrize("kind", list(POISONS))
+async def test_the_events_before_a_poison_in_the_same_batch_are_applied(
+    kind: str, api: Api, db: AsyncEngine, bootstrap: str, topic: str, suffix: str
+) -> None:
+    """The deterministic form of the batch case above: the runner's ``apply`` gets ONE fetch
+    holding events and then the poison. Each halting projection applies the events before the
+    poison and stops at it; the others apply the whole fetch.
+    """
+    make_poison, halting, reason = POISONS[kind]
+    going_on = [name for name in ALL if name not in halting]
+    first = await placed_order(api, f"{kind}-{suffix}-0")
+    poisoned = first.partition
+    before = await placed_order(api, f"{kind}-{suffix}-1", {poisoned})
+    ghost = f"ghost-{suffix}"
+    poison_offset = await produce(bootstrap, topic, poisoned, make_poison(ghost), ghost.encode())
+    after = await placed_order(api, f"{kind}-{suffix}-2", {poisoned})
+    assert before.offset < poison_offset < after.offset
+
+    tp = TopicPartition(topic, poisoned)
+    batch = {tp: (await read_records(bootstrap, topic, PARTITIONS))[tp]}
+    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
+    runner = ProjectionRunner([catalog.PROJECTIONS[name] for name in ALL], db, config)
+    await runner.load_targets()
+    runner.positions = await stored_positions(runner, topic, [poisoned])
+    await runner.apply(batch)
+
+    assert set(runner.halted) == {(name, poisoned) for name in halting}
+    for name in halting:
+        assert runner.halted[(name, poisoned)].offset == poison_offset, name
+        assert reason in runner.halted[(name, poisoned)].reason, name
+        stored = (await checkpoints(db, name, topic))[poisoned]
+        assert before.offset < stored <= poison_offset, (name, stored)
+        assert runner.positions[poisoned][name] == stored, name
+    kept = {tp: [r for r in batch[tp] if r.offset < poison_offset]}
+    await assert_tables_equal_oracle(db, halting, decoded(kept))
+    if going_on:
+        assert (await checkpoints(db, "order_history", topic))[poisoned] == after.offset + 1
+        await assert_tables_equal_oracle(db, going_on, decoded(batch))
 
 
 async def test_an_event_the_database_refuses_halts_only_its_partition(
@@ -880,9 +1193,12 @@ async def test_an_event_the_database_refuses_halts_only_its_partition(
 
     Postgres stores no U+0000 in text or jsonb, so the orders projection (items are jsonb) and
     order_history (data is jsonb) cannot store the event. That is an event the projection
-    cannot apply: its partition must halt with the reason, and the other partitions go on.
+    cannot apply: its partition must halt with the reason, and the other partitions go on; so
+    do the projections of the same runner that store no item name (customer_summary,
+    daily_sales), in every partition.
     """
-    names = ["orders", "order_history"]
+    halting = ["orders", "order_history"]
+    going_on = ["customer_summary", "daily_sales"]
     everything = set(range(PARTITIONS))
     bad = await api.create(f"nul-{suffix}-0")
     poisoned = bad.partition
@@ -905,24 +1221,38 @@ async def test_an_event_the_database_refuses_halts_only_its_partition(
     )
     refused_offset = await produce(bootstrap, topic, poisoned, nul_item, bad.order_id.encode())
     elsewhere = await placed_order(api, f"nul-{suffix}-1", everything - {poisoned})
+    after = await placed_order(api, f"nul-{suffix}-2", {poisoned})
+    assert elsewhere.partition != poisoned
+    assert after.offset > refused_offset
 
-    async with running(db, bootstrap, topic, group_prefix, names, assigned=PARTITIONS) as run:
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        runner = run.runner
+        wanted = {(name, poisoned) for name in halting}
 
         async def halted() -> tuple[bool, Any]:
-            return all(poisoned in r.halted for r in run.runners.values()), {
-                n: (r.halted, r.stats) for n, r in run.runners.items()
-            }
+            return wanted <= set(runner.halted), (runner.halted, runner.stats)
 
-        await eventually(
-            halted, f"both runners to halt partition {poisoned}", alive=run, timeout=20
-        )
+        await eventually(halted, f"{halting} to halt partition {poisoned}", alive=run, timeout=20)
         others = {p: end for p, end in api.ends().items() if p != poisoned}
-        await wait_caught_up(db, topic, names, others, alive=run, timeout=20)
-        for name, runner in run.runners.items():
-            assert runner.halted[poisoned].offset == refused_offset, name
-            assert "the database refused it" in runner.halted[poisoned].reason, name
-            assert (await checkpoints(db, name, topic))[poisoned] == bad.offset + 1, name
-        assert elsewhere.partition != poisoned
+        await wait_caught_up(db, topic, halting, others, alive=run, timeout=20)
+        await wait_caught_up(db, topic, going_on, api.ends(), alive=run, timeout=20)
+        assert set(runner.halted) == wanted
+        for name in halting:
+            halt = runner.halted[(name, poisoned)]
+            assert (halt.offset, halt.order_id) == (refused_offset, bad.order_id), name
+            assert "the database refused it" in halt.reason, name
+        await check_stopped_at(
+            db, bootstrap, topic, run, halting, poisoned, bad.offset, refused_offset
+        )
+        await wait_halts_stored(db, topic, run)
+
+    fetched = await read_records(bootstrap, topic, PARTITIONS)
+    kept = {
+        tp: [r for r in records if tp.partition != poisoned or r.offset < refused_offset]
+        for tp, records in fetched.items()
+    }
+    await assert_tables_equal_oracle(db, halting, decoded(kept))
+    await assert_tables_equal_oracle(db, going_on, decoded(fetched))
 
 
 # -- 6. restarts resume from the checkpoints ---------------------------------------------------
@@ -945,15 +1275,20 @@ async def commit_group_offsets(
         await consumer.stop()
 
 
-async def rewind_kafka_offsets(bootstrap: str, topic: str, group_prefix: str) -> None:
-    """Commit offset 0 for every partition in each projection's (empty) consumer group.
+def group_id_of(names: Sequence[str], db: AsyncEngine, topic: str, group_prefix: str) -> str:
+    """The consumer group of a runner of the named projections."""
+    config = RunnerConfig(bootstrap_servers="unused", topic=topic, group_prefix=group_prefix)
+    return ProjectionRunner([catalog.PROJECTIONS[n] for n in names], db, config).group_id
+
+
+async def rewind_kafka_offsets(bootstrap: str, topic: str, group_id: str) -> None:
+    """Commit offset 0 for every partition in the (empty) consumer group ``group_id``.
 
     Kafka's committed offsets are informational only: a runner that trusted them would
     apply everything again after this.
     """
     tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    for name in ALL:
-        await commit_group_offsets(bootstrap, f"{group_prefix}.{name}", dict.fromkeys(tps, 0))
+    await commit_group_offsets(bootstrap, group_id, dict.fromkeys(tps, 0))
 
 
 async def test_a_restarted_runner_resumes_from_the_checkpoints_and_applies_nothing_twice(
@@ -965,15 +1300,18 @@ async def test_a_restarted_runner_resumes_from_the_checkpoints_and_applies_nothi
     group_prefix: str,
     suffix: str,
 ) -> None:
+    """One runner for all four projections, stopped and restarted (same group) three times."""
     instances: list[Running] = []
 
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as first:
+    async with running(
+        db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS, wrap=Counting
+    ) as first:
         instances.append(first)
         await mixed_workload(api, f"one-{suffix}", 16)
         await wait_caught_up(db, topic, ALL, api.ends(), alive=first)
     stopped = {name: await checkpoints(db, name, topic) for name in ALL}
 
-    await rewind_kafka_offsets(bootstrap, topic, group_prefix)
+    await rewind_kafka_offsets(bootstrap, topic, first.runner.group_id)
     # While no runner runs: new orders, and more steps for the existing ones.
     await mixed_workload(api, f"two-{suffix}", 16)
     assert {name: await checkpoints(db, name, topic) for name in ALL} == stopped
@@ -981,7 +1319,9 @@ async def test_a_restarted_runner_resumes_from_the_checkpoints_and_applies_nothi
     # Restart; then stop and restart again while commands keep coming.
     more = asyncio.create_task(mixed_workload(api, f"three-{suffix}", 24))
     try:
-        async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as second:
+        async with running(
+            db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS, wrap=Counting
+        ) as second:
             instances.append(second)
 
             async def progressed() -> tuple[bool, Any]:
@@ -989,7 +1329,9 @@ async def test_a_restarted_runner_resumes_from_the_checkpoints_and_applies_nothi
                 return all(moved), moved
 
             await eventually(progressed, "the restarted runners to apply something", alive=second)
-        async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as third:
+        async with running(
+            db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS, wrap=Counting
+        ) as third:
             instances.append(third)
             await more
             await wait_caught_up(db, topic, ALL, api.ends(), alive=third)
@@ -1000,10 +1342,13 @@ async def test_a_restarted_runner_resumes_from_the_checkpoints_and_applies_nothi
     events = decoded(await read_records(bootstrap, topic, PARTITIONS))
     assert len(events) == len(api.accepted)
     await assert_tables_equal_oracle(db, ALL, events)
+    # Each projection was handed every event once over the three runs, and no more.
     for name in ALL:
-        applied = [instance.runners[name].stats.events for instance in instances]
+        applied = [counted(instance.runner)[name] for instance in instances]
         assert sum(applied) == len(events), (name, applied)
-        assert all(i.runners[name].stats.stale_batches == 0 for i in instances)
+    applied = [instance.runner.stats.events for instance in instances]
+    assert sum(applied) == len(ALL) * len(events), applied
+    assert all(i.runner.stats.stale_batches == 0 for i in instances)
 
     # Customer order counts are the orders created: nothing counted twice.
     created: dict[str, int] = {}
@@ -1084,7 +1429,7 @@ async def test_records_fetched_while_the_listener_reads_the_checkpoints_are_not_
     kafka_offsets = api.ends()
     await commit_group_offsets(
         bootstrap,
-        f"{group_prefix}.orders",
+        group_id_of(["orders"], db, topic, group_prefix),
         {TopicPartition(topic, p): end for p, end in kafka_offsets.items()},
     )
     before = len(api.accepted)
@@ -1102,18 +1447,30 @@ async def test_records_fetched_while_the_listener_reads_the_checkpoints_are_not_
             )
         return bool(waiting), waiting
 
+    async with db.connect() as connection:
+        live = await connection.scalar(
+            sa.select(projection_versions.c.version).where(
+                projection_versions.c.projection == "orders", projection_versions.c.state == "live"
+            )
+        )
     blocker = await db.connect()
     try:
         transaction = await blocker.begin()
         await blocker.execute(
             pg_insert(projection_checkpoints),
             [
-                {"projection": "orders", "topic": topic, "partition": p, "next_offset": 0}
+                {
+                    "projection": "orders",
+                    "version": live,
+                    "topic": topic,
+                    "partition": p,
+                    "next_offset": 0,
+                }
                 for p in range(PARTITIONS)
             ],
         )  # uncommitted: the listener's INSERT ... ON CONFLICT DO NOTHING waits for it
         async with running(db, bootstrap, topic, group_prefix, ["orders"]) as run:
-            runner = run.runners["orders"]
+            runner = run.runner
             try:
                 await eventually(listener_waits, "the listener to wait for the checkpoint rows")
 

@@ -154,12 +154,15 @@ def runner_for(
     group_prefix: str,
     *,
     lag_s: float = 0.0,
+    wrap: Callable[[Projection], Projection] | None = None,
 ) -> ProjectionRunner:
-    """One runner (one consumer) applying the named projections."""
+    """One runner (one consumer) applying the named projections (each ``wrap``ped if given)."""
     config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
     projections: list[Projection] = [catalog.PROJECTIONS[name] for name in names]
     if lag_s:
         projections = [Lagging(projection, lag_s) for projection in projections]
+    if wrap is not None:
+        projections = [wrap(projection) for projection in projections]
     return ProjectionRunner(projections, engine, config)
 
 
@@ -192,6 +195,7 @@ async def running(
     *,
     assigned: int | None = None,
     lag_s: float = 0.0,
+    wrap: Callable[[Projection], Projection] | None = None,
 ) -> AsyncIterator[Running]:
     """Run the named projections until the block ends; then stop them and await their tasks.
 
@@ -199,7 +203,7 @@ async def running(
     their checkpoints (its rebalance listener has finished).
     """
     stop = asyncio.Event()
-    runner = runner_for(names, engine, bootstrap, topic, group_prefix, lag_s=lag_s)
+    runner = runner_for(names, engine, bootstrap, topic, group_prefix, lag_s=lag_s, wrap=wrap)
     tasks = {"+".join(names): asyncio.create_task(runner.run(stop), name="runner")}
     handle = Running(runner, tasks, stop)
     failed = False

@@ -1,0 +1,492 @@
+"""``orders projections status`` for a caught-up, a lagging and a halted projection (issue 5).
+
+The same report is checked three ways: ``status(...)`` and its rendered table in-process, the
+real CLI (``projections status --json``) as a subprocess, and ``GET /ops/projections`` on the
+app. Commands go through the HTTP API to a real writer; runners apply them in-process; poison
+records are produced straight to the topic. Nothing is mocked; waiting is polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projections.status import CAUGHT_UP, HALTED, RUNNING, TopicStatus, render, status
+from service.api.app import Resources, create_app
+from service.writer import Writer, WriterConfig
+from tests.support.http import serve
+from tests.support.projection_harness import Api, Done, clear_read_models, eventually, running
+
+PARTITIONS = 4
+ALL = ["customer_summary", "daily_sales", "order_history", "orders"]  # status sorts by name
+WORKTREE = Path(__file__).resolve().parents[2]
+CLI_TIMEOUT_S = 90.0
+
+Report = dict[str, Any]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def db(engine: AsyncEngine) -> AsyncEngine:
+    await clear_read_models(engine)
+    return engine
+
+
+@pytest.fixture
+def group_prefix() -> str:
+    return f"test-status-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def suffix() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+@pytest.fixture
+async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
+    writer = Writer(
+        WriterConfig(
+            bootstrap_servers=bootstrap,
+            topic=topic,
+            partitions=PARTITIONS,
+            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
+            commit_timeout=10,
+        )
+    )
+    await writer.start()
+    yield writer
+    await writer.stop()
+
+
+@pytest.fixture
+async def api(writer: Writer, db: AsyncEngine, topic: str) -> AsyncIterator[Api]:
+    app = create_app(Resources(writer=writer, engine=db, topic=topic))
+    async with serve(app) as client:
+        yield Api(client)
+
+
+@pytest.fixture
+async def ops(db: AsyncEngine, bootstrap: str, topic: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with operations only: an engine and the Kafka address, no writer."""
+    app = create_app(Resources(engine=db, kafka_bootstrap=bootstrap, topic=topic))
+    async with serve(app) as client:
+        yield client
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def new_events(accepted: list[Done], since: int = 0) -> Counter[int]:
+    """Per partition, how many events the acknowledgements ``accepted[since:]`` stand for.
+
+    A command's events are the versions it added to its order (one event per version).
+    """
+    versions: dict[str, int] = {}
+    counted: Counter[int] = Counter()
+    for index, done in enumerate(accepted):
+        before = versions.get(done.order_id, 0)
+        versions[done.order_id] = done.version
+        if index >= since:
+            counted[done.partition] += done.version - before
+    return counted
+
+
+async def workload(api: Api, label: str, orders: int = 6) -> dict[int, str]:
+    """Orders in every partition, each with a few steps of its life; returns, per partition,
+    an order left open (a draft: items can still be added)."""
+    made: list[Done] = []
+    while len(made) < orders or {d.partition for d in made} != set(range(PARTITIONS)):
+        made.append(await api.create(f"{label}-{len(made)}"))
+        assert len(made) < 64, "orders never reached every partition"
+    drafts: dict[int, str] = {}
+    for index, created in enumerate(made):
+        await api.add(created.order_id, "MUG", 1 + index % 3, 1250)
+        if created.partition in drafts:
+            await api.place(created.order_id)
+        else:
+            drafts[created.partition] = created.order_id
+    return drafts
+
+
+async def more_commands(api: Api, order_ids: list[str], label: str) -> None:
+    for index, order_id in enumerate(order_ids):
+        await api.add(order_id, f"EXTRA-{label}-{index}", 1, 100)
+
+
+async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
+    """One record written straight to ``partition`` (no writer, no transaction): its offset."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        metadata = await producer.send_and_wait(topic, value=value, key=key, partition=partition)
+    finally:
+        await producer.stop()
+    assert metadata.partition == partition
+    return int(metadata.offset)
+
+
+def _not_json(order_id: str) -> bytes:
+    return b"\xff\x00 garbage, not an envelope " + order_id.encode()
+
+
+def _unknown_type(order_id: str) -> bytes:
+    return json.dumps(
+        {
+            "event_id": str(uuid.uuid4()),
+            "type": "NoSuchEvent",
+            "schema_version": 1,
+            "order_id": order_id,
+            "version": 1,
+            "occurred_at": datetime.now(UTC).isoformat(),
+            "command_id": str(uuid.uuid4()),
+            "correlation_id": str(uuid.uuid4()),
+            "data": {},
+        }
+    ).encode()
+
+
+POISONS: dict[str, tuple[Callable[[str], bytes], str]] = {
+    "not-json": (_not_json, "not a valid envelope"),
+    "unknown-type": (_unknown_type, "unknown event type 'NoSuchEvent'"),
+}
+
+
+def as_json(report: TopicStatus) -> Report:
+    """The report as the CLI and the HTTP endpoint give it (JSON types)."""
+    decoded: Report = json.loads(msgspec.json.encode(report))
+    return decoded
+
+
+async def cli_status(bootstrap: str, database_url: str, topic: str) -> Report:
+    """``projections status --json`` through the real CLI in a subprocess (this worktree)."""
+    env = dict(os.environ)
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=database_url, ORDERS_TOPIC=topic)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "projections",
+        "status",
+        "--json",
+        cwd=WORKTREE,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, f"exit {process.returncode}: {err.decode()}"
+    parsed: Report = json.loads(out)
+    return parsed
+
+
+async def http_status(ops: httpx.AsyncClient) -> Report:
+    response = await ops.get("/ops/projections")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    parsed: Report = response.json()
+    return parsed
+
+
+def without_lag_seconds(report: Report) -> Report:
+    """The report minus ``lag_seconds`` (it grows with the clock between two readings)."""
+    copy: Report = json.loads(json.dumps(report))
+    for version in copy["projections"]:
+        for row in version["partitions"]:
+            row.pop("lag_seconds")
+    return copy
+
+
+def by_projection(report: Report) -> dict[str, Report]:
+    return {version["projection"]: version for version in report["projections"]}
+
+
+async def status_when(
+    db: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    condition: Callable[[TopicStatus], bool],
+    what: str,
+    alive: Any = None,
+) -> TopicStatus:
+    async def check() -> tuple[bool, Any]:
+        report = await status(db, bootstrap, topic)
+        return condition(report), report
+
+    found: TopicStatus = await eventually(check, what, alive=alive)
+    return found
+
+
+def all_caught_up(report: TopicStatus) -> bool:
+    """Every event applied, and every checkpoint moved past the last commit marker."""
+    return bool(report.projections) and all(
+        row.lag_events == 0 and row.lag_offsets == 0
+        for version in report.projections
+        for row in version.partitions
+    )
+
+
+async def three_views(
+    report: TopicStatus, bootstrap: str, database_url: str, topic: str, ops: httpx.AsyncClient
+) -> tuple[Report, Report]:
+    """The CLI's and the endpoint's reports; both must match ``report`` but for lag_seconds."""
+    from_cli = await cli_status(bootstrap, database_url, topic)
+    from_http = await http_status(ops)
+    expected = without_lag_seconds(as_json(report))
+    assert without_lag_seconds(from_cli) == expected
+    assert without_lag_seconds(from_http) == expected
+    return from_cli, from_http
+
+
+def table_lines(rendered: str, name: str) -> dict[int, list[str]]:
+    """The rendered table's partition lines of ``name``, split into columns, by partition."""
+    lines: dict[int, list[str]] = {}
+    for line in rendered.splitlines():
+        columns = line.split()
+        if columns and columns[0] == name and len(columns) >= 9:
+            lines[int(columns[3])] = columns
+    return lines
+
+
+# -- caught up ---------------------------------------------------------------------------------
+
+
+async def test_status_of_caught_up_projections(
+    api: Api,
+    db: AsyncEngine,
+    ops: httpx.AsyncClient,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await workload(api, f"up-{suffix}")
+        # The checkpoints pass the last commit markers in housekeeping: poll for lag 0.
+        report = await status_when(
+            db, bootstrap, topic, all_caught_up, "every partition caught up", alive=run
+        )
+
+    ends = api.ends()  # offset after the last acknowledged event, per partition
+    assert set(ends) == set(range(PARTITIONS))
+    assert report.topic == topic
+    assert report.partitions == PARTITIONS
+    assert [version.projection for version in report.projections] == ALL
+    for version in report.projections:
+        assert (version.role, version.state) == ("live", CAUGHT_UP), version
+        assert (version.lag_events, version.parked_events) == (0, 0), version
+        assert [row.partition for row in version.partitions] == list(range(PARTITIONS))
+        for row in version.partitions:
+            where = (version.projection, row.partition)
+            assert row.state == CAUGHT_UP, where
+            assert (row.lag_events, row.lag_seconds) == (0, 0.0), where
+            assert row.checkpoint == row.last_stable_offset, where
+            # The last event is followed by its transaction's commit marker: the checkpoint
+            # moved past that marker, not only past the event.
+            assert row.last_stable_offset is not None
+            assert row.last_stable_offset > ends[row.partition], where
+            assert row.last_event_at is not None, where
+            assert (row.halted_at_offset, row.halted_order_id, row.reason) == (None, None, None)
+
+    rendered = render(report)
+    assert rendered.splitlines()[0] == f"topic {topic}: {PARTITIONS} partitions"
+    for name in ALL:
+        lines = table_lines(rendered, name)
+        assert sorted(lines) == list(range(PARTITIONS)), rendered
+        for partition, columns in lines.items():
+            row = report.projections[ALL.index(name)].partitions[partition]
+            assert columns[1:3] == ["v1", "live"], columns
+            assert columns[4:8] == [str(row.checkpoint), str(row.checkpoint), "0", "0.0"]
+            assert " ".join(columns[8:]) == CAUGHT_UP
+        assert f"  -> {name} v1: {CAUGHT_UP}" in rendered.splitlines()
+    assert HALTED not in rendered
+    assert "parked" not in rendered
+
+    from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+    for view in (from_cli, from_http):
+        for version in view["projections"]:
+            assert version["state"] == CAUGHT_UP
+            assert {row["lag_seconds"] for row in version["partitions"]} == {0.0}
+
+
+# -- lagging -----------------------------------------------------------------------------------
+
+
+async def test_status_of_lagging_projections(
+    api: Api,
+    db: AsyncEngine,
+    ops: httpx.AsyncClient,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    # Events that no runner has applied yet: no checkpoint, no event time.
+    drafts = await workload(api, f"lag-{suffix}")
+    written = new_events(api.accepted)
+    never_applied = await status(db, bootstrap, topic)
+    for version in never_applied.projections:
+        assert version.state == RUNNING, version
+        assert version.lag_events == sum(written.values()), version
+        for row in version.partitions:
+            where = (version.projection, row.partition)
+            assert row.state == RUNNING, where
+            assert row.checkpoint == 0, where
+            assert row.lag_events == written[row.partition], (where, row)
+            assert (row.lag_seconds, row.last_event_at) == (None, None), where
+
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await status_when(db, bootstrap, topic, all_caught_up, "every partition caught up", run)
+
+    # No runner: more commands, in some partitions only.
+    idle = max(drafts)
+    busy = [drafts[p] for p in sorted(drafts) if p != idle]
+    since = len(api.accepted)
+    await more_commands(api, busy, "a")
+    await more_commands(api, busy[:1], "b")
+    waiting = new_events(api.accepted, since)
+    assert sum(waiting.values()) == len(busy) + 1
+    assert idle not in waiting
+
+    report = await status(db, bootstrap, topic)
+    assert [version.projection for version in report.projections] == ALL
+    for version in report.projections:
+        assert (version.role, version.state) == ("live", RUNNING), version
+        assert version.lag_events == sum(waiting.values()), version
+        for row in version.partitions:
+            where = (version.projection, row.partition)
+            assert row.lag_events == waiting[row.partition], (where, row)
+            assert row.last_event_at is not None, where
+            if waiting[row.partition]:
+                assert row.state == RUNNING, where
+                assert (row.lag_seconds or 0) > 0, (where, row)
+            else:
+                assert (row.state, row.lag_seconds) == (CAUGHT_UP, 0.0), where
+
+    rendered = render(report)
+    for name in ALL:
+        lines = table_lines(rendered, name)
+        assert sorted(lines) == list(range(PARTITIONS)), rendered
+        for partition, columns in lines.items():
+            assert columns[6] == str(waiting[partition]), columns
+            assert " ".join(columns[8:]) == (RUNNING if waiting[partition] else CAUGHT_UP)
+        assert f"  -> {name} v1: {RUNNING}" in rendered.splitlines()
+
+    from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+    for view in (from_cli, from_http):
+        for version in view["projections"]:
+            for row in version["partitions"]:
+                if waiting[row["partition"]]:
+                    assert row["lag_seconds"] > 0, row
+                else:
+                    assert row["lag_seconds"] == 0.0, row
+
+
+# -- halted ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(POISONS))
+async def test_status_of_a_halted_projection(
+    kind: str,
+    api: Api,
+    db: AsyncEngine,
+    ops: httpx.AsyncClient,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    make_poison, reason = POISONS[kind]
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        drafts = await workload(api, f"{kind}-{suffix}")
+        await status_when(db, bootstrap, topic, all_caught_up, "every partition caught up", run)
+
+        victim = api.accepted[0]
+        poisoned = victim.partition
+        poison_at = await produce(
+            bootstrap, topic, poisoned, make_poison(victim.order_id), victim.order_id.encode()
+        )
+        # After the poison, commands in every partition: the others must still be applied.
+        await more_commands(api, [drafts[p] for p in sorted(drafts)], "after")
+        ends = api.ends()
+        assert ends[poisoned] > poison_at
+
+        def halted_and_others_applied(report: TopicStatus) -> bool:
+            return all(
+                (row.state == HALTED)
+                if row.partition == poisoned
+                else (row.lag_events == 0 and row.lag_offsets == 0)
+                for version in report.projections
+                for row in version.partitions
+            )
+
+        report = await status_when(
+            db, bootstrap, topic, halted_and_others_applied, f"a halt in {poisoned}", run
+        )
+        for name in ALL:
+            halt = run.halt(name, poisoned)
+            assert halt is not None, name
+            assert halt.offset == poison_at, (name, halt)
+
+        assert [version.projection for version in report.projections] == ALL
+        for version in report.projections:
+            assert version.state == HALTED, version
+            for row in version.partitions:
+                where = (version.projection, row.partition)
+                if row.partition != poisoned:
+                    assert (row.state, row.lag_events, row.lag_seconds) == (CAUGHT_UP, 0, 0.0)
+                    assert row.checkpoint >= ends[row.partition], where
+                    continue
+                assert row.halted_at_offset == poison_at, (where, row)
+                assert row.halted_order_id == victim.order_id, (where, row)
+                assert reason in (row.reason or ""), (where, row)
+                assert victim.offset < row.checkpoint <= poison_at, (where, row)
+                assert (row.lag_events or 0) > 0, (where, row)
+                assert (row.lag_seconds or 0) > 0, (where, row)
+
+        rendered = render(report)
+        lines = rendered.splitlines()
+        for version in report.projections:
+            row = version.partitions[poisoned]
+            columns = table_lines(rendered, version.projection)[poisoned]
+            assert " ".join(columns[8:]) == HALTED, columns
+            explained = f"at offset {poison_at}, order {victim.order_id}: {row.reason}"
+            hint = (
+                f"orders projections park {version.projection} --partition {poisoned} "
+                f"--offset {poison_at}"
+            )
+            assert sum(line.strip() == explained for line in lines) == len(ALL), rendered
+            assert any(line.strip().endswith(hint) for line in lines), rendered
+            assert f"  -> {version.projection} v1: {HALTED}" in lines
+
+        from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+        for view in (from_cli, from_http):
+            for shown in by_projection(view).values():
+                shown_row = shown["partitions"][poisoned]
+                assert (shown_row["state"], shown_row["halted_at_offset"]) == (HALTED, poison_at)
+                assert shown_row["halted_order_id"] == victim.order_id
+                assert reason in shown_row["reason"]
+                assert shown_row["lag_seconds"] > 0
