@@ -198,3 +198,33 @@ async def run(
         await consumer.stop()
         await connection.close(timeout=10)
     return result
+
+
+async def compare_with(dsn: str, reference_dsn: str) -> tuple[int, int]:
+    """(orders equal, orders different) between the peer's rows and a reference ``orders``.
+
+    Only orders the peer brought to the reference's version count (it stopped early).
+    """
+    peer = await asyncpg.connect(dsn, timeout=30)
+    reference = await asyncpg.connect(reference_dsn, timeout=30)
+    try:
+        columns = ", ".join(_COLUMNS)
+        ours = {row["order_id"]: row for row in await peer.fetch(f"SELECT {columns} FROM orders")}
+        theirs = await reference.fetch(
+            f"SELECT {columns} FROM orders WHERE order_id = ANY($1::text[])", list(ours)
+        )
+    finally:
+        await peer.close(timeout=10)
+        await reference.close(timeout=10)
+    equal = different = 0
+    for row in theirs:
+        mine = ours[row["order_id"]]
+        if mine["version"] != row["version"]:
+            continue
+        same = all(
+            json.loads(mine[c]) == json.loads(row[c]) if c == "items" else mine[c] == row[c]
+            for c in _COLUMNS
+        )
+        equal += same
+        different += not same
+    return equal, different
