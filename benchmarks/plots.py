@@ -37,7 +37,7 @@ def throughput(
         if value > 0:
             axes.axhline(value, linestyle="--", linewidth=1, color="grey")
             axes.annotate(label, (0, value), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    axes.set_xlabel("seconds since the projector started")
+    axes.set_xlabel("seconds (ours: since its process started; peer: since its first event)")
     axes.set_ylabel("events/s (2 s window)")
     axes.set_title(title)
     axes.set_ylim(bottom=0)

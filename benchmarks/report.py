@@ -47,7 +47,7 @@ def ratio(value: float, limit: float) -> str:
 
 def times(value: float, limit: float) -> str:
     """A multiple: ``12.3x``."""
-    return f"{value / limit:.1f}x" if limit > 0 else ""
+    return f"{value / limit:.1f}x" if limit > 0 and value > 0 else ""
 
 
 def table(rows: list[Row]) -> str:

@@ -68,6 +68,7 @@ class Plan:
     quick: bool
     events: int  # the projector's topic; raw produce/consume are measured while filling it
     base_events: int  # sealed through the domain; the rest are copies under new ids
+    produce_events: int  # the first ones, sent as the writer sends (the limit); the rest batched
     consume_passes: int
     pg_rows: int  # raw COPY and raw upsert
     projector_timeout: float
@@ -92,6 +93,7 @@ class Plan:
             quick=quick,
             events=30_000 if quick else 1_000_000,
             base_events=10_000 if quick else 100_000,
+            produce_events=30_000 if quick else 100_000,
             consume_passes=3,
             pg_rows=10_000 if quick else 100_000,
             projector_timeout=45 if quick else 330,
@@ -173,26 +175,35 @@ async def limits_kafka(ctx: Context) -> None:
     built = list(events.replicate(base, plan.events))
     del base
     ctx.results["build_seconds"] = time.perf_counter() - started
-    _log.info("raw produce: %d events", len(built))
+    measured = built[: plan.produce_events]
+    _log.info("raw produce: %d events", len(measured))
     filled = await events.produce(
-        bootstrap, ctx.topic, built, name="raw", timeout=600, keep_offsets=True
+        bootstrap, ctx.topic, measured, name="raw", timeout=300, keep_offsets=True
     )
-    del built
-    ctx.filled = filled
-    ctx.results["raw_produce"] = {
+    produced = {
         "events": filled.events,
         "seconds": filled.seconds,
         "per_second": filled.events_per_second,
         "mean_event_bytes": filled.mean_value_bytes,
         "records_per_transaction": events.TRANSACTION_RECORDS,
     }
+    rest = built[plan.produce_events :]
+    del built, measured
+    if rest:
+        _log.info("filling the other %d events (batches, not timed)", len(rest))
+        started = time.perf_counter()
+        await events.fill(bootstrap, ctx.topic, rest, filled, timeout=600)
+        ctx.results["fill_seconds"] = time.perf_counter() - started
+    del rest
+    ctx.filled = filled
+    ctx.results["raw_produce"] = produced
     ctx.rows.append(
         Row(
             "Raw produce (aiokafka, idempotent, acks=all, tx of 500)",
-            n(filled.events_per_second, "events/s"),
+            n(produced["per_second"], "events/s"),
             "(a limit)",
-            details=f"{filled.events:,} events of {filled.mean_value_bytes:.0f} B (mean), "
-            f"{events.PARTITIONS} partitions",
+            details=f"{produced['events']:,} events of {produced['mean_event_bytes']:.0f} B "
+            f"(mean), {events.PARTITIONS} partitions, send() per record as the writer does",
         )
     )
     _log.info("raw consume (best of %d passes)", plan.consume_passes)
