@@ -330,7 +330,10 @@ async def test_random_faults_under_load_lose_nothing_and_double_nothing(run: Run
     faults = Faults(run.servers, run.api, run.projector, rng)
     faults.acknowledged = lambda: workload.ledger.outcomes()["acknowledged"]
     ledger = await _load_while(
-        workload, faults.run(FAULT_ROUNDS), min_acknowledged=MIN_ACKNOWLEDGED, timeout=120
+        workload,
+        faults.run(FAULT_ROUNDS),
+        min_acknowledged=MIN_ACKNOWLEDGED,
+        timeout=max(180.0, MIN_ACKNOWLEDGED / 10),
     )
     faults.check_alive("after the run")
 
