@@ -70,6 +70,7 @@ class Plan:
     base_events: int  # sealed through the domain; the rest are copies under new ids
     produce_events: int  # the first ones, sent as the writer sends (the limit); the rest batched
     consume_passes: int
+    consume_events: int  # per pass: the first ones of the topic
     pg_rows: int  # raw COPY and raw upsert
     projector_timeout: float
     rebuild_timeout: float
@@ -92,22 +93,23 @@ class Plan:
         return cls(
             quick=quick,
             events=30_000 if quick else 1_000_000,
-            base_events=10_000 if quick else 100_000,
+            base_events=10_000 if quick else 25_000,
             produce_events=30_000 if quick else 100_000,
             consume_passes=3,
+            consume_events=30_000 if quick else 300_000,
             pg_rows=10_000 if quick else 100_000,
-            projector_timeout=45 if quick else 330,
+            projector_timeout=45 if quick else 240,
             rebuild_timeout=45 if quick else 120,
             naive_events=3_000 if quick else 20_000,
             naive_seconds=5 if quick else 20,
             writer_orders=20_000 if quick else 100_000,
             http_rates=(250, 500, 1000, 2000),
-            http_seconds=2.0 if quick else 8.0,
+            http_seconds=2.0 if quick else 6.0,
             http_connections=256,
             closed_clients=(64,) if quick else (16, 64),
             queryable_rate=500,
             queryable_seconds=3.0 if quick else 10.0,
-            budget_seconds=150 if quick else 780,
+            budget_seconds=200 if quick else 780,
         )
 
 
@@ -209,7 +211,12 @@ async def limits_kafka(ctx: Context) -> None:
     _log.info("raw consume (best of %d passes)", plan.consume_passes)
     passes = [
         await raw.consume(
-            bootstrap, ctx.topic, partitions=events.PARTITIONS, expected=filled.events, timeout=300
+            bootstrap,
+            ctx.topic,
+            partitions=events.PARTITIONS,
+            expected=filled.events,
+            stop_after=plan.consume_events,
+            timeout=300,
         )
         for _ in range(plan.consume_passes)
     ]
@@ -226,7 +233,8 @@ async def limits_kafka(ctx: Context) -> None:
             "(a limit)",
             details=f"best of {len(passes)} passes ("
             + ", ".join(f"{rate.per_second:,.0f}" for rate in passes)
-            + "); read_committed, no group, the projector's fetch sizes",
+            + f"); {min(plan.consume_events, filled.events):,} events per pass, read_committed, "
+            "no group, the projector's fetch sizes",
         )
     )
 
@@ -510,12 +518,10 @@ async def writer_memory(ctx: Context) -> None:
     topic = f"bench.writer.{uuid.uuid4().hex[:8]}"
     await events.create_topic(bootstrap, topic)
     _log.info("filling %d orders (3 events each)", orders)
-    filled = await events.produce(
-        bootstrap,
-        topic,
-        events.records(events.histories(orders=orders, mixed=False)),
-        name="writer-fill",
-        timeout=600,
+    base = list(events.records(events.histories(orders=min(orders, 10_000), mixed=False)))
+    filled = events.Filled()
+    await events.fill(
+        bootstrap, topic, list(events.replicate(base, orders * 3)), filled, timeout=600
     )
     _log.info("writer start-up in a fresh process")
     completed = await asyncio.to_thread(
@@ -882,14 +888,15 @@ def _environment(quick: bool) -> dict[str, Any]:
     }
 
 
+# Limits first (the ratios need them), the long projector run early, (d) last.
 PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     limits_kafka,
     limits_postgres,
+    http_ceiling,
     projector_throughput,
     bench_rebuild,
     naive_peer,
     writer_memory,
-    http_ceiling,
     command_api,
     command_to_queryable,
 )
