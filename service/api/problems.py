@@ -185,7 +185,11 @@ def _is_outage(error: Exception) -> bool:
     """A lost or refused connection, not a statement the database refused (that is our bug)."""
     if isinstance(error, sa_exc.DBAPIError):
         transient = isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
-        return transient or error.connection_invalidated
+        # 08xxx: connection exceptions; 57P01-57P03: the server is shutting down, crashed, or
+        # is starting up ("cannot connect now"), which asyncpg reports as a plain DBAPIError.
+        sqlstate = getattr(error.orig, "sqlstate", None) or ""
+        server_away = sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
+        return transient or server_away or error.connection_invalidated
     return True
 
 
