@@ -54,12 +54,15 @@ class Connection:
             self._writer.close()
         self._reader = self._writer = None
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: bytes = b""
+    ) -> tuple[int, bytes]:
+        """One request; ``headers`` are extra header lines, each ending in CRLF."""
         if self._writer is None or self._reader is None:
             await self.open()
         assert self._writer is not None
         assert self._reader is not None
-        head = f"{method} {path} HTTP/1.1\r\n".encode() + self._prefix
+        head = f"{method} {path} HTTP/1.1\r\n".encode() + self._prefix + headers
         if body is not None:
             head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         self._writer.write(head + b"\r\n" + (body or b""))
@@ -68,13 +71,13 @@ class Connection:
             if not raw.startswith(b"HTTP/1.1 "):
                 raise HttpError(f"not an HTTP/1.1 response: {raw[:40]!r}")
             status = int(raw[9:12])
-            headers = raw.lower()
-            start = headers.find(b"\r\ncontent-length:")
+            answer = raw.lower()
+            start = answer.find(b"\r\ncontent-length:")
             if start < 0:
                 raise HttpError("response without Content-Length")
-            end = headers.index(b"\r\n", start + 2)
-            payload = await self._reader.readexactly(int(headers[start + 17 : end]))
-            if b"\r\nconnection: close" in headers:
+            end = answer.index(b"\r\n", start + 2)
+            payload = await self._reader.readexactly(int(answer[start + 17 : end]))
+            if b"\r\nconnection: close" in answer:
                 self.close()
             return status, payload
         except BaseException:
@@ -205,7 +208,7 @@ async def _one(
     return done
 
 
-async def _open_connections(host: str, port: int, count: int) -> list[Connection]:
+async def open_connections(host: str, port: int, count: int) -> list[Connection]:
     connections = [Connection(host, port) for _ in range(count)]
     async with asyncio.timeout(30):
         await asyncio.gather(*(c.open() for c in connections))
@@ -228,7 +231,7 @@ async def open_loop(
     abandoned and counted as ``unfinished`` errors.
     """
     result = LoadResult("open", rate, connections, duration)
-    pool = await _open_connections(host, port, connections)
+    pool = await open_connections(host, port, connections)
     due: asyncio.Queue[float] = asyncio.Queue()
     last_done = 0.0
 
@@ -273,7 +276,7 @@ async def closed_loop(
 ) -> LoadResult:
     """``clients`` connections, each sending its next command as soon as the last returned."""
     result = LoadResult("closed", None, clients, duration)
-    pool = await _open_connections(host, port, clients)
+    pool = await open_connections(host, port, clients)
     started = time.perf_counter()
     stop_at = started + duration
     last_done = started
@@ -303,6 +306,19 @@ class ApiProcess:
     process: subprocess.Popen[bytes]
     port: int
     log_file: Path
+
+
+@contextlib.contextmanager
+def bare_process(*, log_file: Path) -> Iterator[ApiProcess]:
+    """The bare Litestar app of ``benchmarks.bare_http`` on a free port; stopped on exit."""
+    port = free_port()
+    process = spawn(
+        [sys.executable, "-m", "benchmarks.bare_http", "--port", str(port)], log_file=log_file
+    )
+    try:
+        yield ApiProcess(process, port, log_file)
+    finally:
+        stop_process(process, grace_seconds=30)
 
 
 @contextlib.contextmanager

@@ -1,26 +1,37 @@
-"""Projector throughput: all projections, in-process, from offset 0 of a filled topic."""
+"""Projector throughput: every projection, in a process of its own, from offset 0 of a topic.
+
+The projector runs as production runs it (``projections.runner.run_projector`` in its own
+process, see ``benchmarks.projector_process``); this process only watches the checkpoint table
+and turns checkpoints into "events applied" with the offsets the fill recorded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
+import psutil
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.catalog import PROJECTIONS
-from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import projection_checkpoints
 from service.database import create_engine, migrate
+from service.embedded import spawn, stop_process
 
-POLL_S = 0.1
+SAMPLE_EVERY_S = 0.5
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -69,27 +80,14 @@ async def warm_group_coordinator(bootstrap: str, topic: str, *, timeout: float =
             await consumer.stop()
 
 
-@dataclass
-class ProjectorResult:
-    events: int
-    seconds: float
-    first_checkpoint_seconds: float
-    rows_written: int
-    batches: int
-    per_projection_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def events_per_second(self) -> float:
-        return self.events / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def after_first_checkpoint_per_second(self) -> float:
-        """The rate once the groups have joined and the first batch is in (an upper bound)."""
-        busy = self.seconds - self.first_checkpoint_seconds
-        return self.events / busy if busy > 0 else 0.0
+# -- where the projections stand --------------------------------------------------------------
 
 
-async def _checkpoints(engine: AsyncEngine, topic: str) -> dict[tuple[str, int], int]:
+async def read_checkpoints(engine: AsyncEngine, topic: str) -> dict[tuple[str, int], int]:
+    """(projection, partition) -> next offset to apply, for ``topic``.
+
+    The one place that knows the checkpoint table: adapt it here when that table changes.
+    """
     table = projection_checkpoints
     async with engine.connect() as connection:
         result = await connection.execute(
@@ -100,69 +98,168 @@ async def _checkpoints(engine: AsyncEngine, topic: str) -> dict[tuple[str, int],
         return {(row.projection, row.partition): row.next_offset for row in result}
 
 
-async def run_projections(
-    bootstrap: str,
-    database_url: str,
-    topic: str,
-    *,
-    events: int,
-    last_offsets: dict[int, int],
-    timeout: float,
-) -> ProjectorResult:
-    """Run every projection until each checkpoint passed each partition's last record."""
-    engine = create_engine(database_url, pool_size=8)
-    stop = asyncio.Event()
-    config = RunnerConfig(
-        bootstrap_servers=bootstrap, topic=topic, group_prefix=f"bench-{uuid.uuid4().hex[:8]}"
+def events_applied(
+    checkpoints: dict[tuple[str, int], int], offsets: dict[int, list[int]], projection: str
+) -> int:
+    """How many of the records at ``offsets`` lie before ``projection``'s checkpoints.
+
+    Counted from the records' own offsets, as transaction markers occupy offsets too.
+    """
+    return sum(
+        bisect_left(partition_offsets, checkpoints.get((projection, partition), 0))
+        for partition, partition_offsets in offsets.items()
     )
-    runners = [ProjectionRunner(projection, engine, config) for projection in PROJECTIONS.values()]
-    tasks: list[asyncio.Task[None]] = []
-    done_at: dict[str, float] = {}
-    first = 0.0
+
+
+# -- the projector process ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def projector_process(
+    *, bootstrap: str, database_url: str, topic: str, log_file: Path
+) -> Iterator[Popen[bytes]]:
+    """``run_projector`` (all projections) in a child process; SIGTERM and reaped on exit."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": database_url,
+        "ORDERS_TOPIC": topic,
+        "ORDERS_GROUP_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
+    }
+    env.pop("ORDERS_PROJECTOR_INSTANCE_ID", None)
+    process = spawn(
+        [sys.executable, "-m", "benchmarks.projector_process"], log_file=log_file, env=env
+    )
     try:
-        started = time.perf_counter()
-        tasks = [
-            asyncio.create_task(runner.run(stop), name=f"bench-{runner.name}") for runner in runners
-        ]
-        deadline = started + timeout
-        while len(done_at) < len(runners):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(
-                    f"projections not caught up after {timeout:.0f}s: "
-                    f"{sorted(set(PROJECTIONS) - set(done_at))} still behind"
-                )
-            for task in tasks:
-                if task.done():
-                    task.result()  # re-raises a crash
-                    raise RuntimeError(f"{task.get_name()} ended by itself")
-            for runner in runners:
-                if runner.halted:
-                    raise RuntimeError(f"{runner.name} halted: {runner.halted}")
-            stored = await _checkpoints(engine, topic)
-            now = time.perf_counter()
-            if not first and any(offset > 0 for offset in stored.values()):
-                first = now - started
-            for runner in runners:
-                if runner.name not in done_at and all(
-                    stored.get((runner.name, partition), 0) > last
-                    for partition, last in last_offsets.items()
-                ):
-                    done_at[runner.name] = now - started
-            await asyncio.sleep(POLL_S)  # the brief's polling interval
-        seconds = max(done_at.values())
+        yield process
     finally:
-        stop.set()
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=30)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await engine.dispose()
-    return ProjectorResult(
-        events=events,
-        seconds=seconds,
-        first_checkpoint_seconds=first,
-        rows_written=sum(runner.stats.rows_written for runner in runners),
-        batches=sum(runner.stats.batches for runner in runners),
-        per_projection_seconds=done_at,
-    )
+        stop_process(process, grace_seconds=30)
+
+
+class _LogWatch:
+    """Reads what a child process appended to its log since the last look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.position = path.stat().st_size if path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        with self.path.open("rb") as log:
+            log.seek(self.position)
+            data = log.read()
+        self.position += len(data)
+        return data.decode(errors="replace").splitlines()
+
+
+@dataclass
+class ProjectorRun:
+    """How an all-projection run went: progress samples, when each projection caught up."""
+
+    events: int
+    timeout: float
+    projections: int
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (s since start, applied)
+    # The same instants, events applied averaged over the projections (smoother to plot:
+    # the slowest projection moves in steps of whole batches).
+    mean_samples: list[tuple[float, int]] = field(default_factory=list)
+    caught_up: dict[str, float] = field(default_factory=dict)
+    rss_bytes_samples: list[int] = field(default_factory=list)
+
+    @property
+    def applied(self) -> int:
+        """Events that every projection has applied (the slowest one's count)."""
+        return self.samples[-1][1] if self.samples else 0
+
+    @property
+    def seconds(self) -> float:
+        """Until the last projection caught up (or until the run was given up)."""
+        return self.samples[-1][0] if self.samples else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.caught_up) == self.projections
+
+    @property
+    def first_progress_seconds(self) -> float:
+        return next((t for t, applied in self.samples if applied > 0), self.seconds)
+
+    def overall_per_second(self) -> float:
+        """Events applied by all projections over the whole run, start-up included."""
+        return self.applied / self.seconds if self.seconds > 0 else 0.0
+
+    def time_at(self, applied: float) -> float | None:
+        """When ``applied`` events had been applied (linear between samples)."""
+        previous = (0.0, 0)
+        for sample in self.samples:
+            if sample[1] >= applied:
+                (t0, a0), (t1, a1) = previous, sample
+                return t1 if a1 == a0 else t0 + (t1 - t0) * (applied - a0) / (a1 - a0)
+            previous = sample
+        return None
+
+    def sustained_per_second(self, low: float = 0.1, high: float = 0.9) -> float:
+        """The rate between ``low`` and ``high`` of the events: no start-up, no tail."""
+        target = self.events if self.finished else self.applied
+        start, end = self.time_at(low * target), self.time_at(high * target)
+        if start is None or end is None or end <= start:
+            return 0.0
+        return (high - low) * target / (end - start)
+
+    def rates(self, window: float = 2.0) -> list[tuple[float, float]]:
+        """Events/s over time, averaged over the projections."""
+        return rates(self.mean_samples, window)
+
+
+def rates(samples: Sequence[tuple[float, int]], window: float = 1.0) -> list[tuple[float, float]]:
+    """(time, events/s over the preceding ``window`` s) from (time, events done) samples."""
+    points = []
+    anchor = 0
+    for t, done in samples:
+        while samples[anchor][0] < t - window:
+            anchor += 1
+        t0, done0 = samples[anchor]
+        if t > t0:
+            points.append((t, (done - done0) / (t - t0)))
+    return points
+
+
+async def follow(
+    engine: AsyncEngine,
+    *,
+    topic: str,
+    offsets: dict[int, list[int]],
+    process: Popen[bytes],
+    log_file: Path,
+    timeout: float,
+    names: Sequence[str] = tuple(PROJECTIONS),
+) -> ProjectorRun:
+    """Sample the checkpoints until every projection has applied every record (or timeout).
+
+    Raises if the projector process dies or a projection halts; on timeout returns the
+    partial run (``finished`` False), which is reported as such.
+    """
+    events = sum(len(partition_offsets) for partition_offsets in offsets.values())
+    run = ProjectorRun(events, timeout, len(names))
+    watch = _LogWatch(log_file)
+    child = psutil.Process(process.pid)
+    started = time.perf_counter()
+    while not run.finished:
+        now = time.perf_counter() - started
+        if process.poll() is not None:
+            raise RuntimeError(f"the projector exited with {process.returncode}; see {log_file}")
+        halted = [line for line in watch.new_lines() if "HALTED" in line]
+        if halted:
+            raise RuntimeError(f"a projection halted: {halted[0][-300:]}")
+        stored = await read_checkpoints(engine, topic)
+        applied = {name: events_applied(stored, offsets, name) for name in names}
+        for name, count in applied.items():
+            if count >= events and name not in run.caught_up:
+                run.caught_up[name] = now
+        run.samples.append((now, min(applied.values())))
+        run.mean_samples.append((now, sum(applied.values()) // len(applied)))
+        with contextlib.suppress(psutil.Error):
+            run.rss_bytes_samples.append(child.memory_info().rss)
+        if now > timeout:
+            break
+        await asyncio.sleep(SAMPLE_EVERY_S)  # the sampling interval of the throughput plot
+    return run

@@ -1,4 +1,4 @@
-"""The machine's own limits, measured in the same run: raw consume and raw COPY.
+"""The machine's own limits, measured in the same run: raw consume, raw COPY, raw upserts.
 
 (Raw produce is ``events.produce`` on a pre-built list of records.)
 """
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
 from projections.schema import orders
@@ -33,12 +34,20 @@ class Rate:
 
 
 async def consume(
-    bootstrap: str, topic: str, *, partitions: int, expected: int, timeout: float
+    bootstrap: str,
+    topic: str,
+    *,
+    partitions: int,
+    expected: int,
+    timeout: float,
+    stop_after: int | None = None,
 ) -> Rate:
-    """Read the whole topic (read_committed, no group) with ``getmany`` and decode every record.
+    """Read the topic (read_committed, no group) with ``getmany`` and decode every record.
 
+    All ``expected`` records, or only the first ``stop_after`` or so (a rate needs no more).
     Fetch sizes and batch size are the projection runner's, so the ratio is like for like.
     """
+    wanted = expected if stop_after is None else min(stop_after, expected)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
@@ -56,7 +65,7 @@ async def consume(
             ends = await consumer.end_offsets(assigned)
             count = 0
             started = time.perf_counter()
-            while count < expected:
+            while count < wanted:
                 fetched = await consumer.getmany(timeout_ms=200, max_records=5000)
                 for batch in fetched.values():
                     for record in batch:
@@ -69,8 +78,8 @@ async def consume(
             seconds = time.perf_counter() - started
         finally:
             await consumer.stop()
-    if count != expected:
-        raise RuntimeError(f"raw consume read {count} records, expected {expected}")
+    if count < wanted or (stop_after is None and count != expected):
+        raise RuntimeError(f"raw consume read {count} records, expected {wanted}")
     return Rate(count, seconds)
 
 
@@ -152,3 +161,78 @@ async def copy_rows(dsn: str, *, count: int, batch: int, timeout: float) -> Rate
     finally:
         await connection.close(timeout=10)
     return Rate(count, seconds)
+
+
+@dataclass(frozen=True)
+class UpsertRates:
+    """Batched upserts of ``count`` new rows, then of the same ``count`` rows again (updates)."""
+
+    inserted: Rate
+    updated: Rate
+
+    @property
+    def per_second(self) -> float:
+        seconds = self.inserted.seconds + self.updated.seconds
+        return (self.inserted.count + self.updated.count) / seconds if seconds > 0 else 0.0
+
+
+def unnest_upsert(table: sa.Table, target: str) -> str:
+    """``INSERT INTO target SELECT * FROM unnest($1::type[], ...) ON CONFLICT DO UPDATE``.
+
+    One statement per batch whatever its size: each column travels as one array parameter.
+    """
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    arrays = ", ".join(
+        f"${index}::{column.type.compile(dialect=dialect)}[]"
+        for index, column in enumerate(table.columns, start=1)
+    )
+    names = ", ".join(f'"{column.name}"' for column in table.columns)
+    keys = ", ".join(f'"{column.name}"' for column in table.primary_key.columns)
+    updates = ", ".join(
+        f'"{column.name}" = EXCLUDED."{column.name}"'
+        for column in table.columns
+        if not column.primary_key
+    )
+    return (
+        f"INSERT INTO {target} ({names}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+    )
+
+
+async def upsert_rows(dsn: str, *, count: int, batch: int, timeout: float) -> UpsertRates:
+    """Batched ``unnest`` upserts into a copy of the ``orders`` table (same columns, indexes).
+
+    A first pass inserts ``count`` new rows, a second upserts the same keys with new values
+    (the conflict path, which is what a projector mostly does). One transaction per ``batch``.
+    """
+    columns, rows = orders_rows(count)
+    status_at = columns.index("status")
+    version_at = columns.index("version")
+    changed = [
+        (
+            *row[:status_at],
+            "shipped",
+            *row[status_at + 1 : version_at],
+            row[version_at] + 1,
+            *row[version_at + 1 :],
+        )
+        for row in rows
+    ]
+    statement = unnest_upsert(orders, "bench_orders_upsert")
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.execute("CREATE TABLE bench_orders_upsert (LIKE orders INCLUDING ALL)")
+            prepared = await connection.prepare(statement)
+            passes = []
+            for source in (rows, changed):
+                started = time.perf_counter()
+                for start in range(0, count, batch):
+                    chunk = source[start : start + batch]
+                    async with connection.transaction():
+                        await prepared.fetch(*(list(column) for column in zip(*chunk, strict=True)))
+                passes.append(Rate(count, time.perf_counter() - started))
+            await connection.execute("DROP TABLE bench_orders_upsert")
+    finally:
+        await connection.close(timeout=10)
+    return UpsertRates(*passes)

@@ -1,16 +1,28 @@
-"""Run every benchmark against a real broker and database started here; print and save results.
+"""Benchmarks of the order service against this machine's own limits, in one command.
 
-    .venv/bin/python -m benchmarks.run [--quick]
+How to run (no Makefile needed), from the repository root with the project installed
+(``python3 -m venv .venv && .venv/bin/pip install -e '.[test,bench]'``)::
 
-Results go to ``bench-results/latest.json`` (git-ignored) and a markdown table on stdout.
-Every phase is bounded in time; every process started here is stopped on the way out.
+    .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~15 minutes
+    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~3 minutes
+
+It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_SERVERS`` /
+``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
+(raw produce, raw consume, raw COPY and upserts, a bare HTTP endpoint), then the service:
+(a) projector throughput, (b) rebuild, (c) command API, (d) command-to-queryable latency,
+(e) memory, and a naive tutorial-style projector as a peer. It prints a table and writes, in
+``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
+``latency.png``, ``README-section.md`` (a ready-to-paste README section) and process logs.
+Every phase is bounded in time, a failed phase is reported and the next one still runs, and
+every process started here is stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -19,276 +31,497 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from benchmarks import events, httpload, projector, raw, writer_direct
+from benchmarks import (
+    events,
+    httpload,
+    naive_projector,
+    plots,
+    projector,
+    queryable,
+    raw,
+    writer_direct,
+)
+from benchmarks.meters import CpuMeter, cpu_details, rss
+from benchmarks.report import Row, Target, div, markdown, ms, n, ratio, readme_section, times
+from projections.catalog import PROJECTIONS
+from service.database import create_engine
 from service.embedded.stack import Infrastructure, infrastructure
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
+HOST = "127.0.0.1"
+OVERRUN_S = 90.0
 
 _log = logging.getLogger("benchmarks")
-PHASE_TIMEOUT_S = 600.0
-CONSUME_PASSES = 3
 
 
 @dataclass(frozen=True)
 class Plan:
     quick: bool
-    raw_events: int  # raw produce/consume; the same topic then feeds the projector
-    copy_rows: int
+    events: int  # the projector's topic; raw produce/consume are measured while filling it
+    base_events: int  # sealed through the domain; the rest are copies under new ids
+    produce_events: int  # the first ones, sent as the writer sends (the limit); the rest batched
+    consume_passes: int
+    consume_events: int  # per pass: the first ones of the topic
+    pg_rows: int  # raw COPY and raw upsert
+    projector_timeout: float
+    rebuild_timeout: float
+    naive_events: int
+    naive_seconds: float
     writer_orders: int
     http_rates: tuple[int, ...]
     http_seconds: float
     http_connections: int
     closed_clients: tuple[int, ...]
+    queryable_rate: int
+    queryable_seconds: float
+    # Phases that would start later than this after the broker and database are up are
+    # skipped (reported as such), and none may run past it by more than OVERRUN_S: a run on
+    # a busy machine stays bounded.
+    budget_seconds: float
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         return cls(
             quick=quick,
-            raw_events=20_000 if quick else 100_000,
-            copy_rows=20_000 if quick else 100_000,
+            events=30_000 if quick else 1_000_000,
+            base_events=10_000 if quick else 25_000,
+            produce_events=30_000 if quick else 100_000,
+            consume_passes=3,
+            consume_events=30_000 if quick else 300_000,
+            pg_rows=10_000 if quick else 100_000,
+            projector_timeout=45 if quick else 240,
+            rebuild_timeout=45 if quick else 120,
+            naive_events=3_000 if quick else 20_000,
+            naive_seconds=5 if quick else 20,
             writer_orders=20_000 if quick else 100_000,
             http_rates=(250, 500, 1000, 2000),
-            http_seconds=3.0 if quick else 8.0,
+            http_seconds=2.0 if quick else 6.0,
             http_connections=256,
             closed_clients=(64,) if quick else (16, 64),
+            queryable_rate=500,
+            queryable_seconds=3.0 if quick else 10.0,
+            budget_seconds=200 if quick else 780,
         )
 
 
-# -- table ----------------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What the phases share: the infrastructure, the plan, results so far, and the table."""
 
+    infra: Infrastructure
+    plan: Plan
+    results: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    topic: str = ""  # the N-event topic
+    filled: events.Filled | None = None
+    projector_database: str = ""  # the read models of run (a), for the rebuild
+    projector_run: projector.ProjectorRun | None = None
+    naive_run: naive_projector.NaiveRun | None = None
+    ceiling: dict[float, httpload.LoadResult] = field(default_factory=dict)  # by offered rate
+    ceiling_closed: httpload.LoadResult | None = None
+    api_open: dict[float, httpload.LoadResult] = field(default_factory=dict)
+    visible: queryable.QueryableResult | None = None
 
-@dataclass(frozen=True)
-class Row:
-    measurement: str
-    value: str
-    limit: str = ""
-    ratio: str = ""
-    details: str = ""
+    def limit(self, name: str) -> float:
+        """A limit measured earlier in this run (0 when that phase failed)."""
+        value: float = self.results.get(name, {}).get("per_second", 0.0)
+        return value
 
+    def require_topic(self) -> events.Filled:
+        if self.filled is None:
+            raise RuntimeError("needs the events topic, whose fill failed")
+        return self.filled
 
-def _n(value: float, unit: str = "") -> str:
-    text = f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
-    return f"{text} {unit}".strip()
-
-
-def _div(value: float, limit: float) -> float | None:
-    return value / limit if limit > 0 else None
-
-
-def _limit(results: dict[str, Any], name: str) -> float:
-    """A raw limit measured earlier in this run (0 when that phase failed)."""
-    rate: float = results.get(name, {}).get("events_per_second", 0.0)
-    return rate
-
-
-def _ratio(value: float, limit: float) -> str:
-    return f"{value / limit:.2f}" if limit > 0 else ""
-
-
-def table(rows: list[Row]) -> str:
-    lines = [
-        "| Measurement | Value | Limit (same run) | Ratio | Details |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r.measurement} | {r.value} | {r.limit} | {r.ratio} | {r.details} |")
-    return "\n".join(lines)
-
-
-# -- CPU accounting -------------------------------------------------------------------------
-
-
-class CpuMeter:
-    """CPU time of named processes over an interval, as % of one core.
-
-    A name ending in ``*`` counts the process tree: live descendants plus the children it has
-    reaped (PostgreSQL's backends come and go with connections). Other names count the process
-    alone (the benchmark process is the parent of the broker, the database and the API).
-    """
-
-    def __init__(self, processes: dict[str, int | None]) -> None:
-        self._processes = {
-            name: psutil.Process(pid) for name, pid in processes.items() if pid is not None
-        }
-        self._start: dict[str, float] = {}
-        self._started = 0.0
-
-    @staticmethod
-    def _cpu(process: psutil.Process, tree: bool) -> float:
-        try:
-            times = process.cpu_times()
-            total: float = times.user + times.system
-            if tree:
-                total += times.children_user + times.children_system
-                for child in process.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        child_times = child.cpu_times()
-                        total += child_times.user + child_times.system
-        except psutil.Error:
-            return 0.0
-        return total
-
-    def start(self) -> None:
-        psutil.cpu_percent()  # resets the machine-wide counter
-        self._started = time.perf_counter()
-        self._start = {
-            name: self._cpu(p, name.endswith("*")) for name, p in self._processes.items()
+    def infra_pids(self) -> dict[str, int | None]:
+        kafka = self.infra.kafka
+        postgres = self.infra.postgres
+        return {
+            "kafka": kafka.process.pid if kafka and kafka.process else None,
+            "postgres*": postgres.process.pid if postgres and postgres.process else None,
         }
 
-    def stop(self) -> dict[str, float]:
-        wall = time.perf_counter() - self._started
-        used = {
-            name.rstrip("*"): round(
-                100 * (self._cpu(p, name.endswith("*")) - self._start[name]) / wall, 1
-            )
-            for name, p in self._processes.items()
-        }
-        machine = psutil.cpu_percent() * (psutil.cpu_count() or 1)
-        return used | {f"all {psutil.cpu_count()} cores": round(machine, 1)}
+
+def _log_file(name: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.log"
+    path.write_bytes(b"")
+    return path
 
 
-def _cpu_details(cpu: dict[str, float]) -> str:
-    """CPU used, in % of one core."""
-    return "CPU " + ", ".join(f"{name} {value:.0f}%" for name, value in cpu.items())
+# -- limits: Kafka ------------------------------------------------------------------------------
 
 
-# -- phases ---------------------------------------------------------------------------------
-
-
-async def bench_raw_and_projector(
-    infra: Infrastructure, plan: Plan, results: dict[str, Any], rows: list[Row]
-) -> None:
-    bootstrap = infra.kafka_bootstrap_servers
-    topic = f"bench.raw.{uuid.uuid4().hex[:8]}"
-    await events.create_topic(bootstrap, topic)
-    _log.info("building %d events", plan.raw_events)
-    history = events.histories(orders=plan.raw_events // 4, mixed=True)
-    built = list(islice(events.records(history), plan.raw_events))
-    if len(built) != plan.raw_events:
-        raise RuntimeError(f"built {len(built)} events, wanted {plan.raw_events}")
-    _log.info("raw produce: %d events", len(built))
-    filled = await events.produce(bootstrap, topic, built, name="raw", timeout=300)
-    produce_rate = filled.events_per_second
-    results["raw_produce"] = {
+async def limits_kafka(ctx: Context) -> None:
+    """Raw produce while filling the N-event topic, then raw consume of it."""
+    plan, bootstrap = ctx.plan, ctx.infra.kafka_bootstrap_servers
+    ctx.topic = f"bench.events.{uuid.uuid4().hex[:8]}"
+    await events.create_topic(bootstrap, ctx.topic)
+    _log.info("building %d events (%d sealed by the domain)", plan.events, plan.base_events)
+    started = time.perf_counter()
+    base_size = min(plan.base_events, plan.events)
+    base = list(
+        islice(events.records(events.histories(orders=base_size // 4, mixed=True)), base_size)
+    )
+    if len(base) != base_size:
+        raise RuntimeError(f"built {len(base)} events, wanted {base_size}")
+    built = list(events.replicate(base, plan.events))
+    del base
+    ctx.results["build_seconds"] = time.perf_counter() - started
+    measured = built[: plan.produce_events]
+    _log.info("raw produce: %d events", len(measured))
+    filled = await events.produce(
+        bootstrap, ctx.topic, measured, name="raw", timeout=300, keep_offsets=True
+    )
+    produced = {
         "events": filled.events,
         "seconds": filled.seconds,
-        "events_per_second": produce_rate,
+        "per_second": filled.events_per_second,
         "mean_event_bytes": filled.mean_value_bytes,
         "records_per_transaction": events.TRANSACTION_RECORDS,
     }
-    rows.append(
+    rest = built[plan.produce_events :]
+    del built, measured
+    if rest:
+        _log.info("filling the other %d events (batches, not timed)", len(rest))
+        started = time.perf_counter()
+        await events.fill(bootstrap, ctx.topic, rest, filled, timeout=600)
+        ctx.results["fill_seconds"] = time.perf_counter() - started
+    del rest
+    ctx.filled = filled
+    ctx.results["raw_produce"] = produced
+    ctx.rows.append(
         Row(
             "Raw produce (aiokafka, idempotent, acks=all, tx of 500)",
-            _n(produce_rate, "events/s"),
-            details=f"{filled.events:,} events of {filled.mean_value_bytes:.0f} B, 12 partitions",
+            n(produced["per_second"], "events/s"),
+            "(a limit)",
+            details=f"{produced['events']:,} events of {produced['mean_event_bytes']:.0f} B "
+            f"(mean), {events.PARTITIONS} partitions, send() per record as the writer does",
         )
     )
-    del built
-
-    _log.info("raw consume (best of %d passes)", CONSUME_PASSES)
+    _log.info("raw consume (best of %d passes)", plan.consume_passes)
     passes = [
         await raw.consume(
-            bootstrap, topic, partitions=events.PARTITIONS, expected=filled.events, timeout=300
-        )
-        for _ in range(CONSUME_PASSES)
-    ]
-    consume_rate = max(rate.per_second for rate in passes)
-    results["raw_consume"] = {
-        "events": filled.events,
-        "passes_events_per_second": [rate.per_second for rate in passes],
-        "events_per_second": consume_rate,
-    }
-    rows.append(
-        Row(
-            "Raw consume (getmany + envelope.decode)",
-            _n(consume_rate, "events/s"),
-            details=f"best of {CONSUME_PASSES} passes ("
-            + ", ".join(f"{rate.per_second:,.0f}" for rate in passes)
-            + "); read_committed, no group, runner's fetch sizes",
-        )
-    )
-
-    async with projector.fresh_database(infra.database_url) as database_url:
-        _log.info("raw COPY: %d rows", plan.copy_rows)
-        copied = await raw.copy_rows(
-            projector.asyncpg_dsn(database_url), count=plan.copy_rows, batch=5000, timeout=300
-        )
-        results["raw_copy"] = {
-            "rows": copied.count,
-            "seconds": copied.seconds,
-            "rows_per_second": copied.per_second,
-        }
-        rows.append(
-            Row(
-                "Raw COPY (asyncpg copy_records_to_table)",
-                _n(copied.per_second, "rows/s"),
-                details="orders-shaped table with its indexes, 5,000 rows per transaction",
-            )
-        )
-
-        _log.info("projector: %d events, all projections", filled.events)
-        await projector.warm_group_coordinator(bootstrap, topic)
-        meter = CpuMeter(_infra_pids(infra) | {"bench (projector)": os.getpid()})
-        meter.start()
-        outcome = await projector.run_projections(
             bootstrap,
-            database_url,
-            topic,
-            events=filled.events,
-            last_offsets=filled.last_offsets,
+            ctx.topic,
+            partitions=events.PARTITIONS,
+            expected=filled.events,
+            stop_after=plan.consume_events,
             timeout=300,
         )
-        cpu = meter.stop()
-    results["projector"] = {
-        "events": outcome.events,
-        "seconds": outcome.seconds,
-        "events_per_second": outcome.events_per_second,
-        "ratio_to_raw_consume": _div(outcome.events_per_second, consume_rate),
-        "first_checkpoint_seconds": outcome.first_checkpoint_seconds,
-        "after_first_checkpoint_events_per_second": outcome.after_first_checkpoint_per_second,
-        "per_projection_seconds": outcome.per_projection_seconds,
-        "rows_written": outcome.rows_written,
-        "batches": outcome.batches,
-        "cpu_percent_of_one_core": cpu,
+        for _ in range(plan.consume_passes)
+    ]
+    best = max(rate.per_second for rate in passes)
+    ctx.results["raw_consume"] = {
+        "events": filled.events,
+        "passes_per_second": [rate.per_second for rate in passes],
+        "per_second": best,
     }
-    slowest = max(outcome.per_projection_seconds, key=outcome.per_projection_seconds.__getitem__)
-    rows.append(
+    ctx.rows.append(
         Row(
-            f"Projector: {len(outcome.per_projection_seconds)} projections together",
-            _n(outcome.events_per_second, "events/s"),
-            _n(consume_rate, "events/s"),
-            _ratio(outcome.events_per_second, consume_rate),
-            f"{outcome.events:,} events in {outcome.seconds:.1f}s; first checkpoint after "
-            f"{outcome.first_checkpoint_seconds:.1f}s "
-            f"({outcome.after_first_checkpoint_per_second:,.0f} events/s from there); "
-            f"slowest {slowest}; each projection reads and decodes every event itself; "
-            f"{_cpu_details(cpu)}",
+            "Raw consume (getmany + msgspec envelope decode)",
+            n(best, "events/s"),
+            "(a limit)",
+            details=f"best of {len(passes)} passes ("
+            + ", ".join(f"{rate.per_second:,.0f}" for rate in passes)
+            + f"); {min(plan.consume_events, filled.events):,} events per pass, read_committed, "
+            "no group, the projector's fetch sizes",
         )
     )
 
 
-async def bench_writer_startup(
-    infra: Infrastructure, plan: Plan, results: dict[str, Any], rows: list[Row]
-) -> None:
-    bootstrap = infra.kafka_bootstrap_servers
+# -- limits: PostgreSQL -------------------------------------------------------------------------
+
+
+async def limits_postgres(ctx: Context) -> None:
+    """asyncpg COPY and batched unnest upserts of orders-shaped rows."""
+    rows = ctx.plan.pg_rows
+    async with projector.fresh_database(ctx.infra.database_url) as database_url:
+        dsn = projector.asyncpg_dsn(database_url)
+        _log.info("raw COPY: %d rows", rows)
+        copied = await raw.copy_rows(dsn, count=rows, batch=5000, timeout=300)
+        _log.info("raw upsert: %d rows, twice", rows)
+        upserted = await raw.upsert_rows(dsn, count=rows, batch=5000, timeout=300)
+    ctx.results["raw_copy"] = {
+        "rows": copied.count,
+        "seconds": copied.seconds,
+        "per_second": copied.per_second,
+    }
+    ctx.results["raw_upsert"] = {
+        "rows": rows,
+        "insert_per_second": upserted.inserted.per_second,
+        "update_per_second": upserted.updated.per_second,
+        "per_second": upserted.per_second,
+    }
+    ctx.rows += [
+        Row(
+            "Raw COPY (asyncpg copy_records_to_table)",
+            n(copied.per_second, "rows/s"),
+            "(a limit)",
+            details=f"{rows:,} orders rows into a copy of the table with its indexes, "
+            "5,000 rows per transaction",
+        ),
+        Row(
+            "Raw upsert (INSERT ... SELECT * FROM unnest(...) ON CONFLICT DO UPDATE)",
+            n(upserted.per_second, "rows/s"),
+            n(copied.per_second, "rows/s (COPY)"),
+            ratio(upserted.per_second, copied.per_second),
+            f"one statement per 5,000 rows; new keys {upserted.inserted.per_second:,.0f}/s, "
+            f"existing keys (conflict path) {upserted.updated.per_second:,.0f}/s",
+        ),
+    ]
+
+
+# -- (a) the projector, and (e) its memory -------------------------------------------------------
+
+
+async def projector_throughput(ctx: Context) -> None:
+    """(a) all projections in their own process over the N events; (e) that process's RSS."""
+    filled = ctx.require_topic()
+    bootstrap = ctx.infra.kafka_bootstrap_servers
+    consume_rate = ctx.limit("raw_consume")
+    async with projector.fresh_database(ctx.infra.database_url) as database_url:
+        ctx.projector_database = database_url
+    await projector.warm_group_coordinator(bootstrap, ctx.topic)
+    log_file = _log_file("projector")
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        _log.info("projector: %d events, all projections, own process", filled.events)
+        with projector.projector_process(
+            bootstrap=bootstrap, database_url=database_url, topic=ctx.topic, log_file=log_file
+        ) as process:
+            meter = CpuMeter(ctx.infra_pids() | {"projector": process.pid, "bench": os.getpid()})
+            meter.start()
+            run = await projector.follow(
+                engine,
+                topic=ctx.topic,
+                offsets=filled.offsets,
+                process=process,
+                log_file=log_file,
+                timeout=ctx.plan.projector_timeout,
+            )
+            cpu = meter.stop()
+            rss_after = rss(process.pid)
+    finally:
+        await engine.dispose()
+    ctx.projector_run = run
+    sustained = run.sustained_per_second()
+    overall = run.overall_per_second()
+    ctx.results["projector"] = {
+        "events": run.events,
+        "applied": run.applied,
+        "finished": run.finished,
+        "seconds": run.seconds,
+        "first_progress_seconds": run.first_progress_seconds,
+        "per_second": sustained,
+        "sustained_10_90_per_second": sustained,
+        "overall_per_second": overall,
+        "ratio_to_raw_consume": div(sustained, consume_rate),
+        "caught_up_seconds": run.caught_up,
+        "cpu_percent_of_one_core": cpu,
+        "samples_slowest_projection": run.samples,
+        "samples_mean_of_projections": run.mean_samples,
+    }
+    ctx.results["projector_memory"] = {
+        "rss_after_bytes": rss_after,
+        "rss_max_bytes": max(run.rss_bytes_samples, default=0),
+    }
+    state = (
+        f"{run.events:,} events in {run.seconds:.1f} s"
+        if run.finished
+        else f"NOT caught up: {run.applied:,} of {run.events:,} events in {run.seconds:.0f} s"
+    )
+    slowest = max(run.caught_up, key=run.caught_up.__getitem__) if run.caught_up else "?"
+    ctx.rows += [
+        Row(
+            f"(a) Projector, all {run.projections} projections, exactly-once, sustained",
+            n(sustained, "events/s"),
+            n(consume_rate, "events/s (raw consume)"),
+            ratio(sustained, consume_rate),
+            f"{state}; rate between 10% and 90% of the events; overall {overall:,.0f}/s from "
+            f"process start (first checkpoint after {run.first_progress_seconds:.1f} s); "
+            f"slowest {slowest}; {cpu_details(cpu)}",
+        ),
+        Row(
+            "(e) Projector memory after (a)",
+            n(rss_after / 2**20, "MiB RSS"),
+            details=f"peak sampled {max(run.rss_bytes_samples, default=0) / 2**20:,.0f} MiB",
+        ),
+    ]
+    ctx.targets += [
+        Target(
+            "Projector sustained",
+            ">= 25,000 events/s",
+            n(sustained, "events/s"),
+            run.finished and sustained >= 25_000,
+        ),
+        Target(
+            "Projector vs raw consume",
+            ">= 0.4x",
+            f"{div(sustained, consume_rate) or 0:.2f}x",
+            run.finished and sustained >= 0.4 * consume_rate > 0,
+        ),
+    ]
+
+
+# -- (b) rebuild: a hook for projections.rebuild --------------------------------------------------
+
+
+async def bench_rebuild(ctx: Context) -> None:
+    """(b) HOOK: time a full rebuild of all projections from the N events.
+
+    ``projections.rebuild`` does not exist yet; until it does this phase only reports "not
+    available yet". Expected shape once it lands: a coroutine function
+    ``projections.rebuild.rebuild(settings, engine)`` that rebuilds every projection from
+    offset 0 of ``settings.topic`` and returns when all have caught up. Adapt the call below
+    if the real entry point differs; the surrounding timing and checks stay.
+    """
+    if importlib.util.find_spec("projections.rebuild") is None:
+        ctx.results["rebuild"] = None
+        ctx.rows.append(
+            Row(
+                "(b) Full rebuild of all projections",
+                "not available yet",
+                details="projections.rebuild does not exist yet",
+            )
+        )
+        ctx.targets.append(Target("Full rebuild from 1,000,000 events", "<= 30 s", "n/a", None))
+        return
+    rebuild_module = importlib.import_module("projections.rebuild")
+    entry: Callable[..., Awaitable[Any]] | None = getattr(rebuild_module, "rebuild", None)
+    if entry is None:
+        raise RuntimeError("projections.rebuild has no rebuild(settings, engine): adapt the hook")
+    filled = ctx.require_topic()
+    if not ctx.projector_database:
+        raise RuntimeError("needs the read models of run (a)")
+    settings = Settings(
+        kafka_bootstrap_servers=ctx.infra.kafka_bootstrap_servers,
+        database_url=ctx.projector_database,
+        topic=ctx.topic,
+        projection_group_prefix=f"bench-rebuild-{uuid.uuid4().hex[:8]}",
+    )
+    engine = create_engine(ctx.projector_database)
+    try:
+        started = time.perf_counter()
+        async with asyncio.timeout(ctx.plan.rebuild_timeout):
+            await entry(settings, engine)
+        seconds = time.perf_counter() - started
+        stored = await projector.read_checkpoints(engine, ctx.topic)
+    finally:
+        await engine.dispose()
+    behind = [
+        name
+        for name in PROJECTIONS
+        if projector.events_applied(stored, filled.offsets, name) < filled.events
+    ]
+    if behind:
+        raise RuntimeError(f"rebuild returned but {behind} are not at the end of the topic")
+    rate = filled.events / seconds
+    consume_rate = ctx.limit("raw_consume")
+    ctx.results["rebuild"] = {"events": filled.events, "seconds": seconds, "per_second": rate}
+    ctx.rows.append(
+        Row(
+            "(b) Full rebuild of all projections",
+            n(seconds, "s"),
+            n(consume_rate, "events/s (raw consume)"),
+            ratio(rate, consume_rate),
+            f"{filled.events:,} events, {rate:,.0f} events/s",
+        )
+    )
+    scaled = seconds * 1_000_000 / filled.events
+    ctx.targets.append(
+        Target(
+            "Full rebuild from 1,000,000 events",
+            "<= 30 s",
+            f"{seconds:.1f} s"
+            + ("" if filled.events == 1_000_000 else f" ({scaled:.0f} s per 1M)"),
+            scaled <= 30,
+        )
+    )
+
+
+# -- the peer -----------------------------------------------------------------------------------
+
+
+async def naive_peer(ctx: Context) -> None:
+    """A tutorial-style projector on the same topic; ours as a multiple of it."""
+    ctx.require_topic()
+    plan = ctx.plan
+    async with projector.fresh_database(ctx.infra.database_url) as database_url:
+        _log.info(
+            "naive projector: up to %d events or %.0f s", plan.naive_events, plan.naive_seconds
+        )
+        meter = CpuMeter(ctx.infra_pids() | {"bench (naive)": os.getpid()})
+        meter.start()
+        run = await naive_projector.run(
+            ctx.infra.kafka_bootstrap_servers,
+            projector.asyncpg_dsn(database_url),
+            ctx.topic,
+            max_events=plan.naive_events,
+            max_seconds=plan.naive_seconds,
+        )
+        cpu = meter.stop()
+        equal = different = 0
+        if ctx.projector_database:  # the same orders, as our projector wrote them in (a)
+            equal, different = await naive_projector.compare_with(
+                projector.asyncpg_dsn(database_url), projector.asyncpg_dsn(ctx.projector_database)
+            )
+    ctx.naive_run = run
+    ours = ctx.limit("projector")
+    consume_rate = ctx.limit("raw_consume")
+    ctx.results["naive_peer"] = {
+        "events": run.events,
+        "seconds": run.seconds,
+        "join_seconds": run.join_seconds,
+        "per_second": run.per_second,
+        "ours_multiple": div(ours, run.per_second),
+        "cpu_percent_of_one_core": cpu,
+        "samples": run.samples,
+        "orders_equal_to_ours": equal,
+        "orders_different_from_ours": different,
+    }
+    check = f"its orders rows equal ours for {equal:,} orders" + (
+        f", DIFFER for {different:,}" if different else ""
+    )
+    ctx.rows += [
+        Row(
+            "Peer: naive projector (1 tx + 1 offset commit per event, orders table only)",
+            n(run.per_second, "events/s"),
+            n(consume_rate, "events/s (raw consume)"),
+            ratio(run.per_second, consume_rate),
+            f"{run.events:,} events in {run.seconds:.1f} s; {check}; {cpu_details(cpu)}",
+        ),
+        Row(
+            "Ours (a) as a multiple of the peer",
+            times(ours, run.per_second),
+            details="ours maintains 4 read models exactly-once, the peer 1",
+        ),
+    ]
+
+
+# -- (e) writer memory ----------------------------------------------------------------------------
+
+
+async def writer_memory(ctx: Context) -> None:
+    """(e) writer start-up in a fresh process on a topic of N orders: RSS per order."""
+    bootstrap = ctx.infra.kafka_bootstrap_servers
+    orders = ctx.plan.writer_orders
     topic = f"bench.writer.{uuid.uuid4().hex[:8]}"
     await events.create_topic(bootstrap, topic)
-    _log.info("filling %d orders (3 events each)", plan.writer_orders)
-    filled = await events.produce(
-        bootstrap,
-        topic,
-        events.records(events.histories(orders=plan.writer_orders, mixed=False)),
-        name="writer-fill",
-        timeout=600,
+    _log.info("filling %d orders (3 events each)", orders)
+    base = list(events.records(events.histories(orders=min(orders, 10_000), mixed=False)))
+    filled = events.Filled()
+    await events.fill(
+        bootstrap, topic, list(events.replicate(base, orders * 3)), filled, timeout=600
     )
     _log.info("writer start-up in a fresh process")
     completed = await asyncio.to_thread(
@@ -303,104 +536,143 @@ async def bench_writer_startup(
     if completed.returncode != 0:
         raise RuntimeError(f"writer start-up failed:\n{completed.stderr[-3000:]}")
     measured: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
-    orders = measured["orders"]
-    if orders != plan.writer_orders or measured["events"] != filled.events:
-        raise RuntimeError(f"writer loaded {measured}, expected {plan.writer_orders} orders")
-    consume_rate = _limit(results, "raw_consume")
+    if measured["orders"] != orders or measured["events"] != filled.events:
+        raise RuntimeError(f"writer loaded {measured}, expected {orders} orders")
+    consume_rate = ctx.limit("raw_consume")
     rebuild_rate = measured["events"] / measured["load_seconds"]
     growth = measured["rss_after_start"] - measured["rss_before"]
     retained = measured["rss_after_trim"] - measured["rss_before"]
-    results["writer_startup"] = measured | {
-        "fill_events_per_second": filled.events_per_second,
+    ctx.results["writer_startup"] = measured | {
         "rebuild_events_per_second": rebuild_rate,
-        "ratio_to_raw_consume": _div(rebuild_rate, consume_rate),
+        "ratio_to_raw_consume": div(rebuild_rate, consume_rate),
         "rss_growth_bytes": growth,
-        "rss_retained_bytes": retained,
         "bytes_per_order": growth / orders,
         "retained_bytes_per_order": retained / orders,
+        "rss_mib_per_100k_orders": growth / orders * 100_000 / 2**20,
     }
-    rows += [
+    ctx.rows += [
         Row(
-            f"Writer start() on {orders:,} orders",
-            _n(measured["start_seconds"], "s"),
-            details=f"{measured['events']:,} events; rebuild alone {measured['load_seconds']:.2f}s",
+            "(e) Writer memory per 100,000 orders",
+            n(growth / orders * 100_000 / 2**20, "MiB RSS"),
+            details=f"{growth / orders:,.0f} B/order measured on {orders:,} orders; after "
+            f"gc+malloc_trim {retained / orders:,.0f} B/order",
         ),
         Row(
-            "Writer rebuild from the log",
-            _n(rebuild_rate, "events/s"),
-            _n(consume_rate, "events/s"),
-            _ratio(rebuild_rate, consume_rate),
-            "read_to_end + decode + evolve, fresh process, uvloop",
-        ),
-        Row(
-            "Writer memory per order",
-            _n(growth / orders, "B/order"),
-            details=f"RSS +{growth / 2**20:.0f} MiB; after gc+malloc_trim "
-            f"+{retained / 2**20:.0f} MiB = {retained / orders:,.0f} B/order",
+            "Writer rebuild of its state from the log",
+            n(rebuild_rate, "events/s"),
+            n(consume_rate, "events/s (raw consume)"),
+            ratio(rebuild_rate, consume_rate),
+            f"{measured['events']:,} events; start() {measured['start_seconds']:.2f} s in all",
         ),
     ]
+    ctx.targets.append(
+        Target(
+            "Writer memory",
+            "<= 1.5 KB per order",
+            n(growth / orders, "B/order"),
+            growth / orders <= 1536,
+        )
+    )
 
 
-async def bench_http(
-    infra: Infrastructure, plan: Plan, results: dict[str, Any], rows: list[Row]
-) -> None:
+# -- the HTTP ceiling ---------------------------------------------------------------------------
+
+
+async def http_ceiling(ctx: Context) -> None:
+    """A bare Litestar endpoint, same server settings, same load generator and levels."""
+    plan = ctx.plan
+    with httpload.bare_process(log_file=_log_file("bare-http")) as bare:
+        await httpload.wait_ready(bare, timeout=60)
+        workload = httpload.Workload()
+        meter = CpuMeter({"bare http": bare.process.pid, "loadgen": os.getpid()})
+        await httpload.open_loop(HOST, bare.port, workload, rate=200, duration=1.0, connections=32)
+        runs = []
+        for rate in plan.http_rates:
+            _log.info("HTTP ceiling, open loop: %d requests/s", rate)
+            meter.start()
+            load = await httpload.open_loop(
+                HOST,
+                bare.port,
+                workload,
+                rate=rate,
+                duration=plan.http_seconds,
+                connections=plan.http_connections,
+            )
+            load.cpu = meter.stop()
+            ctx.ceiling[rate] = load
+            runs.append(load.summary())
+        clients = max(plan.closed_clients)
+        meter.start()
+        closed = await httpload.closed_loop(
+            HOST, bare.port, workload, clients=clients, duration=plan.http_seconds
+        )
+        closed.cpu = meter.stop()
+        ctx.ceiling_closed = closed
+        runs.append(closed.summary())
+    ctx.results["http_ceiling"] = {"runs": runs, "per_second": closed.achieved_per_second}
+    ctx.rows.append(
+        Row(
+            f"HTTP ceiling: bare Litestar, closed loop, {clients} clients",
+            n(closed.achieved_per_second, "req/s"),
+            "(a limit)",
+            details=f"p50 {ms(closed.percentile(0.5))}, p99 {ms(closed.percentile(0.99))}; "
+            + "; ".join(
+                f"open loop {rate}/s: p99 {ms(load.percentile(0.99))}"
+                for rate, load in ctx.ceiling.items()
+            )
+            + f"; {cpu_details(closed.cpu)}",
+        )
+    )
+
+
+# -- (c) the command API ------------------------------------------------------------------------
+
+
+async def command_api(ctx: Context) -> None:
+    """(c) the writer alone, then the API over HTTP: open loop levels, closed loop."""
+    plan, infra = ctx.plan, ctx.infra
+    produce_rate = ctx.limit("raw_produce")
     topic = f"bench.api.{uuid.uuid4().hex[:8]}"
-    RESULTS.mkdir(exist_ok=True)
-    log_file = RESULTS / "api.log"
-    log_file.write_bytes(b"")
-    produce_rate = _limit(results, "raw_produce")
-    runs: list[dict[str, Any]] = []
-    results["http"] = runs
     counts = (1, max(plan.closed_clients))
-    _log.info("writer.submit in-process: %s clients, %.0fs each", counts, plan.http_seconds)
+    _log.info("writer.submit in-process: %s clients, %.0f s each", counts, plan.http_seconds)
     await events.create_topic(infra.kafka_bootstrap_servers, f"{topic}.direct")
-    meter = CpuMeter(_infra_pids(infra) | {"bench (writer)": os.getpid()})
-    meter.start()
     direct = await writer_direct.closed_loop(
         infra.kafka_bootstrap_servers,
         f"{topic}.direct",
         clients=counts,
         duration=plan.http_seconds,
-        warm_up=1.0 if plan.quick else 2.0,
+        warm_up=1.0,
         timeout=len(counts) * plan.http_seconds + 120,
     )
-    cpu = meter.stop()  # over both runs
-    results["writer_direct"] = [run.summary() | {"cpu_over_all_runs": cpu} for run in direct]
+    ctx.results["writer_direct"] = [run.summary() for run in direct]
     for run in direct:
-        rows.append(
-            _http_row(
-                f"Writer.submit in-process (no HTTP), {run.connections} client"
-                + ("s" * (run.connections > 1)),
-                run,
-                produce_rate,
-                "raw produce",
-                cpu=run is direct[-1],
+        ctx.rows.append(
+            Row(
+                f"Writer.submit in-process (no HTTP), {run.connections} client(s), closed loop",
+                n(run.achieved_per_second, "cmd/s"),
+                n(produce_rate, "events/s (raw produce)"),
+                ratio(run.achieved_per_second, produce_rate),
+                _latencies(run),
             )
         )
+    runs: list[dict[str, Any]] = []
+    ctx.results["http"] = runs
     with httpload.api_process(
         bootstrap=infra.kafka_bootstrap_servers,
         database_url=infra.database_url,
         topic=topic,
-        log_file=log_file,
+        log_file=_log_file("api"),
     ) as api:
         ready = await httpload.wait_ready(api, timeout=90)
-        _log.info("API ready after %.1fs on port %d", ready, api.port)
+        _log.info("API ready after %.1f s on port %d", ready, api.port)
         workload = httpload.Workload()
-        host = "127.0.0.1"
-        meter = CpuMeter(_infra_pids(infra) | {"api": api.process.pid, "loadgen": os.getpid()})
-        await httpload.open_loop(  # warm-up, not reported
-            host,
-            api.port,
-            workload,
-            rate=200,
-            duration=1.0 if plan.quick else 2.0,
-            connections=32,
-        )
+        meter = CpuMeter(ctx.infra_pids() | {"api": api.process.pid, "loadgen": os.getpid()})
+        await httpload.open_loop(HOST, api.port, workload, rate=200, duration=1.0, connections=32)
         for rate in plan.http_rates:
-            _log.info("open loop: %d commands/s for %.0fs", rate, plan.http_seconds)
+            _log.info("command API, open loop: %d commands/s for %.0f s", rate, plan.http_seconds)
             meter.start()
             load = await httpload.open_loop(
-                host,
+                HOST,
                 api.port,
                 workload,
                 rate=rate,
@@ -408,53 +680,190 @@ async def bench_http(
                 connections=plan.http_connections,
             )
             load.cpu = meter.stop()
+            ctx.api_open[rate] = load
             runs.append(load.summary())
-            rows.append(_http_row(f"HTTP open loop, offered {rate}/s", load, rate, "offered"))
+            ceiling = ctx.ceiling.get(rate)
+            ctx.rows.append(
+                Row(
+                    f"(c) Command API, open loop, offered {rate}/s",
+                    f"{n(load.achieved_per_second, 'cmd/s')}, p50 {ms(load.percentile(0.5))}, "
+                    f"p99 {ms(load.percentile(0.99))}",
+                    f"{rate}/s offered; ceiling p99 "
+                    + (ms(ceiling.percentile(0.99)) if ceiling else "n/a"),
+                    ratio(load.achieved_per_second, rate),
+                    _latencies(load),
+                )
+            )
             await asyncio.sleep(1.0)  # let the writer's queue drain between levels
+        ceiling_rate = ctx.ceiling_closed.achieved_per_second if ctx.ceiling_closed else 0.0
+        best = 0.0
         for clients in plan.closed_clients:
-            _log.info("closed loop: %d clients for %.0fs", clients, plan.http_seconds)
+            _log.info("command API, closed loop: %d clients for %.0f s", clients, plan.http_seconds)
             meter.start()
             load = await httpload.closed_loop(
-                host, api.port, workload, clients=clients, duration=plan.http_seconds
+                HOST, api.port, workload, clients=clients, duration=plan.http_seconds
             )
             load.cpu = meter.stop()
             runs.append(load.summary())
-            rows.append(
-                _http_row(f"HTTP closed loop, {clients} clients", load, produce_rate, "raw produce")
+            best = max(best, load.achieved_per_second)
+            ctx.rows.append(
+                Row(
+                    f"(c) Command API, closed loop, {clients} clients (sustained)",
+                    n(load.achieved_per_second, "cmd/s"),
+                    n(ceiling_rate, "req/s (HTTP ceiling)"),
+                    ratio(load.achieved_per_second, ceiling_rate),
+                    _latencies(load) + f"; raw produce {produce_rate:,.0f} events/s",
+                )
             )
-            await asyncio.sleep(1.0)  # same pause as between the open-loop levels
+            await asyncio.sleep(1.0)
         if api.process.poll() is not None:
-            raise RuntimeError(f"the API died during the run; see {log_file}")
+            raise RuntimeError("the API died during the run; see bench-results/api.log")
+    ctx.results["command_api"] = {"per_second": best}
+    at_1000 = ctx.api_open.get(1000)
+    ctx.targets += [
+        Target("Command API sustained", ">= 2,000 cmd/s", n(best, "cmd/s"), best >= 2000),
+        Target(
+            "Command API p99 at 1,000/s offered",
+            "<= 50 ms",
+            ms(at_1000.percentile(0.99)) if at_1000 else "n/a",
+            None
+            if at_1000 is None
+            else at_1000.percentile(0.99) <= 0.050 and at_1000.error_count == 0,
+        ),
+    ]
 
 
-def _http_row(
-    name: str, load: httpload.LoadResult, limit: float, limit_name: str, *, cpu: bool = True
-) -> Row:
+def _latencies(load: httpload.LoadResult) -> str:
     errors = ", ".join(f"{k} x{v}" for k, v in sorted(load.errors.items())) or "0"
     longest_gap, _ = load.stalls()
-    details = (
-        f"p50 {load.percentile(0.5) * 1000:.1f} ms, p99 {load.percentile(0.99) * 1000:.1f} ms, "
-        f"max {max(load.latencies, default=0) * 1000:.0f} ms; longest gap without answers "
-        f"{longest_gap * 1000:.0f} ms; errors {errors}"
+    text = (
+        f"p50 {ms(load.percentile(0.5))}, p99 {ms(load.percentile(0.99))}, max "
+        f"{ms(max(load.latencies, default=float('nan')))}; longest gap without answers "
+        f"{ms(longest_gap)}; errors {errors}"
     )
-    if cpu and load.cpu:
-        details += f"; {_cpu_details(load.cpu)}"
-    return Row(
-        name,
-        _n(load.achieved_per_second, "cmd/s"),
-        f"{_n(limit, '/s')} ({limit_name})",
-        _ratio(load.achieved_per_second, limit),
-        details,
+    return text + (f"; {cpu_details(load.cpu)}" if load.cpu else "")
+
+
+# -- (d) command-to-queryable -------------------------------------------------------------------
+
+
+async def command_to_queryable(ctx: Context) -> None:
+    """(d) API and projector in their own processes; each command then its consistent query."""
+    plan, infra = ctx.plan, ctx.infra
+    topic = f"bench.visible.{uuid.uuid4().hex[:8]}"
+    async with projector.fresh_database(infra.database_url) as database_url:
+        pass
+    with httpload.api_process(
+        bootstrap=infra.kafka_bootstrap_servers,
+        database_url=database_url,
+        topic=topic,
+        log_file=_log_file("api-queryable"),
+    ) as api:
+        await httpload.wait_ready(api, timeout=90)  # the API creates the topic
+        with projector.projector_process(
+            bootstrap=infra.kafka_bootstrap_servers,
+            database_url=database_url,
+            topic=topic,
+            log_file=_log_file("projector-queryable"),
+        ) as process:
+            workload = httpload.Workload(seed=9)
+            await queryable.warm_up(HOST, api.port, workload, timeout=60)
+            meter = CpuMeter(
+                ctx.infra_pids()
+                | {"api": api.process.pid, "projector": process.pid, "loadgen": os.getpid()}
+            )
+            _log.info(
+                "command-to-queryable: %d commands/s for %.0f s",
+                plan.queryable_rate,
+                plan.queryable_seconds,
+            )
+            meter.start()
+            result = await queryable.open_loop(
+                HOST,
+                api.port,
+                workload,
+                rate=plan.queryable_rate,
+                duration=plan.queryable_seconds,
+                connections=plan.http_connections,
+            )
+            cpu = meter.stop()
+            if process.poll() is not None or api.process.poll() is not None:
+                raise RuntimeError("the API or the projector died; see bench-results/*.log")
+    ctx.visible = result
+    ctx.results["queryable"] = result.summary() | {"cpu_percent_of_one_core": cpu}
+    commands = result.commands
+    ceiling = ctx.ceiling.get(plan.queryable_rate)
+    floor = ceiling.percentile(0.99) if ceiling else float("nan")
+    p99 = result.percentile(0.99)
+    failures = ", ".join(f"{k} x{v}" for k, v in sorted(result.failures.items())) or "0"
+    ctx.rows.append(
+        Row(
+            f"(d) Command-to-queryable at {plan.queryable_rate} cmd/s offered",
+            f"p50 {ms(result.percentile(0.5))}, p99 {ms(p99)}",
+            f"HTTP ceiling p99 {ms(floor)}",
+            f"{p99 / floor:.0f}x" if floor == floor and floor > 0 and p99 == p99 else "",
+            f"{len(result.visible):,} queries answered 200, {result.retries} retried after 503, "
+            f"failures {failures}; commands {commands.achieved_per_second:,.0f}/s, command "
+            f"p99 {ms(commands.percentile(0.99))}; {cpu_details(cpu)}",
+        )
+    )
+    ctx.targets.append(
+        Target(
+            f"Command-to-queryable p99 at {plan.queryable_rate}/s",
+            "<= 100 ms",
+            ms(p99),
+            p99 <= 0.100 and not result.failures and commands.error_count == 0,
+        )
     )
 
 
-def _infra_pids(infra: Infrastructure) -> dict[str, int | None]:
-    kafka = infra.kafka.process.pid if infra.kafka and infra.kafka.process else None
-    postgres = infra.postgres.process.pid if infra.postgres and infra.postgres.process else None
-    return {"kafka": kafka, "postgres*": postgres}
+# -- outputs ------------------------------------------------------------------------------------
 
 
-# -- main -----------------------------------------------------------------------------------
+def _plots(ctx: Context) -> list[str]:
+    written = []
+    lines = []
+    if ctx.projector_run is not None:
+        lines.append(
+            plots.Series("ours: exactly-once, mean of the projections", ctx.projector_run.rates())
+        )
+    if ctx.naive_run is not None:
+        lines.append(
+            plots.Series(
+                "peer: naive projector (orders only)", projector.rates(ctx.naive_run.samples, 2.0)
+            )
+        )
+    if lines:
+        path = RESULTS / "throughput.png"
+        plots.throughput(
+            path,
+            lines,
+            {"raw consume": ctx.limit("raw_consume")},
+            title="Projector throughput over time",
+        )
+        written.append(str(path))
+    curves = {
+        "command API": [
+            (rate, load.percentile(0.5) * 1000, load.percentile(0.99) * 1000)
+            for rate, load in ctx.api_open.items()
+        ],
+        "HTTP ceiling (bare Litestar)": [
+            (rate, load.percentile(0.5) * 1000, load.percentile(0.99) * 1000)
+            for rate, load in ctx.ceiling.items()
+        ],
+    }
+    points = {}
+    if ctx.visible is not None and ctx.visible.visible:
+        points["command-to-queryable"] = (
+            float(ctx.plan.queryable_rate),
+            ctx.visible.percentile(0.5) * 1000,
+            ctx.visible.percentile(0.99) * 1000,
+        )
+    if any(curves.values()) or points:
+        path = RESULTS / "latency.png"
+        plots.latency(path, curves, points, title="Latency against offered load (open loop)")
+        written.append(str(path))
+    return written
 
 
 def _environment(quick: bool) -> dict[str, Any]:
@@ -466,6 +875,8 @@ def _environment(quick: bool) -> dict[str, Any]:
         check=False,
         timeout=10,
     ).stdout.strip()
+    import psutil
+
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,
@@ -477,67 +888,97 @@ def _environment(quick: bool) -> dict[str, Any]:
     }
 
 
-async def run_all(infra: Infrastructure, plan: Plan, results: dict[str, Any]) -> list[Row]:
+# Limits first (the ratios need them), the long projector run early, (d) last.
+PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
+    limits_kafka,
+    limits_postgres,
+    http_ceiling,
+    projector_throughput,
+    bench_rebuild,
+    naive_peer,
+    writer_memory,
+    command_api,
+    command_to_queryable,
+)
+
+
+async def run_all(ctx: Context, started: float) -> None:
     """Each phase in turn; a failed phase is reported (row + JSON) and the next one still runs."""
-    rows: list[Row] = []
-    phases = (bench_raw_and_projector, bench_writer_startup, bench_http)
-    async with asyncio.timeout(PHASE_TIMEOUT_S * len(phases)):
-        for phase in phases:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(PHASE_TIMEOUT_S):
-                    await phase(infra, plan, results, rows)
-            except Exception as error:
-                _log.exception("%s failed", phase.__name__)
-                results.setdefault("failures", {})[phase.__name__] = repr(error)
-                rows.append(Row(f"{phase.__name__} FAILED", "", details=repr(error)[:300]))
-            results.setdefault("phase_seconds", {})[phase.__name__] = time.perf_counter() - started
-    return rows
+    for phase in PHASES:
+        name = phase.__name__
+        elapsed = time.perf_counter() - started
+        if elapsed > ctx.plan.budget_seconds:
+            ctx.results.setdefault("skipped", []).append(name)
+            ctx.rows.append(Row(f"{name} SKIPPED", "", details="the run's time budget is spent"))
+            continue
+        ctx.results.setdefault("load_average_by_phase", {})[name] = os.getloadavg()
+        phase_started = time.perf_counter()
+        # A phase may overrun the budget by OVERRUN_S at most, so the run stays bounded.
+        allowed = ctx.plan.budget_seconds + OVERRUN_S - elapsed
+        try:
+            async with asyncio.timeout(allowed):
+                await phase(ctx)
+        except Exception as error:
+            _log.exception("%s failed", name)
+            ctx.results.setdefault("failures", {})[name] = repr(error)
+            ctx.rows.append(Row(f"{name} FAILED", "", details=repr(error)[:300]))
+        ctx.results.setdefault("phase_seconds", {})[name] = time.perf_counter() - phase_started
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, 3 s per HTTP level")
+    parser = argparse.ArgumentParser(
+        prog="benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~3 minutes")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("aiokafka", "kafka", "alembic", "projections", "service"):
+    for noisy in ("kafka", "alembic", "projections", "service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Retries of a young topic's leader elections and coordinator look-ups are not news.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     plan = Plan.make(args.quick)
-    results: dict[str, Any] = {"environment": _environment(args.quick)}
+    results: dict[str, Any] = {"environment": _environment(args.quick), "plan": plan.__dict__}
     started = time.perf_counter()
     _log.info("starting Kafka and PostgreSQL")
     with infrastructure() as infra:
         results["infrastructure_start_seconds"] = time.perf_counter() - started
-        _log.info("infrastructure up: %s", infra.kafka_bootstrap_servers)
-        rows = _run(run_all(infra, plan, results))
+        ctx = Context(infra, plan, results)
+        _run(run_all(ctx, time.perf_counter()))
     results["environment"]["load_average_at_end"] = os.getloadavg()
     results["total_seconds"] = time.perf_counter() - started
-    results["table"] = [row.__dict__ for row in rows]
+    results["table"] = [row.__dict__ for row in ctx.rows]
+    results["targets"] = [target.__dict__ for target in ctx.targets]
     RESULTS.mkdir(exist_ok=True)
+    try:
+        results["plots"] = _plots(ctx)
+    except ImportError:
+        _log.warning("no plots: matplotlib is missing; pip install -e '.[bench]'")
+        results["plots"] = "matplotlib is not installed"
+    except Exception as error:  # a plot must not cost the figures
+        _log.exception("plots failed")
+        results["plots"] = repr(error)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    load = results["environment"]
+    (RESULTS / "latest.md").write_text(markdown(results, ctx.rows, ctx.targets))
+    (RESULTS / "README-section.md").write_text(readme_section(results, ctx.rows, ctx.targets))
     print()
-    print(
-        f"Benchmarks ({'quick' if args.quick else 'full'}), {load['cpus']} CPUs, load average "
-        f"{load['load_average_at_start'][0]:.1f} at start / {load['load_average_at_end'][0]:.1f} "
-        f"at end, {results['total_seconds']:.0f}s in all"
-    )
-    print()
-    print(table(rows))
-    print()
-    print(f"JSON: {RESULTS / 'latest.json'}")
+    print(markdown(results, ctx.rows, ctx.targets))
+    print(f"Written: {', '.join(str(p) for p in sorted(RESULTS.glob('*.*')))}")
 
 
-def _run(coroutine: Any) -> list[Row]:
+def _run(coroutine: Awaitable[None]) -> None:
+    async def main() -> None:
+        await coroutine
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover
-        rows: list[Row] = asyncio.run(coroutine)
-        return rows
-    rows = uvloop.run(coroutine)
-    return rows
+        asyncio.run(main())
+        return
+    uvloop.run(main())
 
 
 if __name__ == "__main__":

@@ -6,27 +6,52 @@ import hashlib
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, patch, post
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
-from litestar.exceptions import ValidationException
+from litestar.exceptions import ClientException, HTTPException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.spec import Example
 from litestar.params import Body, HeaderParameter, PathParameter
 
 from service import domain
+from service.api.problems import problem_responses
 from service.writer import Accepted, CommandRequest, Writer
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 
+# Ids of orders, customers and items: what a URL path can carry unescaped, nothing Postgres or a
+# log line could choke on.
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]+$"
+# Idempotency keys and correlation ids: visible ASCII, no spaces, nothing empty.
+HEADER_TOKEN_PATTERN = r"^[!-~]+$"
+
 Text = Annotated[
     str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")
 ]
-Identifier = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+
+# ISO 4217 codes of the currencies in circulation (no funds, metals, test or "no currency" codes).
+# Amend when ISO 4217 does: a code missing here is refused with a 400.
+# fmt: off
+Currency = Literal[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
+    "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP",
+    "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD",
+    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD", "JPY",
+    "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD",
+    "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK",
+    "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK",
+    "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG",
+    "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS",
+    "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VED",
+    "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
 ]
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
+# fmt: on
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=domain.MAX_QUANTITY)]
 MinorUnits = Annotated[int, msgspec.Meta(ge=0, le=domain.MAX_UNIT_PRICE)]
 Amount = Annotated[
@@ -81,12 +106,19 @@ def _example(summary: str, value: dict[str, Any]) -> list[Example]:
 
 # -- headers ----------------------------------------------------------------------------------
 
+# A version, quoted as an entity tag; a bare or weak one ("W/") is read the same way. (The
+# server strips the whitespace around a header value.)
+_ETAG_PATTERN = r'^(?:W/)?"?(\d{1,18})"?$'
+_ETAG = re.compile(_ETAG_PATTERN)
+
 IfMatch = Annotated[
     str | None,
     HeaderParameter(
         name="If-Match",
         required=False,
         description='Optimistic concurrency: the version the order must be at, e.g. "3"',
+        # Documented, not enforced here: parse_if_match answers a mismatch with a clearer 400.
+        schema_extra={"pattern": _ETAG_PATTERN},
     ),
 ]
 IdempotencyKey = Annotated[
@@ -94,24 +126,72 @@ IdempotencyKey = Annotated[
     HeaderParameter(
         name="Idempotency-Key",
         required=False,
+        min_length=1,
         max_length=128,
+        pattern=HEADER_TOKEN_PATTERN,
         description="Retries with the same key and body return the original response",
     ),
 ]
 CorrelationId = Annotated[
-    str | None, HeaderParameter(name="X-Correlation-Id", required=False, max_length=128)
+    str | None,
+    HeaderParameter(
+        name="X-Correlation-Id",
+        required=False,
+        min_length=1,
+        max_length=128,
+        pattern=HEADER_TOKEN_PATTERN,
+    ),
 ]
-OrderId = Annotated[str, PathParameter(min_length=1, max_length=64)]
-Sku = Annotated[str, PathParameter(min_length=1, max_length=64)]
+OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+Sku = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 WriterDependency = NamedDependency[Writer]
 
-_ETAG = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
+_JSON_MEDIA_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
+
+
+def require_json_body(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard of the commands that take a body: it must be declared JSON, else 415."""
+    media_type = connection.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if _JSON_MEDIA_TYPE.match(media_type) is None:
+        raise HTTPException(
+            status_code=415,
+            detail=f"the body must be application/json; got {media_type or 'no Content-Type'}",
+        )
+
+
+class StrictJsonRequest(Request[Any, Any, Any]):
+    """A request whose JSON body is decoded as strictly as the OpenAPI schema states it.
+
+    Litestar converts a body leniently (``"2"`` or ``2.0`` pass for an integer) and answers 500
+    to two kinds of broken JSON that msgspec does not report as a DecodeError: bytes in a string
+    that are not UTF-8, and nesting too deep for the decoder. Each of these is a 400 here.
+    """
+
+    async def json(self) -> Any:
+        data = self.route_handler.parsed_fn_signature.parameters.get("data")
+        body = await self.body()
+        try:
+            if data is not None:
+                msgspec.json.decode(body, type=data.annotation)  # strict, unlike Litestar's
+        except msgspec.ValidationError as error:
+            raise ValidationException(
+                detail=f"Validation failed for {self.method} {self.url.path}",
+                extra=[{"message": str(error), "source": "body"}],
+            ) from error
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise ClientException(detail=f"the body is not valid JSON: {error}") from error
+        return await super().json()
+
+
+_BODY_PROBLEMS = problem_responses(400, 404, 409, 412, 413, 415, 422, 503)
+_PROBLEMS = problem_responses(400, 404, 409, 412, 422, 503)
 
 
 def parse_if_match(value: str | None) -> int | None:
+    """``"3"`` -> 3; no header -> None; anything else is a 400."""
     if value is None:
         return None
-    match = _ETAG.match(value)
+    match = _ETAG.match(value.strip())
     if match is None:
         raise ValidationException(
             detail=f'If-Match must be a version in quotes, like "3"; got {value!r}'
@@ -139,6 +219,7 @@ def _respond(accepted: Accepted, *, status: int = 200, location: bool = False) -
 class OrderCommands(Controller):
     path = "/orders"
     tags = ["commands"]
+    request_class = StrictJsonRequest
 
     async def _submit(
         self,
@@ -160,7 +241,14 @@ class OrderCommands(Controller):
             )
         )
 
-    @post("/", operation_id="createOrder", status_code=201, summary="Create a draft order")
+    @post(
+        "/",
+        operation_id="createOrder",
+        status_code=201,
+        summary="Create a draft order",
+        guards=[require_json_body],
+        responses=problem_responses(400, 413, 415, 422, 503),
+    )
     async def create_order(
         self,
         request: Request[Any, Any, Any],
@@ -192,6 +280,8 @@ class OrderCommands(Controller):
         operation_id="addItem",
         status_code=200,
         summary="Add a line item to a draft order",
+        guards=[require_json_body],
+        responses=_BODY_PROBLEMS,
     )
     async def add_item(
         self,
@@ -229,6 +319,8 @@ class OrderCommands(Controller):
         "/{order_id:str}/items/{sku:str}",
         operation_id="changeItemQuantity",
         summary="Change the quantity of a line item",
+        guards=[require_json_body],
+        responses=_BODY_PROBLEMS,
     )
     async def change_quantity(
         self,
@@ -257,6 +349,7 @@ class OrderCommands(Controller):
         operation_id="removeItem",
         status_code=200,
         summary="Remove a line item",
+        responses=_PROBLEMS,
     )
     async def remove_item(
         self,
@@ -280,6 +373,7 @@ class OrderCommands(Controller):
         operation_id="placeOrder",
         status_code=200,
         summary="Place a draft order; its total is fixed",
+        responses=_PROBLEMS,
     )
     async def place(
         self,
@@ -302,6 +396,8 @@ class OrderCommands(Controller):
         operation_id="payOrder",
         status_code=200,
         summary="Pay a placed order: amount and currency must equal its total",
+        guards=[require_json_body],
+        responses=_BODY_PROBLEMS,
     )
     async def pay(
         self,
@@ -339,6 +435,8 @@ class OrderCommands(Controller):
         operation_id="shipOrder",
         status_code=200,
         summary="Ship a paid order",
+        guards=[require_json_body],
+        responses=_BODY_PROBLEMS,
     )
     async def ship(
         self,
@@ -374,6 +472,7 @@ class OrderCommands(Controller):
         operation_id="deliverOrder",
         status_code=200,
         summary="Record the delivery of a shipped order",
+        responses=_PROBLEMS,
     )
     async def deliver(
         self,
@@ -396,6 +495,8 @@ class OrderCommands(Controller):
         operation_id="cancelOrder",
         status_code=200,
         summary="Cancel an order that has not shipped; a paid order records its refund",
+        guards=[require_json_body],
+        responses=_BODY_PROBLEMS,
     )
     async def cancel(
         self,

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from sqlalchemy import exc as sa_exc
 
 from service import domain
 from service.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
@@ -31,6 +35,41 @@ _DOMAIN_STATUS: dict[type[domain.DomainError], int] = {
 }
 
 
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of every error response (RFC 9457); some problems add members of their own."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+
+
+_PROBLEM_DESCRIPTIONS = {
+    400: "Malformed request: invalid JSON, unknown fields, values out of range, bad headers",
+    404: "No such order (or customer)",
+    409: "The command is not allowed in the order's current state",
+    412: "If-Match names a version the order is not at",
+    413: "The request body is larger than the configured limit",
+    415: "The request body is not application/json",
+    422: "A business rule refused the command, or the Idempotency-Key was reused",
+    503: "Temporarily unavailable (event log, writer start-up, database); see Retry-After",
+}
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI documentation of the problem responses a route can answer with."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=_PROBLEM_DESCRIPTIONS[status],
+            media_type=PROBLEM_JSON,
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
+
 class QueryProblem(Exception):
     """A query-side error with its own status (bad filter, unknown id, not yet consistent)."""
 
@@ -52,6 +91,7 @@ def problem(
     headers: dict[str, str] | None = None,
     **extensions: Any,
 ) -> Response[Any]:
+    """An RFC 9457 problem response; ``extensions`` become extra members of the body."""
     body = {
         "type": _TYPE_BASE + code,
         "title": title,
@@ -129,13 +169,41 @@ def _http(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
         413: "body-too-large",
         415: "unsupported-media-type",
     }.get(status, "http-error")
+    # The title names the kind of problem and never varies with the occurrence (RFC 9457 3.1.4);
+    # what went wrong this time (e.g. where the JSON is malformed) is the detail.
+    return problem(status, code, _phrase(status), str(error.detail), request, headers=error.headers)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP error"
+
+
+def _is_outage(error: Exception) -> bool:
+    """A lost or refused connection, not a statement the database refused (that is our bug)."""
+    if isinstance(error, sa_exc.DBAPIError):
+        transient = isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
+        # 08xxx: connection exceptions; 57P01-57P03: the server is shutting down, crashed, or
+        # is starting up ("cannot connect now"), which asyncpg reports as a plain DBAPIError.
+        sqlstate = getattr(error.orig, "sqlstate", None) or ""
+        server_away = sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
+        return transient or server_away or error.connection_invalidated
+    return True
+
+
+def _database_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    if not _is_outage(error):
+        return _unexpected(request, error)
+    _log.warning("database unavailable on %s %s: %r", request.method, request.url.path, error)
     return problem(
-        status,
-        code,
-        str(error.detail) if status < 500 else "Server error",
-        str(error.detail),
+        503,
+        "unavailable",
+        "Service Unavailable",
+        "the database cannot be reached; retry shortly",
         request,
-        headers=error.headers,
+        headers={"Retry-After": "1"},
     )
 
 
@@ -158,5 +226,9 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     QueryProblem: _query_problem,
     ValidationException: _validation,
     HTTPException: _http,
+    # Postgres down, restarting or unreachable (connection refused, reset, pool timeout): 503.
+    sa_exc.DBAPIError: _database_unavailable,
+    sa_exc.TimeoutError: _database_unavailable,
+    OSError: _database_unavailable,
     Exception: _unexpected,
 }

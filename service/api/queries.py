@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import wait_for_checkpoint
 from projections.schema import customer_summaries, daily_sales, order_history, orders
-from service.api.problems import QueryProblem
+from service.api.commands import IDENTIFIER_PATTERN
+from service.api.problems import QueryProblem, problem_responses
 from service.domain import OrderStatus
 
 MAX_PAGE_SIZE = 200
@@ -123,17 +124,20 @@ class ReadConsistency:
     timeout_s: float
 
 
+_TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
+_TOKEN = re.compile(_TOKEN_PATTERN)
 ConsistencyToken = Annotated[
     str | None,
     HeaderParameter(
         name="X-Consistency-Token",
         required=False,
         max_length=40,
+        # Documented, not enforced here: parse_consistency_token answers with its own problem.
+        schema_extra={"pattern": _TOKEN_PATTERN},
         description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
         "waits (bounded) until the read model has applied that event, else 503",
     ),
 ]
-_TOKEN = re.compile(r"^(\d{1,9}):(\d{1,18})$")
 
 
 def parse_consistency_token(value: str) -> tuple[int, int]:
@@ -168,7 +172,8 @@ async def _await_consistency(
 # -- list cursors -----------------------------------------------------------------------------
 
 _AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-_CursorKey = tuple[_AwareDatetime, str]
+_CursorOrderId = Annotated[str, msgspec.Meta(max_length=64, pattern=IDENTIFIER_PATTERN)]
+_CursorKey = tuple[_AwareDatetime, _CursorOrderId]
 
 
 def encode_cursor(created_at: datetime, order_id: str) -> str:
@@ -188,8 +193,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 # -- parameters -------------------------------------------------------------------------------
 
-OrderId = Annotated[str, PathParameter(min_length=1, max_length=64)]
-CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64)]
+OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+_ONE_PROBLEMS = problem_responses(400, 404, 503)  # one resource: it may not exist
+_MANY_PROBLEMS = problem_responses(400, 503)  # a list or report: empty rather than missing
 Engine = NamedDependency[AsyncEngine]
 Consistency = NamedDependency[ReadConsistency]
 
@@ -217,11 +224,14 @@ _DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields_
     operation_id="listOrders",
     tags=["queries"],
     summary="List orders, oldest first, a page at a time",
+    responses=_MANY_PROBLEMS,
 )
 async def list_orders(
     engine: Engine,
     read_consistency: Consistency,
-    customer_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    customer_id: Annotated[
+        str | None, QueryParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)
+    ] = None,
     status: Annotated[OrderStatus | None, QueryParameter()] = None,
     created_from: Annotated[
         datetime | None, QueryParameter(description="Inclusive lower bound on created_at")
@@ -276,6 +286,7 @@ class OrderQueries(Controller):
         "/{order_id:str}",
         operation_id="getOrder",
         summary="One order; its version is the ETag",
+        responses=_ONE_PROBLEMS,
     )
     async def get_order(
         self,
@@ -297,6 +308,7 @@ class OrderQueries(Controller):
         "/{order_id:str}/history",
         operation_id="getOrderHistory",
         summary="Every event of an order, in version order",
+        responses=_ONE_PROBLEMS,
     )
     async def get_history(
         self,
@@ -326,6 +338,7 @@ class CustomerQueries(Controller):
         "/{customer_id:str}/summary",
         operation_id="getCustomerSummary",
         summary="A customer's order counts and lifetime value per currency",
+        responses=_ONE_PROBLEMS,
     )
     async def get_summary(
         self,
@@ -356,6 +369,7 @@ class ReportQueries(Controller):
         "/daily-sales",
         operation_id="getDailySales",
         summary="Sales per UTC day and currency over an inclusive range of at most 366 days",
+        responses=_MANY_PROBLEMS,
     )
     async def daily_sales_report(
         self,

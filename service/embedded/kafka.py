@@ -385,8 +385,7 @@ class LocalKafka:
 
     def stop(self, *, grace_seconds: float = 20.0) -> None:
         """SIGTERM the broker (controlled shutdown), SIGKILL after the grace period."""
-        if self.process is not None:
-            stop_process(self.process, grace_seconds=grace_seconds)
+        self.terminate(grace_seconds=grace_seconds)
         if self._owns_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -396,12 +395,15 @@ class LocalKafka:
             self.process.kill()
             self.process.wait()
 
+    def terminate(self, *, grace_seconds: float = 20.0) -> None:
+        """SIGTERM the broker (controlled shutdown), SIGKILL after the grace period; the data
+        directory stays for a restart."""
+        if self.process is not None:
+            stop_process(self.process, grace_seconds=grace_seconds)
+
     def restart(self, *, timeout: float = 120.0) -> None:
         """Start again on the same port and data directory after a stop or kill."""
-        owns = self._owns_data_dir
-        self._owns_data_dir = False
-        self.stop()
-        self._owns_data_dir = owns
+        self.terminate()
         port = self.port
         self.start(timeout=timeout)
         assert self.port == port

@@ -188,9 +188,7 @@ class LocalPostgres:
 
     def stop(self, *, grace_seconds: float = 20.0) -> None:
         """Fast shutdown (SIGINT), SIGKILL after the grace period; remove a throw-away data dir."""
-        if self.process is not None:
-            # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit.
-            stop_process(self.process, grace_seconds=grace_seconds, sig=signal.SIGINT)
+        self.terminate(grace_seconds=grace_seconds)
         if self._owns_data_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -200,12 +198,15 @@ class LocalPostgres:
             self.process.kill()
             self.process.wait()
 
+    def terminate(self, *, grace_seconds: float = 20.0) -> None:
+        """Fast shutdown (SIGINT), SIGKILL after the grace period; the data directory stays."""
+        if self.process is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit.
+            stop_process(self.process, grace_seconds=grace_seconds, sig=signal.SIGINT)
+
     def restart(self, *, timeout: float = 60.0) -> None:
         """Start again on the same port and data directory."""
-        owns = self._owns_data_dir
-        self._owns_data_dir = False
-        self.stop()
-        self._owns_data_dir = owns
+        self.terminate()
         self.start(timeout=timeout)
 
 

@@ -1,0 +1,39 @@
+"""The projector in a process of its own, as in production: ``run_projector`` until SIGTERM.
+
+Started by the benchmarks as ``python -m benchmarks.projector_process``; configured like
+``orders projector`` through the environment (``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``,
+``ORDERS_TOPIC``, ``ORDERS_GROUP_PREFIX``), on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from projections.runner import run_projector
+from service.database import create_engine
+from service.settings import Settings
+
+
+async def main() -> None:
+    settings = Settings.from_env()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    engine = create_engine(settings.require_database())
+    try:
+        await run_projector(settings, engine, stop)
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,180 @@
+"""The service as real OS processes (``orders api``, ``orders projector``), for fault tests.
+
+Each process logs to a file, never a pipe (a full pipe would block it), and dies with the test
+(``spawn`` asks Linux to SIGTERM it when its parent dies). Waiting is polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from aiokafka import TopicPartition
+
+from service.embedded import free_port, log_tail, spawn, stop_process
+from service.eventlog import committed_reader
+
+POLL_S = 0.1
+
+
+def service_env(
+    *,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    partitions: int,
+    name: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of an ``orders`` process: its broker, database, topic and names."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": database_url,
+        "ORDERS_TOPIC": topic,
+        "ORDERS_PARTITIONS": str(partitions),
+        "ORDERS_TRANSACTIONAL_ID": f"writer-{name}",
+        "ORDERS_GROUP_PREFIX": f"group-{name}",
+        "ORDERS_PROJECTOR_INSTANCE_ID": f"projector-{name}",
+        **(extra or {}),
+    }
+
+
+@dataclass
+class ServiceProcess:
+    """One ``orders`` subcommand, started, signalled and restarted by a test."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        assert not self.alive, "already running"
+        self.process = spawn(
+            [sys.executable, "-m", "service.cli", *self.argv], log_file=self.log, env=self.env
+        )
+
+    def kill(self) -> int:
+        """kill -9, and reap it."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        return self._reaped()
+
+    def terminate(self, *, grace_seconds: float = 60.0) -> int:
+        """SIGTERM, wait up to ``grace_seconds`` for a clean exit (then SIGKILL); the exit code."""
+        assert self.process is not None
+        stop_process(self.process, grace_seconds=grace_seconds)
+        return self._reaped()
+
+    def _reaped(self) -> int:
+        assert self.process is not None
+        code = self.process.wait()
+        self.exit_codes.append(code)
+        return code
+
+    def tail(self, lines: int = 30) -> str:
+        return log_tail(self.log, lines)
+
+    async def wait_connected(self, ports: list[int], *, timeout: float = 90.0) -> float:
+        """Poll until the process holds an established connection to each of ``ports``
+        (e.g. the broker's and the database's): it is past its start-up checks and serving,
+        with its signal handlers in place. Seconds taken."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            assert self.process is not None
+            assert self.alive, f"{self.argv[0]} exited while starting:\n{self.tail()}"
+            if set(ports) <= _connected_ports(self.process.pid):
+                return time.monotonic() - started
+            assert time.monotonic() < deadline, f"{self.argv[0]} never connected:\n{self.tail()}"
+            await asyncio.sleep(POLL_S)  # polling interval
+
+
+def _connected_ports(pid: int) -> set[int]:
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return set()
+    return {c.raddr.port for c in connections if c.status == "ESTABLISHED" and c.raddr}
+
+
+@dataclass
+class ApiProcess(ServiceProcess):
+    """``orders api`` on its own port of 127.0.0.1."""
+
+    port: int = 0
+
+    @classmethod
+    def create(cls, env: dict[str, str], log: Path) -> ApiProcess:
+        port = free_port()
+        return cls(["api", "--port", str(port)], env, log, port=port)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_ready(self, *, timeout: float = 90.0) -> float:
+        """Poll ``/health/ready`` until 200 (the writer has loaded the log); seconds taken."""
+        started = time.monotonic()
+        deadline = started + timeout
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=5.0) as client:
+            while True:
+                assert self.alive, f"orders api exited while starting:\n{self.tail()}"
+                try:
+                    if (await client.get("/health/ready")).status_code == 200:
+                        return time.monotonic() - started
+                except httpx.TransportError:
+                    pass  # not listening yet
+                assert time.monotonic() < deadline, f"orders api not ready:\n{self.tail()}"
+                await asyncio.sleep(POLL_S)  # polling interval
+
+
+def projector_process(env: dict[str, str], log: Path) -> ServiceProcess:
+    return ServiceProcess(["projector"], env, log)
+
+
+async def open_transactions(
+    bootstrap: str, topic: str, partitions: int
+) -> dict[int, tuple[int, int]]:
+    """Partitions whose last stable offset is behind the high watermark: (stable, end)."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    ends = {}
+    for isolation in ("read_committed", "read_uncommitted"):
+        consumer = committed_reader(bootstrap, isolation_level=isolation)
+        await consumer.start()
+        try:
+            ends[isolation] = await consumer.end_offsets(tps)
+        finally:
+            await consumer.stop()
+    stable, end = ends["read_committed"], ends["read_uncommitted"]
+    return {tp.partition: (stable[tp], end[tp]) for tp in tps if stable[tp] < end[tp]}
+
+
+async def wait_no_open_transaction(
+    bootstrap: str, topic: str, partitions: int, *, timeout: float
+) -> dict[int, tuple[int, int]]:
+    """Poll until no transaction holds a partition back; what is still open at the deadline.
+
+    Markers of a transaction that just ended reach the partitions a moment after the
+    coordinator answered; a transaction left open stays open until its timeout (a minute).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        still_open = await open_transactions(bootstrap, topic, partitions)
+        if not still_open or time.monotonic() >= deadline:
+            return still_open
+        await asyncio.sleep(POLL_S)  # polling interval
