@@ -27,7 +27,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.catalog import PROJECTIONS
-from projections.schema import projection_checkpoints
 from service.database import create_engine, migrate
 from service.embedded import spawn, stop_process
 
@@ -84,16 +83,18 @@ async def warm_group_coordinator(bootstrap: str, topic: str, *, timeout: float =
 
 
 async def read_checkpoints(engine: AsyncEngine, topic: str) -> dict[tuple[str, int], int]:
-    """(projection, partition) -> next offset to apply, for ``topic``.
+    """(projection, partition) -> next offset to apply, for ``topic``, of the live versions.
 
     The one place that knows the checkpoint table: adapt it here when that table changes.
     """
-    table = projection_checkpoints
     async with engine.connect() as connection:
         result = await connection.execute(
-            sa.select(table.c.projection, table.c.partition, table.c.next_offset).where(
-                table.c.topic == topic
-            )
+            sa.text(
+                "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
+                "JOIN projection_versions v USING (projection, version) "
+                "WHERE v.state = 'live' AND c.topic = :topic"
+            ),
+            {"topic": topic},
         )
         return {(row.projection, row.partition): row.next_offset for row in result}
 

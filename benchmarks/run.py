@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -377,29 +375,15 @@ async def projector_throughput(ctx: Context) -> None:
 
 
 async def bench_rebuild(ctx: Context) -> None:
-    """(b) HOOK: time a full rebuild of all projections from the N events.
+    """(b) A full blue/green rebuild of all projections from the N events of run (a).
 
-    ``projections.rebuild`` does not exist yet; until it does this phase only reports "not
-    available yet". Expected shape once it lands: a coroutine function
-    ``projections.rebuild.rebuild(settings, engine)`` that rebuilds every projection from
-    offset 0 of ``settings.topic`` and returns when all have caught up. Adapt the call below
-    if the real entry point differs; the surrounding timing and checks stay.
+    ``orders projections rebuild all`` as a function: new versions built from offset 0 with
+    bulk settings, indexes after the load, then the switch; timed until every new version is
+    live, and checked to be at the end of the topic.
     """
-    if importlib.util.find_spec("projections.rebuild") is None:
-        ctx.results["rebuild"] = None
-        ctx.rows.append(
-            Row(
-                "(b) Full rebuild of all projections",
-                "not available yet",
-                details="projections.rebuild does not exist yet",
-            )
-        )
-        ctx.targets.append(Target("Full rebuild from 1,000,000 events", "<= 30 s", "n/a", None))
-        return
-    rebuild_module = importlib.import_module("projections.rebuild")
-    entry: Callable[..., Awaitable[Any]] | None = getattr(rebuild_module, "rebuild", None)
-    if entry is None:
-        raise RuntimeError("projections.rebuild has no rebuild(settings, engine): adapt the hook")
+    from projections.rebuild import rebuild
+    from projections.runner import runner_config
+
     filled = ctx.require_topic()
     if not ctx.projector_database:
         raise RuntimeError("needs the read models of run (a)")
@@ -413,7 +397,9 @@ async def bench_rebuild(ctx: Context) -> None:
     try:
         started = time.perf_counter()
         async with asyncio.timeout(ctx.plan.rebuild_timeout):
-            await entry(settings, engine)
+            result = await rebuild(engine, runner_config(settings), list(PROJECTIONS))
+        if len(result.switched) != len(PROJECTIONS):
+            raise RuntimeError(f"the rebuild switched only {result.switched}")
         seconds = time.perf_counter() - started
         stored = await projector.read_checkpoints(engine, ctx.topic)
     finally:
