@@ -52,7 +52,7 @@ def _schema_of_the_app() -> dict[str, Any]:
     writer = Writer(WriterConfig(bootstrap_servers="127.0.0.1:9", topic="unused"))
     engine = create_async_engine("postgresql+asyncpg://unused@127.0.0.1:9/unused")
     schema: dict[str, Any] = create_app(
-        Resources(writer=writer, engine=engine)
+        Resources(writer=writer, engine=engine, kafka_bootstrap="127.0.0.1:9")
     ).openapi_schema.to_schema()
     return schema
 
