@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import msgspec
 import sqlalchemy as sa
 
 from projections.projection import Applied, Db, State
@@ -32,8 +31,9 @@ class OrderHistoryProjection:
                 "occurred_at": envelope.occurred_at,
                 "command_id": envelope.command_id,
                 "correlation_id": envelope.correlation_id,
-                # As written: the audit trail keeps the stored data, not an upcast copy.
-                "data": msgspec.json.decode(envelope.data),
+                # As written: the audit trail keeps the stored data, not an upcast copy
+                # (msgspec.Raw: the JSON bytes as they are, copied to the row unparsed).
+                "data": envelope.data,
                 "partition": applied.partition,
                 "offset": applied.offset,
             }

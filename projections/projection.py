@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterable, Sequence
+import operator
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,9 +57,13 @@ class TableState:
 
     def __post_init__(self) -> None:
         self.keys = _key_names(self.table)
+        getter = operator.itemgetter(*self.keys)
+        self._key: Callable[[Row], Key] = (
+            (lambda row: (getter(row),)) if len(self.keys) == 1 else getter
+        )
 
     def key_of(self, row: Row) -> Key:
-        return tuple([row[name] for name in self.keys])
+        return self._key(row)
 
     def get(self, *key: Any) -> Row | None:
         return self.rows.get(key)

@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import httpx
+import msgspec
 import sqlalchemy as sa
 from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -327,6 +328,8 @@ async def clear_read_models(engine: AsyncEngine) -> None:
 
 def normalise(value: Any) -> Any:
     """Comparable plain values: datetimes as UTC ISO strings, dates as ISO, JSON recursively."""
+    if isinstance(value, msgspec.Raw):
+        return normalise(msgspec.json.decode(value))
     if isinstance(value, datetime):
         assert value.tzinfo is not None, f"naive datetime {value!r}"
         return value.astimezone(UTC).isoformat()
