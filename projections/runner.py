@@ -111,7 +111,7 @@ class RunnerConfig:
     topic: str
     group_prefix: str = "orders-projection"
     instance_id: str | None = None
-    batch_max_records: int = 5000
+    batch_max_records: int = 20_000
     batch_wait_ms: int = 50
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     commit_kafka_offsets_every: float = 1.0
