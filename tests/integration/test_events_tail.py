@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 
 from service import domain
 from service.tail import TailOptions, TopicMissing, partition_for, tail
-from service.writer import Accepted, CommandRequest, Writer, WriterConfig
+from service.writer import Accepted, CommandRequest, Writer
 
 PARTITIONS = 4
 DEADLINE = 60.0
@@ -43,22 +43,6 @@ class Written:
     at: datetime
     partition: int
     offset: int
-
-
-@pytest.fixture
-async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=bootstrap,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"tail-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
 
 
 def _commands(order_id: str, items: int, at: datetime) -> list[domain.Command]:

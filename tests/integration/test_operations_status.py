@@ -27,9 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import CAUGHT_UP, HALTED, RUNNING, TopicStatus, render, status
 from service.api.app import Resources, create_app
-from service.writer import Writer, WriterConfig
 from tests.support.http import serve
-from tests.support.projection_harness import Api, Done, clear_read_models, eventually, running
+from tests.support.projection_harness import Api, Done, eventually, running
 
 PARTITIONS = 4
 ALL = ["customer_summary", "daily_sales", "order_history", "orders"]  # status sorts by name
@@ -40,45 +39,6 @@ Report = dict[str, Any]
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def db(engine: AsyncEngine) -> AsyncEngine:
-    await clear_read_models(engine)
-    return engine
-
-
-@pytest.fixture
-def group_prefix() -> str:
-    return f"test-status-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def suffix() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=bootstrap,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
-
-
-@pytest.fixture
-async def api(writer: Writer, db: AsyncEngine, topic: str) -> AsyncIterator[Api]:
-    app = create_app(Resources(writer=writer, engine=db, topic=topic))
-    async with serve(app) as client:
-        yield Api(client)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,15 +31,11 @@ from projections.parking import ParkingRefused
 from projections.projection import Applied, Db, Projection, State, begin
 from projections.status import HALTED, status
 from service import envelope
-from service.api.app import Resources, create_app
-from service.writer import Writer, WriterConfig
-from tests.support.http import serve
 from tests.support.projection_harness import (
     Api,
     Done,
     Running,
     assert_tables_equal_oracle,
-    clear_read_models,
     decoded,
     eventually,
     read_records,
@@ -53,48 +49,6 @@ ALL = ["orders", "order_history", "customer_summary", "daily_sales"]
 WORKTREE = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 90.0
 PARKED_WITH_ORDER = "its order is parked"
-
-
-# -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def db(engine: AsyncEngine) -> AsyncEngine:
-    await clear_read_models(engine)
-    return engine
-
-
-@pytest.fixture
-def group_prefix() -> str:
-    return f"test-parking-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def suffix() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=bootstrap,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
-
-
-@pytest.fixture
-async def api(writer: Writer, db: AsyncEngine, topic: str) -> AsyncIterator[Api]:
-    app = create_app(Resources(writer=writer, engine=db, topic=topic))
-    async with serve(app) as client:
-        yield Api(client)
 
 
 # -- poisons -----------------------------------------------------------------------------------

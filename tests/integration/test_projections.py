@@ -46,7 +46,7 @@ from projections.schema import orders as orders_table
 from service import envelope
 from service.api.app import Resources, create_app
 from service.domain import ItemAdded, OrderPaid
-from service.writer import Writer, WriterConfig
+from service.writer import Writer
 from tests.support.http import serve
 from tests.support.log import read_topic
 from tests.support.projection_harness import (
@@ -56,7 +56,6 @@ from tests.support.projection_harness import (
     Running,
     assert_tables_equal_oracle,
     checkpoints,
-    clear_read_models,
     decoded,
     differences,
     ends_of,
@@ -76,40 +75,6 @@ CONSISTENCY_WAIT_MS = 15_000
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def db(engine: AsyncEngine) -> AsyncEngine:
-    """The module's database with every read-model table and checkpoint emptied."""
-    await clear_read_models(engine)
-    return engine
-
-
-@pytest.fixture
-def group_prefix() -> str:
-    return f"test-projections-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def suffix() -> str:
-    """Makes customer ids unique per test."""
-    return uuid.uuid4().hex[:6]
-
-
-@pytest.fixture
-async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=bootstrap,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,13 +29,12 @@ from projections.rebuild import Progress, RebuildInterrupted, rebuild
 from projections.runner import RunnerConfig
 from projections.schema import schema_for
 from service.api.app import Resources, create_app
-from service.writer import Accepted, Writer, WriterConfig
+from service.writer import Accepted, Writer
 from tests.support.http import serve
 from tests.support.lifecycles import write_orders
 from tests.support.projection_harness import (
     assert_tables_equal_oracle,
     checkpoints,
-    clear_read_models,
     decoded,
     ends_of,
     eventually,
@@ -49,32 +46,6 @@ from tests.support.projection_harness import (
 PARTITIONS = 4
 ALL = list(catalog.PROJECTIONS)
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def db(engine: AsyncEngine) -> AsyncEngine:
-    await clear_read_models(engine)
-    return engine
-
-
-@pytest.fixture
-def group_prefix() -> str:
-    return f"test-rebuild-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=bootstrap,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"rebuild-{uuid.uuid4().hex[:8]}",
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
 
 
 def config_for(bootstrap: str, topic: str, group_prefix: str) -> RunnerConfig:
