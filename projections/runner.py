@@ -390,6 +390,18 @@ class ProjectionRunner:
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
 
+    async def _until_topic_exists(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        waited = 0.0
+        while self.config.topic not in await consumer.topics():
+            if waited == 0.0 or waited >= 30:
+                _log.info("%s: waiting for topic %s to exist", self.label, self.config.topic)
+                waited = 0.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if stop.is_set():
+                return
+            waited += 0.5
+
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap_servers,
@@ -402,6 +414,7 @@ class ProjectionRunner:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=self.config.max_partition_fetch_bytes,
             fetch_max_bytes=max(32 * 1024 * 1024, self.config.max_partition_fetch_bytes),
+            metadata_max_age_ms=30_000,  # notice new partitions within half a minute
         )
 
     async def _consume(self, stop: asyncio.Event) -> None:
@@ -411,6 +424,12 @@ class ProjectionRunner:
         except KafkaError as error:
             raise _ConsumerBroken from error
         self.consumer = consumer
+        try:
+            await self._until_topic_exists(consumer, stop)
+        except KafkaError as error:
+            raise _ConsumerBroken from error
+        # Subscribing before the topic exists would join the group with no partitions, and a
+        # static member (instance id) keeps that empty assignment when it rejoins.
         consumer.subscribe([self.config.topic], listener=_Listener(self))
         _log.info("%s: applying to %s", self.label, ", ".join(map(str, self.targets)))
         try:
