@@ -19,8 +19,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check service projections tests migrations
-	$(VENV)/bin/mypy --strict service projections
+	$(VENV)/bin/ruff check service projections tests migrations benchmarks
+	$(VENV)/bin/mypy --strict service projections benchmarks
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
