@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
-from projections.schema import orders
+from projections.schema import orders, schema_for
 from service import envelope
 
 
@@ -126,6 +126,14 @@ def _fallback(column: sa.Column[Any]) -> Any:
     return python_type()
 
 
+async def _live_orders(connection: asyncpg.Connection) -> str:
+    """The live version's ``orders`` table (``orders`` itself is a view on it: no indexes)."""
+    version = await connection.fetchval(
+        "SELECT version FROM projection_versions WHERE projection = 'orders' AND state = 'live'"
+    )
+    return f'"{schema_for("orders", version)}".orders'
+
+
 def orders_rows(count: int, *, seed: int = 11) -> tuple[list[str], list[tuple[Any, ...]]]:
     """``count`` rows shaped like the ``orders`` read model (columns from its schema)."""
     rng = random.Random(seed)
@@ -149,7 +157,10 @@ async def copy_rows(dsn: str, *, count: int, batch: int, timeout: float) -> Rate
     connection = await asyncpg.connect(dsn, timeout=30)
     try:
         async with asyncio.timeout(timeout):
-            await connection.execute("CREATE TABLE bench_orders_copy (LIKE orders INCLUDING ALL)")
+            await connection.execute(
+                f"CREATE TABLE bench_orders_copy (LIKE {await _live_orders(connection)} "
+                "INCLUDING ALL)"
+            )
             started = time.perf_counter()
             for start in range(0, count, batch):
                 async with connection.transaction():
@@ -222,7 +233,10 @@ async def upsert_rows(dsn: str, *, count: int, batch: int, timeout: float) -> Up
     connection = await asyncpg.connect(dsn, timeout=30)
     try:
         async with asyncio.timeout(timeout):
-            await connection.execute("CREATE TABLE bench_orders_upsert (LIKE orders INCLUDING ALL)")
+            await connection.execute(
+                f"CREATE TABLE bench_orders_upsert (LIKE {await _live_orders(connection)} "
+                "INCLUDING ALL)"
+            )
             prepared = await connection.prepare(statement)
             passes = []
             for source in (rows, changed):
