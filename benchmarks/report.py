@@ -135,8 +135,8 @@ def readme_section(results: dict[str, Any], rows: list[Row], targets: list[Targe
         "\n\n".join(
             [
                 "## Benchmarks",
-                "```sh\n.venv/bin/python -m benchmarks.run           # full run, about 15 minutes\n"
-                ".venv/bin/python -m benchmarks.run --quick   # smaller, under 3 minutes\n```",
+                "```sh\n.venv/bin/python -m benchmarks.run           # full run, 1,000,000 events\n"
+                ".venv/bin/python -m benchmarks.run --quick   # smaller sizes, a few minutes\n```",
                 "It starts its own Kafka broker and PostgreSQL (or uses `KAFKA_BOOTSTRAP_SERVERS` /"
                 " `DATABASE_URL`), all traffic on 127.0.0.1, prints the table below and writes "
                 "`bench-results/latest.json`, `latest.md`, `throughput.png` and `latency.png`.",

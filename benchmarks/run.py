@@ -338,7 +338,9 @@ async def projector_throughput(ctx: Context) -> None:
         if run.finished
         else f"NOT caught up: {run.applied:,} of {run.events:,} events in {run.seconds:.0f} s"
     )
-    slowest = max(run.caught_up, key=run.caught_up.__getitem__) if run.caught_up else "?"
+    slowest = (
+        max(run.caught_up, key=run.caught_up.__getitem__) if run.caught_up else "none caught up"
+    )
     ctx.rows += [
         Row(
             f"(a) Projector, all {run.projections} projections, exactly-once, sustained",
@@ -371,7 +373,7 @@ async def projector_throughput(ctx: Context) -> None:
     ]
 
 
-# -- (b) rebuild: a hook for projections.rebuild --------------------------------------------------
+# -- (b) rebuild ------------------------------------------------------------------------------
 
 
 async def bench_rebuild(ctx: Context) -> None:
@@ -918,7 +920,15 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~3 minutes")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write latest.md and README-section.md again from latest.json",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        render(json.loads((RESULTS / "latest.json").read_text()))
+        return
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -948,10 +958,17 @@ def main(argv: list[str] | None = None) -> None:
         _log.exception("plots failed")
         results["plots"] = repr(error)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (RESULTS / "latest.md").write_text(markdown(results, ctx.rows, ctx.targets))
-    (RESULTS / "README-section.md").write_text(readme_section(results, ctx.rows, ctx.targets))
+    render(results)
+
+
+def render(results: dict[str, Any]) -> None:
+    """Write ``latest.md`` and ``README-section.md`` from a run's results; print the table."""
+    rows = [Row(**row) for row in results["table"]]
+    targets = [Target(**target) for target in results["targets"]]
+    (RESULTS / "latest.md").write_text(markdown(results, rows, targets))
+    (RESULTS / "README-section.md").write_text(readme_section(results, rows, targets))
     print()
-    print(markdown(results, ctx.rows, ctx.targets))
+    print(markdown(results, rows, targets))
     print(f"Written: {', '.join(str(p) for p in sorted(RESULTS.glob('*.*')))}")
 
 
