@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import sqlalchemy as sa
@@ -60,3 +61,79 @@ async def wait_for_checkpoint(
             if remaining <= 0:
                 return False
             await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
+
+
+class CheckpointWatcher:
+    """Waits for checkpoints on behalf of every query of a process, with ONE poller.
+
+    A query waiting for its consistency token then costs a future, not a database round trip
+    every few milliseconds: under load, hundreds of waiting queries polling on their own
+    connections would take the CPU and the pool from everything else.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, topic: str, *, poll_interval_s: float = POLL_INTERVAL_S
+    ) -> None:
+        self.engine = engine
+        self.topic = topic
+        self.poll_interval_s = poll_interval_s
+        self._waiting: dict[tuple[str, int], list[tuple[int, asyncio.Future[None]]]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait(self, projection: str, partition: int, offset: int, timeout_s: float) -> bool:
+        """Like ``wait_for_checkpoint``: True once the event at ``offset`` is applied."""
+        if timeout_s <= 0:
+            return await wait_for_checkpoint(
+                self.engine, projection, self.topic, partition, offset, 0
+            )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiting.setdefault((projection, partition), [])
+        waiters.append((offset, future))
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="checkpoint-watcher")
+        try:
+            await asyncio.wait_for(future, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if (offset, future) in waiters:
+                waiters.remove((offset, future))
+            if not waiters and self._waiting.get((projection, partition)) is waiters:
+                del self._waiting[(projection, partition)]
+            if not self._waiting and self._poller is not None:
+                self._poller.cancel()  # nobody waits: give the connection back now
+                self._poller = None  # the next waiter starts a new poller
+
+    async def close(self) -> None:
+        """Stop polling (the process is shutting down); waiting queries then time out."""
+        if self._poller is not None and not self._poller.done():
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+
+    async def _poll(self) -> None:
+        query = sa.text(
+            "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
+            "JOIN projection_versions v USING (projection, version) "
+            "WHERE v.state = 'live' AND c.topic = :topic"
+        )
+        try:
+            async with self.engine.connect() as connection:
+                while self._waiting:
+                    rows = (await connection.execute(query, {"topic": self.topic})).all()
+                    await connection.rollback()  # the next poll sees what committed since
+                    applied = {(row[0], row[1]): row[2] for row in rows}
+                    for key, waiters in list(self._waiting.items()):
+                        next_offset = applied.get(key)
+                        if next_offset is None:
+                            continue
+                        for offset, future in waiters:
+                            if next_offset > offset and not future.done():
+                                future.set_result(None)
+                    await asyncio.sleep(self.poll_interval_s)  # the polling interval
+        except Exception as error:  # the database is away: every waiting query hears it
+            for waiters in self._waiting.values():
+                for _, future in waiters:
+                    if not future.done():
+                        future.set_exception(error)

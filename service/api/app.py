@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.checkpoints import CheckpointWatcher
 from service.api.commands import OrderCommands
 from service.api.ops import Operations
 from service.api.problems import EXCEPTION_HANDLERS
@@ -55,7 +56,10 @@ def create_app(
     def provide_topic() -> str:
         return resources.topic
 
-    read_consistency = ReadConsistency(resources.topic, resources.consistency_wait_ms / 1000)
+    watcher = CheckpointWatcher(resources.engine, resources.topic) if resources.engine else None
+    read_consistency = ReadConsistency(
+        resources.topic, resources.consistency_wait_ms / 1000, watcher
+    )
 
     def provide_read_consistency() -> ReadConsistency:
         return read_consistency
@@ -95,6 +99,7 @@ def create_app(
             "topic": Provide(provide_topic, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        on_shutdown=[watcher.close] if watcher is not None else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Orders",

@@ -16,7 +16,7 @@ from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.checkpoints import wait_for_checkpoint
+from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.api.commands import IDENTIFIER_PATTERN
 from service.api.problems import QueryProblem, problem_responses
@@ -122,6 +122,7 @@ class ReadConsistency:
 
     topic: str
     timeout_s: float
+    watcher: CheckpointWatcher | None = None  # one poller for every waiting query
 
 
 _TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
@@ -158,9 +159,13 @@ async def _await_consistency(
     if token is None:
         return
     partition, offset = parse_consistency_token(token)
-    if not await wait_for_checkpoint(
-        engine, projection, reads.topic, partition, offset, reads.timeout_s
-    ):
+    if reads.watcher is not None:
+        applied = await reads.watcher.wait(projection, partition, offset, reads.timeout_s)
+    else:
+        applied = await wait_for_checkpoint(
+            engine, projection, reads.topic, partition, offset, reads.timeout_s
+        )
+    if not applied:
         raise QueryProblem(
             503,
             "not-yet-consistent",
