@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.catalog import PROJECTIONS
+from projections.checkpoints import live_checkpoints
 from service.database import create_engine, migrate
 from service.embedded import spawn, stop_process
 
@@ -88,14 +89,7 @@ async def read_checkpoints(engine: AsyncEngine, topic: str) -> dict[tuple[str, i
     The one place that knows the checkpoint table: adapt it here when that table changes.
     """
     async with engine.connect() as connection:
-        result = await connection.execute(
-            sa.text(
-                "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
-                "JOIN projection_versions v USING (projection, version) "
-                "WHERE v.state = 'live' AND c.topic = :topic"
-            ),
-            {"topic": topic},
-        )
+        result = await connection.execute(sa.select(live_checkpoints(topic)))
         return {(row.projection, row.partition): row.next_offset for row in result}
 
 

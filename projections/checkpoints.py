@@ -14,6 +14,27 @@ from projections.schema import projection_checkpoints, projection_versions
 POLL_INTERVAL_S = 0.005
 
 
+def live_checkpoints(topic: str) -> sa.Subquery:
+    """(projection, partition, next_offset) of each projection's LIVE version on ``topic``.
+
+    A rebuild switches versions only once the new one has applied at least as much as the
+    old, so what this answers never goes backwards.
+    """
+    checkpoints, versions = projection_checkpoints, projection_versions
+    return (
+        sa.select(checkpoints.c.projection, checkpoints.c.partition, checkpoints.c.next_offset)
+        .join(
+            versions,
+            sa.and_(
+                versions.c.projection == checkpoints.c.projection,
+                versions.c.version == checkpoints.c.version,
+            ),
+        )
+        .where(versions.c.state == "live", checkpoints.c.topic == topic)
+        .subquery("live_checkpoints")
+    )
+
+
 async def wait_for_checkpoint(
     engine: AsyncEngine,
     projection: str,
@@ -29,24 +50,9 @@ async def wait_for_checkpoint(
     that holds, False if ``timeout_s`` passes first (or at once, with ``timeout_s <= 0``,
     when it does not hold yet). A missing checkpoint row means nothing is applied yet.
     """
-    checkpoints, versions = projection_checkpoints, projection_versions
-    # The live version's checkpoint: a rebuild switches versions only once the new one has
-    # applied at least as much, so the answer never goes backwards.
-    query = (
-        sa.select(checkpoints.c.next_offset)
-        .join(
-            versions,
-            sa.and_(
-                versions.c.projection == checkpoints.c.projection,
-                versions.c.version == checkpoints.c.version,
-            ),
-        )
-        .where(
-            versions.c.state == "live",
-            checkpoints.c.projection == projection,
-            checkpoints.c.topic == topic,
-            checkpoints.c.partition == partition,
-        )
+    live = live_checkpoints(topic)
+    query = sa.select(live.c.next_offset).where(
+        live.c.projection == projection, live.c.partition == partition
     )
     deadline = time.monotonic() + timeout_s
     # One connection for the whole (bounded) wait: a checkout per poll would ping each time.
@@ -113,15 +119,11 @@ class CheckpointWatcher:
                 await self._poller
 
     async def _poll(self) -> None:
-        query = sa.text(
-            "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
-            "JOIN projection_versions v USING (projection, version) "
-            "WHERE v.state = 'live' AND c.topic = :topic"
-        )
+        query = sa.select(live_checkpoints(self.topic))
         try:
             async with self.engine.connect() as connection:
                 while self._waiting:
-                    rows = (await connection.execute(query, {"topic": self.topic})).all()
+                    rows = (await connection.execute(query)).all()
                     await connection.rollback()  # the next poll sees what committed since
                     applied = {(row[0], row[1]): row[2] for row in rows}
                     for key, waiters in list(self._waiting.items()):

@@ -37,6 +37,7 @@ from projections.versions import (
     create_building,
     drop,
     live_targets,
+    reset,
     switch,
 )
 from service.eventlog import committed_reader
@@ -205,8 +206,6 @@ async def rebuild(
 
 
 async def _reset_in_place(engine: AsyncEngine, projections: Sequence[Projection]) -> list[Target]:
-    from projections.versions import reset
-
     async with begin(engine) as connection:
         targets = await live_targets(connection, projections)
         for target in targets:

@@ -391,16 +391,11 @@ class ProjectionRunner:
                 delay = min(delay * 2, 10.0)
 
     async def _until_topic_exists(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        waited = 0.0
-        while self.config.topic not in await consumer.topics():
-            if waited == 0.0 or waited >= 30:
-                _log.info("%s: waiting for topic %s to exist", self.label, self.config.topic)
-                waited = 0.0
+        if self.config.topic not in await consumer.topics():
+            _log.info("%s: waiting for topic %s to exist", self.label, self.config.topic)
+        while self.config.topic not in await consumer.topics() and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            if stop.is_set():
-                return
-            waited += 0.5
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(

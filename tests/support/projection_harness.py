@@ -23,6 +23,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
+from projections.checkpoints import live_checkpoints
 from projections.projection import Applied, Db, Projection, State
 from projections.runner import Halt, ProjectionRunner, RunnerConfig, oracle
 from service import envelope
@@ -253,18 +254,12 @@ async def eventually(
 
 async def checkpoints(engine: AsyncEngine, projection: str, topic: str) -> dict[int, int]:
     """The live version's checkpoints: partition -> next offset."""
+    live = live_checkpoints(topic)
     async with engine.connect() as connection:
-        rows = (
-            await connection.execute(
-                sa.text(
-                    "SELECT c.partition, c.next_offset FROM projection_checkpoints c "
-                    "JOIN projection_versions v USING (projection, version) "
-                    "WHERE v.state = 'live' AND c.projection = :p AND c.topic = :t"
-                ),
-                {"p": projection, "t": topic},
-            )
-        ).all()
-    return {row.partition: row.next_offset for row in rows}
+        rows = await connection.execute(
+            sa.select(live.c.partition, live.c.next_offset).where(live.c.projection == projection)
+        )
+        return {row.partition: row.next_offset for row in rows}
 
 
 async def wait_caught_up(
