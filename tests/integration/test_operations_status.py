@@ -8,15 +8,9 @@ records are produced straight to the topic. Nothing is mocked; waiting is pollin
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,13 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import CAUGHT_UP, HALTED, RUNNING, TopicStatus, render, status
 from service.api.app import Resources, create_app
+from tests.support.cli import OrdersCli
 from tests.support.http import serve
+from tests.support.poison import not_json, unknown_type
 from tests.support.projection_harness import Api, Done, eventually, running
 
 PARTITIONS = 4
 ALL = ["customer_summary", "daily_sales", "order_history", "orders"]  # status sorts by name
-WORKTREE = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT_S = 90.0
 
 Report = dict[str, Any]
 
@@ -101,29 +95,9 @@ async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key:
     return int(metadata.offset)
 
 
-def _not_json(order_id: str) -> bytes:
-    return b"\xff\x00 garbage, not an envelope " + order_id.encode()
-
-
-def _unknown_type(order_id: str) -> bytes:
-    return json.dumps(
-        {
-            "event_id": str(uuid.uuid4()),
-            "type": "NoSuchEvent",
-            "schema_version": 1,
-            "order_id": order_id,
-            "version": 1,
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "command_id": str(uuid.uuid4()),
-            "correlation_id": str(uuid.uuid4()),
-            "data": {},
-        }
-    ).encode()
-
-
 POISONS: dict[str, tuple[Callable[[str], bytes], str]] = {
-    "not-json": (_not_json, "not a valid envelope"),
-    "unknown-type": (_unknown_type, "unknown event type 'NoSuchEvent'"),
+    "not-json": (not_json, "not a valid envelope"),
+    "unknown-type": (unknown_type, "unknown event type 'NoSuchEvent'"),
 }
 
 
@@ -135,27 +109,10 @@ def as_json(report: TopicStatus) -> Report:
 
 async def cli_status(bootstrap: str, database_url: str, topic: str) -> Report:
     """``projections status --json`` through the real CLI in a subprocess (this worktree)."""
-    env = dict(os.environ)
-    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, DATABASE_URL=database_url, ORDERS_TOPIC=topic)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service.cli",
-        "projections",
-        "status",
-        "--json",
-        cwd=WORKTREE,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await OrdersCli(bootstrap, database_url, topic).run(
+        "projections", "status", "--json"
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode == 0, f"exit {process.returncode}: {err.decode()}"
+    assert code == 0, f"exit {code}: {err}"
     parsed: Report = json.loads(out)
     return parsed
 

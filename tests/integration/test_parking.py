@@ -11,15 +11,8 @@ Everything runs against the real broker and database; waiting is polling with a 
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import sys
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -31,6 +24,8 @@ from projections.parking import ParkingRefused
 from projections.projection import Applied, Db, Projection, State, begin
 from projections.status import HALTED, status
 from service import envelope
+from tests.support.cli import OrdersCli
+from tests.support.poison import envelope_json, not_json, unknown_type
 from tests.support.projection_harness import (
     Api,
     Done,
@@ -46,8 +41,6 @@ from tests.support.projection_harness import (
 
 PARTITIONS = 4
 ALL = ["orders", "order_history", "customer_summary", "daily_sales"]
-WORKTREE = Path(__file__).resolve().parents[2]
-CLI_TIMEOUT_S = 90.0
 PARKED_WITH_ORDER = "its order is parked"
 
 
@@ -76,32 +69,10 @@ class Failing:
         self.inner.fold(state, applied)
 
 
-def _envelope_json(order_id: str, version: int, **fields: Any) -> bytes:
-    command_id = str(uuid.uuid4())
-    body = {
-        "event_id": str(uuid.uuid4()),
-        "order_id": order_id,
-        "version": version,
-        "occurred_at": datetime.now(UTC).isoformat(),
-        "command_id": command_id,
-        "correlation_id": command_id,
-        **fields,
-    }
-    return json.dumps(body).encode()
-
-
-def not_json(order_id: str, version: int) -> bytes:
-    return b"\x00\x9f{ not json at all, order " + order_id.encode()
-
-
-def unknown_type(order_id: str, version: int) -> bytes:
-    return _envelope_json(order_id, version, type="NoSuchEvent", schema_version=1, data={})
-
-
 def item_added_v0(order_id: str, version: int) -> bytes:
     """An ItemAdded of schema version 0: decodable only through an upcaster from v0."""
     data = {"sku": "OLD", "name": "Old item", "quantity": 1, "unit_price": 100}
-    return _envelope_json(order_id, version, type="ItemAdded", schema_version=0, data=data)
+    return envelope_json(order_id, version, type="ItemAdded", schema_version=0, data=data)
 
 
 def _upcaster_that_fails(data: dict[str, Any]) -> dict[str, Any]:
@@ -181,43 +152,14 @@ class InProcess:
         return _line(await parking.skip(self.db, self.topic, name, partition, offset))
 
 
-@dataclass
-class Cli:
-    """``orders projections ...`` of this worktree, as a subprocess."""
+class Cli(OrdersCli):
+    """``orders projections ...`` of this checkout, as a subprocess."""
 
-    bootstrap: str
-    database_url: str
-    topic: str
-
-    async def run(self, *args: str) -> tuple[int, str, str]:
-        env = dict(os.environ)
-        env.update(
-            KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            DATABASE_URL=self.database_url,
-            ORDERS_TOPIC=self.topic,
-        )
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service.cli",
-            "projections",
-            *args,
-            cwd=WORKTREE,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_S)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
-        return process.returncode, out.decode(), err.decode()
+    async def projections(self, *args: str) -> tuple[int, str, str]:
+        return await self.run("projections", *args)
 
     async def ok_or_refused(self, *args: str) -> str:
-        code, out, err = await self.run(*args)
+        code, out, err = await self.projections(*args)
         if code == 1:
             refusal = [line for line in err.splitlines() if line.startswith("orders: ")]
             assert len(refusal) == 1, (args, out, err)

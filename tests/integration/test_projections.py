@@ -49,6 +49,7 @@ from service.domain import ItemAdded, OrderPaid
 from service.writer import Writer
 from tests.support.http import serve
 from tests.support.log import read_topic
+from tests.support.poison import envelope_json
 from tests.support.projection_harness import (
     Api,
     Contents,
@@ -946,19 +947,7 @@ async def test_a_running_runner_handles_a_checkpoint_moved_behind_its_back(
 
 
 def _unknown_type(order_id: str) -> bytes:
-    return json.dumps(
-        {
-            "event_id": str(uuid.uuid4()),
-            "type": "OrderTeleported",
-            "schema_version": 1,
-            "order_id": order_id,
-            "version": 1,
-            "occurred_at": datetime.now(UTC).isoformat(),
-            "command_id": str(uuid.uuid4()),
-            "correlation_id": str(uuid.uuid4()),
-            "data": {"to": "mars"},
-        }
-    ).encode()
+    return envelope_json(order_id, type="OrderTeleported", schema_version=1, data={"to": "mars"})
 
 
 def _paid_but_never_created(order_id: str) -> bytes:

@@ -1,0 +1,33 @@
+"""Records a projection cannot apply, written straight to the topic by poison-event tests."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+
+def envelope_json(order_id: str, version: int = 1, **fields: Any) -> bytes:
+    """An envelope as JSON, with ``fields`` (type, schema_version, data...) as given."""
+    command_id = str(uuid.uuid4())
+    body = {
+        "event_id": str(uuid.uuid4()),
+        "order_id": order_id,
+        "version": version,
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "command_id": command_id,
+        "correlation_id": command_id,
+        **fields,
+    }
+    return json.dumps(body).encode()
+
+
+def not_json(order_id: str, version: int = 1) -> bytes:
+    """Bytes that are no JSON at all."""
+    return b"\x00\x9f{ not json at all, order " + order_id.encode()
+
+
+def unknown_type(order_id: str, version: int = 1) -> bytes:
+    """A well-formed envelope of an event type nobody knows."""
+    return envelope_json(order_id, version, type="NoSuchEvent", schema_version=1, data={})
