@@ -5,6 +5,7 @@ How to run (no Makefile needed), from the repository root with the project insta
 
     .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~15 minutes
     .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~3 minutes
+    .venv/bin/python -m benchmarks.run --only projector_throughput --events 200000
 
 It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_SERVERS`` /
 ``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
@@ -30,7 +31,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -890,9 +891,40 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
 )
 
 
-async def run_all(ctx: Context, started: float) -> None:
+# What a phase needs from earlier ones: the N-event topic and the limits come from
+# limits_kafka, the rebuild replays the read models of projector_throughput, and the
+# command API's ratios use the HTTP ceiling.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "projector_throughput": ("limits_kafka",),
+    "bench_rebuild": ("limits_kafka", "projector_throughput"),
+    "naive_peer": ("limits_kafka",),
+    "command_api": ("http_ceiling",),
+}
+
+
+def select_phases(
+    only: str | None, parser: argparse.ArgumentParser
+) -> tuple[Callable[[Context], Awaitable[None]], ...]:
+    """PHASES, or those named in ``--only`` plus what they need, in PHASES order."""
+    if not only:
+        return PHASES
+    by_name = {phase.__name__: phase for phase in PHASES}
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = wanted - by_name.keys()
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(by_name)}")
+    for name in list(wanted):
+        wanted.update(NEEDS.get(name, ()))
+    return tuple(phase for phase in PHASES if phase.__name__ in wanted)
+
+
+async def run_all(
+    ctx: Context,
+    started: float,
+    phases: tuple[Callable[[Context], Awaitable[None]], ...] = PHASES,
+) -> None:
     """Each phase in turn; a failed phase is reported (row + JSON) and the next one still runs."""
-    for phase in PHASES:
+    for phase in phases:
         name = phase.__name__
         elapsed = time.perf_counter() - started
         if elapsed > ctx.plan.budget_seconds:
@@ -921,6 +953,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~3 minutes")
     parser.add_argument(
+        "--only",
+        metavar="PHASE,...",
+        help="run only these phases (and the ones they need): "
+        + ", ".join(phase.__name__ for phase in PHASES),
+    )
+    parser.add_argument(
+        "--events",
+        type=int,
+        metavar="N",
+        help="events in the projector's topic (default 1,000,000; 30,000 with --quick)",
+    )
+    parser.add_argument(
         "--render",
         action="store_true",
         help="measure nothing: write latest.md and README-section.md again from latest.json",
@@ -937,13 +981,16 @@ def main(argv: list[str] | None = None) -> None:
     # Retries of a young topic's leader elections and coordinator look-ups are not news.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     plan = Plan.make(args.quick)
+    if args.events:
+        plan = replace(plan, events=args.events)
+    phases = select_phases(args.only, parser)
     results: dict[str, Any] = {"environment": _environment(args.quick), "plan": plan.__dict__}
     started = time.perf_counter()
     _log.info("starting Kafka and PostgreSQL")
     with infrastructure() as infra:
         results["infrastructure_start_seconds"] = time.perf_counter() - started
         ctx = Context(infra, plan, results)
-        _run(run_all(ctx, time.perf_counter()))
+        _run(run_all(ctx, time.perf_counter(), phases))
     results["environment"]["load_average_at_end"] = os.getloadavg()
     results["total_seconds"] = time.perf_counter() - started
     results["table"] = [row.__dict__ for row in ctx.rows]
