@@ -205,16 +205,30 @@ def _upsert_sql(schema: str, table: sa.Table) -> str:
     )
 
 
-def _column_values(table: sa.Table, rows: list[Row]) -> list[list[Any]]:
-    json_columns = set(_json_columns(table))
-    values = []
-    for column in table.columns:
-        name = column.name
-        if name in json_columns:
-            values.append([msgspec.json.encode(row[name]).decode() for row in rows])
-        else:
-            values.append([row[name] for row in rows])
-    return values
+@functools.cache
+def _row_tuple(table: sa.Table) -> Callable[[Row], tuple[Any, ...]]:
+    """A row's values in column order, as a tuple (one C call per row)."""
+    getter = operator.itemgetter(*(column.name for column in table.columns))
+    if len(table.columns) == 1:
+        return lambda row: (getter(row),)
+    return getter
+
+
+def _records(table: sa.Table, rows: list[Row]) -> list[tuple[Any, ...]]:
+    """The rows as tuples in column order, JSON columns encoded to text."""
+    as_tuple = _row_tuple(table)
+    records = [as_tuple(row) for row in rows]
+    json_columns = [i for i, c in enumerate(table.columns) if isinstance(c.type, postgresql.JSONB)]
+    if not json_columns:
+        return records
+    encode = msgspec.json.encode
+    encoded = []
+    for record in records:
+        values = list(record)
+        for i in json_columns:
+            values[i] = encode(values[i]).decode()
+        encoded.append(tuple(values))
+    return encoded
 
 
 async def store(db: Db, state: State) -> int:
@@ -229,17 +243,18 @@ async def store(db: Db, state: State) -> int:
         if not table_state.dirty:
             continue
         table = table_state.table
-        rows = [table_state.rows[key] for key in sorted(table_state.dirty)]
-        if table.info.get("append_only"):
-            columns = _column_values(table, rows)
+        if table.info.get("append_only"):  # no row locks: any order will do
+            rows = [table_state.rows[key] for key in table_state.dirty]
             await db.connection.copy_records_to_table(
                 table.name,
                 schema_name=db.schema,
                 columns=[column.name for column in table.columns],
-                records=zip(*columns, strict=True),
+                records=_records(table, rows),
             )
         else:
-            await db.connection.execute(_upsert_sql(db.schema, table), *_column_values(table, rows))
+            rows = [table_state.rows[key] for key in sorted(table_state.dirty)]
+            columns = list(zip(*_records(table, rows), strict=True))
+            await db.connection.execute(_upsert_sql(db.schema, table), *columns)
         written += len(rows)
     return written
 

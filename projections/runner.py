@@ -1,4 +1,9 @@
-"""The projections runner: consume once, apply every projection in ONE Postgres transaction.
+"""The projections runner: consume and decode once, apply each projection in ONE transaction.
+
+Per batch, each projection's rows and checkpoints commit in one Postgres transaction; the
+projections' transactions run side by side on their own connections (Postgres writes one
+projection's rows while this process folds another's), and the next batch is fetched and
+decoded meanwhile.
 
 Exactly-once effects (design.md, invariant 6):
 
@@ -6,7 +11,7 @@ Exactly-once effects (design.md, invariant 6):
   next event to apply. It is the only position that counts: on assignment the consumer seeks
   to the lowest checkpoint of the partition, and each projection skips what it already has.
   Kafka's committed offsets are written afterwards for lag tools only.
-* A batch's rows and its checkpoints commit together. Each checkpoint update is a
+* A projection's rows of a batch and its checkpoints commit together. Each update is a
   compare-and-set on the offset this instance expects; an instance that lost a partition in a
   rebalance (a zombie) matches fewer rows, so its whole transaction rolls back and it re-seeks.
 * Each batch also locks its versions' registry rows (``FOR SHARE``): a rebuild switches
@@ -42,11 +47,18 @@ from projections import catalog
 from projections.projection import Applied, Db, Projection, State, begin, store
 from projections.versions import Target, building, live_targets
 from service import envelope
+from service.domain import DomainEvent
 from service.settings import Settings
 
 _log = logging.getLogger(__name__)
 
 Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+# A record's decoded envelope and event, or why it does not decode.
+Decoded = tuple[envelope.Envelope, DomainEvent] | envelope.UndecodableEvent
+
+# Records taken from the consumer (and decoded) at a time: the event loop gets a turn between
+# chunks, so the batch in flight keeps talking to Postgres while the next one is decoded.
+FETCH_CHUNK = 2_000
 
 
 def transient(error: BaseException) -> bool:
@@ -103,6 +115,26 @@ class _FoldFailed(Exception):
         self.target = target
         self.applied = applied
         self.reason = reason
+
+
+@dataclass
+class _Fetch:
+    """A batch as the consumer handed it over, decoded.
+
+    ``generations`` holds each partition's seek counter at the moment its records were handed
+    over: a seek since then makes them stale (the seek has already moved the consumer).
+    """
+
+    records: Fetched = field(default_factory=dict)
+    generations: dict[int, int] = field(default_factory=dict)
+    decoded: dict[TopicPartition, list[Decoded]] = field(default_factory=dict)
+
+
+def _decode(value: bytes | None) -> Decoded:
+    try:
+        return envelope.decode(value)
+    except envelope.UndecodableEvent as error:
+        return error
 
 
 @dataclass(kw_only=True)
@@ -230,7 +262,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 @dataclass
 class ProjectionRunner:
-    """Runs projections from one consumer: each event decoded once, one transaction per batch.
+    """Runs projections from one consumer: each event decoded once; per batch, one transaction
+    per projection, side by side.
 
     ``building=False`` follows each projection's live version (and moves on when a rebuild
     switches versions); ``building=True`` fills the versions a rebuild is building, and stops
@@ -427,25 +460,26 @@ class ProjectionRunner:
         # static member (instance id) keeps that empty assignment when it rejoins.
         consumer.subscribe([self.config.topic], listener=_Listener(self))
         _log.info("%s: applying to %s", self.label, ", ".join(map(str, self.targets)))
+        pending: asyncio.Future[_Fetch] | None = None
         try:
             while not stop.is_set() and not self.finished:
                 if self.unsought:
                     await self._retry_seeks(stop)
-                # Taken before the fetch: a seek during or after it makes its records stale.
-                generations = dict(self.seeks)
-                try:
-                    fetched = await consumer.getmany(
-                        timeout_ms=self.config.batch_wait_ms,
-                        max_records=self.config.batch_max_records,
-                    )
-                except Exception as error:  # aiokafka re-raises its coordinator's failures here
-                    raise _ConsumerBroken from error
-                await self._with_retry(stop, self.apply, fetched, generations)
+                batch = await (pending or self._fetch(consumer))
+                # The next batch is fetched and decoded while this one's transactions run.
+                pending = asyncio.ensure_future(self._fetch(consumer)) if batch.records else None
+                await self._with_retry(
+                    stop, self.apply, batch.records, batch.generations, batch.decoded
+                )
                 if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every:
-                    await self._with_retry(stop, self.housekeeping)
+                    await self._with_retry(stop, self.housekeeping, pending is None)
                     self._last_housekeeping = time.monotonic()
                 await self._commit_kafka_offsets()
         finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
             # Leaves the group: the partitions move to the other instances at once.
             async with self.applying:
                 self.consumer = None
@@ -453,6 +487,35 @@ class ProjectionRunner:
                     self.forget(partition)
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> _Fetch:
+        """Up to ``batch_max_records`` records, decoded, in chunks of ``FETCH_CHUNK``."""
+        batch = _Fetch()
+        wait_ms = self.config.batch_wait_ms
+        count = 0
+        while count < self.config.batch_max_records:
+            try:
+                chunk = await consumer.getmany(
+                    timeout_ms=wait_ms,
+                    max_records=min(FETCH_CHUNK, self.config.batch_max_records - count),
+                )
+            except Exception as error:  # aiokafka re-raises its coordinator's failures here
+                raise _ConsumerBroken from error
+            if not chunk:
+                break
+            wait_ms = 0  # then only what is already buffered
+            for tp, records in chunk.items():
+                generation = self.seeks.get(tp.partition, 0)
+                decoded = [_decode(record.value) for record in records]
+                if tp in batch.records and batch.generations[tp.partition] == generation:
+                    batch.records[tp].extend(records)
+                    batch.decoded[tp].extend(decoded)
+                else:  # first records of the partition, or sought since its earlier ones
+                    batch.records[tp] = list(records)
+                    batch.decoded[tp] = decoded
+                    batch.generations[tp.partition] = generation
+                count += len(records)
+        return batch
 
     async def _with_retry(self, stop: asyncio.Event, step: Any, *args: Any) -> None:
         delay = 0.2
@@ -491,38 +554,65 @@ class ProjectionRunner:
             if self.positions:
                 await self.seek_to_checkpoints(sorted(self.positions))
 
-    async def apply(self, fetched: Fetched, generations: dict[int, int] | None = None) -> None:
-        """Apply one fetched batch and advance the checkpoints, in one transaction.
+    async def apply(
+        self,
+        fetched: Fetched,
+        generations: dict[int, int] | None = None,
+        decoded: dict[TopicPartition, list[Decoded]] | None = None,
+    ) -> None:
+        """Apply one fetched batch: per projection, its rows and checkpoints in ONE transaction.
 
-        A checkpoint moved by another instance (``StaleCheckpoint``) rolls the whole batch
-        back; its partitions are then re-read from the stored checkpoints. ``generations``
-        (the seek counters when the fetch began) drops partitions sought since: their records
-        may predate the seek.
+        The projections' transactions run concurrently on their own connections, so Postgres
+        writes one projection's rows while this process folds another's. Each stands alone:
+        its checkpoints move with its rows, and a query waits on the checkpoint of the
+        projection it reads.
+
+        A checkpoint moved by another instance (``StaleCheckpoint``) rolls that projection's
+        batch back; its partitions are then re-read from the stored checkpoints (the other
+        projections skip what they already have). ``generations`` (the seek counters when the
+        records were handed over) drops partitions sought since: their records predate the seek.
+        ``decoded`` holds the records' decoded events when the fetch decoded them already.
         """
         if not fetched:
             return
         async with self.applying:
             if generations is not None:
                 fetched = self._without_stale(fetched, generations)
-            groups, raw, halts = self._groups(fetched)
+            groups, raw, halts = self._groups(fetched, decoded or {})
+            by_target: dict[str, list[Group]] = defaultdict(list)
+            for group in groups:
+                by_target[group.target.name].append(group)
             halted_before = dict(self.halted)
-            try:
-                committed = await self._commit(groups, raw)
-            except StaleCheckpoint as stale:
+            outcomes = await asyncio.gather(
+                *(self._commit(part, raw) for part in by_target.values()), return_exceptions=True
+            )
+            failed: set[str] = set()
+            errors: list[BaseException] = []
+            for name, outcome in zip(by_target, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    failed.add(name)
+                    errors.append(outcome)
+                else:
+                    self._moved(outcome)
+            self.stats.batches += 1
+            if errors:
+                # Halts a failed projection found meanwhile are found again when retried.
+                for key in self.halted.keys() ^ halted_before.keys():
+                    if key[0] in failed:
+                        if key in halted_before:
+                            self.halted[key] = halted_before[key]
+                        else:
+                            del self.halted[key]
+                        self._reposition(key[1])
+                stale = [e for e in errors if isinstance(e, StaleCheckpoint)]
+                if len(stale) < len(errors):
+                    raise next(e for e in errors if not isinstance(e, StaleCheckpoint))
                 self.stats.stale_batches += 1
-                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.label, stale)
+                _log.warning("%s: %s; re-seeking to the stored checkpoints", self.label, stale[0])
                 await self.seek_to_checkpoints(
                     [tp.partition for tp in fetched if tp.partition in self.positions]
                 )
                 return
-            except BaseException:
-                # Nothing committed: halts found meanwhile are found again when retried.
-                changed = {p for _, p in self.halted.keys() ^ halted_before.keys()}
-                self.halted = halted_before
-                for partition in changed:
-                    self._reposition(partition)
-                raise
-            self._moved(committed)
             for halt in halts:
                 key = (halt.projection, halt.partition)
                 if key not in self.halted and self.positions[halt.partition][key[0]] == halt.offset:
@@ -532,24 +622,20 @@ class ProjectionRunner:
         for group in committed:
             self.positions[group.partition][group.target.name] = group.new
             self.stats.events += len(group.events)
-        self.stats.batches += 1
 
     def _without_stale(self, fetched: Fetched, generations: dict[int, int]) -> Fetched:
-        """Drop the records of partitions sought since the fetch began, and fetch them again.
+        """Drop the records of partitions sought since they were handed over.
 
-        The consumer's position has already moved past the dropped records, so it is put back
-        at the checkpoint: otherwise the next fetch would start after them.
+        The seek has already put the consumer where that partition must go on from.
         """
-        fresh = {}
-        for tp, records in fetched.items():
-            if self.seeks.get(tp.partition) == generations.get(tp.partition):
-                fresh[tp] = records
-            elif tp.partition in self.positions:
-                self._reposition(tp.partition)
-        return fresh
+        return {
+            tp: records
+            for tp, records in fetched.items()
+            if self.seeks.get(tp.partition, 0) == generations.get(tp.partition)
+        }
 
     def _groups(
-        self, fetched: Fetched
+        self, fetched: Fetched, decoded: dict[TopicPartition, list[Decoded]]
     ) -> tuple[list[Group], dict[tuple[int, int], bytes], list[Halt]]:
         """Decode each record once; split the batch by (projection, partition).
 
@@ -575,17 +661,17 @@ class ProjectionRunner:
             lowest = min(group.expected for group in going)
             applied: list[Applied] = []
             poison: list[tuple[int, str | None, str]] = []
-            for record in records:
+            done = decoded.get(tp)
+            for i, record in enumerate(records):
                 if record.offset < lowest:
                     continue
                 raw[(partition, record.offset)] = record.value
-                try:
-                    sealed, event = envelope.decode(record.value)
-                except envelope.UndecodableEvent as error:
+                result = done[i] if done is not None else _decode(record.value)
+                if isinstance(result, envelope.UndecodableEvent):
                     key = record.key.decode(errors="replace") if record.key else None
-                    poison.append((record.offset, key, str(error)))
+                    poison.append((record.offset, key, str(result)))
                     continue
-                applied.append(Applied(sealed, event, partition, record.offset))
+                applied.append(Applied(result[0], result[1], partition, record.offset))
             for group in going:
                 bad = next((p for p in poison if p[0] >= group.expected), None)
                 if group.expected == lowest and bad is None:
@@ -608,10 +694,10 @@ class ProjectionRunner:
     async def _commit(self, groups: list[Group], raw: dict[tuple[int, int], bytes]) -> list[Group]:
         """Apply the groups; returns those that committed (some perhaps cut short by a halt).
 
-        All in one transaction first. An event a projection's fold refuses halts that
-        projection's partition there and the rest is retried. When the database refuses the
-        batch (a value it cannot store), the groups are split in halves until the event is
-        found, whose projection and partition then halt at it.
+        ``groups`` are one projection's. All in one transaction first. An event the fold
+        refuses halts the projection's partition there and the rest is retried. When the
+        database refuses the batch (a value it cannot store), the groups are split in halves
+        until the event is found, whose partition then halts at it.
         """
         committed: list[Group] = []
         pending: list[list[Group]] = [groups]
@@ -756,12 +842,14 @@ class ProjectionRunner:
             offset,
         )
 
-    async def housekeeping(self) -> None:
-        """Store new halts, pick up parks, and move idle checkpoints past transaction markers."""
+    async def housekeeping(self, idle: bool = True) -> None:
+        """Store new halts, pick up parks, and (when ``idle``, no fetch in flight) move
+        checkpoints past transaction markers."""
         async with self.applying:
             if self.halted:
                 await self._sync_halts()
-            await self._past_markers()
+            if idle:
+                await self._past_markers()
 
     async def _sync_halts(self) -> None:
         """Store new halts; a halt whose stored row an operator removed (a park) is lifted."""
