@@ -20,6 +20,7 @@ import uvicorn
 from litestar import Litestar, Response, get, post
 
 from service.api.commands import AddItemBody, CommandResult, CreateOrderBody
+from service.runtime import tune_gc
 
 _offsets = itertools.count()
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    tune_gc()  # as every ``orders`` command does
     try:
         import uvloop
     except ImportError:  # pragma: no cover - the API runs on uvloop where it exists

@@ -13,10 +13,12 @@ import signal
 
 from projections.runner import run_projector
 from service.database import create_engine
+from service.runtime import tune_gc
 from service.settings import Settings
 
 
 async def main() -> None:
+    tune_gc()  # as ``orders projector`` does
     settings = Settings.from_env()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

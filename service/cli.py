@@ -39,6 +39,9 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    from service.runtime import tune_gc
+
+    tune_gc()
     try:
         import uvloop
 

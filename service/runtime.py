@@ -1,0 +1,18 @@
+"""Process-wide settings every long-running command of the service starts with."""
+
+from __future__ import annotations
+
+import gc
+
+# Collect the youngest generation after this many new container objects, not Python's 700.
+# A projector batch or a burst of commands allocates tens of thousands of short-lived dicts,
+# lists and structs, most freed by reference counting; at 700 the cyclic collector ran
+# hundreds of times per batch and took about a fifth of the projector's CPU time.
+YOUNG_GENERATION_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Fewer, larger cyclic collections; what is loaded so far stays out of them for good."""
+    gc.collect()
+    gc.freeze()  # modules, settings, metadata: never garbage, never traversed again
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, 20, 50)
