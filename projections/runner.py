@@ -222,15 +222,21 @@ async def parked_orders(
     connection: asyncpg.Connection, targets: Sequence[Target], order_ids: Iterable[str]
 ) -> set[tuple[str, str]]:
     """(projection, order id) of the given orders that an operator parked; locked FOR SHARE."""
-    wanted = list(set(order_ids))
+    versions = ([t.name for t in targets], [t.version for t in targets])
+    # Usually no order of these versions is parked: one cheap look spares sending every id.
+    any_parked = await connection.fetchval(
+        "SELECT EXISTS (SELECT FROM parked_orders p JOIN unnest($1::text[], $2::int[]) "
+        "AS t(n, v) ON p.projection = t.n AND p.version = t.v)",
+        *versions,
+    )
+    wanted = list(set(order_ids)) if any_parked else []
     if not wanted:
         return set()
     rows = await connection.fetch(
         "SELECT p.projection, p.order_id FROM parked_orders p "
         "JOIN unnest($1::text[], $2::int[]) AS t(n, v) ON p.projection = t.n AND p.version = t.v "
         "WHERE p.order_id = ANY($3::text[]) FOR SHARE OF p",
-        [t.name for t in targets],
-        [t.version for t in targets],
+        *versions,
         wanted,
     )
     return {(row["projection"], row["order_id"]) for row in rows}
