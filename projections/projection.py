@@ -60,12 +60,9 @@ class TableState:
     def __post_init__(self) -> None:
         self.keys = _key_names(self.table)
         getter = operator.itemgetter(*self.keys)
-        self._key: Callable[[Row], Key] = (
+        self.key_of: Callable[[Row], Key] = (
             (lambda row: (getter(row),)) if len(self.keys) == 1 else getter
         )
-
-    def key_of(self, row: Row) -> Key:
-        return self._key(row)
 
     def get(self, *key: Any) -> Row | None:
         return self.rows.get(key)
@@ -77,8 +74,8 @@ class TableState:
 
     def remember(self, rows: Iterable[Row]) -> None:
         """Rows read from the database: known, not yet changed."""
-        for row in rows:
-            self.rows[self.key_of(row)] = row
+        key_of = self.key_of
+        self.rows.update((key_of(row), row) for row in rows)
 
 
 @functools.cache
