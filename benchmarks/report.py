@@ -111,10 +111,12 @@ What each figure means:
   *HTTP ceiling*: a bare Litestar app (same bodies, same server settings as `orders api`:
   one uvicorn process, httptools, uvloop) under the same load generator.
 - **(a) Projector**: `run_projector` with all projections in a process of its own, from offset
-  0 of a topic of N events, exactly-once (rows and checkpoint in one transaction). *Sustained*
+  0 of a topic of N events, exactly-once (each projection's rows and checkpoints in one
+  transaction per batch). *Sustained*
   is the rate between 10% and 90% of the events (start-up and tail excluded), *overall* from
   process start to the last projection caught up. Ratio to raw consume.
-- **(b) Rebuild**: time for a full rebuild of every projection from the same N events.
+- **(b) Rebuild**: `orders projections rebuild all` in a process of its own, from its start to
+  its exit: new versions of every projection built from the same N events, indexed, switched.
 - **Peer**: a projector written as tutorials do (one transaction and one offset commit per
   event, one read model only) on the same topic; ours as a multiple of it.
 - **(c) Command API**: open loop, requests leave on schedule whatever the answers do and
