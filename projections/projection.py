@@ -184,28 +184,44 @@ def _merged(table: sa.Table, column: str) -> str:
 def _write_sql(schema: str, table: sa.Table) -> str:
     """One statement that writes a batch's rows of ``table``, sent as ONE JSON array ($1).
 
-    Postgres turns the array into rows of the table's own type (``json_populate_recordset``),
-    in array order. Append-only tables only insert, so a second copy of a row is refused by
-    the primary key; the others upsert, combining stored and new values by their merge rules.
+    Each row is an array of its column values. Postgres parses the whole batch as jsonb once
+    and takes each value out by position (jsonb columns as they are, the others as text cast
+    to their type). Upserts keep the array's order (rows sorted by key: see ``store``).
+    Append-only tables only insert, so a second copy of a row is refused by the primary key;
+    the others upsert, combining stored and new values by their merge rules.
     """
     name = f'"{schema}"."{table.name}"'
     columns = [column.name for column in table.columns]
     keys = [column.name for column in table.primary_key.columns]
     names = ", ".join(f'"{column}"' for column in columns)
-    selected = ", ".join(f'u."{column}"' for column in columns)
-    insert = (
-        f"INSERT INTO {name} AS t ({names}) SELECT {selected} "
-        f"FROM json_populate_recordset(NULL::{name}, $1::text::json) WITH ORDINALITY AS u "
-        "ORDER BY u.ordinality"
+    values = ", ".join(
+        f"u.e->{i}"
+        if isinstance(column.type, postgresql.JSONB)
+        else f"(u.e->>{i})::{_pg_type(column)}"
+        for i, column in enumerate(table.columns)
     )
+    rows = "jsonb_array_elements($1::text::jsonb)"
     if table.info.get("append_only"):
-        return insert
+        return f"INSERT INTO {name} ({names}) SELECT {values} FROM {rows} AS u(e)"
+    insert = (
+        f"INSERT INTO {name} AS t ({names}) SELECT {values} "
+        f"FROM {rows} WITH ORDINALITY AS u(e, n) ORDER BY u.n"
+    )
     others = [column for column in columns if column not in keys]
     conflict = ", ".join(f'"{key}"' for key in keys)
     if not others:
         return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
     updates = ", ".join(f'"{column}" = {_merged(table, column)}' for column in others)
     return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+
+
+@functools.cache
+def _as_array(table: sa.Table) -> Callable[[Row], tuple[Any, ...]]:
+    """A row's values in column order (a tuple, which msgspec writes as a JSON array)."""
+    getter = operator.itemgetter(*(column.name for column in table.columns))
+    if len(table.columns) == 1:
+        return lambda row: (getter(row),)
+    return getter
 
 
 _rows_encoder = msgspec.json.Encoder()
@@ -226,7 +242,8 @@ async def store(db: Db, state: State) -> int:
         keys: Iterable[Key] = table_state.dirty
         if not table_state.table.info.get("append_only"):  # inserts alone lock no stored row
             keys = sorted(keys)
-        rows = [table_state.rows[key] for key in keys]
+        as_array = _as_array(table_state.table)
+        rows = [as_array(table_state.rows[key]) for key in keys]
         payload = _rows_encoder.encode(rows).decode()
         await db.connection.execute(_write_sql(db.schema, table_state.table), payload)
         written += len(rows)
