@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any
@@ -14,7 +16,7 @@ import sqlalchemy as sa
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, PathParameter, QueryParameter
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import customer_summaries, daily_sales, order_history, orders
@@ -174,6 +176,14 @@ async def _await_consistency(
         )
 
 
+@contextlib.asynccontextmanager
+async def _reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for ONE read-only statement, in autocommit: the statement is its own
+    snapshot, and no BEGIN and ROLLBACK round trips go with it."""
+    async with engine.connect() as connection:
+        yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+
 # -- list cursors -----------------------------------------------------------------------------
 
 _AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -272,7 +282,7 @@ async def list_orders(
         # indexes serve, stable however many rows are inserted before the cursor.
         query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
     query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
-    async with engine.connect() as connection:
+    async with _reading(engine) as connection:
         rows = (await connection.execute(query)).all()
 
     page = [msgspec.convert(row, OrderSummaryView, from_attributes=True) for row in rows[:limit]]
@@ -302,7 +312,7 @@ class OrderQueries(Controller):
     ) -> Response[OrderView]:
         await _await_consistency(engine, read_consistency, "orders", consistency_token)
         query = sa.select(*_ORDER_COLUMNS).where(orders.c.order_id == order_id)
-        async with engine.connect() as connection:
+        async with _reading(engine) as connection:
             row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
@@ -328,7 +338,7 @@ class OrderQueries(Controller):
             .where(order_history.c.order_id == order_id)
             .order_by(order_history.c.version)
         )
-        async with engine.connect() as connection:
+        async with _reading(engine) as connection:
             rows = (await connection.execute(query)).all()
         if not rows:
             raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
@@ -359,7 +369,7 @@ class CustomerQueries(Controller):
             customer_summaries.c.open_orders,
             customer_summaries.c.lifetime_value,
         ).where(customer_summaries.c.customer_id == customer_id)
-        async with engine.connect() as connection:
+        async with _reading(engine) as connection:
             row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
@@ -396,7 +406,7 @@ class ReportQueries(Controller):
             .where(daily_sales.c.day.between(from_, to))
             .order_by(daily_sales.c.day, daily_sales.c.currency)
         )
-        async with engine.connect() as connection:
+        async with _reading(engine) as connection:
             rows = (await connection.execute(query)).all()
         return DailySalesReport(
             from_, to, [msgspec.convert(row, DailySalesRow, from_attributes=True) for row in rows]
