@@ -54,24 +54,16 @@ from aiokafka.errors import (
     ProducerFenced,
     TransactionalIdAuthorizationFailed,
 )
-from aiokafka.partitioner import murmur2
 
 from service import envelope
 from service.domain import Command, DomainError, Order, decide, evolve
-from service.eventlog import committed_reader, ensure_topic, read_to_end
+from service.eventlog import committed_reader, ensure_topic, partition_for, read_to_end
 
 _log = logging.getLogger(__name__)
 
 _FENCING_ERRORS = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 # What a broker outage looks like; anything else is logged with its traceback.
 _EXPECTED_OUTAGE_ERRORS = (KafkaError, TimeoutError, OSError)
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition of a record key: what the Kafka clients' default partitioner picks
-    (murmur2 of the key), so an order's events stay in the partition they always had."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class WriterState(enum.StrEnum):
