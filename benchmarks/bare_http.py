@@ -1,10 +1,11 @@
 """The HTTP ceiling: a bare Litestar app served exactly as ``orders api`` serves the real one.
 
 The same server configuration as ``orders api`` (``service.bootstrap.server_config``: one
-uvicorn server in one process, httptools parser, uvloop, no access log), the same request bodies
-decoded and validated into the API's own msgspec types, and answers of the same shape and
-headers; but no writer, no Kafka, no database. What the command API reaches, as a share of
-this, is what the service itself costs on top of HTTP.
+uvicorn server in one process, httptools parser, uvloop, no access log; garbage collection
+tuned by ``service.bootstrap.tune_gc``), the same request bodies decoded and validated into the
+API's own msgspec types, and answers of the same shape and headers; but no writer, no Kafka, no
+database. What the command API reaches, as a share of this, is what the service itself costs on
+top of HTTP.
 
     python -m benchmarks.bare_http --port 8123
 """
@@ -20,7 +21,7 @@ import uvicorn
 from litestar import Litestar, Response, get, post
 
 from service.api.commands import AddItemBody, CommandResult, CreateOrderBody
-from service.bootstrap import server_config
+from service.bootstrap import server_config, tune_gc
 
 _offsets = itertools.count()
 
@@ -55,8 +56,10 @@ def create_app() -> Litestar:
 
 
 async def serve(host: str, port: int) -> None:
-    """uvicorn configured exactly as for the API's server."""
-    await uvicorn.Server(server_config(create_app(), host=host, port=port)).serve()
+    """uvicorn configured exactly as for the API's server, garbage collection tuned alike."""
+    server = uvicorn.Server(server_config(create_app(), host=host, port=port))
+    tune_gc()
+    await server.serve()
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Generator
@@ -52,6 +53,22 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
         proxy_headers=False,
         server_header=False,
     )
+
+
+def tune_gc() -> None:
+    """Garbage collection for a server process, once what start-up builds exists.
+
+    CPython's young generation is collected every 700 net allocations of container objects:
+    under load that is dozens of times a second, and each collection promotes the objects of
+    the requests then in flight, which later die in older generations and make full
+    collections necessary (about 7% of a core at 1,000 commands/s, and pauses). A threshold of
+    10,000 makes them rare. Freezing what start-up created (modules, the app) keeps those
+    objects out of every later collection.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(10_000, older, oldest)
 
 
 def shutdown_on_signals() -> asyncio.Event:
@@ -112,6 +129,7 @@ async def serve(
                 max_body_bytes=settings.max_body_bytes,
             )
             server = _Server(server_config(app, host=api.host, port=api.port))
+            tune_gc()
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())
         if run_projector:
