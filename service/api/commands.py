@@ -201,6 +201,7 @@ def parse_if_match(value: str | None) -> int | None:
 
 
 def _request_hash(request: Request[Any, Any, Any], body: msgspec.Struct | None) -> str:
+    """What a retry with the same Idempotency-Key must repeat: method, path and body."""
     digest = hashlib.sha256(f"{request.method} {request.scope['path']}\n".encode())
     if body is not None:
         digest.update(msgspec.json.encode(body))
@@ -237,7 +238,8 @@ class OrderCommands(Controller):
                 command=command,
                 expected_version=parse_if_match(if_match),
                 idempotency_key=idempotency_key,
-                request_hash=_request_hash(request, body),
+                # Only compared between requests with the same Idempotency-Key.
+                request_hash=None if idempotency_key is None else _request_hash(request, body),
                 correlation_id=correlation_id,
             )
         )
