@@ -1,10 +1,11 @@
 """The HTTP ceiling: a bare Litestar app served exactly as ``orders api`` serves the real one.
 
-Same server settings as ``service.bootstrap.serve`` (one uvicorn server in one process, httptools
-parser, uvloop, no access log, lifespan on), the same request bodies decoded and validated
-into the API's own msgspec types, and answers of the same shape and headers; but no writer,
-no Kafka, no database. What the command API reaches, as a share of this, is what the service
-itself costs on top of HTTP.
+The same server configuration as ``orders api`` (``service.bootstrap.server_config``: one
+uvicorn server in one process, httptools parser, uvloop, no access log; garbage collection
+tuned by ``service.runtime.tune_gc``), the same request bodies decoded and validated into the
+API's own msgspec types, and answers of the same shape and headers; but no writer, no Kafka, no
+database. What the command API reaches, as a share of this, is what the service itself costs on
+top of HTTP.
 
     python -m benchmarks.bare_http --port 8123
 """
@@ -20,6 +21,7 @@ import uvicorn
 from litestar import Litestar, Response, get, post
 
 from service.api.commands import AddItemBody, CommandResult, CreateOrderBody
+from service.bootstrap import server_config
 from service.runtime import tune_gc
 
 _offsets = itertools.count()
@@ -55,17 +57,10 @@ def create_app() -> Litestar:
 
 
 async def serve(host: str, port: int) -> None:
-    """uvicorn with the options ``service.bootstrap.serve`` gives the API's server."""
-    config = uvicorn.Config(
-        create_app(),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=20,
-    )
-    await uvicorn.Server(config).serve()
+    """uvicorn configured exactly as for the API's server, garbage collection tuned alike."""
+    server = uvicorn.Server(server_config(create_app(), host=host, port=port))
+    tune_gc()
+    await server.serve()
 
 
 def main() -> None:
@@ -73,7 +68,6 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    tune_gc()  # as every ``orders`` command does
     try:
         import uvloop
     except ImportError:  # pragma: no cover - the API runs on uvloop where it exists

@@ -8,12 +8,14 @@ import logging
 import signal
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
 from service.api.app import Resources, create_app
 from service.database import create_engine
 from service.eventlog import ensure_topic
+from service.runtime import tune_gc
 from service.settings import Settings
 from service.writer import Writer, WriterConfig
 
@@ -32,6 +34,25 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
+    """How the API is served: one uvicorn server in this process's (uvloop) event loop, the
+    httptools parser, no access log, no ``Server`` header, no X-Forwarded-* rewriting (nothing
+    here reads the client's address or scheme; ``Location`` is a path). The HTTP-ceiling
+    benchmark (``benchmarks/bare_http.py``) serves its bare app with this same configuration."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=20,
+        proxy_headers=False,
+        server_header=False,
+    )
 
 
 def shutdown_on_signals() -> asyncio.Event:
@@ -91,17 +112,8 @@ async def serve(
                 ),
                 max_body_bytes=settings.max_body_bytes,
             )
-            server = _Server(
-                uvicorn.Config(
-                    app,
-                    host=api.host,
-                    port=api.port,
-                    log_level="warning",
-                    access_log=False,
-                    lifespan="on",
-                    timeout_graceful_shutdown=20,
-                )
-            )
+            server = _Server(server_config(app, host=api.host, port=api.port))
+            tune_gc()
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())
         if run_projector:

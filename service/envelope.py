@@ -41,8 +41,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     command_id: str
     correlation_id: str
     causation_id: str | None = None
-    # The client's Idempotency-Key and a hash of its request: deduplication state lives in the
-    # log, so it survives restarts.
+    # The client's Idempotency-Key and a hash of its request (both None without a key):
+    # deduplication state lives in the log, so it survives restarts.
     idempotency_key: str | None = None
     request_hash: str | None = None
     data: msgspec.Raw = msgspec.Raw(b"{}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -103,6 +104,38 @@ async def _history_problems(admin: AIOKafkaAdminClient, topic: str) -> list[str]
         elif actual is not None and actual != required:
             problems.append(f"{name}={actual}")
     return problems
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of a record key: the one the Kafka clients' default partitioner picks
+    (murmur2 of the key), so an order's events stay in the partition they always had."""
+    return (_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+_MURMUR2_M = 0x5BD1E995
+
+
+def _murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (``org.apache.kafka.common.utils.Utils.murmur2``), as aiokafka's, but
+    reading the key a 32-bit word at a time: several times faster in pure Python."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    whole = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * _MURMUR2_M) & 0xFFFFFFFF
+        k ^= k >> 24
+        k = (k * _MURMUR2_M) & 0xFFFFFFFF
+        h = ((h * _MURMUR2_M) & 0xFFFFFFFF) ^ k
+    extra = length & 3
+    if extra >= 3:
+        h ^= data[whole + 2] << 16
+    if extra >= 2:
+        h ^= data[whole + 1] << 8
+    if extra >= 1:
+        h = ((h ^ data[whole]) * _MURMUR2_M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _MURMUR2_M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
 
 
 def committed_reader(bootstrap: str, **overrides: Any) -> AIOKafkaConsumer:

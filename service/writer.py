@@ -57,7 +57,7 @@ from aiokafka.errors import (
 
 from service import envelope
 from service.domain import Command, DomainError, Order, decide, evolve
-from service.eventlog import committed_reader, ensure_topic, read_to_end
+from service.eventlog import committed_reader, ensure_topic, partition_for, read_to_end
 
 _log = logging.getLogger(__name__)
 
@@ -584,40 +584,53 @@ class Writer:
             raise KafkaError("no producer")
         # On any failure the caller discards the producer, which aborts what it can.
         await producer.begin_transaction()
-        sends = []
+        # One record batch per partition (a second one only when the first is full), records in
+        # the order the commands were decided: the partition keeps each order's versions in
+        # order, and a batch gets consecutive offsets, so a record's offset is its batch's base
+        # offset plus its index. A command's events share its order's key, hence one partition.
+        batches: list[tuple[int, Any]] = []  # (partition, aiokafka BatchBuilder)
+        filling: dict[int, int] = {}  # partition -> index in batches of the batch being filled
+        last: list[tuple[int, int]] = []  # per command: batch index and index of its last event
         for _, sealed in outgoing:
+            key = sealed[0].order_id.encode()
+            partition = partition_for(key, self.partition_count)
+            index = filling.get(partition, -1)
             for item in sealed:
-                sends.append(
-                    await producer.send(
-                        self.config.topic,
-                        value=envelope.encode(item),
-                        key=item.order_id.encode(),
-                        headers=envelope.headers(item),
-                    )
-                )
+                value, headers = envelope.encode(item), envelope.headers(item)
+                record = dict(timestamp=None, key=key, value=value, headers=headers)
+                if index < 0 or batches[index][1].append(**record) is None:
+                    index = filling[partition] = len(batches)
+                    batches.append((partition, producer.create_batch()))
+                    if batches[index][1].append(**record) is None:
+                        raise ValueError(f"an event of order {item.order_id} exceeds a batch")
+            last.append((index, batches[index][1].record_count() - 1))
+        sends = [
+            await producer.send_batch(batch, self.config.topic, partition=partition)
+            for partition, batch in batches
+        ]
         # Every record delivered before the commit is requested: until then the transaction
         # can only be aborted, so a batch that fails here is certainly not in the log.
-        metadata = await asyncio.gather(*sends)
+        delivered = await asyncio.gather(*sends)
         await producer.commit_transaction()
-        await self._until_visible(stable_offsets, metadata)
-        positions = []
-        index = 0
-        for _, sealed in outgoing:
-            index += len(sealed)
-            last = metadata[index - 1]
-            positions.append((last.partition, last.offset))
-        return positions
+        ends: dict[int, int] = {}
+        for (partition, batch), metadata in zip(batches, delivered, strict=True):
+            ends[partition] = max(
+                ends.get(partition, -1), metadata.offset + batch.record_count() - 1
+            )
+        await self._until_visible(stable_offsets, self.config.topic, ends)
+        return [(batches[index][0], delivered[index].offset + position) for index, position in last]
 
     @staticmethod
-    async def _until_visible(stable_offsets: AIOKafkaConsumer, metadata: list[Any]) -> None:
-        """Return once the last stable offset of every partition written has passed the batch,
-        i.e. the commit markers are in the partitions (see the module docstring)."""
-        last: dict[TopicPartition, int] = {}
-        for record in metadata:
-            last[record.topic_partition] = max(last.get(record.topic_partition, -1), record.offset)
+    async def _until_visible(
+        stable_offsets: AIOKafkaConsumer, topic: str, last: dict[int, int]
+    ) -> None:
+        """Return once the last stable offset of every partition written has passed the batch
+        (``last``: partition -> offset of its last record), i.e. the commit markers are in the
+        partitions (see the module docstring)."""
+        wanted = {TopicPartition(topic, partition): offset for partition, offset in last.items()}
         while True:
-            stable = await stable_offsets.end_offsets(list(last))
-            if all(stable[tp] > offset for tp, offset in last.items()):
+            stable = await stable_offsets.end_offsets(list(wanted))
+            if all(stable[tp] > offset for tp, offset in wanted.items()):
                 return
             await asyncio.sleep(0.001)  # pacing while the broker writes the markers
 
