@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -1136,6 +1137,62 @@ async def test_the_events_before_a_poison_in_the_same_batch_are_applied(
     if going_on:
         assert (await checkpoints(db, "order_history", topic))[poisoned] == after.offset + 1
         await assert_tables_equal_oracle(db, going_on, decoded(batch))
+
+
+class FailingOnce(Counting):
+    """A real projection whose first batch fails as a lost serialization race would (40001,
+    transient): its transaction rolls back while the other projections' commit."""
+
+    def __init__(self, inner: Projection) -> None:
+        super().__init__(inner)
+        self.failed = False
+
+    async def load(self, db: Db, batch: Sequence[Applied]) -> State:
+        await super().load(db, batch)
+        if not self.failed:
+            self.failed = True
+            raise asyncpg.exceptions.SerializationError("could not serialize access (test)")
+        return await self.inner.load(db, batch)
+
+
+async def test_a_projection_whose_transaction_fails_is_retried_alone(
+    api: Api, db: AsyncEngine, bootstrap: str, topic: str, suffix: str
+) -> None:
+    """The projections of a batch commit side by side, each in its own transaction. When one
+    of them fails (transiently), the others stay committed; the retry of the same batch
+    applies it to the failed projection only, and nothing twice (the oracle comparison would
+    show a customer's lifetime value or a day's revenue counted twice)."""
+    first = await placed_order(api, f"retry-{suffix}-0")
+    partition = first.partition
+    last = await placed_order(api, f"retry-{suffix}-1", {partition})
+    await api.pay(last.order_id, 1400)
+    tp = TopicPartition(topic, partition)
+    batch = {tp: (await read_records(bootstrap, topic, PARTITIONS))[tp]}
+    end = batch[tp][-1].offset + 1
+
+    failing = FailingOnce(catalog.PROJECTIONS["customer_summary"])
+    others = [Counting(catalog.PROJECTIONS[name]) for name in ALL if name != failing.name]
+    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
+    runner = ProjectionRunner([*others, failing], db, config)
+    await runner.load_targets()
+    runner.positions = await stored_positions(runner, topic, [partition])
+    before = dict(runner.positions[partition])
+
+    with pytest.raises(asyncpg.exceptions.SerializationError):
+        await runner.apply(batch)
+    for other in others:
+        assert (await checkpoints(db, other.name, topic))[partition] == end, other.name
+        assert runner.positions[partition][other.name] == end, other.name
+    assert (await checkpoints(db, failing.name, topic))[partition] == before[failing.name]
+    assert runner.positions[partition][failing.name] == before[failing.name]
+
+    await runner.apply(batch)  # what _with_retry does after a transient error
+
+    assert {p.name: p.events for p in others} == {p.name: len(batch[tp]) for p in others}
+    assert failing.events == 2 * len(batch[tp])  # the failed attempt and the retry
+    for name in ALL:
+        assert (await checkpoints(db, name, topic))[partition] == end, name
+    await assert_tables_equal_oracle(db, ALL, decoded(batch))
 
 
 async def test_an_event_the_database_refuses_halts_only_its_partition(
