@@ -111,15 +111,23 @@ def events_applied(
 
 @contextlib.contextmanager
 def projector_process(
-    *, bootstrap: str, database_url: str, topic: str, log_file: Path
+    *,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    log_file: Path,
+    group_prefix: str | None = None,
 ) -> Iterator[Popen[bytes]]:
-    """``run_projector`` (all projections) in a child process; SIGTERM and reaped on exit."""
+    """``run_projector`` (all projections) in a child process; SIGTERM and reaped on exit.
+
+    Processes given the same ``group_prefix`` share the partitions (one consumer group).
+    """
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "ORDERS_TOPIC": topic,
-        "ORDERS_GROUP_PREFIX": f"bench-{uuid.uuid4().hex[:8]}",
+        "ORDERS_GROUP_PREFIX": group_prefix or f"bench-{uuid.uuid4().hex[:8]}",
     }
     env.pop("ORDERS_PROJECTOR_INSTANCE_ID", None)
     process = spawn(
@@ -227,24 +235,28 @@ async def follow(
     log_file: Path,
     timeout: float,
     names: Sequence[str] = tuple(PROJECTIONS),
+    others: Sequence[tuple[Popen[bytes], Path]] = (),
 ) -> ProjectorRun:
     """Sample the checkpoints until every projection has applied every record (or timeout).
 
-    Raises if the projector process dies or a projection halts; on timeout returns the
-    partial run (``finished`` False), which is reported as such.
+    Raises if a projector process (``process`` or one of ``others``, the same group) dies or
+    a projection halts; on timeout returns the partial run (``finished`` False), which is
+    reported as such. RSS is sampled for ``process``.
     """
     events = sum(len(partition_offsets) for partition_offsets in offsets.values())
     run = ProjectorRun(events, timeout, len(names))
-    watch = _LogWatch(log_file)
+    watched = [(process, log_file, _LogWatch(log_file))]
+    watched += [(other, path, _LogWatch(path)) for other, path in others]
     child = psutil.Process(process.pid)
     started = time.perf_counter()
     while not run.finished:
         now = time.perf_counter() - started
-        if process.poll() is not None:
-            raise RuntimeError(f"the projector exited with {process.returncode}; see {log_file}")
-        halted = [line for line in watch.new_lines() if "HALTED" in line]
-        if halted:
-            raise RuntimeError(f"a projection halted: {halted[0][-300:]}")
+        for each, path, watch in watched:
+            if each.poll() is not None:
+                raise RuntimeError(f"a projector exited with {each.returncode}; see {path}")
+            halted = [line for line in watch.new_lines() if "HALTED" in line]
+            if halted:
+                raise RuntimeError(f"a projection halted: {halted[0][-300:]}")
         stored = await read_checkpoints(engine, topic)
         applied = {name: events_applied(stored, offsets, name) for name in names}
         for name, count in applied.items():
