@@ -52,8 +52,11 @@ class Projector:
     def start(self) -> None:
         with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would block it
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "projector"], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "service.cli", "projector"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self) -> None:
         assert self.process is not None
@@ -72,10 +75,16 @@ class Projector:
         return code
 
 
-def _env(bootstrap: str, database_url: str, topic: str, group: str,
-         instance: str | None) -> dict[str, str]:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "DATABASE_URL": database_url,
-           "ORDERS_TOPIC": topic, "ORDERS_GROUP_PREFIX": group}
+def _env(
+    bootstrap: str, database_url: str, topic: str, group: str, instance: str | None
+) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": database_url,
+        "ORDERS_TOPIC": topic,
+        "ORDERS_GROUP_PREFIX": group,
+    }
     if instance:
         env["ORDERS_PROJECTOR_INSTANCE_ID"] = instance
     return env
@@ -83,8 +92,14 @@ def _env(bootstrap: str, database_url: str, topic: str, group: str,
 
 @pytest.fixture
 async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    writer = Writer(WriterConfig(bootstrap_servers=bootstrap, topic=topic,
-                                 partitions=PARTITIONS, transactional_id=f"chaos-{topic}"))
+    writer = Writer(
+        WriterConfig(
+            bootstrap_servers=bootstrap,
+            topic=topic,
+            partitions=PARTITIONS,
+            transactional_id=f"chaos-{topic}",
+        )
+    )
     await writer.start()
     yield writer
     await writer.stop()
@@ -95,21 +110,29 @@ def _lifecycle(order_id: str, n: int) -> list[domain.Command]:
     at = datetime.now(UTC)
     price = 100 + n % 900
     commands: list[domain.Command] = [
-        domain.CreateOrder(order_id=order_id, at=at, customer_id=f"c-{n % 97}",
-                           currency=("EUR", "USD", "GBP")[n % 3]),
-        domain.AddItem(order_id=order_id, at=at, sku="A", name="a", quantity=2,
-                       unit_price=price),
-        domain.AddItem(order_id=order_id, at=at, sku="B", name="b", quantity=1,
-                       unit_price=price),
+        domain.CreateOrder(
+            order_id=order_id,
+            at=at,
+            customer_id=f"c-{n % 97}",
+            currency=("EUR", "USD", "GBP")[n % 3],
+        ),
+        domain.AddItem(order_id=order_id, at=at, sku="A", name="a", quantity=2, unit_price=price),
+        domain.AddItem(order_id=order_id, at=at, sku="B", name="b", quantity=1, unit_price=price),
         domain.ChangeItemQuantity(order_id=order_id, at=at, sku="B", quantity=3),
         domain.PlaceOrder(order_id=order_id, at=at),
-        domain.PayOrder(order_id=order_id, at=at, amount=5 * price,
-                        currency=("EUR", "USD", "GBP")[n % 3], payment_reference=f"p-{n}"),
+        domain.PayOrder(
+            order_id=order_id,
+            at=at,
+            amount=5 * price,
+            currency=("EUR", "USD", "GBP")[n % 3],
+            payment_reference=f"p-{n}",
+        ),
     ]
     if n % 3 == 0:
-        commands += [domain.ShipOrder(order_id=order_id, at=at, carrier="DHL",
-                                      tracking_number=f"t-{n}"),
-                     domain.DeliverOrder(order_id=order_id, at=at)]
+        commands += [
+            domain.ShipOrder(order_id=order_id, at=at, carrier="DHL", tracking_number=f"t-{n}"),
+            domain.DeliverOrder(order_id=order_id, at=at),
+        ]
     elif n % 3 == 1:
         commands.append(domain.CancelOrder(order_id=order_id, at=at, reason="r"))
     return commands
@@ -154,8 +177,7 @@ async def _against_the_oracle(engine: AsyncEngine, events: list[LoggedEvent]) ->
     return found
 
 
-async def _until_logged(projector: Projector, pattern: re.Pattern[str], *,
-                        timeout: float) -> None:
+async def _until_logged(projector: Projector, pattern: re.Pattern[str], *, timeout: float) -> None:
     """Poll the projector's log until ``pattern`` shows up, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not pattern.search(projector.log.read_text(errors="replace")):
@@ -163,8 +185,9 @@ async def _until_logged(projector: Projector, pattern: re.Pattern[str], *,
         await asyncio.sleep(0.1)  # pacing between reads of the log
 
 
-async def _kill_repeatedly(projector: Projector, streaming: asyncio.Task[int],
-                           kills: int, rng: random.Random) -> None:
+async def _kill_repeatedly(
+    projector: Projector, streaming: asyncio.Task[int], kills: int, rng: random.Random
+) -> None:
     """kill -9 at random moments while the stream flows; at least ``kills`` times."""
     projector.start()
     while projector.kills < kills or not streaming.done():
@@ -174,12 +197,17 @@ async def _kill_repeatedly(projector: Projector, streaming: asyncio.Task[int],
 
 
 async def test_kill_minus_nine_at_random_moments_applies_every_event_exactly_once(
-    writer: Writer, engine: AsyncEngine, database_url: str, bootstrap: str, topic: str,
+    writer: Writer,
+    engine: AsyncEngine,
+    database_url: str,
+    bootstrap: str,
+    topic: str,
     tmp_path: Path,
 ) -> None:
     rng = random.Random(os.environ.get("CHAOS_SEED", "20261128"))
-    projector = Projector(_env(bootstrap, database_url, topic, f"chaos-{topic}", "p1"),
-                          tmp_path / "projector.log")
+    projector = Projector(
+        _env(bootstrap, database_url, topic, f"chaos-{topic}", "p1"), tmp_path / "projector.log"
+    )
     streaming = asyncio.create_task(_stream(writer, events=TARGET_EVENTS, seconds=12))
     await _kill_repeatedly(projector, streaming, kills=10, rng=rng)
     written = streaming.result()
@@ -188,15 +216,21 @@ async def test_kill_minus_nine_at_random_moments_applies_every_event_exactly_onc
     await wait_caught_up(engine, topic, PROJECTIONS, _ends(events), timeout=180)
     assert projector.terminate() == 0
     found = await _against_the_oracle(engine, events)
-    print(f"\nchaos: {len(events)} events in the topic ({written} commands acknowledged), "
-          f"{projector.kills} kill -9 of the projector, differences from the oracle: {found}")
+    print(
+        f"\nchaos: {len(events)} events in the topic ({written} commands acknowledged), "
+        f"{projector.kills} kill -9 of the projector, differences from the oracle: {found}"
+    )
     assert len(events) == written >= TARGET_EVENTS
     assert projector.kills >= 10
     assert found == []
 
 
 async def test_two_instances_and_a_rebalance_mid_stream_still_equal_the_oracle(
-    writer: Writer, engine: AsyncEngine, database_url: str, bootstrap: str, topic: str,
+    writer: Writer,
+    engine: AsyncEngine,
+    database_url: str,
+    bootstrap: str,
+    topic: str,
     tmp_path: Path,
 ) -> None:
     group = f"pair-{topic}"

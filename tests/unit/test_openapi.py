@@ -29,8 +29,16 @@ def test_every_route_has_an_operation_id() -> None:
 def test_every_command_with_a_body_documents_an_example() -> None:
     with_body = {
         op["operationId"]: op["requestBody"]["content"]["application/json"]
-        for ops in _spec()["paths"].values() for op in ops.values() if "requestBody" in op
+        for ops in _spec()["paths"].values()
+        for op in ops.values()
+        if "requestBody" in op
     }
-    assert set(with_body) == {"createOrder", "addItem", "changeItemQuantity", "payOrder",
-                              "shipOrder", "cancelOrder"}
+    assert set(with_body) == {
+        "createOrder",
+        "addItem",
+        "changeItemQuantity",
+        "payOrder",
+        "shipOrder",
+        "cancelOrder",
+    }
     assert all(content["schema"].get("examples") for content in with_body.values())
