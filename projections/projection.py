@@ -35,9 +35,8 @@ Row = dict[str, Any]
 Key = tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """One decoded event and where it sits in the topic."""
+class Applied(msgspec.Struct, frozen=True, gc=False):
+    """One decoded event and where it sits in the topic (never in a reference cycle)."""
 
     envelope: Envelope
     event: DomainEvent

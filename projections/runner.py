@@ -35,10 +35,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -52,7 +52,29 @@ from service.settings import Settings
 
 _log = logging.getLogger(__name__)
 
-Fetched = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+class Record(Protocol):
+    """What the runner reads of a Kafka record (aiokafka's ``ConsumerRecord`` has it)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class _Kept(NamedTuple):
+    """A fetched record as the runner keeps it until its batch is applied: a tuple of
+    untracked values, which the cyclic garbage collector soon stops looking at (aiokafka's
+    records are objects with a dict, traversed by every collection while a batch waits)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+Fetched = dict[TopicPartition, Sequence[Record]]
 # A record's decoded envelope and event, or why it does not decode.
 Decoded = tuple[envelope.Envelope, DomainEvent] | envelope.UndecodableEvent
 
@@ -125,7 +147,7 @@ class _Fetch:
     over: a seek since then makes them stale (the seek has already moved the consumer).
     """
 
-    records: Fetched = field(default_factory=dict)
+    records: dict[TopicPartition, list[_Kept]] = field(default_factory=dict)
     generations: dict[int, int] = field(default_factory=dict)
     decoded: dict[TopicPartition, list[Decoded]] = field(default_factory=dict)
 
@@ -510,14 +532,15 @@ class ProjectionRunner:
             if not chunk:
                 break
             wait_ms = 0  # then only what is already buffered
-            for tp, records in chunk.items():
+            for tp, fetched in chunk.items():
                 generation = self.seeks.get(tp.partition, 0)
+                records = [_Kept(r.offset, r.key, r.value) for r in fetched]
                 decoded = [_decode(record.value) for record in records]
                 if tp in batch.records and batch.generations[tp.partition] == generation:
                     batch.records[tp].extend(records)
                     batch.decoded[tp].extend(decoded)
                 else:  # first records of the partition, or sought since its earlier ones
-                    batch.records[tp] = list(records)
+                    batch.records[tp] = records
                     batch.decoded[tp] = decoded
                     batch.generations[tp.partition] = generation
                 count += len(records)
@@ -671,12 +694,13 @@ class ProjectionRunner:
             for i, record in enumerate(records):
                 if record.offset < lowest:
                     continue
-                raw[(partition, record.offset)] = record.value
                 result = done[i] if done is not None else _decode(record.value)
                 if isinstance(result, envelope.UndecodableEvent):
                     key = record.key.decode(errors="replace") if record.key else None
                     poison.append((record.offset, key, str(result)))
                     continue
+                assert record.value is not None  # it decoded
+                raw[(partition, record.offset)] = record.value
                 applied.append(Applied(result[0], result[1], partition, record.offset))
             for group in going:
                 bad = next((p for p in poison if p[0] >= group.expected), None)

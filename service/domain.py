@@ -194,8 +194,12 @@ Command: TypeAlias = (
 # --- Events -------------------------------------------------------------------------
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    """Base of all order events. Tags are part of the stored log: never rename one."""
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
+    """Base of all order events. Tags are part of the stored log: never rename one.
+
+    Scalars only, so never part of a reference cycle: ``gc=False`` keeps the hundreds of
+    thousands a projector batch holds out of the cyclic collector's work.
+    """
 
 
 class OrderCreated(Event, frozen=True, kw_only=True, tag="OrderCreated"):

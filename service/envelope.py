@@ -31,7 +31,7 @@ UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
 _EVENT_ID_NAMESPACE = uuid.UUID("6f1c2d8e-35a7-4c55-9d1e-0b9a3c7e5f21")
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars only: no cycles
     event_id: str
     type: str
     schema_version: int
