@@ -24,7 +24,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    engine = create_engine(settings.require_database())
+    engine = create_engine(settings.require_database(), autocommit=True)  # as orders projector
     try:
         await run_projector(settings, engine, stop)
     finally:

@@ -97,7 +97,7 @@ async def serve(
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
     server: _Server | None = None
-    engine = create_engine(settings.require_database())
+    engine = create_engine(settings.require_database(), autocommit=True)
     try:
         if api is not None:
             await check_topic(settings)

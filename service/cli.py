@@ -192,7 +192,7 @@ def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> 
     settings = _configured()
 
     async def main() -> None:
-        engine = create_engine(settings.require_database(), pool_size=4)
+        engine = create_engine(settings.require_database(), pool_size=4, autocommit=True)
         try:
             await job(engine, settings)
         finally:

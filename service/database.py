@@ -12,9 +12,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An asyncpg-backed engine; nothing connects until first use."""
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+def create_engine(url: str, *, pool_size: int = 10, autocommit: bool = False) -> AsyncEngine:
+    """An asyncpg-backed engine; nothing connects until first use.
+
+    ``autocommit``: SQLAlchemy opens no transaction of its own, so a single statement costs one
+    round trip (and the pool's liveness ping one, not BEGIN, ping, ROLLBACK). For processes
+    that only read one statement at a time through SQLAlchemy and open their transactions
+    explicitly (``projections.projection.begin``): the API and the projector. Never for
+    migrations.
+    """
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        isolation_level="AUTOCOMMIT" if autocommit else None,
+    )
 
 
 def alembic_config(url: str | None = None) -> Config:
