@@ -97,7 +97,11 @@ async def serve(
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
     server: _Server | None = None
-    engine = create_engine(settings.require_database(), autocommit=True)
+    # Waiting queries are released together when their checkpoint moves: a burst the pool
+    # queues rather than answers with connections opened and closed on the spot.
+    engine = create_engine(
+        settings.require_database(), pool_size=20, overflow=False, autocommit=True
+    )
     try:
         if api is not None:
             await check_topic(settings)

@@ -12,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def create_engine(url: str, *, pool_size: int = 10, autocommit: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, overflow: bool = True, autocommit: bool = False
+) -> AsyncEngine:
     """An asyncpg-backed engine; nothing connects until first use.
 
     ``autocommit``: SQLAlchemy opens no transaction of its own, so a single statement costs one
@@ -20,11 +22,14 @@ def create_engine(url: str, *, pool_size: int = 10, autocommit: bool = False) ->
     that only read one statement at a time through SQLAlchemy and open their transactions
     explicitly (``projections.projection.begin``): the API and the projector. Never for
     migrations.
+
+    ``overflow=False``: never more than ``pool_size`` connections; a burst waits for one
+    instead of opening (and then closing) extra ones, each a TLS attempt and a login.
     """
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if overflow else 0,
         pool_pre_ping=True,
         isolation_level="AUTOCOMMIT" if autocommit else None,
     )
