@@ -19,8 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +45,7 @@ from projections.versions import (
     switch,
 )
 from service.eventlog import committed_reader
+from service.runtime import die_with_parent
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ _log = logging.getLogger(__name__)
 CATCH_UP_EVENTS = 1000
 BULK_BATCH = 20_000
 SWITCH_ATTEMPTS_S = 60.0
+# How long builder processes get to notice the switch and exit (or to stop on SIGTERM).
+BUILDER_EXIT_S = 30.0
 
 
 class RebuildInterrupted(Exception):
@@ -77,10 +84,11 @@ class RebuildResult:
     projections: list[str]
     in_place: bool
     seconds: float = 0.0
-    events: int = 0  # events applied, summed over the rebuilt projections
+    events: int = 0  # events this process applied, summed over the rebuilt projections
     topic_events: int = 0  # the topic's events read (each applied to every projection)
     switched: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    builder_exit_codes: list[int | None] = field(default_factory=list)  # of ``workers - 1``
 
     @property
     def rate(self) -> float:
@@ -171,8 +179,14 @@ async def rebuild(
     stop: asyncio.Event | None = None,
     tick_s: float = 1.0,
     batch: int = BULK_BATCH,
+    workers: int = 1,
 ) -> RebuildResult:
-    """Rebuild the named projections (see the module's docstring); returns what it did."""
+    """Rebuild the named projections (see the module's docstring); returns what it did.
+
+    ``workers`` > 1 (blue/green only): that many processes replay, this one and
+    ``workers - 1`` builder processes (``orders projections build``) in the same consumer
+    group, each applying its share of the partitions, so a replay uses more than one core.
+    """
     projections = catalog.select(list(names))
     stop = stop or asyncio.Event()
     report = on_progress or (lambda progress: None)
@@ -188,14 +202,17 @@ async def rebuild(
         runner = ProjectionRunner(projections, engine, bulk(config, batch), building=True)
     runner_stop = asyncio.Event()
     task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
+    helpers = 0 if in_place else workers - 1
     try:
-        async with _Tracker(engine, config, targets) as tracker:
-            await _until_done(
-                tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
-            )
-            result.topic_events = (tracker.last[1] if tracker.last else 0) - (
-                tracker.first_position or 0
-            )
+        with _builders(engine, config, [p.name for p in projections], batch, helpers) as builders:
+            async with _Tracker(engine, config, targets) as tracker:
+                await _until_done(
+                    tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
+                )
+                result.topic_events = (tracker.last[1] if tracker.last else 0) - (
+                    tracker.first_position or 0
+                )
+        result.builder_exit_codes = [builder.returncode for builder in builders]
     finally:
         runner_stop.set()
         with contextlib.suppress(asyncio.CancelledError):
@@ -203,6 +220,56 @@ async def rebuild(
     result.seconds = time.monotonic() - started
     result.events = runner.stats.events
     return result
+
+
+@contextlib.contextmanager
+def _builders(
+    engine: AsyncEngine, config: RunnerConfig, names: Sequence[str], batch: int, count: int
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` builder processes (``orders projections build``) for the versions being
+    built, in this rebuild's consumer group. Once the switch is done they find no version to
+    build and exit; on the way out they get a while for that, then SIGTERM (a graceful stop:
+    each finishes or rolls back its batch)."""
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "DATABASE_URL": engine.url.render_as_string(hide_password=False),
+        "ORDERS_TOPIC": config.topic,
+        "ORDERS_GROUP_PREFIX": config.group_prefix,
+    }
+    env.pop("ORDERS_PROJECTOR_INSTANCE_ID", None)  # a static member id is one process's
+    argv = [sys.executable, "-m", "service.cli", "projections", "build", *names]
+    processes = [
+        subprocess.Popen(
+            [*argv, "--batch", str(batch)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            # A rebuild killed with -9 takes its builders with it (SIGTERM: graceful).
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
+        )
+        for _ in range(count)
+    ]
+    if processes:
+        _log.info("%d builder process(es) started: %s", count, [p.pid for p in processes])
+    finished = False
+    try:
+        yield processes
+        finished = True
+    finally:
+        for process in processes:
+            if not finished:
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=BUILDER_EXIT_S)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=BUILDER_EXIT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            if process.returncode not in (0, -signal.SIGTERM):
+                _log.warning("builder process %d exited with %s", process.pid, process.returncode)
 
 
 async def _reset_in_place(engine: AsyncEngine, projections: Sequence[Projection]) -> list[Target]:

@@ -27,6 +27,10 @@ from service.settings import Settings
 
 _log = logging.getLogger("orders")
 
+# A rebuild replays in this many processes unless told otherwise: one per core, at most two
+# (Postgres needs the rest of the machine for the writes).
+DEFAULT_REBUILD_WORKERS = max(1, min(2, os.cpu_count() or 1))
+
 
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
@@ -270,6 +274,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
                 keep_old=args.keep_old,
                 restart=args.restart,
                 batch=args.batch,
+                workers=args.workers,
                 on_progress=_ProgressPrinter("+".join(names)),
                 stop=stop,
             )
@@ -285,6 +290,25 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
             print(f"  now live: {', '.join(result.switched)}")
         if result.dropped:
             print(f"  dropped: {', '.join(result.dropped)}")
+
+    _database_job(job)
+
+
+def cmd_projections_build(args: argparse.Namespace) -> None:
+    """A rebuild's builder process (started by ``rebuild --workers``): applies its share of
+    the partitions to the versions being built, until they are no longer building."""
+    from projections import catalog
+    from projections.rebuild import bulk
+    from projections.runner import ProjectionRunner, runner_config
+
+    async def job(engine: Any, settings: Settings) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        config = bulk(runner_config(settings), args.batch)
+        runner = ProjectionRunner(catalog.select(args.names), engine, config, building=True)
+        await runner.run(stop)
 
     _database_job(job)
 
@@ -397,7 +421,20 @@ def _add_projections_parser(commands: Any) -> None:
         metavar="N",
         help="events per transaction while replaying (default 20000)",
     )
+    rebuild.add_argument(
+        "--workers",
+        type=_positive,
+        default=DEFAULT_REBUILD_WORKERS,
+        metavar="N",
+        help="processes replaying the log side by side, each with its share of the partitions "
+        f"(blue/green only; default {DEFAULT_REBUILD_WORKERS}: this machine's cores, at most 2)",
+    )
     rebuild.set_defaults(handler=cmd_projections_rebuild)
+
+    build = actions.add_parser("build")  # no help: started by rebuild --workers, not by hand
+    build.add_argument("names", nargs="+")
+    build.add_argument("--batch", type=_positive, default=20_000)
+    build.set_defaults(handler=cmd_projections_build)
 
     def position(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", help="the projection")

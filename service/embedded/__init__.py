@@ -8,13 +8,14 @@ started them. They serve ``orders dev`` and the test suite; production points
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from service.runtime import die_with_parent
 
 
 class EnvironmentProblem(Exception):
@@ -50,13 +51,6 @@ def ensure_port_free(port: int, what: str, flag: str) -> None:
             ) from None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when its parent dies: a killed run leaves no orphan."""
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def spawn(
     argv: list[str],
     *,
@@ -74,7 +68,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             env=env,
             user=user,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     finally:
         log.close()

@@ -208,6 +208,7 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
                 on_progress=progress.append,
                 tick_s=0.2,
                 batch=500,
+                workers=2,  # this process and one `orders projections build` process
             )
             reads_at_switch = sum(r.reads for r in readers)
 
@@ -232,6 +233,7 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     assert {p.phase for p in progress} >= {"replaying", "indexing", "switching", "done"}
     assert result.topic_events > 0
     assert result.rate > 0
+    assert result.builder_exit_codes == [0], "the builder process did not finish cleanly"
     await the_oracle_holds(db, bootstrap, topic)
 
 
