@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -54,7 +54,7 @@ _log = logging.getLogger(__name__)
 CATCH_UP_EVENTS = 1000
 BULK_BATCH = 20_000
 SWITCH_ATTEMPTS_S = 60.0
-# How long builder processes get to notice the switch and exit (or to stop on SIGTERM).
+# How long a builder process gets to stop on SIGTERM before it is killed.
 BUILDER_EXIT_S = 30.0
 
 
@@ -204,14 +204,17 @@ async def rebuild(
     task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
     helpers = 0 if in_place else workers - 1
     try:
-        with _builders(engine, config, [p.name for p in projections], batch, helpers) as builders:
-            async with _Tracker(engine, config, targets) as tracker:
-                await _until_done(
-                    tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
-                )
-                result.topic_events = (tracker.last[1] if tracker.last else 0) - (
-                    tracker.first_position or 0
-                )
+        names = [p.name for p in projections]
+        async with (
+            _builders(engine, config, names, batch, helpers) as builders,
+            _Tracker(engine, config, targets) as tracker,
+        ):
+            await _until_done(
+                tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
+            )
+            result.topic_events = (tracker.last[1] if tracker.last else 0) - (
+                tracker.first_position or 0
+            )
         result.builder_exit_codes = [builder.returncode for builder in builders]
     finally:
         runner_stop.set()
@@ -222,14 +225,14 @@ async def rebuild(
     return result
 
 
-@contextlib.contextmanager
-def _builders(
+@contextlib.asynccontextmanager
+async def _builders(
     engine: AsyncEngine, config: RunnerConfig, names: Sequence[str], batch: int, count: int
-) -> Iterator[list[subprocess.Popen[bytes]]]:
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     """``count`` builder processes (``orders projections build``) for the versions being
-    built, in this rebuild's consumer group. Once the switch is done they find no version to
-    build and exit; on the way out they get a while for that, then SIGTERM (a graceful stop:
-    each finishes or rolls back its batch)."""
+    built, in this rebuild's consumer group. On the way out (switched, interrupted or failed)
+    they get SIGTERM, a graceful stop: each finishes or rolls back its batch and exits; a
+    batch after the switch would find its version live and change nothing."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": config.bootstrap_servers,
@@ -240,8 +243,10 @@ def _builders(
     env.pop("ORDERS_PROJECTOR_INSTANCE_ID", None)  # a static member id is one process's
     argv = [sys.executable, "-m", "service.cli", "projections", "build", *names]
     processes = [
-        subprocess.Popen(
-            [*argv, "--batch", str(batch)],
+        await asyncio.create_subprocess_exec(
+            *argv,
+            "--batch",
+            str(batch),
             env=env,
             stdin=subprocess.DEVNULL,
             # A rebuild killed with -9 takes its builders with it (SIGTERM: graceful).
@@ -251,23 +256,18 @@ def _builders(
     ]
     if processes:
         _log.info("%d builder process(es) started: %s", count, [p.pid for p in processes])
-    finished = False
     try:
         yield processes
-        finished = True
     finally:
         for process in processes:
-            if not finished:
+            if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
+        for process in processes:
             try:
-                process.wait(timeout=BUILDER_EXIT_S)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=BUILDER_EXIT_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                await asyncio.wait_for(process.wait(), BUILDER_EXIT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
             if process.returncode not in (0, -signal.SIGTERM):
                 _log.warning("builder process %d exited with %s", process.pid, process.returncode)
 

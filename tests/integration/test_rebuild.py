@@ -233,7 +233,8 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     assert {p.phase for p in progress} >= {"replaying", "indexing", "switching", "done"}
     assert result.topic_events > 0
     assert result.rate > 0
-    assert result.builder_exit_codes == [0], "the builder process did not finish cleanly"
+    # Stopped by SIGTERM after the switch: exit 0 (or -SIGTERM, had it not started up yet).
+    assert result.builder_exit_codes in ([0], [-signal.SIGTERM]), result.builder_exit_codes
     await the_oracle_holds(db, bootstrap, topic)
 
 
