@@ -299,7 +299,7 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
     the partitions to the versions being built, until they are no longer building."""
     from projections import catalog
     from projections.rebuild import bulk
-    from projections.runner import ProjectionRunner, runner_config
+    from projections.runner import ProjectionRunner, VersionsChanged, runner_config
 
     async def job(engine: Any, settings: Settings) -> None:
         stop = asyncio.Event()
@@ -308,7 +308,10 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
         config = bulk(runner_config(settings), args.batch)
         runner = ProjectionRunner(catalog.select(args.names), engine, config, building=True)
-        await runner.run(stop)
+        try:
+            await runner.run(stop)
+        except VersionsChanged as done:  # switched before this process started: nothing to do
+            _log.info("%s", done)
 
     _database_job(job)
 
