@@ -155,8 +155,7 @@ _POSTGRES = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 @functools.cache
 def _pg_type(column: sa.Column[Any]) -> str:
-    if isinstance(column.type, postgresql.JSONB):
-        return "text"  # sent as JSON text and cast: the connection's jsonb codec varies
+    """The column's Postgres type name, for casts (jsonb columns are never cast: see callers)."""
     return str(column.type.compile(dialect=_POSTGRES))
 
 
