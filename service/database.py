@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection
+from sqlalchemy import Connection, event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -18,21 +19,36 @@ def create_engine(
     """An asyncpg-backed engine; nothing connects until first use.
 
     ``autocommit``: SQLAlchemy opens no transaction of its own, so a single statement costs one
-    round trip (and the pool's liveness ping one, not BEGIN, ping, ROLLBACK). For processes
-    that only read one statement at a time through SQLAlchemy and open their transactions
-    explicitly (``projections.projection.begin``): the API and the projector. Never for
-    migrations.
+    round trip, not BEGIN, statement, ROLLBACK. For processes that only read one statement at
+    a time through SQLAlchemy and open their transactions explicitly
+    (``projections.projection.begin``): the API and the projector. Never for migrations.
 
     ``overflow=False``: never more than ``pool_size`` connections; a burst waits for one
     instead of opening (and then closing) extra ones, each a TLS attempt and a login.
     """
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size if overflow else 0,
-        pool_pre_ping=True,
         isolation_level="AUTOCOMMIT" if autocommit else None,
     )
+    event.listen(engine.sync_engine, "checkout", _replace_if_closed)
+    return engine
+
+
+def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """The pool's liveness check, without a round trip (``pool_pre_ping`` costs one per
+    checkout, as much as a whole point query).
+
+    A server that restarts or ends a session closes its socket; asyncpg sees the end of the
+    stream and marks its connection closed, and the pool replaces it here before handing it
+    out. Connections are also used through their asyncpg driver directly
+    (``projections.projection.begin``), whose errors SQLAlchemy never sees, so this check is
+    what keeps a dead connection from being handed out again and again. A connection broken
+    without its socket noticing fails its one statement, is closed by it, and is replaced.
+    """
+    if dbapi_connection.driver_connection.is_closed():
+        raise exc.DisconnectionError("the server closed this connection")
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -16,7 +16,7 @@ from projections.checkpoints import CheckpointWatcher
 from service.api.commands import OrderCommands
 from service.api.ops import Operations
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.queries import QUERY_HANDLERS, ReadConsistency
+from service.api.queries import QUERY_HANDLERS, ReadSide
 from service.writer import Writer
 
 
@@ -57,12 +57,15 @@ def create_app(
         return resources.topic
 
     watcher = CheckpointWatcher(resources.engine, resources.topic) if resources.engine else None
-    read_consistency = ReadConsistency(
-        resources.topic, resources.consistency_wait_ms / 1000, watcher
+    read_side = (
+        ReadSide(resources.engine, resources.topic, resources.consistency_wait_ms / 1000, watcher)
+        if resources.engine
+        else None
     )
 
-    def provide_read_consistency() -> ReadConsistency:
-        return read_consistency
+    def provide_reads() -> ReadSide:
+        assert read_side is not None, "this process has no database"
+        return read_side
 
     @get("/health", operation_id="health", tags=["operations"], summary="Liveness")
     async def health() -> Health:
@@ -94,7 +97,7 @@ def create_app(
         dependencies={
             "writer": Provide(provide_writer, sync_to_thread=False),
             "engine": Provide(provide_engine, sync_to_thread=False),
-            "read_consistency": Provide(provide_read_consistency, sync_to_thread=False),
+            "reads": Provide(provide_reads, sync_to_thread=False),
             "kafka_bootstrap": Provide(provide_kafka_bootstrap, sync_to_thread=False),
             "topic": Provide(provide_topic, sync_to_thread=False),
         },

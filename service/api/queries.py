@@ -120,9 +120,12 @@ class DailySalesReport(msgspec.Struct, frozen=True):
 
 
 @dataclass(frozen=True)
-class ReadConsistency:
-    """Where queries look for checkpoints, and how long they may wait for one."""
+class ReadSide:
+    """What queries read (the projections' database), where they look for checkpoints and how
+    long they may wait for one. ONE dependency for every query: Litestar resolves two or more
+    in a task group, which cost more than some queries do."""
 
+    engine: AsyncEngine
     topic: str
     timeout_s: float
     watcher: CheckpointWatcher | None = None  # one poller for every waiting query
@@ -156,9 +159,7 @@ def parse_consistency_token(value: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-async def _await_consistency(
-    engine: AsyncEngine, reads: ReadConsistency, projection: str, token: str | None
-) -> None:
+async def _await_consistency(reads: ReadSide, projection: str, token: str | None) -> None:
     if token is None:
         return
     partition, offset = parse_consistency_token(token)
@@ -166,7 +167,7 @@ async def _await_consistency(
         applied = await reads.watcher.wait(projection, partition, offset, reads.timeout_s)
     else:
         applied = await wait_for_checkpoint(
-            engine, projection, reads.topic, partition, offset, reads.timeout_s
+            reads.engine, projection, reads.topic, partition, offset, reads.timeout_s
         )
     if not applied:
         raise QueryProblem(
@@ -213,8 +214,7 @@ OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDEN
 CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 _ONE_PROBLEMS = problem_responses(400, 404, 503)  # one resource: it may not exist
 _MANY_PROBLEMS = problem_responses(400, 503)  # a list or report: empty rather than missing
-Engine = NamedDependency[AsyncEngine]
-Consistency = NamedDependency[ReadConsistency]
+Reads = NamedDependency[ReadSide]
 
 
 def _require_offset(name: str, value: datetime | None) -> None:
@@ -246,8 +246,7 @@ _DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields_
     responses=_MANY_PROBLEMS,
 )
 async def list_orders(
-    engine: Engine,
-    read_consistency: Consistency,
+    reads: Reads,
     customer_id: Annotated[
         str | None, QueryParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)
     ] = None,
@@ -270,7 +269,7 @@ async def list_orders(
     if created_from is not None and created_to is not None and created_from > created_to:
         raise QueryProblem(400, "invalid-filter", "created_from is after created_to")
     after = decode_cursor(cursor) if cursor is not None else None
-    await _await_consistency(engine, read_consistency, "orders", consistency_token)
+    await _await_consistency(reads, "orders", consistency_token)
 
     query = sa.select(*_SUMMARY_COLUMNS)
     if customer_id is not None:
@@ -286,7 +285,7 @@ async def list_orders(
         # indexes serve, stable however many rows are inserted before the cursor.
         query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
     query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
-    async with _reading(engine) as connection:
+    async with _reading(reads.engine) as connection:
         rows = (await connection.execute(query)).all()
 
     page = [msgspec.convert(row, OrderSummaryView, from_attributes=True) for row in rows[:limit]]
@@ -309,13 +308,12 @@ class OrderQueries(Controller):
     )
     async def get_order(
         self,
-        engine: Engine,
-        read_consistency: Consistency,
+        reads: Reads,
         order_id: OrderId,
         consistency_token: ConsistencyToken = None,
     ) -> Response[OrderView]:
-        await _await_consistency(engine, read_consistency, "orders", consistency_token)
-        async with _reading(engine) as connection:
+        await _await_consistency(reads, "orders", consistency_token)
+        async with _reading(reads.engine) as connection:
             driver = (await connection.get_raw_connection()).driver_connection
             assert isinstance(driver, asyncpg.Connection)
             record = await driver.fetchrow(_ORDER_BY_ID, order_id)
@@ -335,18 +333,17 @@ class OrderQueries(Controller):
     )
     async def get_history(
         self,
-        engine: Engine,
-        read_consistency: Consistency,
+        reads: Reads,
         order_id: OrderId,
         consistency_token: ConsistencyToken = None,
     ) -> list[HistoryEntry]:
-        await _await_consistency(engine, read_consistency, "order_history", consistency_token)
+        await _await_consistency(reads, "order_history", consistency_token)
         query = (
             sa.select(*_HISTORY_COLUMNS)
             .where(order_history.c.order_id == order_id)
             .order_by(order_history.c.version)
         )
-        async with _reading(engine) as connection:
+        async with _reading(reads.engine) as connection:
             rows = (await connection.execute(query)).all()
         if not rows:
             raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
@@ -365,19 +362,18 @@ class CustomerQueries(Controller):
     )
     async def get_summary(
         self,
-        engine: Engine,
-        read_consistency: Consistency,
+        reads: Reads,
         customer_id: CustomerId,
         consistency_token: ConsistencyToken = None,
     ) -> CustomerSummaryView:
-        await _await_consistency(engine, read_consistency, "customer_summary", consistency_token)
+        await _await_consistency(reads, "customer_summary", consistency_token)
         query = sa.select(
             customer_summaries.c.customer_id,
             customer_summaries.c.order_count,
             customer_summaries.c.open_orders,
             customer_summaries.c.lifetime_value,
         ).where(customer_summaries.c.customer_id == customer_id)
-        async with _reading(engine) as connection:
+        async with _reading(reads.engine) as connection:
             row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
@@ -396,8 +392,7 @@ class ReportQueries(Controller):
     )
     async def daily_sales_report(
         self,
-        engine: Engine,
-        read_consistency: Consistency,
+        reads: Reads,
         from_: Annotated[date, QueryParameter(name="from", description="First day, inclusive")],
         to: Annotated[date, QueryParameter(description="Last day, inclusive")],
         consistency_token: ConsistencyToken = None,
@@ -408,13 +403,13 @@ class ReportQueries(Controller):
             raise QueryProblem(
                 400, "invalid-filter", f"a report spans at most {MAX_REPORT_DAYS} days"
             )
-        await _await_consistency(engine, read_consistency, "daily_sales", consistency_token)
+        await _await_consistency(reads, "daily_sales", consistency_token)
         query = (
             sa.select(*_DAILY_COLUMNS)
             .where(daily_sales.c.day.between(from_, to))
             .order_by(daily_sales.c.day, daily_sales.c.currency)
         )
-        async with _reading(engine) as connection:
+        async with _reading(reads.engine) as connection:
             rows = (await connection.execute(query)).all()
         return DailySalesReport(
             from_, to, [msgspec.convert(row, DailySalesRow, from_attributes=True) for row in rows]

@@ -1,0 +1,71 @@
+"""The engine's pool never hands out a connection that the server has closed.
+
+The pool checks liveness without a round trip (``service.database._replace_if_closed``). These
+tests end a pooled connection's session on the server, as a restart or an administrator would,
+and use the pool again: through the raw asyncpg driver (the projector's transactions) and
+through SQLAlchemy (queries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from projections.projection import begin
+from service.database import create_engine
+
+
+async def _terminate(database_url: str, pid: int) -> None:
+    dsn = make_url(database_url).set(drivername="postgresql")
+    admin = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def _until_closed(connection: asyncpg.Connection, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not connection.is_closed():
+        assert time.monotonic() < deadline, "asyncpg never noticed the session was ended"
+        await asyncio.sleep(0.01)  # polling the condition, bounded by the deadline
+
+
+async def test_a_connection_ended_by_the_server_is_replaced_for_raw_transactions(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url, pool_size=1, overflow=False, autocommit=True)
+    try:
+        async with begin(engine) as connection:
+            pooled = connection
+            pid = await connection.fetchval("SELECT pg_backend_pid()")
+        await _terminate(database_url, pid)
+        await _until_closed(pooled)
+        async with begin(engine) as connection:  # the only pooled connection was the dead one
+            assert await connection.fetchval("SELECT pg_backend_pid()") != pid
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_ended_by_the_server_is_replaced_for_queries(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url, pool_size=1, overflow=False, autocommit=True)
+    try:
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            pooled = raw.driver_connection
+            assert isinstance(pooled, asyncpg.Connection)
+            pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        await _terminate(database_url, pid)
+        await _until_closed(pooled)
+        async with engine.connect() as connection:
+            assert (
+                await connection.execute(sa.text("SELECT pg_backend_pid()"))
+            ).scalar_one() != pid
+    finally:
+        await engine.dispose()
