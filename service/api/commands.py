@@ -13,7 +13,7 @@ from litestar import Controller, Request, Response, delete, patch, post
 from litestar.di import NamedDependency
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.openapi.spec import Example
-from litestar.params import Body, HeaderParameter, PathParameter
+from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 
 from service import domain
 from service.api.problems import problem_responses
@@ -142,7 +142,8 @@ CorrelationId = Annotated[
 ]
 OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 Sku = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
-WriterDependency = NamedDependency[Writer]
+# Handed in by the composition root: Litestar need not validate it on every request.
+WriterDependency = NamedDependency[SkipValidation[Writer]]
 
 _JSON_MEDIA_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 

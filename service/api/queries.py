@@ -16,7 +16,7 @@ import msgspec
 import sqlalchemy as sa
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
-from litestar.params import HeaderParameter, PathParameter, QueryParameter
+from litestar.params import HeaderParameter, PathParameter, QueryParameter, SkipValidation
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
@@ -214,7 +214,7 @@ OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDEN
 CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 _ONE_PROBLEMS = problem_responses(400, 404, 503)  # one resource: it may not exist
 _MANY_PROBLEMS = problem_responses(400, 503)  # a list or report: empty rather than missing
-Reads = NamedDependency[ReadSide]
+Reads = NamedDependency[SkipValidation[ReadSide]]  # ours: not validated per request
 
 
 def _require_offset(name: str, value: datetime | None) -> None:
