@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.api.app import Resources, create_app
 from service.database import create_engine
@@ -36,16 +37,57 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _CoalescingTransport:
+    """A connection's writes made in one turn of the event loop, sent as one.
+
+    uvicorn writes a response's head and its body separately; on loopback each write is a
+    system call that also hands a TCP segment to the client, which wakes up twice. Everything
+    but ``write`` and ``close`` is the real transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, writing through ``_CoalescingTransport``."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
 def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
     """How the API is served: one uvicorn server in this process's (uvloop) event loop, the
-    httptools parser, no access log, no ``Server`` header, no X-Forwarded-* rewriting (nothing
-    here reads the client's address or scheme; ``Location`` is a path). The HTTP-ceiling
-    benchmark (``benchmarks/bare_http.py``) serves its bare app with this same configuration."""
+    httptools parser (each connection's writes of one turn of the loop sent as one), no access
+    log, no ``Server`` header, no X-Forwarded-* rewriting (nothing here reads the client's
+    address or scheme; ``Location`` is a path). The HTTP-ceiling benchmark
+    (``benchmarks/bare_http.py``) serves its bare app with this same configuration."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=_HttpProtocol,
         log_level="warning",
         access_log=False,
         lifespan="on",
