@@ -336,7 +336,11 @@ def test_an_unknown_route_is_404(client: httpx.Client, method: str, path: str) -
     ],
 )
 def test_a_wrong_method_is_405(client: httpx.Client, method: str, path: str) -> None:
-    assert_problem(client.request(method, path), 405, "method-not-allowed")
+    response = client.request(method, path)
+    assert_problem(response, 405, "method-not-allowed")
+    allowed = {m.strip() for m in response.headers["allow"].split(",")}  # RFC 9110 15.5.6
+    assert method not in allowed
+    assert allowed - {"OPTIONS"}, "the route allows some method"
 
 
 # -- 415: the body must be declared JSON --------------------------------------------------------
