@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
@@ -22,6 +23,7 @@ from service.eventlog import committed_reader
 HALTED = "halted"
 REBUILDING = "rebuilding"
 RUNNING = "running"
+STOPPED = "stopped"  # events wait and no projector consumer applies them
 CAUGHT_UP = "caught up"
 
 
@@ -49,6 +51,9 @@ class VersionStatus(msgspec.Struct, frozen=True, kw_only=True):
     lag_offsets: int | None
     parked_events: int
     partitions: list[PartitionStatus]
+    # Live versions: members of the projector consumer groups that apply this projection (what
+    # Kafka says now: 0 means no projector is running for it). None: not asked.
+    consumers: int | None = None
 
 
 class TopicStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,10 +132,40 @@ class _EventOffsets:
         )
 
 
+async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int]:
+    """Projection name -> members of the live projector groups (``<prefix>.<names joined by
+    +>``, as ``ProjectionRunner.group_id`` names them) that apply it. A stopped projector leaves
+    its group at once; a static member (ORDERS_PROJECTOR_INSTANCE_ID) only when its session
+    times out."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        prefix = f"{group_prefix}."
+        groups = [
+            group_id
+            for group_id, *_ in await admin.list_consumer_groups()
+            if group_id.startswith(prefix) and not group_id.startswith(f"{prefix}rebuild.")
+        ]
+        counts: dict[str, int] = {}
+        for response in await admin.describe_consumer_groups(groups) if groups else []:
+            for _error, group_id, _state, _protocol_type, _protocol, members, *_ in response.groups:
+                for name in group_id[len(prefix) :].split("+"):
+                    counts[name] = counts.get(name, 0) + len(members)
+        return counts
+    finally:
+        await admin.close()
+
+
 async def status(
-    engine: AsyncEngine, bootstrap: str, topic: str, names: Sequence[str] | None = None
+    engine: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    names: Sequence[str] | None = None,
+    *,
+    group_prefix: str | None = None,
 ) -> TopicStatus:
-    """Every live and building version of the named projections (all by default)."""
+    """Every live and building version of the named projections (all by default); with
+    ``group_prefix``, also how many projector consumers apply each live version."""
     wanted = [p.name for p in catalog.select(list(names) if names else None)]
     now = datetime.now(UTC)
     async with begin(engine) as connection:
@@ -170,12 +205,14 @@ async def status(
         await events.read(consumer, topic, stable or {})
     finally:
         await consumer.stop()
+    members = await consumers(bootstrap, group_prefix) if group_prefix is not None else None
     halted = {(r["projection"], r["version"], r["partition"]): r for r in halts}
     parked_counts = {(r["projection"], r["version"]): r["events"] for r in parked}
     partitions = sorted(stable) if stable is not None else []
     found = []
     for row in versions:
         name, version, role = row["projection"], row["version"], row["state"]
+        consuming = members.get(name, 0) if members is not None and role == "live" else None
         rows = []
         for partition in partitions or sorted(
             p for (n, v, p) in stored if (n, v) == (name, version)
@@ -193,6 +230,8 @@ async def status(
                 state = REBUILDING
             elif lag_offsets == 0 or lag == 0:
                 state = CAUGHT_UP
+            elif consuming == 0:
+                state = STOPPED
             else:
                 state = RUNNING
             rows.append(
@@ -222,6 +261,7 @@ async def status(
                 lag_offsets=None if None in offset_lags else sum(x or 0 for x in offset_lags),
                 parked_events=parked_counts.get((name, version), 0),
                 partitions=rows,
+                consumers=consuming,
             )
         )
     return TopicStatus(
@@ -245,6 +285,8 @@ def _overall(role: str, states: Sequence[str]) -> str:
         return REBUILDING
     if states and all(state == CAUGHT_UP for state in states):
         return CAUGHT_UP
+    if STOPPED in states:
+        return STOPPED
     return RUNNING
 
 
@@ -279,6 +321,10 @@ def render(report: TopicStatus) -> str:
                     f"--offset {row.halted_at_offset}"
                 )
         summary = f"{version.projection} v{version.version}: {version.state}"
+        if version.consumers == 0:
+            summary += ", no projector consuming it (start one: orders projector)"
+        elif version.consumers is not None:
+            summary += f", {version.consumers} projector consumer(s)"
         if version.parked_events:
             summary += f", {version.parked_events} parked event(s) (orders projections parked)"
         lines.append(f"  -> {summary}")

@@ -155,6 +155,7 @@ async def serve(
                     topic=settings.topic,
                     consistency_wait_ms=settings.consistency_wait_ms,
                     kafka_bootstrap=settings.require_kafka(),
+                    projection_group_prefix=settings.projection_group_prefix,
                 ),
                 max_body_bytes=settings.max_body_bytes,
             )

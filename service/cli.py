@@ -215,7 +215,13 @@ def cmd_projections_status(args: argparse.Namespace) -> None:
     from projections.status import render, status
 
     async def job(engine: Any, settings: Settings) -> None:
-        report = await status(engine, settings.require_kafka(), settings.topic, args.names)
+        report = await status(
+            engine,
+            settings.require_kafka(),
+            settings.topic,
+            args.names,
+            group_prefix=settings.projection_group_prefix,
+        )
         if args.json:
             print(msgspec.json.format(msgspec.json.encode(report)).decode())
         else:

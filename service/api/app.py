@@ -29,6 +29,7 @@ class Resources:
     topic: str = "orders.events"
     consistency_wait_ms: int = 5000
     kafka_bootstrap: str | None = None  # for operations (projection status)
+    projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -55,6 +56,9 @@ def create_app(
 
     def provide_topic() -> str:
         return resources.topic
+
+    def provide_group_prefix() -> str:
+        return resources.projection_group_prefix
 
     watcher = CheckpointWatcher(resources.engine, resources.topic) if resources.engine else None
     read_side = (
@@ -100,6 +104,7 @@ def create_app(
             "reads": Provide(provide_reads, sync_to_thread=False),
             "kafka_bootstrap": Provide(provide_kafka_bootstrap, sync_to_thread=False),
             "topic": Provide(provide_topic, sync_to_thread=False),
+            "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         on_shutdown=[watcher.close] if watcher is not None else [],

@@ -21,8 +21,11 @@ class Operations(Controller):
         operation_id="projectionStatus",
         summary="Projections: checkpoint, last stable offset, lag and state per partition",
         description="The same data as `orders projections status --json`. States: `caught up`, "
-        "`running` (events wait), `rebuilding` (a new version being built), `halted` (an event "
-        "cannot be applied; see `reason`).",
+        "`running` (events wait), `stopped` (events wait and no projector consumes them), "
+        "`rebuilding` (a new version being built), `halted` (an event cannot be applied; see "
+        "`reason`). `consumers`: the projector consumers Kafka counts for a live version.",
     )
-    async def projections(self, engine: Engine, kafka_bootstrap: Text, topic: Text) -> TopicStatus:
-        return await status(engine, kafka_bootstrap, topic)
+    async def projections(
+        self, engine: Engine, kafka_bootstrap: Text, topic: Text, group_prefix: Text
+    ) -> TopicStatus:
+        return await status(engine, kafka_bootstrap, topic, group_prefix=group_prefix)

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.status import CAUGHT_UP, HALTED, RUNNING, TopicStatus, render, status
+from projections.status import CAUGHT_UP, HALTED, RUNNING, STOPPED, TopicStatus, render, status
 from service.api.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve
@@ -36,9 +36,14 @@ Report = dict[str, Any]
 
 
 @pytest.fixture
-async def ops(db: AsyncEngine, bootstrap: str, topic: str) -> AsyncIterator[httpx.AsyncClient]:
+async def ops(
+    db: AsyncEngine, bootstrap: str, topic: str, group_prefix: str
+) -> AsyncIterator[httpx.AsyncClient]:
     """The app with operations only: an engine and the Kafka address, no writer."""
-    app = create_app(Resources(engine=db, kafka_bootstrap=bootstrap, topic=topic))
+    resources = Resources(
+        engine=db, kafka_bootstrap=bootstrap, topic=topic, projection_group_prefix=group_prefix
+    )
+    app = create_app(resources)
     async with serve(app) as client:
         yield client
 
@@ -107,9 +112,9 @@ def as_json(report: TopicStatus) -> Report:
     return decoded
 
 
-async def cli_status(bootstrap: str, database_url: str, topic: str) -> Report:
+async def cli_status(bootstrap: str, database_url: str, topic: str, group_prefix: str) -> Report:
     """``projections status --json`` through the real CLI in a subprocess (this worktree)."""
-    code, out, err = await OrdersCli(bootstrap, database_url, topic).run(
+    code, out, err = await OrdersCli(bootstrap, database_url, topic, group_prefix).run(
         "projections", "status", "--json"
     )
     assert code == 0, f"exit {code}: {err}"
@@ -126,9 +131,11 @@ async def http_status(ops: httpx.AsyncClient) -> Report:
 
 
 def without_lag_seconds(report: Report) -> Report:
-    """The report minus ``lag_seconds`` (it grows with the clock between two readings)."""
+    """The report minus ``lag_seconds`` (it grows with the clock between two readings) and
+    ``consumers`` (a runner stopped between two readings leaves its group)."""
     copy: Report = json.loads(json.dumps(report))
     for version in copy["projections"]:
+        version.pop("consumers")
         for row in version["partitions"]:
             row.pop("lag_seconds")
     return copy
@@ -142,12 +149,13 @@ async def status_when(
     db: AsyncEngine,
     bootstrap: str,
     topic: str,
+    group_prefix: str,
     condition: Callable[[TopicStatus], bool],
     what: str,
     alive: Any = None,
 ) -> TopicStatus:
     async def check() -> tuple[bool, Any]:
-        report = await status(db, bootstrap, topic)
+        report = await status(db, bootstrap, topic, group_prefix=group_prefix)
         return condition(report), report
 
     found: TopicStatus = await eventually(check, what, alive=alive)
@@ -164,10 +172,16 @@ def all_caught_up(report: TopicStatus) -> bool:
 
 
 async def three_views(
-    report: TopicStatus, bootstrap: str, database_url: str, topic: str, ops: httpx.AsyncClient
+    report: TopicStatus,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    group_prefix: str,
+    ops: httpx.AsyncClient,
 ) -> tuple[Report, Report]:
-    """The CLI's and the endpoint's reports; both must match ``report`` but for lag_seconds."""
-    from_cli = await cli_status(bootstrap, database_url, topic)
+    """The CLI's and the endpoint's reports; both must match ``report`` but for lag_seconds
+    and consumers."""
+    from_cli = await cli_status(bootstrap, database_url, topic, group_prefix)
     from_http = await http_status(ops)
     expected = without_lag_seconds(as_json(report))
     assert without_lag_seconds(from_cli) == expected
@@ -202,7 +216,7 @@ async def test_status_of_caught_up_projections(
         await workload(api, f"up-{suffix}")
         # The checkpoints pass the last commit markers in housekeeping: poll for lag 0.
         report = await status_when(
-            db, bootstrap, topic, all_caught_up, "every partition caught up", alive=run
+            db, bootstrap, topic, group_prefix, all_caught_up, "every partition caught up", run
         )
 
     ends = api.ends()  # offset after the last acknowledged event, per partition
@@ -213,6 +227,7 @@ async def test_status_of_caught_up_projections(
     for version in report.projections:
         assert (version.role, version.state) == ("live", CAUGHT_UP), version
         assert (version.lag_events, version.parked_events) == (0, 0), version
+        assert version.consumers == 1, version  # the runner, as Kafka counts its group
         assert [row.partition for row in version.partitions] == list(range(PARTITIONS))
         for row in version.partitions:
             where = (version.projection, row.partition)
@@ -236,14 +251,17 @@ async def test_status_of_caught_up_projections(
             assert columns[1:3] == ["v1", "live"], columns
             assert columns[4:8] == [str(row.checkpoint), str(row.checkpoint), "0", "0.0"]
             assert " ".join(columns[8:]) == CAUGHT_UP
-        assert f"  -> {name} v1: {CAUGHT_UP}" in rendered.splitlines()
+        assert f"  -> {name} v1: {CAUGHT_UP}, 1 projector consumer(s)" in rendered.splitlines()
     assert HALTED not in rendered
     assert "parked" not in rendered
 
-    from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+    from_cli, from_http = await three_views(
+        report, bootstrap, database_url, topic, group_prefix, ops
+    )
     for view in (from_cli, from_http):
         for version in view["projections"]:
-            assert version["state"] == CAUGHT_UP
+            # The runner has stopped and left its group; caught up all the same.
+            assert (version["state"], version["consumers"]) == (CAUGHT_UP, 0)
             assert {row["lag_seconds"] for row in version["partitions"]} == {0.0}
 
 
@@ -263,19 +281,21 @@ async def test_status_of_lagging_projections(
     # Events that no runner has applied yet: no checkpoint, no event time.
     drafts = await workload(api, f"lag-{suffix}")
     written = new_events(api.accepted)
-    never_applied = await status(db, bootstrap, topic)
+    never_applied = await status(db, bootstrap, topic, group_prefix=group_prefix)
     for version in never_applied.projections:
-        assert version.state == RUNNING, version
+        assert (version.state, version.consumers) == (STOPPED, 0), version  # no projector yet
         assert version.lag_events == sum(written.values()), version
         for row in version.partitions:
             where = (version.projection, row.partition)
-            assert row.state == RUNNING, where
+            assert row.state == STOPPED, where
             assert row.checkpoint == 0, where
             assert row.lag_events == written[row.partition], (where, row)
             assert (row.lag_seconds, row.last_event_at) == (None, None), where
 
     async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await status_when(db, bootstrap, topic, all_caught_up, "every partition caught up", run)
+        await status_when(
+            db, bootstrap, topic, group_prefix, all_caught_up, "every partition caught up", run
+        )
 
     # No runner: more commands, in some partitions only.
     idle = max(drafts)
@@ -287,17 +307,17 @@ async def test_status_of_lagging_projections(
     assert sum(waiting.values()) == len(busy) + 1
     assert idle not in waiting
 
-    report = await status(db, bootstrap, topic)
+    report = await status(db, bootstrap, topic, group_prefix=group_prefix)
     assert [version.projection for version in report.projections] == ALL
     for version in report.projections:
-        assert (version.role, version.state) == ("live", RUNNING), version
+        assert (version.role, version.state, version.consumers) == ("live", STOPPED, 0), version
         assert version.lag_events == sum(waiting.values()), version
         for row in version.partitions:
             where = (version.projection, row.partition)
             assert row.lag_events == waiting[row.partition], (where, row)
             assert row.last_event_at is not None, where
             if waiting[row.partition]:
-                assert row.state == RUNNING, where
+                assert row.state == STOPPED, where
                 assert (row.lag_seconds or 0) > 0, (where, row)
             else:
                 assert (row.state, row.lag_seconds) == (CAUGHT_UP, 0.0), where
@@ -308,10 +328,15 @@ async def test_status_of_lagging_projections(
         assert sorted(lines) == list(range(PARTITIONS)), rendered
         for partition, columns in lines.items():
             assert columns[6] == str(waiting[partition]), columns
-            assert " ".join(columns[8:]) == (RUNNING if waiting[partition] else CAUGHT_UP)
-        assert f"  -> {name} v1: {RUNNING}" in rendered.splitlines()
+            assert " ".join(columns[8:]) == (STOPPED if waiting[partition] else CAUGHT_UP)
+        stopped = (
+            f"  -> {name} v1: {STOPPED}, no projector consuming it (start one: orders projector)"
+        )
+        assert stopped in rendered.splitlines()
 
-    from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+    from_cli, from_http = await three_views(
+        report, bootstrap, database_url, topic, group_prefix, ops
+    )
     for view in (from_cli, from_http):
         for version in view["projections"]:
             for row in version["partitions"]:
@@ -319,6 +344,19 @@ async def test_status_of_lagging_projections(
                     assert row["lag_seconds"] > 0, row
                 else:
                     assert row["lag_seconds"] == 0.0, row
+
+    # A projector that is slow, not stopped: running, one consumer, until it has caught up.
+    async with running(db, bootstrap, topic, group_prefix, ALL, lag_s=1.0) as slow:
+
+        def consumed_while_lagging(report: TopicStatus) -> bool:
+            return all(
+                (version.state, version.consumers) == (RUNNING, 1) for version in report.projections
+            )
+
+        await status_when(
+            db, bootstrap, topic, group_prefix, consumed_while_lagging, "running, 1 consumer", slow
+        )
+        await status_when(db, bootstrap, topic, group_prefix, all_caught_up, "caught up", slow)
 
 
 # -- halted ------------------------------------------------------------------------------------
@@ -339,7 +377,9 @@ async def test_status_of_a_halted_projection(
     make_poison, reason = POISONS[kind]
     async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
         drafts = await workload(api, f"{kind}-{suffix}")
-        await status_when(db, bootstrap, topic, all_caught_up, "every partition caught up", run)
+        await status_when(
+            db, bootstrap, topic, group_prefix, all_caught_up, "every partition caught up", run
+        )
 
         victim = api.accepted[0]
         poisoned = victim.partition
@@ -361,7 +401,13 @@ async def test_status_of_a_halted_projection(
             )
 
         report = await status_when(
-            db, bootstrap, topic, halted_and_others_applied, f"a halt in {poisoned}", run
+            db,
+            bootstrap,
+            topic,
+            group_prefix,
+            halted_and_others_applied,
+            f"a halt in {poisoned}",
+            run,
         )
         for name in ALL:
             halt = run.halt(name, poisoned)
@@ -397,9 +443,11 @@ async def test_status_of_a_halted_projection(
             )
             assert sum(line.strip() == explained for line in lines) == len(ALL), rendered
             assert any(line.strip().endswith(hint) for line in lines), rendered
-            assert f"  -> {version.projection} v1: {HALTED}" in lines
+            assert f"  -> {version.projection} v1: {HALTED}, 1 projector consumer(s)" in lines
 
-        from_cli, from_http = await three_views(report, bootstrap, database_url, topic, ops)
+        from_cli, from_http = await three_views(
+            report, bootstrap, database_url, topic, group_prefix, ops
+        )
         for view in (from_cli, from_http):
             for shown in by_projection(view).values():
                 shown_row = shown["partitions"][poisoned]

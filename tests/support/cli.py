@@ -19,6 +19,7 @@ class OrdersCli:
     bootstrap: str
     database_url: str
     topic: str
+    group_prefix: str | None = None  # ORDERS_GROUP_PREFIX: the projector groups it looks at
 
     async def run(self, *args: str) -> tuple[int, str, str]:
         """Exit code, stdout and stderr of ``orders ARGS``."""
@@ -28,6 +29,8 @@ class OrdersCli:
             DATABASE_URL=self.database_url,
             ORDERS_TOPIC=self.topic,
         )
+        if self.group_prefix is not None:
+            env["ORDERS_GROUP_PREFIX"] = self.group_prefix
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
