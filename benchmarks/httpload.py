@@ -134,6 +134,7 @@ class LoadResult:
     completions: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
+    loadgen_gc_longest_s: float | None = None  # the load generator's longest GC pause
 
     def record(self, since: float, done: float) -> None:
         """A successful command, from ``since`` (sent or due) to ``done``."""
@@ -184,6 +185,9 @@ class LoadResult:
             "longest_gap_between_answers_ms": longest_gap * 1000,
             "gaps_over_100ms": long_gaps,
             "cpu_percent_of_one_core": self.cpu,
+            "loadgen_gc_longest_ms": (
+                None if self.loadgen_gc_longest_s is None else self.loadgen_gc_longest_s * 1000
+            ),
         }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
+from typing import Any
 
 import psutil
 
@@ -55,6 +57,33 @@ class CpuMeter:
         }
         machine = psutil.cpu_percent() * (psutil.cpu_count() or 1)
         return used | {f"all {psutil.cpu_count()} cores": round(machine, 1)}
+
+
+class GcPauses:
+    """This process's garbage-collection pauses over an interval. The load generator is this
+    process: while it collects, answers wait unread and requests go out late, which would count
+    as the service's latency. ``benchmarks.run`` tunes its collector as the service does; this
+    shows what pauses remain."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self.total_s = 0.0
+        self._began = 0.0
+
+    def _callback(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._began
+            self.longest_s = max(self.longest_s, pause)
+            self.total_s += pause
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def cpu_details(cpu: dict[str, float]) -> str:
