@@ -9,6 +9,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -132,11 +133,10 @@ class _EventOffsets:
         )
 
 
-async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int]:
-    """Projection name -> members of the live projector groups (``<prefix>.<names joined by
-    +>``, as ``ProjectionRunner.group_id`` names them) that apply it. A stopped projector leaves
-    its group at once; a static member (ORDERS_PROJECTOR_INSTANCE_ID) only when its session
-    times out."""
+async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int | None]:
+    """Projection name -> members of the live projector groups that apply it (see
+    ``members_per_projection``). A stopped projector leaves its group at once; a static member
+    (ORDERS_PROJECTOR_INSTANCE_ID) only when its session times out."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await admin.start()
     try:
@@ -146,14 +146,25 @@ async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int]:
             for group_id, *_ in await admin.list_consumer_groups()
             if group_id.startswith(prefix) and not group_id.startswith(f"{prefix}rebuild.")
         ]
-        counts: dict[str, int] = {}
-        for response in await admin.describe_consumer_groups(groups) if groups else []:
-            for _error, group_id, _state, _protocol_type, _protocol, members, *_ in response.groups:
-                for name in group_id[len(prefix) :].split("+"):
-                    counts[name] = counts.get(name, 0) + len(members)
-        return counts
+        responses = await admin.describe_consumer_groups(groups) if groups else []
+        return members_per_projection(prefix, [g for r in responses for g in r.groups])
     finally:
         await admin.close()
+
+
+def members_per_projection(
+    prefix: str, described: Sequence[Sequence[Any]]
+) -> dict[str, int | None]:
+    """From DescribeGroups entries ``(error_code, group_id, state, protocol_type, protocol,
+    members, ...)`` of the groups ``<prefix><names joined by +>`` (as
+    ``ProjectionRunner.group_id`` names them): members per projection, summed over its groups.
+    None where a group could not be described: unknown, not "no projector"."""
+    counts: dict[str, int | None] = {}
+    for error_code, group_id, _state, _protocol_type, _protocol, members, *_ in described:
+        for name in group_id[len(prefix) :].split("+"):
+            known = counts.get(name, 0)
+            counts[name] = None if error_code or known is None else known + len(members)
+    return counts
 
 
 async def status(

@@ -345,8 +345,9 @@ async def test_status_of_lagging_projections(
                 else:
                     assert row["lag_seconds"] == 0.0, row
 
-    # A projector that is slow, not stopped: running, one consumer, until it has caught up.
-    async with running(db, bootstrap, topic, group_prefix, ALL, lag_s=1.0) as slow:
+    # A projector that is slow, not stopped (its batch waits 2 s: time for several status
+    # readings): running, one consumer, until it has caught up.
+    async with running(db, bootstrap, topic, group_prefix, ALL, lag_s=2.0) as slow:
 
         def consumed_while_lagging(report: TopicStatus) -> bool:
             return all(
