@@ -118,15 +118,7 @@ class Db:
         records = await self.connection.fetch(
             f'SELECT * FROM {self.name(table)} WHERE "{column}" = ANY($1::{array_type}[])', wanted
         )
-        json_columns = _json_columns(table)
-        rows = []
-        for record in records:
-            row = dict(record)
-            for name in json_columns:  # raw asyncpg gives text; SQLAlchemy's codec, objects
-                if isinstance(row[name], str | bytes):
-                    row[name] = msgspec.json.decode(row[name])
-            rows.append(row)
-        return rows
+        return [dict(record) for record in records]  # jsonb decoded: see ``begin``
 
 
 class Projection(Protocol):
@@ -157,11 +149,6 @@ _POSTGRES = postgresql.dialect()  # type: ignore[no-untyped-call]
 def _pg_type(column: sa.Column[Any]) -> str:
     """The column's Postgres type name, for casts (jsonb columns are never cast: see callers)."""
     return str(column.type.compile(dialect=_POSTGRES))
-
-
-@functools.cache
-def _json_columns(table: sa.Table) -> tuple[str, ...]:
-    return tuple(c.name for c in table.columns if isinstance(c.type, postgresql.JSONB))
 
 
 def _merged(table: sa.Table, column: str) -> str:
@@ -252,7 +239,10 @@ async def store(db: Db, state: State) -> int:
 
 @contextlib.asynccontextmanager
 async def begin(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction on a raw asyncpg connection from ``engine``'s pool: commits unless raising."""
+    """A transaction on a raw asyncpg connection from ``engine``'s pool: commits unless raising.
+
+    The pool's connections carry SQLAlchemy's jsonb codec: jsonb values arrive as Python
+    objects, never as text."""
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection

@@ -319,10 +319,7 @@ class OrderQueries(Controller):
             record = await driver.fetchrow(_ORDER_BY_ID, order_id)
         if record is None:
             raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
-        row = dict(record)
-        if isinstance(row["items"], str):  # jsonb arrives as text on a raw connection
-            row["items"] = msgspec.json.decode(row["items"])
-        view = msgspec.convert(row, OrderView)
+        view = msgspec.convert(dict(record), OrderView)  # jsonb decoded by the pool's codec
         return Response(view, headers={"ETag": f'"{view.version}"'})
 
     @get(
