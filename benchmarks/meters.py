@@ -67,16 +67,13 @@ class GcPauses:
 
     def __init__(self) -> None:
         self.longest_s = 0.0
-        self.total_s = 0.0
         self._began = 0.0
 
     def _callback(self, phase: str, _info: dict[str, Any]) -> None:
         if phase == "start":
             self._began = time.perf_counter()
         else:
-            pause = time.perf_counter() - self._began
-            self.longest_s = max(self.longest_s, pause)
-            self.total_s += pause
+            self.longest_s = max(self.longest_s, time.perf_counter() - self._began)
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._callback)

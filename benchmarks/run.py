@@ -677,24 +677,16 @@ async def http_ceiling(ctx: Context) -> None:
         runs = []
         for rate in plan.http_rates:
             _log.info("HTTP ceiling, open loop: %d requests/s", rate)
-            meter.start()
-            load = await httpload.open_loop(
-                HOST,
-                bare.port,
-                workload,
-                rate=rate,
-                duration=plan.http_seconds,
-                connections=plan.http_connections,
-            )
-            load.cpu = meter.stop()
+            load = await _open_loop(meter, bare.port, workload, rate, plan)
             ctx.ceiling[rate] = load
             runs.append(load.summary())
         clients = max(plan.closed_clients)
-        meter.start()
-        closed = await httpload.closed_loop(
-            HOST, bare.port, workload, clients=clients, duration=plan.http_seconds
+        closed = await _measured(
+            meter,
+            httpload.closed_loop(
+                HOST, bare.port, workload, clients=clients, duration=plan.http_seconds
+            ),
         )
-        closed.cpu = meter.stop()
         ctx.ceiling_closed = closed
         runs.append(closed.summary())
     ctx.results["http_ceiling"] = {"runs": runs, "per_second": closed.achieved_per_second}
@@ -758,18 +750,7 @@ async def command_api(ctx: Context) -> None:
         await httpload.open_loop(HOST, api.port, workload, rate=200, duration=1.0, connections=32)
         for rate in plan.http_rates:
             _log.info("command API, open loop: %d commands/s for %.0f s", rate, plan.http_seconds)
-            meter.start()
-            with GcPauses() as pauses:
-                load = await httpload.open_loop(
-                    HOST,
-                    api.port,
-                    workload,
-                    rate=rate,
-                    duration=plan.http_seconds,
-                    connections=plan.http_connections,
-                )
-            load.cpu = meter.stop()
-            load.loadgen_gc_longest_s = pauses.longest_s
+            load = await _open_loop(meter, api.port, workload, rate, plan)
             ctx.api_open[rate] = load
             runs.append(load.summary())
             ceiling = ctx.ceiling.get(rate)
@@ -789,13 +770,12 @@ async def command_api(ctx: Context) -> None:
         best = 0.0
         for clients in plan.closed_clients:
             _log.info("command API, closed loop: %d clients for %.0f s", clients, plan.http_seconds)
-            meter.start()
-            with GcPauses() as pauses:
-                load = await httpload.closed_loop(
+            load = await _measured(
+                meter,
+                httpload.closed_loop(
                     HOST, api.port, workload, clients=clients, duration=plan.http_seconds
-                )
-            load.cpu = meter.stop()
-            load.loadgen_gc_longest_s = pauses.longest_s
+                ),
+            )
             runs.append(load.summary())
             best = max(best, load.achieved_per_second)
             ctx.rows.append(
@@ -823,6 +803,34 @@ async def command_api(ctx: Context) -> None:
             else at_1000.percentile(0.99) <= 0.050 and at_1000.error_count == 0,
         ),
     ]
+
+
+async def _measured(meter: CpuMeter, load: Awaitable[httpload.LoadResult]) -> httpload.LoadResult:
+    """One load, with the CPU of the processes taking part and the load generator's longest
+    garbage-collection pause recorded on its result."""
+    meter.start()
+    with GcPauses() as pauses:
+        result = await load
+    result.cpu = meter.stop()
+    result.loadgen_gc_longest_s = pauses.longest_s
+    return result
+
+
+async def _open_loop(
+    meter: CpuMeter, port: int, workload: httpload.Workload, rate: int, plan: Plan
+) -> httpload.LoadResult:
+    """One open-loop level of the plan's HTTP load, measured."""
+    return await _measured(
+        meter,
+        httpload.open_loop(
+            HOST,
+            port,
+            workload,
+            rate=rate,
+            duration=plan.http_seconds,
+            connections=plan.http_connections,
+        ),
+    )
 
 
 def _latencies(load: httpload.LoadResult) -> str:
