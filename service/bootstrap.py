@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ class _CoalescingTransport:
 
     uvicorn writes a response's head and its body separately; on loopback each write is a
     system call that also hands a TCP segment to the client, which wakes up twice. Everything
-    but ``write`` and ``close`` is the real transport's.
+    but ``write``, ``writelines`` and ``close`` is the real transport's.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -54,6 +54,10 @@ class _CoalescingTransport:
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:  # in order with ``write``
+        for chunk in chunks:
+            self.write(chunk)
 
     def _flush(self) -> None:
         if self._pending:

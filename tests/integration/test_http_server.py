@@ -32,13 +32,21 @@ class _RecordingTransport:
         return f"extra {name}"
 
 
+async def _next_turn() -> None:
+    """Return once the callbacks already scheduled have run (the loop runs them in order)."""
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+    loop.call_soon(turn.set_result, None)
+    await turn
+
+
 async def test_writes_of_one_turn_leave_as_one_and_close_sends_what_is_pending() -> None:
     real = _RecordingTransport()
     transport = _CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-    transport.write(b"body")
+    transport.writelines([b"bo", b"dy"])
     assert real.writes == []
-    await asyncio.sleep(0)  # one turn of the loop
+    await _next_turn()
     assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
     transport.write(b"last")
     transport.close()
