@@ -14,7 +14,6 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.database import create_engine, migrate
 from service.embedded.kafka import run_coroutine
 from service.embedded.stack import Infrastructure, infrastructure
-from tests.support.database import reset_read_side
+from tests.support.database import admin, reset_read_side
 
 
 def _docker_engine_available() -> bool:
@@ -62,26 +61,14 @@ def bootstrap(infra: Infrastructure) -> str:
     return infra.kafka_bootstrap_servers
 
 
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(_asyncpg_dsn(url))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="module")
 def database_url(infra: Infrastructure, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, empty database for this test module, dropped afterwards."""
     module = re.sub(r"\W", "_", request.module.__name__.rsplit(".", 1)[-1])[:40]
     name = f"t_{module}_{uuid.uuid4().hex[:8]}".lower()
-    run_coroutine(_admin(infra.database_url, f'CREATE DATABASE "{name}"'))
+    run_coroutine(admin(infra.database_url, f'CREATE DATABASE "{name}"'))
     yield make_url(infra.database_url).set(database=name).render_as_string(hide_password=False)
-    run_coroutine(_admin(infra.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    run_coroutine(admin(infra.database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

@@ -13,19 +13,10 @@ import time
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from projections.projection import begin
 from service.database import create_engine
-
-
-async def _terminate(database_url: str, pid: int) -> None:
-    dsn = make_url(database_url).set(drivername="postgresql")
-    admin = await asyncpg.connect(dsn.render_as_string(hide_password=False))
-    try:
-        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-    finally:
-        await admin.close()
+from tests.support.database import admin
 
 
 async def _until_closed(connection: asyncpg.Connection, timeout: float = 10.0) -> None:
@@ -43,7 +34,7 @@ async def test_a_connection_ended_by_the_server_is_replaced_for_raw_transactions
         async with begin(engine) as connection:
             pooled = connection
             pid = await connection.fetchval("SELECT pg_backend_pid()")
-        await _terminate(database_url, pid)
+        assert await admin(database_url, "SELECT pg_terminate_backend($1)", pid)
         await _until_closed(pooled)
         async with begin(engine) as connection:  # the only pooled connection was the dead one
             assert await connection.fetchval("SELECT pg_backend_pid()") != pid
@@ -61,7 +52,7 @@ async def test_a_connection_ended_by_the_server_is_replaced_for_queries(
             pooled = raw.driver_connection
             assert isinstance(pooled, asyncpg.Connection)
             pid = (await connection.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
-        await _terminate(database_url, pid)
+        assert await admin(database_url, "SELECT pg_terminate_backend($1)", pid)
         await _until_closed(pooled)
         async with engine.connect() as connection:
             assert (

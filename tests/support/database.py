@@ -1,12 +1,27 @@
-"""Resetting the read side between tests: live versions empty, no other versions, no bookkeeping."""
+"""The test database: administrative statements, and resetting the read side between tests
+(live versions empty, no other versions, no bookkeeping)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
 from projections.schema import BOOKKEEPING, schema_for
+
+
+async def admin(url: str, statement: str, *args: Any) -> Any:
+    """``statement``'s first value, on a connection of its own (outside any pool) to ``url``."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await connection.fetchval(statement, *args)
+    finally:
+        await connection.close()
 
 
 async def reset_read_side(engine: AsyncEngine) -> None:
