@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from projections.runner import run_projector
 from service.database import create_engine
-from service.runtime import tune_gc
+from service.runtime import shutdown_on_signals, tune_gc
 from service.settings import Settings
 
 
 async def main() -> None:
     tune_gc()  # as ``orders projector`` does
     settings = Settings.from_env()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_on_signals()
     engine = create_engine(settings.require_database(), autocommit=True)  # as orders projector
     try:
         await run_projector(settings, engine, stop)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -99,15 +98,6 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
         proxy_headers=False,
         server_header=False,
     )
-
-
-def shutdown_on_signals() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM (Ctrl-C, docker stop, kill)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def writer_config(settings: Settings) -> WriterConfig:

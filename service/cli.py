@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -23,6 +22,7 @@ from typing import Any
 
 from service.embedded import EnvironmentProblem
 from service.eventlog import TopicWouldLoseHistory
+from service.runtime import shutdown_on_signals, tune_gc
 from service.settings import Settings
 
 _log = logging.getLogger("orders")
@@ -43,8 +43,6 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    from service.runtime import tune_gc
-
     tune_gc()
     try:
         import uvloop
@@ -55,7 +53,7 @@ def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 async def _serve(settings: Settings, **options: Any) -> None:
-    from service.bootstrap import serve, shutdown_on_signals
+    from service.bootstrap import serve
 
     await serve(settings, shutdown_on_signals(), **options)
 
@@ -163,10 +161,7 @@ def cmd_events_tail(args: argparse.Namespace) -> None:
     )
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = shutdown_on_signals()
         printed = await tail(
             settings.require_kafka(), settings.topic, sys.stdout, options, stop=stop
         )
@@ -267,10 +262,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
     catalog.select(names)  # unknown names: a clear error before connecting
 
     async def job(engine: Any, settings: Settings) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = shutdown_on_signals()
         try:
             result = await rebuild(
                 engine,
@@ -308,10 +300,7 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
     from projections.runner import ProjectionRunner, VersionsChanged, runner_config
 
     async def job(engine: Any, settings: Settings) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = shutdown_on_signals()
         config = bulk(runner_config(settings), args.batch)
         runner = ProjectionRunner(catalog.select(args.names), engine, config, building=True)
         try:
