@@ -2,11 +2,11 @@
 
 A batch is applied set-based: ``load`` fetches every existing row the batch can touch in a
 few queries, ``fold`` applies each event to those rows in memory (no I/O), and ``store``
-writes each touched row once: one ``INSERT ... SELECT FROM json_populate_recordset(...)
-ON CONFLICT`` per table (a plain INSERT for append-only tables), all of the table's rows in
-one JSON array. Many events of one order thus coalesce into one row write. The same ``fold``,
-run over every event in the topic from empty state, is the oracle the tests compare the
-tables with.
+writes each touched row once: one ``INSERT ... SELECT ... ON CONFLICT`` per table (a plain
+INSERT for append-only tables), all of the table's rows in one JSON array; replaying the log,
+append-only tables get a binary COPY. Many events of one order thus coalesce into one row
+write. The same ``fold``, run over every event in the topic from empty state, is the oracle
+the tests compare the tables with.
 
 The SQL is asyncpg's own, built once per table from the SQLAlchemy definition: SQLAlchemy
 compiling thousands of bound rows per batch was the projector's main cost, and asyncpg
@@ -201,11 +201,16 @@ def _write_sql(schema: str, table: sa.Table) -> str:
 
 
 @functools.cache
+def _column_names(table: sa.Table) -> list[str]:
+    return [str(column.name) for column in table.columns]
+
+
+@functools.cache
 def _as_array(table: sa.Table) -> Callable[[Row], tuple[Any, ...]]:
     """A row's values in column order (a tuple, which msgspec writes as a JSON array)."""
     # Plain str: a column's name is a str subclass (quoted_name), whose dict lookups skip
     # CPython's fast path and made this getter several times slower, per row of every batch.
-    getter = operator.itemgetter(*(str(column.name) for column in table.columns))
+    getter = operator.itemgetter(*_column_names(table))
     if len(table.columns) == 1:
         return lambda row: (getter(row),)
     return getter
@@ -214,25 +219,59 @@ def _as_array(table: sa.Table) -> Callable[[Row], tuple[Any, ...]]:
 _rows_encoder = msgspec.json.Encoder()
 
 
-async def store(db: Db, state: State) -> int:
+@functools.cache
+def _copy_columns(table: sa.Table) -> tuple[list[str], Callable[[Row], tuple[Any, ...]]]:
+    """Column names for a binary COPY of ``table``, and a row's values in that order.
+
+    jsonb columns come last, as their JSON text, which the pool's jsonb codec sends as it is
+    (a ``msgspec.Raw`` stays unparsed)."""
+    plain = [str(c.name) for c in table.columns if not isinstance(c.type, postgresql.JSONB)]
+    json = [str(c.name) for c in table.columns if isinstance(c.type, postgresql.JSONB)]
+    if not json:
+        return plain, _as_array(table)
+    values = operator.itemgetter(*plain)
+    json_values = operator.itemgetter(*json) if len(json) > 1 else lambda row: (row[json[0]],)
+    encode = _rows_encoder.encode
+
+    def as_record(row: Row) -> tuple[Any, ...]:
+        return (*values(row), *[encode(value).decode() for value in json_values(row)])
+
+    return plain + json, as_record
+
+
+async def store(db: Db, state: State, *, copy: bool = False) -> int:
     """Write every dirty row, one statement per table. Returns the number of rows.
 
-    The rows travel as one JSON array per table: msgspec encodes it in C, and Postgres (on
-    another core) takes it apart, which costs this process far less than encoding each value
-    for asyncpg. Rows go in primary-key order, so concurrent batches lock shared rows in the
-    same order and cannot deadlock.
+    Rows travel as one JSON array per table: msgspec encodes it in C, and Postgres (on another
+    core) takes it apart, which costs this process far less than encoding each value for
+    asyncpg. Upserted rows go in primary-key order, so concurrent batches lock shared rows in
+    the same order and cannot deadlock; inserts alone lock no stored row.
+
+    ``copy``: append-only tables get a binary COPY instead. Per row it costs this process about
+    3 us more and Postgres about 8 us less (no array to parse, no casts): a loss when this
+    process is the bottleneck (one live projector), a gain when every core is busy (a rebuild
+    with its builders). A second copy of a row is refused by the primary key either way.
     """
     written = 0
     for table_state in state.tables.values():
         if not table_state.dirty:
             continue
+        table = table_state.table
+        if copy and table.info.get("append_only"):
+            columns, as_record = _copy_columns(table)
+            records = [as_record(table_state.rows[key]) for key in table_state.dirty]
+            await db.connection.copy_records_to_table(
+                table.name, schema_name=db.schema, columns=columns, records=records
+            )
+            written += len(records)
+            continue
         keys: Iterable[Key] = table_state.dirty
-        if not table_state.table.info.get("append_only"):  # inserts alone lock no stored row
+        if not table.info.get("append_only"):
             keys = sorted(keys)
-        as_array = _as_array(table_state.table)
+        as_array = _as_array(table)
         rows = [as_array(table_state.rows[key]) for key in keys]
         payload = _rows_encoder.encode(rows).decode()
-        await db.connection.execute(_write_sql(db.schema, table_state.table), payload)
+        await db.connection.execute(_write_sql(db.schema, table), payload)
         written += len(rows)
     return written
 

@@ -96,9 +96,10 @@ class RebuildResult:
 
 
 def bulk(config: RunnerConfig, batch: int = BULK_BATCH) -> RunnerConfig:
-    """Settings for replaying the log: bigger batches and fetches."""
+    """Settings for replaying the log: bigger batches and fetches, COPY for append-only rows."""
     return replace(
         config,
+        copy_append_only=True,
         batch_max_records=batch,
         batch_wait_ms=max(config.batch_wait_ms, 200),
         max_partition_fetch_bytes=max(config.max_partition_fetch_bytes, 16 * 1024 * 1024),
