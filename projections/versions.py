@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+import sqlalchemy as sa
 
 from projections.projection import Projection
 from projections.schema import schema_for
@@ -88,7 +89,8 @@ async def building(connection: asyncpg.Connection, projection: Projection) -> Ta
 
 
 async def create_building(connection: asyncpg.Connection, live: Target) -> Target:
-    """A new, empty version next to ``live``: same tables and keys, no secondary indexes yet."""
+    """A new, empty version next to ``live``: same tables, no secondary indexes yet, and the
+    keys of the tables it upserts into (an append-only table's key comes with the indexes)."""
     known = await versions(connection, [live.name])
     new = Target(live.projection, max(known[live.name]) + 1)
     await connection.execute(f'CREATE SCHEMA "{new.schema}"')
@@ -97,16 +99,8 @@ async def create_building(connection: asyncpg.Connection, live: Target) -> Targe
             f'CREATE TABLE "{new.schema}"."{table.name}" (LIKE "{live.schema}"."{table.name}" '
             "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING IDENTITY)"
         )
-        keys = await connection.fetch(
-            "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint "
-            "WHERE conrelid = $1::regclass AND contype IN ('p', 'u')",
-            f'"{live.schema}"."{table.name}"',
-        )
-        for key in keys:
-            await connection.execute(
-                f'ALTER TABLE "{new.schema}"."{table.name}" '
-                f'ADD CONSTRAINT "{key["conname"]}" {key["definition"]}'
-            )
+        if not table.info.get("append_only"):
+            await _add_missing_keys(connection, live, new, table)
     await connection.execute(
         "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
         new.name,
@@ -115,8 +109,34 @@ async def create_building(connection: asyncpg.Connection, live: Target) -> Targe
     return new
 
 
+async def _add_missing_keys(
+    connection: asyncpg.Connection, live: Target, new: Target, table: sa.Table
+) -> None:
+    """Give ``new``'s ``table`` the primary and unique keys of ``live``'s that it lacks."""
+    keys = await connection.fetch(
+        "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint "
+        "WHERE conrelid = $1::regclass AND contype IN ('p', 'u') AND conname NOT IN ("
+        "  SELECT conname FROM pg_constraint WHERE conrelid = $2::regclass)",
+        f'"{live.schema}"."{table.name}"',
+        f'"{new.schema}"."{table.name}"',
+    )
+    for key in keys:
+        await connection.execute(
+            f'ALTER TABLE "{new.schema}"."{table.name}" '
+            f'ADD CONSTRAINT "{key["conname"]}" {key["definition"]}'
+        )
+
+
 async def build_indexes(connection: asyncpg.Connection, live: Target, new: Target) -> int:
-    """Give ``new`` the secondary indexes ``live`` has (after the bulk load: faster)."""
+    """Give ``new`` the secondary indexes ``live`` has, and the keys of its append-only tables.
+
+    After the bulk load, each is built in one sort instead of one B-tree insert per row. An
+    append-only table is only ever appended to (never read by key while a batch is applied),
+    so its key only guards against a row stored twice; such a row makes this step fail, loudly,
+    and the version is never switched to.
+    """
+    for table in new.projection.tables:
+        await _add_missing_keys(connection, live, new, table)
     definitions = await connection.fetch(
         "SELECT i.indexdef FROM pg_indexes i WHERE i.schemaname = $1 AND NOT EXISTS ("
         "  SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname"

@@ -19,15 +19,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
+from projections.projection import begin
 from projections.rebuild import Progress, RebuildInterrupted, rebuild
 from projections.runner import RunnerConfig
 from projections.schema import schema_for
+from projections.versions import build_indexes, create_building, drop, live_targets
 from service.api.app import Resources, create_app
 from service.writer import Accepted, Writer
 from tests.support.http import serve
@@ -96,6 +99,22 @@ async def views_point_at(db: AsyncEngine) -> dict[str, str]:
             )
         ).all()
     return {row.view: row.schema for row in rows}
+
+
+async def index_definitions(db: AsyncEngine, versions: dict[str, int]) -> dict[str, set[str]]:
+    """Per projection, every index of its version's tables (keys too), without the schema."""
+    found = {}
+    async with db.connect() as connection:
+        for name, version in versions.items():
+            schema = schema_for(name, version)
+            rows = await connection.execute(
+                sa.text("SELECT indexdef FROM pg_indexes WHERE schemaname = :schema"),
+                {"schema": schema},
+            )
+            found[name] = {
+                row[0].replace(f'"{schema}".', "").replace(f"{schema}.", "") for row in rows
+            }
+    return found
 
 
 async def schemas(db: AsyncEngine) -> set[str]:
@@ -189,6 +208,8 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     known = latest(accepted)
     old = await live_now(db)
     new = {name: version + 1 for name, version in old.items()}
+    old_indexes = await index_definitions(db, old)
+    assert all(old_indexes.values())
     app = create_app(Resources(engine=db, topic=topic, consistency_wait_ms=30_000))
     progress: list[Progress] = []
     async with (
@@ -230,6 +251,8 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     assert await live_now(db) == new
     assert set((await views_point_at(db)).values()) == {schema_for(n, new[n]) for n in ALL}
     assert await schemas(db) == {schema_for(name, new[name]) for name in ALL}
+    # Keys (some added only after the load) and secondary indexes, as the old versions had.
+    assert await index_definitions(db, new) == old_indexes
     assert {p.phase for p in progress} >= {"replaying", "indexing", "switching", "done"}
     assert result.topic_events > 0
     assert result.rate > 0
@@ -375,3 +398,28 @@ async def test_an_in_place_rebuild_empties_the_tables_and_replays_them(
         stored = await checkpoints(db, name, topic)
         assert all(stored[p] >= end for p, end in ends(accepted).items()), (name, stored)
     await the_oracle_holds(db, bootstrap, topic)
+
+
+async def test_a_row_stored_twice_in_an_append_only_table_fails_the_build_loudly(
+    db: AsyncEngine,
+) -> None:
+    """A building version's append-only table gets its key after the load: a row stored twice
+    (which the checkpoints should make impossible) must stop the build, never go live."""
+    history = catalog.PROJECTIONS["order_history"]
+    async with begin(db) as connection:
+        (live,) = await live_targets(connection, [history])
+        new = await create_building(connection, live)
+    try:
+        row = ("o-1", 1, "e-1", "OrderCreated", 1, datetime.now(UTC), "c-1", "c-1", "{}", 0, 0)
+        async with begin(db) as connection:
+            await connection.executemany(
+                f'INSERT INTO "{new.schema}".order_history VALUES '
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb, $10, $11)",
+                [row, row],
+            )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with begin(db) as connection:
+                await build_indexes(connection, live, new)
+    finally:
+        async with begin(db) as connection:
+            await drop(connection, new)
