@@ -57,8 +57,9 @@ def upgrade() -> None:
         sa.Column("cancelled_at", _TS),
         sa.Column("updated_at", _TS, nullable=False),
     )
-    op.create_index("ix_orders_customer_created", "orders",
-                    ["customer_id", "created_at", "order_id"])
+    op.create_index(
+        "ix_orders_customer_created", "orders", ["customer_id", "created_at", "order_id"]
+    )
     op.create_index("ix_orders_status_created", "orders", ["status", "created_at", "order_id"])
     op.create_index("ix_orders_created", "orders", ["created_at", "order_id"])
     op.create_table(
@@ -108,7 +109,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("daily_sales_orders", "daily_sales", "customer_summary_orders",
-                  "customer_summaries", "order_history", "orders"):
+    for table in (
+        "daily_sales_orders",
+        "daily_sales",
+        "customer_summary_orders",
+        "customer_summaries",
+        "order_history",
+        "orders",
+    ):
         op.drop_table(table)
     op.execute("DROP FUNCTION jsonb_add_per_key(jsonb, jsonb)")
