@@ -286,5 +286,17 @@ async def begin(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
         raw = await connection.get_raw_connection()
         driver = raw.driver_connection
         assert isinstance(driver, asyncpg.Connection)
-        async with driver.transaction():
+        transaction = driver.transaction()
+        await transaction.start()
+        try:
             yield driver
+        except BaseException:
+            try:
+                await transaction.rollback()
+            except Exception:
+                # The connection broke mid-statement (the server went away): the rollback
+                # fails too, and its error (e.g. asyncpg's "another operation is in progress")
+                # would hide the one that says why, which callers retry. Never reuse it.
+                await connection.invalidate()
+            raise
+        await transaction.commit()

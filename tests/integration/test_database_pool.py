@@ -12,7 +12,9 @@ import asyncio
 import time
 
 import asyncpg
+import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.projection import begin
 from service.database import create_engine
@@ -58,5 +60,32 @@ async def test_a_connection_ended_by_the_server_is_replaced_for_queries(
             assert (
                 await connection.execute(sa.text("SELECT pg_backend_pid()"))
             ).scalar_one() != pid
+    finally:
+        await engine.dispose()
+
+
+class _Failed(Exception):
+    """What went wrong inside a transaction, which callers decide on (retry or halt)."""
+
+
+async def _fail_after_the_server_ends_the_session(engine: AsyncEngine, url: str) -> int:
+    async with begin(engine) as connection:
+        pid: int = await connection.fetchval("SELECT pg_backend_pid()")
+        assert await admin(url, "SELECT pg_terminate_backend($1)", pid)
+        await _until_closed(connection)
+        raise _Failed(pid)
+
+
+async def test_a_transaction_whose_rollback_fails_raises_its_own_error(
+    database_url: str,
+) -> None:
+    """When the server goes away mid-transaction, the rollback fails too; the error raised must
+    still be the one that says why (the projector retries on it), not the rollback's."""
+    engine = create_engine(database_url, pool_size=1, overflow=False, autocommit=True)
+    try:
+        with pytest.raises(_Failed) as failed:
+            await _fail_after_the_server_ends_the_session(engine, database_url)
+        async with begin(engine) as connection:
+            assert await connection.fetchval("SELECT pg_backend_pid()") != failed.value.args[0]
     finally:
         await engine.dispose()
