@@ -201,16 +201,11 @@ def _write_sql(schema: str, table: sa.Table) -> str:
 
 
 @functools.cache
-def _column_names(table: sa.Table) -> list[str]:
-    return [str(column.name) for column in table.columns]
-
-
-@functools.cache
 def _as_array(table: sa.Table) -> Callable[[Row], tuple[Any, ...]]:
     """A row's values in column order (a tuple, which msgspec writes as a JSON array)."""
     # Plain str: a column's name is a str subclass (quoted_name), whose dict lookups skip
     # CPython's fast path and made this getter several times slower, per row of every batch.
-    getter = operator.itemgetter(*_column_names(table))
+    getter = operator.itemgetter(*(str(column.name) for column in table.columns))
     if len(table.columns) == 1:
         return lambda row: (getter(row),)
     return getter
