@@ -282,7 +282,13 @@ async def begin(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
         driver = raw.driver_connection
         assert isinstance(driver, asyncpg.Connection)
         transaction = driver.transaction()
-        await transaction.start()
+        try:
+            await transaction.start()
+        except Exception:
+            # E.g. asyncpg's "another operation is in progress": a statement this connection
+            # sent before the server went away never finished. Never hand it out again.
+            await connection.invalidate()
+            raise
         try:
             yield driver
         except BaseException:

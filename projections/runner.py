@@ -84,8 +84,13 @@ FETCH_CHUNK = 2_000
 
 
 def transient(error: BaseException) -> bool:
-    """A database error worth retrying: lost connection, deadlock, shutdown, no resources."""
-    if isinstance(error, OSError | OperationalError | InterfaceError | asyncpg.InterfaceError):
+    """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
+
+    asyncpg's ``InternalClientError`` ("another operation is in progress") is a connection
+    left out of step by a server that went away mid-statement: ``begin`` discards it, and the
+    retry gets a fresh one."""
+    lost = OSError | OperationalError | InterfaceError | asyncpg.InterfaceError
+    if isinstance(error, lost | asyncpg.InternalClientError):
         return True
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:

@@ -1,0 +1,38 @@
+"""Which database errors the projector retries (after a back-off) and which halt or stop it."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from projections.runner import transient
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError("the server is restarting"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        # A connection left out of step by a server that went away mid-statement (seen when
+        # Postgres was killed under load): discarded by ``begin``, so a retry gets a new one.
+        asyncpg.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        ),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.DeadlockDetectedError("deadlock detected"),
+    ],
+)
+def test_errors_of_an_unavailable_database_are_retried(error: BaseException) -> None:
+    assert transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.UniqueViolationError("a row stored twice"),
+        asyncpg.DataError("a value the column refuses"),
+        ValueError("a bug"),
+    ],
+)
+def test_errors_of_the_data_or_the_code_are_not_retried(error: BaseException) -> None:
+    assert not transient(error)
