@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from itertools import islice
@@ -805,14 +805,31 @@ async def command_api(ctx: Context) -> None:
     ]
 
 
-async def _measured(meter: CpuMeter, load: Awaitable[httpload.LoadResult]) -> httpload.LoadResult:
-    """One load, with the CPU of the processes taking part and the load generator's longest
-    garbage-collection pause recorded on its result."""
+@dataclass
+class _Metered:
+    """What a load cost: CPU of the processes taking part (% of one core) and the load
+    generator's longest garbage-collection pause."""
+
+    cpu: dict[str, float] = field(default_factory=dict)
+    gc_longest_s: float = 0.0
+
+
+@contextlib.contextmanager
+def _metering(meter: CpuMeter) -> Iterator[_Metered]:
+    metered = _Metered()
     meter.start()
     with GcPauses() as pauses:
+        yield metered
+    metered.cpu = meter.stop()
+    metered.gc_longest_s = pauses.longest_s
+
+
+async def _measured(meter: CpuMeter, load: Awaitable[httpload.LoadResult]) -> httpload.LoadResult:
+    """One load, with what it cost (``_Metered``) recorded on its result."""
+    with _metering(meter) as metered:
         result = await load
-    result.cpu = meter.stop()
-    result.loadgen_gc_longest_s = pauses.longest_s
+    result.cpu = metered.cpu
+    result.loadgen_gc_longest_s = metered.gc_longest_s
     return result
 
 
@@ -879,8 +896,7 @@ async def command_to_queryable(ctx: Context) -> None:
                 plan.queryable_rate,
                 plan.queryable_seconds,
             )
-            meter.start()
-            with GcPauses() as pauses:
+            with _metering(meter) as metered:
                 result = await queryable.open_loop(
                     HOST,
                     api.port,
@@ -889,13 +905,13 @@ async def command_to_queryable(ctx: Context) -> None:
                     duration=plan.queryable_seconds,
                     connections=plan.http_connections,
                 )
-            cpu = meter.stop()
+            cpu = metered.cpu
             if process.poll() is not None or api.process.poll() is not None:
                 raise RuntimeError("the API or the projector died; see bench-results/*.log")
     ctx.visible = result
     ctx.results["queryable"] = result.summary() | {
         "cpu_percent_of_one_core": cpu,
-        "loadgen_gc_longest_ms": pauses.longest_s * 1000,
+        "loadgen_gc_longest_ms": metered.gc_longest_s * 1000,
     }
     commands = result.commands
     ceiling = ctx.ceiling.get(plan.queryable_rate)
@@ -911,7 +927,7 @@ async def command_to_queryable(ctx: Context) -> None:
             f"{len(result.visible):,} queries answered 200, {result.retries} retried after 503, "
             f"failures {failures}; commands {commands.achieved_per_second:,.0f}/s, command "
             f"p99 {ms(commands.percentile(0.99))}; load generator's longest GC pause "
-            f"{ms(pauses.longest_s)}; {cpu_details(cpu)}",
+            f"{ms(metered.gc_longest_s)}; {cpu_details(cpu)}",
         )
     )
     ctx.targets.append(
