@@ -12,12 +12,12 @@ import logging
 
 from projections.runner import run_projector
 from service.database import create_engine
-from service.runtime import shutdown_on_signals, tune_gc
+from service.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals, tune_gc
 from service.settings import Settings
 
 
 async def main() -> None:
-    tune_gc()  # as ``orders projector`` does
+    tune_gc(BATCH_YOUNG_GENERATION_THRESHOLD)  # as ``orders projector`` does
     settings = Settings.from_env()
     stop = shutdown_on_signals()
     engine = create_engine(settings.require_database(), autocommit=True)  # as orders projector

@@ -29,7 +29,7 @@ from projections.versions import live_targets
 from service import envelope
 from service.database import create_engine
 from service.embedded.stack import infrastructure
-from service.runtime import tune_gc
+from service.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, tune_gc
 
 BASE_EVENTS = 25_000  # sealed through the domain; the rest are copies under new ids
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=20_000)
     args = parser.parse_args()
-    tune_gc()  # as the projector runs
+    tune_gc(BATCH_YOUNG_GENERATION_THRESHOLD)  # as the projector runs
     with infrastructure() as infra:
         uvloop.run(
             measure(infra.kafka_bootstrap_servers, infra.database_url, args.events, args.batch)

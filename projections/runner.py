@@ -35,9 +35,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import asyncpg
+import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -64,10 +65,11 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
 
 
-class _Kept(NamedTuple):
-    """A fetched record as the runner keeps it until its batch is applied: a tuple of
-    untracked values, which the cyclic garbage collector soon stops looking at (aiokafka's
-    records are objects with a dict, traversed by every collection while a batch waits)."""
+class _Kept(msgspec.Struct, frozen=True, gc=False):
+    """A fetched record as the runner keeps it until its batch is applied. Never tracked by
+    the cyclic garbage collector: a batch's records live about a second, and every young
+    collection meanwhile traversed those still alive (aiokafka's records, and even a
+    NamedTuple of these values: only plain tuples are ever untracked)."""
 
     offset: int
     key: bytes | None

@@ -22,7 +22,12 @@ from typing import Any
 
 from service.embedded import EnvironmentProblem
 from service.eventlog import TopicWouldLoseHistory
-from service.runtime import shutdown_on_signals, tune_gc
+from service.runtime import (
+    BATCH_YOUNG_GENERATION_THRESHOLD,
+    YOUNG_GENERATION_THRESHOLD,
+    shutdown_on_signals,
+    tune_gc,
+)
 from service.settings import Settings
 
 _log = logging.getLogger("orders")
@@ -42,8 +47,11 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
-def _run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    tune_gc()
+def _run(
+    main: Callable[[], Coroutine[Any, Any, None]],
+    young_gc_threshold: int = YOUNG_GENERATION_THRESHOLD,
+) -> None:
+    tune_gc(young_gc_threshold)
     try:
         import uvloop
 
@@ -92,7 +100,10 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 def cmd_projector(args: argparse.Namespace) -> None:
     settings = _configured()
-    _run(lambda: _serve(settings, run_projector=True, projections=args.names or None))
+    _run(
+        lambda: _serve(settings, run_projector=True, projections=args.names or None),
+        BATCH_YOUNG_GENERATION_THRESHOLD,
+    )
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -198,7 +209,7 @@ def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> 
             await engine.dispose()
 
     try:
-        _run(main)
+        _run(main, BATCH_YOUNG_GENERATION_THRESHOLD)  # rebuilds apply batches too
     except (ParkingRefused, NoLiveVersion) as refused:
         print(f"orders: {refused}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -7,25 +7,29 @@ import ctypes
 import gc
 import signal
 
-# Collect the youngest generation after this many new container objects, not Python's 700.
-# A projector batch allocates hundreds of thousands of dicts, lists and tuples that live until
-# the batch is applied (about a second); each young collection traverses those still alive.
-# Measured with gc.callbacks over 200,000 events: 700 -> about a fifth of the projector's CPU
-# in collections, 20,000 -> 1.2-1.4 s of 8.5 s, 100,000 -> 0.6 s.
+# Collect the youngest generation after this many new container objects (net of those freed),
+# not Python's 700. Under load the API's young generation filled dozens of times a second,
+# and each collection promoted the objects of the requests then in flight, which later died in
+# older generations and made full collections necessary (about 7% of a core at 1,000
+# commands/s, and pauses).
 YOUNG_GENERATION_THRESHOLD = 100_000
+# The same for processes that apply batches of events (projector, rebuild). A batch allocates
+# hundreds of thousands of rows, keys and records that live until it is applied (about a
+# second) and are then freed by reference counting; a young collection in between traverses
+# every one still alive, and achieves nothing. With 100,000, collections took about 15% of the
+# projector's CPU (45.7-49.3 against 55.7-56.2 us per event, 1,000,000 events); with this many
+# they run only when that many objects really pile up (cyclic garbage, growth).
+BATCH_YOUNG_GENERATION_THRESHOLD = 1_000_000
 
 
-def tune_gc() -> None:
+def tune_gc(young_threshold: int = YOUNG_GENERATION_THRESHOLD) -> None:
     """Fewer, larger cyclic collections; what is loaded so far stays out of them for good.
 
-    Called as a command starts, and again by the API once its app is built. Under load the
-    young generation filled dozens of times a second, and each collection promoted the
-    objects of the requests then in flight, which later died in older generations and made
-    full collections necessary (about 7% of a core at 1,000 commands/s, and pauses).
+    Called as a command starts, and again by the API once its app is built.
     """
     gc.collect()
     gc.freeze()  # modules, settings, metadata: never garbage, never traversed again
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, 20, 50)
+    gc.set_threshold(young_threshold, 20, 50)
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
