@@ -33,17 +33,23 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     return configured
 
 
-def test_the_projector_collects_only_when_a_million_objects_pile_up(
-    monkeypatch: pytest.MonkeyPatch, settings: Settings
-) -> None:
+@pytest.fixture
+def served_with(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The young-generation threshold in force when the command's service started."""
     seen: list[int] = []
 
     async def serve(*_: Any, **__: Any) -> None:
         seen.append(gc.get_threshold()[0])
 
     monkeypatch.setattr(cli, "_serve", serve)
+    return seen
+
+
+def test_the_projector_collects_only_when_a_million_objects_pile_up(
+    settings: Settings, served_with: list[int]
+) -> None:
     cli.cmd_projector(argparse.Namespace(names=[]))
-    assert seen == [BATCH_YOUNG_GENERATION_THRESHOLD]
+    assert served_with == [BATCH_YOUNG_GENERATION_THRESHOLD]
 
 
 def test_rebuilds_and_other_database_jobs_collect_as_the_projector_does(
@@ -59,16 +65,10 @@ def test_rebuilds_and_other_database_jobs_collect_as_the_projector_does(
 
 
 def test_the_api_keeps_collecting_its_young_objects_often(
-    monkeypatch: pytest.MonkeyPatch, settings: Settings
+    settings: Settings, served_with: list[int]
 ) -> None:
-    seen: list[int] = []
-
-    async def serve(*_: Any, **__: Any) -> None:
-        seen.append(gc.get_threshold()[0])
-
-    monkeypatch.setattr(cli, "_serve", serve)
     cli.cmd_api(argparse.Namespace(host="127.0.0.1", port=1))
-    assert seen == [YOUNG_GENERATION_THRESHOLD]
+    assert served_with == [YOUNG_GENERATION_THRESHOLD]
 
 
 def test_the_records_a_batch_keeps_are_never_tracked_by_the_collector() -> None:
