@@ -6,6 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -190,6 +191,11 @@ def _is_outage(error: Exception) -> bool:
         sqlstate = getattr(error.orig, "sqlstate", None) or ""
         server_away = sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
         return transient or server_away or error.connection_invalidated
+    if isinstance(error, asyncpg.PostgresError):  # from the raw driver (``get_order``)
+        sqlstate = error.sqlstate or ""
+        return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
+    # OSError, the pool's timeout, asyncpg's InterfaceError (closed connection) and
+    # InternalClientError (a connection left out of step by a server killed mid-statement).
     return True
 
 
@@ -230,5 +236,9 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     sa_exc.DBAPIError: _database_unavailable,
     sa_exc.TimeoutError: _database_unavailable,
     OSError: _database_unavailable,
+    # The same from the raw asyncpg driver, which SQLAlchemy does not wrap.
+    asyncpg.PostgresError: _database_unavailable,
+    asyncpg.InterfaceError: _database_unavailable,
+    asyncpg.InternalClientError: _database_unavailable,
     Exception: _unexpected,
 }

@@ -178,12 +178,29 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
         )
 
 
+# What the raw driver raises when the connection, not the statement, failed.
+_CONNECTION_FAILED = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+)
+
+
 @contextlib.asynccontextmanager
 async def _reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection for ONE read-only statement, in autocommit: the statement is its own
-    snapshot, and no BEGIN and ROLLBACK round trips go with it."""
+    snapshot, and no BEGIN and ROLLBACK round trips go with it.
+
+    A statement sent through the raw driver that fails because of the connection (e.g.
+    asyncpg's "another operation is in progress", a connection left out of step by a server
+    killed mid-statement) discards it: SQLAlchemy never sees that error, and the pool would
+    hand the same connection to the next query."""
     async with engine.connect() as connection:
-        yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+        except _CONNECTION_FAILED:
+            await connection.invalidate()
+            raise
 
 
 # -- list cursors -----------------------------------------------------------------------------
