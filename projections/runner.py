@@ -41,13 +41,14 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
 from projections.projection import Applied, Db, Projection, State, begin, store
 from projections.versions import Target, building, live_targets
 from service import envelope
+from service.database import connection_lost, sqlstate
 from service.domain import DomainEvent
 from service.settings import Settings
 
@@ -88,18 +89,9 @@ FETCH_CHUNK = 2_000
 def transient(error: BaseException) -> bool:
     """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
 
-    asyncpg's ``InternalClientError`` ("another operation is in progress") is a connection
-    left out of step by a server that went away mid-statement: ``begin`` discards it, and the
-    retry gets a fresh one."""
-    lost = OSError | OperationalError | InterfaceError | asyncpg.InterfaceError
-    if isinstance(error, lost | asyncpg.InternalClientError):
-        return True
-    if isinstance(error, DBAPIError):
-        if error.connection_invalidated:
-            return True
-        error = error.orig if error.orig is not None else error
-    state = str(getattr(error, "sqlstate", "") or getattr(error, "pgcode", "") or "")
-    return state[:2] in {"08", "40", "53", "57"}
+    A lost connection (``connection_lost``) includes one left out of step by a server that
+    went away mid-statement: ``begin`` discards it, and the retry gets a fresh one."""
+    return connection_lost(error) or sqlstate(error)[:2] in {"40", "53", "57"}
 
 
 class StaleCheckpoint(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 from alembic import command
 from alembic.config import Config
@@ -55,6 +56,31 @@ def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None
     """
     if dbapi_connection.driver_connection.is_closed():
         raise exc.DisconnectionError("the server closed this connection")
+
+
+def sqlstate(error: BaseException) -> str:
+    """The SQLSTATE of a database error, raw asyncpg or wrapped by SQLAlchemy; "" if none."""
+    if isinstance(error, exc.DBAPIError) and error.orig is not None:
+        error = error.orig
+    return str(getattr(error, "sqlstate", "") or getattr(error, "pgcode", "") or "")
+
+
+def connection_lost(error: BaseException) -> bool:
+    """The connection failed, not the statement: the server is away, restarting or unreachable,
+    or the connection was left out of step (asyncpg's ``InternalClientError``, "another
+    operation is in progress", after the server was killed mid-statement). Such a connection is
+    never reused; the statement may succeed on a new one. Raw asyncpg errors (statements sent
+    through the driver, which SQLAlchemy never sees) and SQLAlchemy's wrapped ones alike.
+    """
+    lost = OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    if isinstance(error, lost | exc.OperationalError | exc.InterfaceError):
+        return True
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return True
+    # 08xxx: connection exceptions; 57P01-57P03: the server is shutting down, crashed, or is
+    # starting up ("cannot connect now"), which asyncpg reports as a plain error.
+    state = sqlstate(error)
+    return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
 def alembic_config(url: str | None = None) -> Config:

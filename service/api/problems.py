@@ -15,6 +15,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy import exc as sa_exc
 
 from service import domain
+from service.database import connection_lost
 from service.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
 
 _log = logging.getLogger(__name__)
@@ -183,20 +184,9 @@ def _phrase(status: int) -> str:
 
 
 def _is_outage(error: Exception) -> bool:
-    """A lost or refused connection, not a statement the database refused (that is our bug)."""
-    if isinstance(error, sa_exc.DBAPIError):
-        transient = isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
-        # 08xxx: connection exceptions; 57P01-57P03: the server is shutting down, crashed, or
-        # is starting up ("cannot connect now"), which asyncpg reports as a plain DBAPIError.
-        sqlstate = getattr(error.orig, "sqlstate", None) or ""
-        server_away = sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
-        return transient or server_away or error.connection_invalidated
-    if isinstance(error, asyncpg.PostgresError):  # from the raw driver (``get_order``)
-        sqlstate = error.sqlstate or ""
-        return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
-    # OSError, the pool's timeout, asyncpg's InterfaceError (closed connection) and
-    # InternalClientError (a connection left out of step by a server killed mid-statement).
-    return True
+    """A lost or refused connection, or the pool's timeout; not a statement the database
+    refused (that is our bug)."""
+    return connection_lost(error) or isinstance(error, sa_exc.TimeoutError)
 
 
 def _database_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:

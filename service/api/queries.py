@@ -23,6 +23,7 @@ from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.api.commands import IDENTIFIER_PATTERN
 from service.api.problems import QueryProblem, problem_responses
+from service.database import connection_lost
 from service.domain import OrderStatus
 
 MAX_PAGE_SIZE = 200
@@ -178,14 +179,6 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
         )
 
 
-# What the raw driver raises when the connection, not the statement, failed.
-_CONNECTION_FAILED = (
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-)
-
-
 @contextlib.asynccontextmanager
 async def _reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection for ONE read-only statement, in autocommit: the statement is its own
@@ -198,8 +191,9 @@ async def _reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as connection:
         try:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
-        except _CONNECTION_FAILED:
-            await connection.invalidate()
+        except Exception as error:
+            if connection_lost(error):
+                await connection.invalidate()
             raise
 
 
