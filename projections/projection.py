@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.database import driver_of
 from service.domain import DomainEvent
 from service.envelope import Envelope
 
@@ -283,9 +284,7 @@ async def begin(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
     The pool's connections carry SQLAlchemy's jsonb codec: jsonb values arrive as Python
     objects, never as text."""
     async with engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        driver = raw.driver_connection
-        assert isinstance(driver, asyncpg.Connection)
+        driver = await driver_of(connection)
         transaction = driver.transaction()
         try:
             await transaction.start()

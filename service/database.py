@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import msgspec
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, exc
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +83,31 @@ def connection_lost(error: BaseException) -> bool:
     # starting up ("cannot connect now"), which asyncpg reports as a plain error.
     state = sqlstate(error)
     return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
+
+
+@contextlib.asynccontextmanager
+async def reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for ONE read-only statement at a time, in autocommit: each statement is
+    its own snapshot, and no BEGIN and ROLLBACK round trips go with it.
+
+    A statement sent through the raw driver (``driver_of``) that fails because of the
+    connection (e.g. asyncpg's "another operation is in progress", a connection left out of
+    step by a server killed mid-statement) discards it: SQLAlchemy never sees that error, and
+    the pool would hand the same connection out again."""
+    async with engine.connect() as connection:
+        try:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+        except Exception as error:
+            if connection_lost(error):
+                await connection.invalidate()
+            raise
+
+
+async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a pooled SQLAlchemy one (it carries the pool's codecs)."""
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return driver
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Annotated, Any
 
-import asyncpg
 import msgspec
 import sqlalchemy as sa
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, PathParameter, QueryParameter, SkipValidation
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.api.commands import IDENTIFIER_PATTERN
 from service.api.problems import QueryProblem, problem_responses
-from service.database import connection_lost
+from service.database import driver_of, reading
 from service.domain import OrderStatus
 
 MAX_PAGE_SIZE = 200
@@ -179,24 +176,6 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
         )
 
 
-@contextlib.asynccontextmanager
-async def _reading(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A connection for ONE read-only statement, in autocommit: the statement is its own
-    snapshot, and no BEGIN and ROLLBACK round trips go with it.
-
-    A statement sent through the raw driver that fails because of the connection (e.g.
-    asyncpg's "another operation is in progress", a connection left out of step by a server
-    killed mid-statement) discards it: SQLAlchemy never sees that error, and the pool would
-    hand the same connection to the next query."""
-    async with engine.connect() as connection:
-        try:
-            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
-        except Exception as error:
-            if connection_lost(error):
-                await connection.invalidate()
-            raise
-
-
 # -- list cursors -----------------------------------------------------------------------------
 
 _AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -296,7 +275,7 @@ async def list_orders(
         # indexes serve, stable however many rows are inserted before the cursor.
         query = query.where(sa.tuple_(orders.c.created_at, orders.c.order_id) > after)
     query = query.order_by(orders.c.created_at, orders.c.order_id).limit(limit + 1)
-    async with _reading(reads.engine) as connection:
+    async with reading(reads.engine) as connection:
         rows = (await connection.execute(query)).all()
 
     page = [msgspec.convert(row, OrderSummaryView, from_attributes=True) for row in rows[:limit]]
@@ -324,9 +303,8 @@ class OrderQueries(Controller):
         consistency_token: ConsistencyToken = None,
     ) -> Response[OrderView]:
         await _await_consistency(reads, "orders", consistency_token)
-        async with _reading(reads.engine) as connection:
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert isinstance(driver, asyncpg.Connection)
+        async with reading(reads.engine) as connection:
+            driver = await driver_of(connection)
             record = await driver.fetchrow(_ORDER_BY_ID, order_id)
         if record is None:
             raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
@@ -351,7 +329,7 @@ class OrderQueries(Controller):
             .where(order_history.c.order_id == order_id)
             .order_by(order_history.c.version)
         )
-        async with _reading(reads.engine) as connection:
+        async with reading(reads.engine) as connection:
             rows = (await connection.execute(query)).all()
         if not rows:
             raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
@@ -381,7 +359,7 @@ class CustomerQueries(Controller):
             customer_summaries.c.open_orders,
             customer_summaries.c.lifetime_value,
         ).where(customer_summaries.c.customer_id == customer_id)
-        async with _reading(reads.engine) as connection:
+        async with reading(reads.engine) as connection:
             row = (await connection.execute(query)).one_or_none()
         if row is None:
             raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
@@ -417,7 +395,7 @@ class ReportQueries(Controller):
             .where(daily_sales.c.day.between(from_, to))
             .order_by(daily_sales.c.day, daily_sales.c.currency)
         )
-        async with _reading(reads.engine) as connection:
+        async with reading(reads.engine) as connection:
             rows = (await connection.execute(query)).all()
         return DailySalesReport(
             from_, to, [msgspec.convert(row, DailySalesRow, from_attributes=True) for row in rows]

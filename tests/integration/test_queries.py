@@ -18,7 +18,7 @@ from litestar import Litestar
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.checkpoints import wait_for_checkpoint
+from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import (
     customer_summaries,
     daily_sales,
@@ -635,6 +635,56 @@ async def test_wait_for_checkpoint_is_strictly_past_the_offset(db: AsyncEngine) 
     assert not await wait_for_checkpoint(db, "orders", TOPIC, 0, 5, timeout_s=0.02)
     assert not await wait_for_checkpoint(db, "orders", TOPIC, 1, 0, timeout_s=0)
     assert not await wait_for_checkpoint(db, "daily_sales", TOPIC, 0, 0, timeout_s=0)
+
+
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def watched(db: AsyncEngine) -> AsyncIterator[tuple[CheckpointWatcher, _Clock]]:
+    """A watcher polling every 50 ms of real time, on a clock the test moves; ``orders`` has
+    applied offset 7 of partition 0."""
+    await set_checkpoint(db, "orders", 8)
+    clock = _Clock()
+    watcher = CheckpointWatcher(db, TOPIC, poll_interval_s=0.05, clock=clock)
+    yield watcher, clock
+    await watcher.close()
+
+
+async def test_the_watcher_answers_a_token_its_latest_poll_passed_without_polling_again(
+    watched: tuple[CheckpointWatcher, _Clock],
+) -> None:
+    watcher, clock = watched
+    assert await watcher.wait("orders", 0, 7, timeout_s=5)  # polls, then is answered
+    polls = watcher.polls
+    assert polls >= 1
+
+    clock.now += 0.04  # the poll is less than one interval old: still fresh
+    assert await watcher.wait("orders", 0, 6, timeout_s=5)
+    assert await watcher.wait("orders", 0, 7, timeout_s=5)
+
+    assert watcher.polls == polls
+
+
+async def test_the_watcher_polls_again_once_its_latest_poll_is_older_than_an_interval(
+    db: AsyncEngine, watched: tuple[CheckpointWatcher, _Clock]
+) -> None:
+    watcher, clock = watched
+    assert await watcher.wait("orders", 0, 7, timeout_s=5)
+    # An in-place rebuild put the checkpoint back; the read model refills from offset 0.
+    await set_checkpoint(db, "orders", 0)
+    clock.now += 0.051
+
+    assert not await watcher.wait("orders", 0, 7, timeout_s=0.2)  # seen by a new poll
+    assert not watcher.applied("orders", 0, 7)
+    assert not watcher.applied("orders", 1, 0)  # a partition it never saw
 
 
 # -- wiring ------------------------------------------------------------------------------------
