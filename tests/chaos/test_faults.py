@@ -12,6 +12,9 @@ with SIGKILL, or stopped with SIGTERM, at random (seeded) moments, and started a
 3. every read-model table equals the oracle, a pure fold of every event in the topic;
 4. no 500; during outages only 503 with Retry-After, or no connection while the API is down.
 
+Two victims also go down together (``OVERLAPS``): a process killed or stopped while the server
+it needs is away, or both servers at once.
+
 Sizes: ``CHAOS_SEED``, ``CHAOS_FAULT_ROUNDS`` (each round injects every kind of fault once, in
 random order), ``CHAOS_CLIENTS``, ``CHAOS_MIN_ACKNOWLEDGED``. The defaults fit the CI budget;
 raise them for longer runs. Run with ``-s`` to see the figures.
@@ -69,6 +72,10 @@ CLIENTS = int(os.environ.get("CHAOS_CLIENTS", "12"))
 MIN_ACKNOWLEDGED = int(os.environ.get("CHAOS_MIN_ACKNOWLEDGED", "1000"))
 TARGETS = ("projector", "api", "kafka", "postgres")
 MODES = ("kill -9", "SIGTERM")
+# Two victims at once: a process killed or stopped while a server it needs is away (it comes
+# back after the server), or both servers away together. Each pair once per round, in a
+# random mode.
+OVERLAPS = ("api+kafka", "projector+postgres", "kafka+postgres")
 # A client error is expected only while the API is down, give or take this much.
 OUTAGE_SLACK_S = 1.0
 
@@ -116,7 +123,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 @dataclass
 class Faults:
-    """Injects one fault at a time and brings the victim back before the next one."""
+    """Injects one fault at a time and brings its victims back before the next one."""
 
     servers: Servers
     api: ApiProcess
@@ -138,7 +145,10 @@ class Faults:
         )
 
     async def run(self, rounds: int) -> None:
-        schedule = [(target, mode) for target in TARGETS for mode in MODES] * rounds
+        schedule = []
+        for _ in range(rounds):
+            schedule += [(target, mode) for target in TARGETS for mode in MODES]
+            schedule += [(pair, self.rng.choice(MODES)) for pair in OVERLAPS]
         self.rng.shuffle(schedule)
         for target, mode in schedule:
             await asyncio.sleep(self.rng.uniform(1.0, 4.0))  # a random moment to strike at
@@ -161,39 +171,53 @@ class Faults:
                 process.start()
 
     async def _inject(self, target: str, mode: str) -> None:
-        downtime = self.rng.uniform(0.0, 1.5)
-        if target == "projector":
-            await self._bounce(self.projector, mode, downtime)
-            await self.projector.wait_connected(self.servers.ports)
-        elif target == "api":
-            down = time.monotonic()
-            await self._bounce(self.api, mode, downtime)
-            await self.api.wait_ready()
-            self.api_outages.append((down, time.monotonic()))
-        elif target == "kafka":
-            kafka = self.servers.kafka
-            await self.servers.call(kafka.kill if mode == "kill -9" else kafka.terminate)
-            self.note("kafka down")
-            await asyncio.sleep(downtime)  # the length of the outage
-            await self.servers.call(kafka.restart)
-            self.note("kafka up")
-            await self.api.wait_ready()  # the writer finds its way back on its own
-        else:
-            await self.servers.call(
-                self.servers.postgres.kill if mode == "kill -9" else self._terminate_postgres
-            )
-            self.note("postgres down")
-            await asyncio.sleep(downtime)  # the length of the outage
-            await self.servers.call(self.servers.postgres.restart)
+        """Take the victims down one after the other in random order, keep them down for a
+        random moment, then bring them back and wait until the service is whole again.
 
-    async def _bounce(self, process: ServiceProcess, mode: str, downtime: float) -> None:
-        if mode == "kill -9":
-            await asyncio.to_thread(process.kill)
+        Servers come back first, in random order: a process started while a server it needs
+        is away exits at once with a one-line message, by design (tests/integration/
+        test_infrastructure.py), for its supervisor to start it again."""
+        victims = target.split("+")
+        api_down = 0.0
+        for victim in self.rng.sample(victims, len(victims)):
+            if victim == "api":
+                api_down = time.monotonic()
+            await self._down(victim, mode)
+        await asyncio.sleep(self.rng.uniform(0.0, 1.5))  # the length of the outage
+        for victim in sorted(victims, key=lambda v: (v in ("api", "projector"), self.rng.random())):
+            await self._up(victim)
+        if "api" in victims or "kafka" in victims:
+            await self.api.wait_ready()  # the writer finds its way back to the broker by itself
+        if "api" in victims:
+            self.api_outages.append((api_down, time.monotonic()))
+        if "projector" in victims:
+            await self.projector.wait_connected(self.servers.ports)
+
+    async def _down(self, victim: str, mode: str) -> None:
+        kill = mode == "kill -9"
+        if victim in ("api", "projector"):
+            process = self.api if victim == "api" else self.projector
+            if kill:
+                await asyncio.to_thread(process.kill)
+            else:
+                code = await asyncio.to_thread(process.terminate)
+                self.graceful_exit_codes.setdefault(process.argv[0], []).append(code)
+        elif victim == "kafka":
+            kafka = self.servers.kafka
+            await self.servers.call(kafka.kill if kill else kafka.terminate)
         else:
-            code = await asyncio.to_thread(process.terminate)
-            self.graceful_exit_codes.setdefault(process.argv[0], []).append(code)
-        await asyncio.sleep(downtime)  # the length of the outage
-        process.start()
+            postgres = self.servers.postgres
+            await self.servers.call(postgres.kill if kill else self._terminate_postgres)
+        self.note(f"{victim} down")
+
+    async def _up(self, victim: str) -> None:
+        if victim in ("api", "projector"):
+            (self.api if victim == "api" else self.projector).start()
+        elif victim == "kafka":
+            await self.servers.call(self.servers.kafka.restart)
+        else:
+            await self.servers.call(self.servers.postgres.restart)
+        self.note(f"{victim} up")
 
     def _terminate_postgres(self) -> None:
         """SIGTERM is PostgreSQL's "smart" shutdown: no new sessions, while pooled ones go on
@@ -364,7 +388,7 @@ async def test_random_faults_under_load_lose_nothing_and_double_nothing(run: Run
         "\n" + _figures(faults, ledger, result, mismatches, misplaced, time.monotonic() - started)
     )
 
-    assert faults.injected.total() == len(TARGETS) * len(MODES) * FAULT_ROUNDS
+    assert faults.injected.total() == (len(TARGETS) * len(MODES) + len(OVERLAPS)) * FAULT_ROUNDS
     assert result.acknowledged >= MIN_ACKNOWLEDGED
     assert result.lost == []
     assert result.duplicated == []
