@@ -16,7 +16,7 @@ from projections.checkpoints import CheckpointWatcher
 from service.api.commands import OrderCommands
 from service.api.ops import Operations
 from service.api.problems import EXCEPTION_HANDLERS
-from service.api.queries import QUERY_HANDLERS, ReadSide
+from service.api.queries import QUERY_HANDLERS, OrderReader, ReadSide
 from service.writer import Writer
 
 
@@ -62,7 +62,13 @@ def create_app(
 
     watcher = CheckpointWatcher(resources.engine, resources.topic) if resources.engine else None
     read_side = (
-        ReadSide(resources.engine, resources.topic, resources.consistency_wait_ms / 1000, watcher)
+        ReadSide(
+            resources.engine,
+            resources.topic,
+            resources.consistency_wait_ms / 1000,
+            OrderReader(resources.engine),
+            watcher,
+        )
         if resources.engine
         else None
     )

@@ -637,6 +637,65 @@ async def test_wait_for_checkpoint_is_strictly_past_the_offset(db: AsyncEngine) 
     assert not await wait_for_checkpoint(db, "daily_sales", TOPIC, 0, 0, timeout_s=0)
 
 
+async def test_point_reads_asked_together_go_in_one_statement_each_answered_its_own(
+    db: AsyncEngine,
+) -> None:
+    await insert(db, orders, [order_row(f"o-{i}", customer_id=f"c-{i}") for i in range(10)])
+    reader = queries.OrderReader(db)
+    wanted = [f"o-{i % 10}" for i in range(25)] + ["o-missing"]
+
+    records = await asyncio.gather(*(reader.get(order_id) for order_id in wanted))
+
+    assert reader.reads == 1
+    answered = [(r["order_id"], r["customer_id"]) if r is not None else None for r in records]
+    expected = [(f"o-{i % 10}", f"c-{i % 10}") for i in range(25)] + [None]
+    assert answered == expected
+
+
+async def test_every_request_of_a_failed_point_read_hears_why_and_the_next_read_works(
+    db: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await insert(db, orders, [order_row("o-1")])
+    fetch = asyncpg.Connection.fetch
+    calls = 0
+
+    async def fails_once(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.InterfaceError("connection is closed")
+        return await fetch(self, query, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetch", fails_once)
+    reader = queries.OrderReader(db)
+
+    outcomes = await asyncio.gather(*(reader.get("o-1") for _ in range(5)), return_exceptions=True)
+
+    assert all(isinstance(o, asyncpg.InterfaceError) for o in outcomes), outcomes
+    record = await reader.get("o-1")
+    assert record is not None
+    assert record["order_id"] == "o-1"
+
+
+async def test_a_point_read_whose_request_went_away_still_answers_the_others(
+    db: AsyncEngine,
+) -> None:
+    await insert(db, orders, [order_row("o-1"), order_row("o-2")])
+    reader = queries.OrderReader(db)
+    gone = asyncio.create_task(reader.get("o-1"))
+    staying = asyncio.create_task(reader.get("o-2"))
+    await asyncio.sleep(0)  # one turn of the loop, no time: both tasks run up to their await
+    assert set(reader._wanted) == {"o-1", "o-2"}  # both asked; the read has not run yet
+    gone.cancel()
+
+    async with asyncio.timeout(10):
+        record = await staying
+
+    assert record is not None
+    assert record["order_id"] == "o-2"
+    assert gone.cancelled()
+
+
 class _Clock:
     """A monotonic clock the test moves by hand."""
 
@@ -732,18 +791,18 @@ async def test_a_connection_out_of_step_answers_503_and_is_never_handed_out_agai
     # 503 and discard the connection rather than hand it to the next query.
     await insert(db, orders, [order_row("o-1")])
     used: list[asyncpg.Connection] = []
-    fetchrow = asyncpg.Connection.fetchrow
+    fetch = asyncpg.Connection.fetch
 
     async def out_of_step_once(self: asyncpg.Connection, query: str, *args: Any) -> Any:
-        if query == queries._ORDER_BY_ID:
+        if query == queries._ORDERS_BY_ID:
             used.append(self)
             if len(used) == 1:
                 raise asyncpg.InternalClientError(
                     "cannot switch to state 12; another operation (2) is in progress"
                 )
-        return await fetchrow(self, query, *args)
+        return await fetch(self, query, *args)
 
-    monkeypatch.setattr(asyncpg.Connection, "fetchrow", out_of_step_once)
+    monkeypatch.setattr(asyncpg.Connection, "fetch", out_of_step_once)
     single = create_engine(database_url, pool_size=1, overflow=False, autocommit=True)
     try:
         async with serve(app_on(single)) as client:
