@@ -60,14 +60,13 @@ def create_app(
     def provide_group_prefix() -> str:
         return resources.projection_group_prefix
 
-    watcher = CheckpointWatcher(resources.engine, resources.topic) if resources.engine else None
     read_side = (
         ReadSide(
             resources.engine,
             resources.topic,
             resources.consistency_wait_ms / 1000,
+            CheckpointWatcher(resources.engine, resources.topic),
             OrderReader(resources.engine),
-            watcher,
         )
         if resources.engine
         else None
@@ -113,7 +112,7 @@ def create_app(
             "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        on_shutdown=[watcher.close] if watcher is not None else [],
+        on_shutdown=[read_side.watcher.close] if read_side is not None else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Orders",

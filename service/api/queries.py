@@ -18,7 +18,7 @@ from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, PathParameter, QueryParameter, SkipValidation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
+from projections.checkpoints import CheckpointWatcher
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.api.commands import IDENTIFIER_PATTERN
 from service.api.problems import QueryProblem, problem_responses
@@ -173,8 +173,8 @@ class ReadSide:
     engine: AsyncEngine
     topic: str
     timeout_s: float
+    watcher: CheckpointWatcher  # one poller for every waiting query
     orders: OrderReader  # one reader for every GET /orders/{id}
-    watcher: CheckpointWatcher | None = None  # one poller for every waiting query
 
 
 _TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
@@ -209,13 +209,7 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
     if token is None:
         return
     partition, offset = parse_consistency_token(token)
-    if reads.watcher is not None:
-        applied = await reads.watcher.wait(projection, partition, offset, reads.timeout_s)
-    else:
-        applied = await wait_for_checkpoint(
-            reads.engine, projection, reads.topic, partition, offset, reads.timeout_s
-        )
-    if not applied:
+    if not await reads.watcher.wait(projection, partition, offset, reads.timeout_s):
         raise QueryProblem(
             503,
             "not-yet-consistent",
