@@ -122,8 +122,11 @@ What each figure means:
 - **(c) Command API**: open loop, requests leave on schedule whatever the answers do and
   latency counts from the scheduled time, so queueing shows; achieved/offered is the ratio.
   Closed loop: clients send the next command when the last one is answered; ratio to the
-  HTTP ceiling's closed loop. Every command is acknowledged after its Kafka transaction
-  committed (acks=all).
+  HTTP ceiling's closed loop (at the largest number of clients). *Sustained* is the best
+  closed loop: with N clients a closed loop can reach at most N / latency, so only enough
+  clients to keep the API's core busy measure what the API can sustain, and their latency
+  is mostly queueing. Every command is acknowledged after its Kafka transaction committed
+  (acks=all).
 - **(d) Command-to-queryable**: from a command's acknowledgement until `GET /orders/{id}` with
   its `X-Consistency-Token` answers 200, with the projector in its own process.
 - **(e) Memory**: writer RSS growth per order after rebuilding its state from the log, and the

@@ -109,7 +109,7 @@ class Plan:
             http_rates=(250, 500, 1000, 2000),
             http_seconds=2.0 if quick else 6.0,
             http_connections=256,
-            closed_clients=(64,) if quick else (16, 64),
+            closed_clients=(64,) if quick else (16, 64, 256),
             queryable_rate=500,
             queryable_seconds=3.0 if quick else 10.0,
             budget_seconds=200 if quick else 780,
