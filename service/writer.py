@@ -346,7 +346,12 @@ class Writer:
     async def _open_transactions(self) -> dict[int, tuple[int, int]]:
         """Partitions whose last stable offset stays behind their end, with (stable, end).
 
-        Called after ``init_transactions``; markers still on their way get a moment."""
+        Called after ``init_transactions``; markers still on their way get a moment: the
+        whole ``commit_timeout``. Only then does ``_abort_left_open`` end what is still open,
+        and by then a writer this one fenced, still waiting for that batch's markers, has
+        given up on it (its transaction, the wait included, is bounded by the same timeout
+        and began earlier). The last stable offset does not tell an abort from a commit: this
+        wait is what keeps it from acknowledging a batch that the abort ends."""
         partitions = [TopicPartition(self.config.topic, p) for p in range(self.partition_count)]
         deadline = time.monotonic() + self.config.commit_timeout
         while True:
