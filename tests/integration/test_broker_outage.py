@@ -494,7 +494,11 @@ async def test_the_writer_will_not_decide_on_a_log_held_back_by_an_open_transact
 ) -> None:
     """A transaction left open on a partition (here: a foreign producer's, as a broker that lost
     a commit marker leaves one) hides everything after it from read_committed readers. A writer
-    loading then would decide on a stale state, so it refuses to start, and says why."""
+    loading then would decide on a stale state, so it refuses to start, and says why.
+
+    Before it aborts anything it waits a whole commit timeout: a writer it fenced may still be
+    waiting that long for the markers of a batch, and must give up before the abort could end
+    that batch and move the last stable offset past it (``Writer._open_transactions``)."""
     first = Writer(
         WriterConfig(
             bootstrap_servers=broker.bootstrap_servers,
@@ -514,9 +518,20 @@ async def test_the_writer_will_not_decide_on_a_log_held_back_by_an_open_transact
         await squatter.begin_transaction()
         await squatter.send_and_wait(topic, b"never committed", partition=2)
         writer = Writer(first.config)
+        aborts_after: list[float] = []
+        abort_left_open = writer._abort_left_open
+
+        async def timed_abort(partitions: list[int]) -> None:
+            aborts_after.append(time.monotonic() - started)
+            await abort_left_open(partitions)
+
+        writer._abort_left_open = timed_abort  # type: ignore[method-assign]
+        started = time.monotonic()
         with pytest.raises(OpenTransactionInLog, match=r"partition 2: last stable offset 0 <"):
             await writer.start()
         assert writer.state is WriterState.STARTING
+        assert aborts_after, "the writer never tried to abort what was left open"
+        assert aborts_after[0] >= COMMIT_TIMEOUT, aborts_after
         await squatter.abort_transaction()
         await writer.start()  # once the transaction is resolved, it starts
         try:
