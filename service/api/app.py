@@ -63,7 +63,6 @@ def create_app(
     read_side = (
         ReadSide(
             resources.engine,
-            resources.topic,
             resources.consistency_wait_ms / 1000,
             CheckpointWatcher(resources.engine, resources.topic),
             OrderReader(resources.engine),

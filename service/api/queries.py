@@ -166,12 +166,12 @@ class OrderReader:
 
 @dataclass(frozen=True)
 class ReadSide:
-    """What queries read (the projections' database), where they look for checkpoints and how
-    long they may wait for one. ONE dependency for every query: Litestar resolves two or more
-    in a task group, which cost more than some queries do."""
+    """What queries read (the projections' database), who watches the checkpoints (of the
+    topic the watcher was made for) and how long a query may wait for one. ONE dependency for
+    every query: Litestar resolves two or more in a task group, which cost more than some
+    queries do."""
 
     engine: AsyncEngine
-    topic: str
     timeout_s: float
     watcher: CheckpointWatcher  # one poller for every waiting query
     orders: OrderReader  # one reader for every GET /orders/{id}
