@@ -22,8 +22,8 @@ from service.writer import Accepted, CommandRequest, Writer
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 
 # Ids of orders, customers and items: what a URL path can carry unescaped, nothing Postgres or a
-# log line could choke on.
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]+$"
+# log line could choke on. "(?!\n)": Python's "$" also matches before a final newline.
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]+(?!\n)$"
 # Idempotency keys and correlation ids: visible ASCII, no spaces, nothing empty.
 HEADER_TOKEN_PATTERN = r"^[!-~]+$"
 
@@ -104,9 +104,9 @@ def _example(summary: str, value: dict[str, Any]) -> list[Example]:
 
 # -- headers ----------------------------------------------------------------------------------
 
-# A version, quoted as an entity tag; a bare or weak one ("W/") is read the same way. (The
-# server strips the whitespace around a header value.)
-_ETAG_PATTERN = r'^(?:W/)?"?(\d{1,18})"?$'
+# A version, quoted as an entity tag (quotes on both sides or on neither); a bare or weak one
+# ("W/") is read the same way. (The server strips the whitespace around a header value.)
+_ETAG_PATTERN = r'^(?:W/)?("?)(\d{1,18})\1$'
 _ETAG = re.compile(_ETAG_PATTERN)
 
 IfMatch = Annotated[
@@ -198,7 +198,7 @@ def parse_if_match(value: str | None) -> int | None:
         raise ValidationException(
             detail=f'If-Match must be a version in quotes, like "3"; got {value!r}'
         )
-    return int(match.group(1))
+    return int(match.group(2))
 
 
 def _request_hash(request: Request[Any, Any, Any], body: msgspec.Struct | None) -> str:

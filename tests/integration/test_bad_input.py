@@ -195,6 +195,9 @@ def test_malformed_json_changes_nothing(client: httpx.Client, draft: str) -> Non
         ("/orders", {"customer_id": ["c"], "currency": "EUR"}),
         ("items", {**ITEM, "sku": "TEA-1", "name": None}),
         ("ship", {"carrier": {"name": "DHL"}, "tracking_number": "1"}),
+        # Python's "$" also matches before a final newline: an id must still end there.
+        ("/orders", {"customer_id": "c\n", "currency": "EUR"}),
+        ("items", {**ITEM, "sku": "TEA-1\n"}),
     ],
 )
 def test_unknown_missing_or_mistyped_fields_are_400(
@@ -393,7 +396,20 @@ def test_json_with_parameters_or_a_json_suffix_is_taken(
 
 @pytest.mark.parametrize(
     "if_match",
-    ["banana", "*", '"1", "2"', '""', '"-1"', '"1.5"', 'W/"x"', '"1234567890123456789"', "0x2"],
+    [
+        "banana",
+        "*",
+        '"1", "2"',
+        '""',
+        '"-1"',
+        '"1.5"',
+        'W/"x"',
+        '"1234567890123456789"',
+        "0x2",
+        '"2',
+        '2"',
+        'W/"2',
+    ],
 )
 def test_a_malformed_if_match_is_400(client: httpx.Client, draft: str, if_match: str) -> None:
     response = client.post(
@@ -440,7 +456,8 @@ def test_a_malformed_consistency_token_is_400(client: httpx.Client, token: str) 
 
 
 @pytest.mark.parametrize(
-    "segment", ["%00", "a%00b", "a%20b", "%C3%A9", "%FF", "a" * 65, "a;b", "a%0Ab", "a,b"]
+    "segment",
+    ["%00", "a%00b", "a%20b", "%C3%A9", "%FF", "a" * 65, "a;b", "a%0Ab", "a%0A", "a,b"],
 )
 def test_an_id_that_cannot_be_one_is_400(client: httpx.Client, segment: str) -> None:
     for method, path in [
