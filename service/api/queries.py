@@ -7,7 +7,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -232,10 +232,13 @@ def encode_cursor(created_at: datetime, order_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position ``encode_cursor`` made, its instant in UTC; anything else is a 400."""
     try:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
         created_at, order_id = msgspec.json.decode(raw, type=_CursorKey)
-    except (binascii.Error, ValueError, msgspec.DecodeError) as error:
+        # OverflowError: an instant whose UTC falls outside years 1-9999 (never one we issued).
+        created_at = created_at.astimezone(UTC)
+    except (binascii.Error, ValueError, OverflowError, msgspec.DecodeError) as error:
         raise QueryProblem(400, "invalid-cursor", "cursor is not one this API issued") from error
     return created_at, order_id
 
@@ -249,11 +252,23 @@ _MANY_PROBLEMS = problem_responses(400, 503)  # a list or report: empty rather t
 Reads = NamedDependency[SkipValidation[ReadSide]]  # ours: not validated per request
 
 
-def _require_offset(name: str, value: datetime | None) -> None:
-    if value is not None and value.tzinfo is None:
+def _in_utc(name: str, value: datetime | None) -> datetime | None:
+    """A filter's instant in UTC, which is how the database is asked (and what it can hold)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise QueryProblem(
             400, "invalid-filter", f"{name} needs a UTC offset, like 2025-01-31T00:00:00Z"
         )
+    try:
+        return value.astimezone(UTC)
+    except OverflowError as error:  # valid with its offset, but year 0 or 10000 in UTC
+        raise QueryProblem(
+            400,
+            "invalid-filter",
+            f"{name} is outside years 1-9999 once in UTC; give an instant from "
+            "0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z",
+        ) from error
 
 
 # -- controllers ------------------------------------------------------------------------------
@@ -296,8 +311,8 @@ async def list_orders(
     ] = None,
     consistency_token: ConsistencyToken = None,
 ) -> OrderPage:
-    _require_offset("created_from", created_from)
-    _require_offset("created_to", created_to)
+    created_from = _in_utc("created_from", created_from)
+    created_to = _in_utc("created_to", created_to)
     if created_from is not None and created_to is not None and created_from > created_to:
         raise QueryProblem(400, "invalid-filter", "created_from is after created_to")
     after = decode_cursor(cursor) if cursor is not None else None

@@ -493,6 +493,86 @@ async def test_a_bad_request_is_a_400_problem(
     assert_problem(await client.get(path), 400)
 
 
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        # Valid in Python, but a year 0 or 10000 once converted to UTC (Postgres would refuse it).
+        ("/orders?created_from=0001-01-01T00:00:00%2B01:00", "invalid-filter"),
+        ("/orders?created_to=0001-01-01T00:59:59%2B01:00", "invalid-filter"),
+        ("/orders?created_to=9999-12-31T23:59:59-05:00", "invalid-filter"),
+        ("/orders?created_from=9999-12-31T19:00:00-05:00", "invalid-filter"),
+        ("/orders?cursor=" + b64(b'["0001-01-01T00:00:00+14:00","o-1"]'), "invalid-cursor"),
+        ("/orders?cursor=" + b64(b'["9999-12-31T23:00:00-14:00","o-1"]'), "invalid-cursor"),
+        ("/reports/daily-sales?from=0000-12-31&to=0001-01-01", None),
+        ("/reports/daily-sales?from=9999-12-31&to=10000-01-01", None),
+    ],
+)
+async def test_an_instant_outside_the_utc_calendar_is_a_400_problem(
+    db: AsyncEngine, client: httpx.AsyncClient, path: str, code: str | None
+) -> None:
+    await insert(db, orders, [order_row("o-1")])
+
+    assert_problem(await client.get(path), 400, code)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("created_from=0001-01-01T00:00:00Z", ["o-1"]),
+        ("created_from=0001-01-01T01:00:00%2B01:00", ["o-1"]),
+        ("created_to=9999-12-31T23:59:59.999999Z", ["o-1"]),
+        ("created_to=9999-12-31T18:59:59-05:00", ["o-1"]),
+        ("created_from=9999-12-31T23:59:59.999999Z", []),
+        ("created_to=0001-01-01T00:00:00.000001Z", []),
+        ("cursor=" + b64(b'["0001-01-01T14:00:00+14:00","o-0"]'), ["o-1"]),
+        ("cursor=" + b64(b'["9999-12-31T09:59:59-14:00","o-9"]'), []),
+    ],
+)
+async def test_the_first_and_last_instants_of_the_utc_calendar_are_valid_bounds(
+    db: AsyncEngine, client: httpx.AsyncClient, query: str, expected: list[str]
+) -> None:
+    await insert(db, orders, [order_row("o-1")])
+
+    response = await client.get(f"/orders?{query}")
+
+    assert response.status_code == 200, response.text
+    assert [item["order_id"] for item in response.json()["items"]] == expected
+
+
+@pytest.mark.parametrize(
+    ("span", "day"),
+    [
+        ("from=0001-01-01&to=0001-01-01", date.min),
+        ("from=0001-01-01&to=0001-12-31", date.min),
+        ("from=9999-12-31&to=9999-12-31", date.max),
+        ("from=9999-01-01&to=9999-12-31", date.max),
+    ],
+)
+async def test_a_daily_sales_report_may_cover_the_first_or_last_day_of_the_calendar(
+    db: AsyncEngine, client: httpx.AsyncClient, span: str, day: date
+) -> None:
+    await insert(
+        db,
+        daily_sales,
+        [
+            {
+                "day": day,
+                "currency": "EUR",
+                "orders_placed": 1,
+                "orders_paid": 0,
+                "orders_cancelled": 0,
+                "revenue": 0,
+                "refunded": 0,
+            }
+        ],
+    )
+
+    response = await client.get(f"/reports/daily-sales?{span}")
+
+    assert response.status_code == 200, response.text
+    assert [row["day"] for row in response.json()["rows"]] == [day.isoformat()]
+
+
 ROUTES = {
     "orders": "/orders",
     "order": "/orders/o-1",
