@@ -6,9 +6,10 @@ the live version keeps serving queries and following new events. Once a new vers
 caught up, its secondary indexes are built and one transaction makes it live (views
 repointed); the old version's tables are then dropped, or kept with ``keep_old``.
 
-Interrupted at any moment, readers stay on the old, complete version: the building version
-and its checkpoints stay in the database, and the next run resumes it (or, with ``restart``,
-drops it and starts over).
+Interrupted at any moment (``stop``, checked before each index build and each switch),
+readers of every projection not switched yet stay on its old, complete version: the building
+version and its checkpoints stay in the database, and the next run resumes it (or, with
+``restart``, drops it and starts over).
 
 In place (``in_place``): stop-the-world. One transaction empties the live tables and puts the
 checkpoints back to 0; then the log is replayed into them. Readers see the read model refill.
@@ -59,7 +60,8 @@ BUILDER_EXIT_S = 30.0
 
 
 class RebuildInterrupted(Exception):
-    """Stopped before the switch: readers stay on the old version; run again to resume."""
+    """Stopped before the end: readers of every projection not switched yet stay on its old
+    version (the message names those already switched); run again to resume."""
 
 
 @dataclass(frozen=True)
@@ -328,17 +330,13 @@ async def _until_done(
             return
         report(tracker.progress("replaying", position, end))
         if stop.is_set():
-            raise RebuildInterrupted(
-                "interrupted: readers stay on the live versions; "
-                + (
-                    "the in-place rebuild left partial tables: run it again"
-                    if in_place
-                    else "run the same rebuild again to resume it"
-                )
-            )
+            raise _interrupted(result, list(pending))
         for name in [n for n in pending if lags[n] <= CATCH_UP_EVENTS]:
-            live, new = pending.pop(name)
-            await _index_and_switch(tracker, live, new, stop, report)
+            live, new = pending[name]
+            not_switched = await _index_and_switch(tracker, live, new, stop, report)
+            if not_switched is not None:
+                raise _interrupted(result, list(pending), not_switched)
+            del pending[name]
             result.switched.append(str(new))
             if not keep_old:
                 async with begin(tracker.engine) as connection:
@@ -351,35 +349,59 @@ async def _until_done(
             await asyncio.wait_for(stop.wait(), tick_s)
 
 
+def _interrupted(
+    result: RebuildResult, remaining: Sequence[str], reason: str = "interrupted"
+) -> RebuildInterrupted:
+    """What an operator needs to hear about a rebuild that stopped before the end."""
+    if result.in_place:
+        return RebuildInterrupted(
+            f"{reason}: the in-place rebuild left partial tables: run it again"
+        )
+    if not result.switched:
+        return RebuildInterrupted(
+            f"{reason}: readers stay on the live versions; run the same rebuild again to resume it"
+        )
+    return RebuildInterrupted(
+        f"{reason} after switching {', '.join(result.switched)} (readers now see them); readers "
+        f"of {', '.join(remaining)} stay on their live versions: run "
+        f"`orders projections rebuild {' '.join(remaining)}` to resume them"
+    )
+
+
 async def _index_and_switch(
     tracker: _Tracker,
     live: Target,
     new: Target,
     stop: asyncio.Event,
     report: Callable[[Progress], None],
-) -> None:
-    """Build ``new``'s secondary indexes, then switch once it has all that ``live`` has."""
+) -> str | None:
+    """Build ``new``'s secondary indexes, then switch once it has all that ``live`` has.
+
+    Returns None once switched; otherwise why not (``stop`` was set, or ``new`` did not catch
+    up in time), and then ``live`` still serves.
+    """
     _, position, end = await tracker.lags()
     report(tracker.progress("indexing", position, end))
+    if stop.is_set():
+        return "interrupted"
     began = time.monotonic()
     async with begin(tracker.engine) as connection:
         count = await build_indexes(connection, live, new)
     _log.info("%s: %d index(es) built in %.1fs", new, count, time.monotonic() - began)
     report(tracker.progress("switching", position, end))
     deadline = time.monotonic() + SWITCH_ATTEMPTS_S
-    while True:
+    while not stop.is_set():
         try:
             async with begin(tracker.engine) as connection:
                 await switch(connection, live, new, tracker.config.topic)
             _log.info("%s is live; readers switched from %s", new, live)
-            return
+            return None
         except NotCaughtUp as behind:
-            if stop.is_set() or time.monotonic() > deadline:
-                raise RebuildInterrupted(
-                    f"{behind}; readers stay on {live}: run the same rebuild again to resume it"
-                ) from None
+            if time.monotonic() > deadline:
+                return str(behind)
             _, position, end = await tracker.lags()
             report(tracker.progress("switching", position, end))
             # The new version's runner is applying meanwhile: check again in a moment.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
+    return "interrupted"

@@ -28,9 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections import catalog
 from projections.projection import begin
 from projections.rebuild import Progress, RebuildInterrupted, rebuild
-from projections.runner import RunnerConfig
+from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import schema_for
-from projections.versions import build_indexes, create_building, drop, live_targets
+from projections.versions import behind, build_indexes, create_building, drop, live_targets
 from service.api.app import Resources, create_app
 from service.writer import Accepted, Writer
 from tests.support.http import serve
@@ -292,6 +292,78 @@ async def test_a_stopped_rebuild_keeps_readers_on_the_old_version_and_the_next_r
     assert again.topic_events < sum(ends(accepted).values())
     assert set((await views_point_at(db)).values()) == {schema_for(n, new[n]) for n in ALL}
     await the_oracle_holds(db, bootstrap, topic)
+
+
+async def build_until_caught_up(
+    db: AsyncEngine, config: RunnerConfig, names: list[str], topic: str
+) -> None:
+    """New versions of ``names``, filled (as a rebuild's builder does) until each has applied
+    all that its live version has: the next rebuild resumes them and can switch at once."""
+    projections = [catalog.PROJECTIONS[name] for name in names]
+    async with begin(db) as connection:
+        pairs = [
+            (live, await create_building(connection, live))
+            for live in await live_targets(connection, projections)
+        ]
+    builder = ProjectionRunner(projections, db, config, building=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(builder.run(stop))
+
+    async def caught_up() -> tuple[bool, Any]:
+        assert not task.done(), task
+        async with begin(db) as connection:
+            lagging = {str(new): await behind(connection, live, new, topic) for live, new in pairs}
+        return not any(lagging.values()), lagging
+
+    try:
+        await eventually(caught_up, "the new versions to catch up with the live ones")
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.mark.parametrize("stopped_at", [1, 2])
+async def test_a_rebuild_stopped_while_indexing_switches_nothing_more(
+    db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str, stopped_at: int
+) -> None:
+    """Ctrl-C as the rebuild starts indexing its ``stopped_at``-th projection: that one and
+    those after it stay on their old versions, and the message names what was switched."""
+    accepted = await write_orders(writer, [f"i-{i}" for i in range(100)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    names = ["orders", "daily_sales"]
+    config = config_for(bootstrap, topic, group_prefix)
+    old = await live_now(db)
+    await build_until_caught_up(db, config, names, topic)  # nothing left but to switch
+    stop = asyncio.Event()
+    phases: list[str] = []
+
+    def stop_at_indexing(progress: Progress) -> None:  # as Ctrl-C would, at that very moment
+        phases.append(progress.phase)
+        if progress.phase == "indexing" and phases.count("indexing") == stopped_at:
+            stop.set()
+
+    with pytest.raises(RebuildInterrupted) as interrupted:
+        await rebuild(db, config, names, on_progress=stop_at_indexing, stop=stop, tick_s=0.05)
+    assert phases.count("indexing") == stopped_at, phases
+    switched = names[: stopped_at - 1]
+    expected = {name: {old[name]: "live"} for name in ALL}
+    for name in names:
+        expected[name] = (
+            {old[name]: "dropped", old[name] + 1: "live"}
+            if name in switched
+            else {old[name]: "live", old[name] + 1: "building"}
+        )
+    assert await live_versions(db) == expected
+    now = await live_now(db)
+    assert set((await views_point_at(db)).values()) == {schema_for(n, now[n]) for n in ALL}
+    message = str(interrupted.value)
+    if switched:
+        assert f"after switching orders v{old['orders'] + 1} (readers now see" in message, message
+        assert "`orders projections rebuild daily_sales` to resume them" in message, message
+    else:
+        assert "readers stay on the live versions" in message, message
+    await the_oracle_holds(db, bootstrap, topic)  # whatever serves is complete
 
 
 async def checkpoints_of_version(
