@@ -175,6 +175,9 @@ class ReadSide:
     timeout_s: float
     watcher: CheckpointWatcher  # one poller for every waiting query
     orders: OrderReader  # one reader for every GET /orders/{id}
+    # The topic's partition count as the composition root found it at start-up (what
+    # ensure_topic answers); None when it did not ask, and then tokens are not checked against it.
+    partitions: int | None = None
 
 
 _TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
@@ -188,7 +191,8 @@ ConsistencyToken = Annotated[
         # Documented, not enforced here: parse_consistency_token answers with its own problem.
         schema_extra={"pattern": _TOKEN_PATTERN},
         description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
-        "waits (bounded) until the read model has applied that event, else 503",
+        "waits (bounded) until the read model has applied that event, else 503. A token that "
+        "is malformed or names a partition the topic does not have is a 400",
     ),
 ]
 
@@ -209,6 +213,15 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
     if token is None:
         return
     partition, offset = parse_consistency_token(token)
+    if reads.partitions is not None and partition >= reads.partitions:
+        # No checkpoint will ever pass it: a 503 would have its client retry forever.
+        raise QueryProblem(
+            400,
+            "invalid-consistency-token",
+            f"X-Consistency-Token {token!r} names partition {partition}, but the topic has "
+            f"partitions 0-{reads.partitions - 1}; send the token a command of this service "
+            "answered with, or none",
+        )
     if not await reads.watcher.wait(projection, partition, offset, reads.timeout_s):
         raise QueryProblem(
             503,

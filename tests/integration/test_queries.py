@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import random
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from litestar import Litestar
+from litestar.di import Provide
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,6 +30,7 @@ from projections.schema import (
 )
 from service.api import queries
 from service.api.app import Resources, create_app
+from service.api.problems import EXCEPTION_HANDLERS
 from service.database import create_engine
 from service.writer import Writer, WriterConfig
 from tests.support.database import reset_read_side
@@ -133,6 +136,31 @@ def app_on(engine: AsyncEngine, *, wait_ms: int = 300, writer: Writer | None = N
     return create_app(
         Resources(engine=engine, writer=writer, topic=TOPIC, consistency_wait_ms=wait_ms)
     )
+
+
+@contextlib.asynccontextmanager
+async def serve_queries(
+    engine: AsyncEngine, *, partitions: int, wait_ms: int
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The query routes over a ReadSide that knows the topic has ``partitions`` partitions.
+
+    create_app builds its ReadSide without the count (Resources does not carry it yet), so the
+    routes are served here with the same exception handlers and the one dependency they use.
+    """
+    watcher = CheckpointWatcher(engine, TOPIC)
+    reads = queries.ReadSide(
+        engine, wait_ms / 1000, watcher, queries.OrderReader(engine), partitions
+    )
+    app = Litestar(
+        route_handlers=queries.QUERY_HANDLERS,
+        dependencies={"reads": Provide(lambda: reads, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    try:
+        async with serve(app) as client:
+            yield client
+    finally:
+        await watcher.close()
 
 
 @pytest.fixture
@@ -662,6 +690,34 @@ async def test_a_missing_checkpoint_never_passes_a_token(
     response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:0"})
 
     assert_problem(response, 503, "not-yet-consistent")
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("token", ["3:0", "999999999:5"])
+async def test_a_token_for_a_partition_the_topic_does_not_have_is_a_400_problem_at_once(
+    db: AsyncEngine, route: str, token: str
+) -> None:
+    await _seed_every_read_model(db)
+    # A minute of budget: a query that waited for a checkpoint that can never come would blow
+    # the 10 s bound below (and then answer 503 with Retry-After, retried forever).
+    async with serve_queries(db, partitions=3, wait_ms=60_000) as client, asyncio.timeout(10):
+        response = await client.get(ROUTES[route], headers={"X-Consistency-Token": token})
+
+    assert_problem(response, 400, "invalid-consistency-token")
+    assert "partitions 0-2" in response.json()["detail"]
+
+
+async def test_a_token_for_the_topics_last_partition_is_waited_for(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 7, partition=2)
+
+    async with serve_queries(db, partitions=3, wait_ms=500) as client:
+        not_yet = await client.get("/orders/o-1", headers={"X-Consistency-Token": "2:7"})
+        await set_checkpoint(db, "orders", 8, partition=2)
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "2:7"})
+
+    assert_problem(not_yet, 503, "not-yet-consistent")
+    assert applied.status_code == 200, applied.text
 
 
 async def test_a_passed_token_or_none_is_answered_without_waiting_out_the_budget(
