@@ -221,7 +221,9 @@ class Writer:
                 await self._task
         # Commands queued while the batch in flight (or a recovery) finished.
         self._fail_queued(self._unavailable())
-        await self._close_producer()
+        # Aborts what a cancelled batch left open, which would otherwise hold every partition's
+        # last stable offset back until the broker times the transaction out.
+        self._discard_producer()
         if self._retiring:
             # Producers discarded during an outage finish once the broker answers; bounded.
             _done, pending = await asyncio.wait(self._retiring, timeout=timeout)
@@ -440,7 +442,25 @@ class Writer:
             while len(batch) < self.config.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             async with self._busy:
-                await self._process(batch)
+                try:
+                    await self._process(batch)
+                except asyncio.CancelledError:
+                    # ``stop`` gave up waiting for this batch: its commit may have been
+                    # requested, so its outcome is unknown. Its callers must hear that.
+                    self._fail(
+                        batch,
+                        WriterUnavailable(
+                            "the service stopped before the command's outcome was known: "
+                            "retry with the same Idempotency-Key"
+                        ),
+                    )
+                    raise
+                except Exception as error:
+                    # A bug (the state is untouched: it moves only after a commit). Its
+                    # callers get it (a 500) and the loop goes on, rather than leave every
+                    # later command waiting on a loop that is gone.
+                    _log.exception("a batch of commands failed")
+                    self._fail(batch, error)
 
     async def _process(self, batch: list[_Pending]) -> None:
         staged: dict[str, Order] = {}
@@ -544,7 +564,7 @@ class Writer:
                 error,
             )
             self.state = WriterState.FENCED
-            self._fail(outgoing, self._unavailable())
+            self._fail((pending for pending, _ in outgoing), self._unavailable())
             self._fail_queued(self._unavailable())
             self._discard_producer()
             return
@@ -559,7 +579,7 @@ class Writer:
             if self.state is WriterState.READY:
                 self.state = WriterState.RECOVERING
             self._fail(
-                outgoing,
+                (pending for pending, _ in outgoing),
                 WriterUnavailable(
                     "the event log is unavailable: the command may not have been recorded; "
                     "retry with the same Idempotency-Key"
@@ -690,8 +710,8 @@ class Writer:
             return
 
     @staticmethod
-    def _fail(outgoing: Iterable[tuple[_Pending, object]], error: Exception) -> None:
-        for pending, _ in outgoing:
+    def _fail(batch: Iterable[_Pending], error: Exception) -> None:
+        for pending in batch:
             if not pending.reply.done():
                 pending.reply.set_exception(error)
 

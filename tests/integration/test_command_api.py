@@ -13,6 +13,7 @@ import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from service import writer as writer_module
 from service.api.app import Resources, create_app
 from service.eventlog import TopicWouldLoseHistory
 from service.writer import Writer, WriterConfig, WriterState
@@ -364,6 +365,29 @@ async def test_restarting_rebuilds_a_state_equal_to_the_fold_of_the_topic(
         assert restarted.orders == writer.orders
     finally:
         await restarted.stop()
+
+
+async def test_a_bug_in_deciding_fails_its_command_with_a_500_and_the_writer_goes_on(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decision loop outlives an unexpected error: without that, the failing command and
+    every later one would wait forever while readiness still said yes."""
+    order_id = await _create(client)
+    decide = writer_module.decide
+
+    def decide_with_a_bug(command: Any, state: Any) -> Any:
+        if getattr(command, "sku", None) == "BUG-1":
+            raise RuntimeError("a bug in decide")
+        return decide(command, state)
+
+    monkeypatch.setattr(writer_module, "decide", decide_with_a_bug)
+
+    failed = await asyncio.wait_for(_add(client, order_id, "BUG-1"), 30)
+    later = await asyncio.wait_for(_add(client, order_id, "MUG-1"), 30)
+
+    _problem(failed, 500, "internal-error")
+    assert later.status_code == 200, later.text
+    assert later.json()["version"] == 2
 
 
 async def test_a_second_writer_fences_the_first_which_never_writes_again(
