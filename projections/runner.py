@@ -168,6 +168,9 @@ class RunnerConfig:
     batch_wait_ms: int = 50
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     commit_kafka_offsets_every: float = 1.0
+    # The longest wait for that informational commit: while the broker is away aiokafka's
+    # commit never fails (it keeps looking for the group coordinator).
+    commit_kafka_offsets_timeout: float = 2.0
     # Append-only rows by binary COPY: less CPU in all, more of it here (see ``store``).
     copy_append_only: bool = False
     # How often a halted projection looks for an operator's park (or idle catch-up runs).
@@ -503,7 +506,7 @@ class ProjectionRunner:
                 if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every:
                     await self._with_retry(stop, self.housekeeping, pending is None)
                     self._last_housekeeping = time.monotonic()
-                await self._commit_kafka_offsets()
+                await self._commit_kafka_offsets(stop)
         finally:
             if pending is not None:
                 pending.cancel()
@@ -514,8 +517,7 @@ class ProjectionRunner:
                 self.consumer = None
                 for partition in list(self.positions):
                     self.forget(partition)
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await _stop_consumer(consumer)
 
     async def _fetch(self, consumer: AIOKafkaConsumer) -> _Fetch:
         """Up to ``batch_max_records`` records, decoded, in chunks of ``FETCH_CHUNK``."""
@@ -953,11 +955,16 @@ class ProjectionRunner:
         for group in groups:
             self.positions[group.partition][group.target.name] = group.new
 
-    async def _commit_kafka_offsets(self) -> None:
-        """Informational only: lets Kafka tools show lag. Correctness never reads them."""
+    async def _commit_kafka_offsets(self, stop: asyncio.Event) -> None:
+        """Informational only: lets Kafka tools show lag. Correctness never reads them.
+
+        Skipped once stopping, and given up after ``commit_kafka_offsets_timeout``: during a
+        broker outage the commit would otherwise hold the loop (and a SIGTERM) until the
+        broker is back."""
         now = time.monotonic()
         if (
             self.consumer is None
+            or stop.is_set()
             or now - self._last_kafka_commit < self.config.commit_kafka_offsets_every
         ):
             return
@@ -969,8 +976,25 @@ class ProjectionRunner:
             if self._tp(p) in assigned and offsets
         }
         if offsets:
-            with contextlib.suppress(KafkaError):
-                await self.consumer.commit(offsets)
+            with contextlib.suppress(KafkaError, TimeoutError):
+                commit = self.consumer.commit(offsets)
+                await asyncio.wait_for(commit, self.config.commit_kafka_offsets_timeout)
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop ``consumer`` (it leaves its group), whatever state the broker is in.
+
+    With the broker away, aiokafka's ``stop`` lets out the CancelledError of a fetch request it
+    cancelled itself (one sleeping out its retry back-off). That one is not for this task, and
+    passed on it would end the runner as if cancelled: only a cancellation of this task is.
+    """
+    try:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:

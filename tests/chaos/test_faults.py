@@ -23,6 +23,7 @@ raise them for longer runs. Run with ``-s`` to see the figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -37,13 +38,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from projections import catalog
 from projections.projection import Applied
+from projections.runner import ProjectionRunner, RunnerConfig
 from service import domain, envelope
 from service.database import create_engine, migrate
 from service.embedded.kafka import LocalKafka
 from service.embedded.postgres import LocalPostgres
+from service.writer import CommandRequest, Writer, WriterConfig
 from tests.support.processes import (
     ApiProcess,
     ServiceProcess,
@@ -403,6 +407,72 @@ async def test_random_faults_under_load_lose_nothing_and_double_nothing(run: Run
     assert all(code == 0 for codes in faults.graceful_exit_codes.values() for code in codes), (
         f"a SIGTERM did not end in a clean exit: {faults.graceful_exit_codes}"
     )
+
+
+# -- a stop while the broker is away ----------------------------------------------------------
+
+STOP_DEADLINE_S = 15.0
+
+
+async def _until(condition: Callable[[], bool], what: str, task: asyncio.Task[None]) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert not task.done(), f"the runner ended while waiting for {what}: {task!r}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # polling interval
+
+
+async def test_a_stop_during_a_broker_outage_ends_the_projector_without_the_broker(
+    servers: Servers,
+) -> None:
+    """Invariant 8 while Kafka is down: the runner, caught in its informational offset commit
+    to Kafka (which never fails during an outage, it keeps looking for the coordinator), still
+    stops promptly when told to, with what it applied committed in Postgres."""
+    engine = create_engine(servers.postgres.url())
+    await migrate(engine)
+    bootstrap = servers.kafka.bootstrap_servers
+    topic = f"outage.{os.urandom(4).hex()}"
+    writer = Writer(
+        WriterConfig(bootstrap_servers=bootstrap, topic=topic, partitions=2, transactional_id=topic)
+    )
+    await writer.start()
+    order_ids = [f"outage-{topic}-{n}" for n in range(5)]
+    try:
+        for order_id in order_ids:
+            create = domain.CreateOrder(
+                order_id=order_id, at=datetime.now(UTC), customer_id="c", currency="EUR"
+            )
+            await writer.submit(CommandRequest(command=create))
+    finally:
+        await writer.stop()
+    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=topic)
+    runner = ProjectionRunner([catalog.PROJECTIONS["orders"]], engine, config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await _until(lambda: runner.stats.events == len(order_ids), "the events applied", task)
+        await servers.call(servers.kafka.kill)
+        killed = time.monotonic()
+        # The runner has begun an offset commit to the broker that is gone (the moment it
+        # would hang in it for good).
+        await _until(lambda: runner._last_kafka_commit > killed, "a commit to Kafka", task)
+        stop.set()
+        done, _ = await asyncio.wait({task}, timeout=STOP_DEADLINE_S)
+        assert done, f"the runner did not stop within {STOP_DEADLINE_S}s of the stop"
+        task.result()
+        async with engine.connect() as connection:
+            stored = await connection.scalar(
+                sa.text("SELECT count(*) FROM orders WHERE order_id = ANY(:ids)"),
+                {"ids": order_ids},
+            )
+        assert stored == len(order_ids)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await servers.call(servers.kafka.restart)
+        await engine.dispose()
 
 
 # -- the audit itself can fail -------------------------------------------------------------------
