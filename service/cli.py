@@ -14,9 +14,10 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,10 +323,25 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
     _database_job(job)
 
 
+async def _require_partition(bootstrap: str, topic: str, partition: int) -> None:
+    """Fail at once, with advice, when ``topic`` or its ``partition`` does not exist (reading a
+    record there would wait for the broker's 40 s timeout)."""
+    from service.tail import topic_partitions
+
+    partitions = await topic_partitions(bootstrap, topic)  # TopicMissing says what to check
+    if partition not in partitions:
+        raise EnvironmentProblem(
+            f"topic {topic} at {bootstrap} has no partition {partition} (it has "
+            f"{partitions[0]}-{partitions[-1]}): check --partition against "
+            "`orders projections status`"
+        )
+
+
 def cmd_projections_park(args: argparse.Namespace) -> None:
     from projections.parking import park
 
     async def job(engine: Any, settings: Settings) -> None:
+        await _require_partition(settings.require_kafka(), settings.topic, args.partition)
         event = await park(
             engine,
             settings.require_kafka(),
@@ -537,16 +553,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what caused it (SQLAlchemy wraps asyncpg's errors, for one)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _database_location(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    if not settings.database_url:
+        return "(DATABASE_URL is not set)"
+    url = make_url(settings.database_url)
+    return f"{url.host or '127.0.0.1'}:{url.port or 5432}/{url.database or ''}"
+
+
+def _kafka_location(settings: Settings) -> str:
+    return settings.kafka_bootstrap_servers or "(KAFKA_BOOTSTRAP_SERVERS is not set)"
+
+
+def _database_advice(error: BaseException, settings: Settings) -> str | None:
+    from asyncpg import PostgresError
+
+    failure = next((e for e in _chain(error) if isinstance(e, PostgresError)), None)
+    if failure is None:
+        return None
+    where = _database_location(settings)
+    state = failure.sqlstate or ""
+    if state == "42P01":  # undefined_table
+        return (
+            f"the database {where} is not migrated ({failure}): run `orders migrate` with the "
+            "same DATABASE_URL, then run this again"
+        )
+    if state == "3D000":  # invalid_catalog_name
+        return f"PostgreSQL at {where}: {failure}; create that database or fix DATABASE_URL"
+    if state.startswith("28"):  # invalid authorization: unknown role, wrong password
+        return f"PostgreSQL at {where} refused the login: {failure}; fix DATABASE_URL"
+    if state.startswith(("08", "57P")):  # connection lost; server shut down
+        return (
+            f"lost the connection to PostgreSQL at {where} ({failure}): check that it is up "
+            "and reachable, then run this again"
+        )
+    return None
+
+
+def _kafka_advice(error: BaseException, settings: Settings) -> str | None:
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    failure = next(
+        (e for e in _chain(error) if isinstance(e, KafkaTimeoutError | KafkaConnectionError)),
+        None,
+    )
+    if failure is None:
+        return None
+    return (
+        f"Kafka at {_kafka_location(settings)} (KAFKA_BOOTSTRAP_SERVERS) gave no answer about "
+        f"topic {settings.topic} ({failure}): check that the broker is up and reachable from "
+        "here and that ORDERS_TOPIC names an existing topic"
+    )
+
+
+def _migration_advice(error: BaseException, settings: Settings) -> str | None:
+    from alembic.util import CommandError
+
+    if not isinstance(error, CommandError):
+        return None
+    return f"cannot migrate: {error}; a revision is `head`, `base` or an id from `alembic history`"
+
+
+# A server went away (or never was one) after the reachability checks passed. Not BrokenPipeError:
+# that is stdout's reader leaving (`| head`).
+_LOST_CONNECTION = (
+    ConnectionRefusedError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    socket.gaierror,
+)
+
+
+def _connection_advice(error: BaseException, settings: Settings) -> str | None:
+    failure = next((e for e in _chain(error) if isinstance(e, _LOST_CONNECTION)), None)
+    if failure is None:
+        return None
+    return (
+        f"a server stopped answering ({failure}): check PostgreSQL at "
+        f"{_database_location(settings)} (DATABASE_URL) and Kafka at "
+        f"{_kafka_location(settings)} (KAFKA_BOOTSTRAP_SERVERS), then run this again"
+    )
+
+
+def _operator_advice(error: Exception) -> str | None:
+    """One line telling the operator what to do about ``error``, or None when it is not the
+    environment's fault (a bug: its traceback is the report)."""
+    if isinstance(error, EnvironmentProblem | TopicWouldLoseHistory):
+        return str(error)
+    settings = Settings.from_env()
+    for advise in (_database_advice, _kafka_advice, _migration_advice, _connection_advice):
+        advice = advise(error, settings)
+        if advice is not None:
+            return advice
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
         args.handler(args)
-    except (EnvironmentProblem, TopicWouldLoseHistory) as problem:
-        print(f"orders: {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Exception as error:
+        advice = _operator_advice(error)
+        if advice is None:
+            raise
+        print(f"orders: {advice}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
