@@ -111,9 +111,9 @@ def writer_config(settings: Settings) -> WriterConfig:
     )
 
 
-async def check_topic(settings: Settings) -> None:
-    """Fail fast, before serving, on a topic that would lose history."""
-    await ensure_topic(
+async def check_topic(settings: Settings) -> int:
+    """Fail fast, before serving, on a topic that would lose history. Returns its partitions."""
+    return await ensure_topic(
         settings.require_kafka(),
         settings.topic,
         partitions=settings.partitions,
@@ -140,13 +140,14 @@ async def serve(
     )
     try:
         if api is not None:
-            await check_topic(settings)
+            partitions = await check_topic(settings)
             writer = Writer(writer_config(settings))
             app = create_app(
                 Resources(
                     writer=writer,
                     engine=engine,
                     topic=settings.topic,
+                    partitions=partitions,
                     consistency_wait_ms=settings.consistency_wait_ms,
                     kafka_bootstrap=settings.require_kafka(),
                     projection_group_prefix=settings.projection_group_prefix,

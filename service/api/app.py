@@ -27,6 +27,7 @@ class Resources:
     writer: Writer | None = None
     engine: AsyncEngine | None = None
     topic: str = "orders.events"
+    partitions: int | None = None  # the topic's: a consistency token naming another is a 400
     consistency_wait_ms: int = 5000
     kafka_bootstrap: str | None = None  # for operations (projection status)
     projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
@@ -66,6 +67,7 @@ def create_app(
             resources.consistency_wait_ms / 1000,
             CheckpointWatcher(resources.engine, resources.topic),
             OrderReader(resources.engine),
+            resources.partitions,
         )
         if resources.engine
         else None

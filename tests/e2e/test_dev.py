@@ -58,6 +58,13 @@ def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
         )
         assert order.status_code == 200, order.text
         assert order.json()["customer_id"] == "c-1"
+        # The composition root tells the read side how many partitions the topic has.
+        foreign = httpx.get(
+            base + created.headers["location"],
+            headers={"X-Consistency-Token": "999999:0"},
+            timeout=10,
+        )
+        assert foreign.status_code == 400, foreign.text
     finally:
         process.send_signal(signal.SIGTERM)
         try:

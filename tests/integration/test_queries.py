@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import math
 import random
 from collections.abc import AsyncIterator
@@ -16,7 +15,6 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from litestar import Litestar
-from litestar.di import Provide
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,7 +28,6 @@ from projections.schema import (
 )
 from service.api import queries
 from service.api.app import Resources, create_app
-from service.api.problems import EXCEPTION_HANDLERS
 from service.database import create_engine
 from service.writer import Writer, WriterConfig
 from tests.support.database import reset_read_side
@@ -132,35 +129,22 @@ def b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def app_on(engine: AsyncEngine, *, wait_ms: int = 300, writer: Writer | None = None) -> Litestar:
+def app_on(
+    engine: AsyncEngine,
+    *,
+    wait_ms: int = 300,
+    writer: Writer | None = None,
+    partitions: int | None = None,
+) -> Litestar:
     return create_app(
-        Resources(engine=engine, writer=writer, topic=TOPIC, consistency_wait_ms=wait_ms)
+        Resources(
+            engine=engine,
+            writer=writer,
+            topic=TOPIC,
+            partitions=partitions,
+            consistency_wait_ms=wait_ms,
+        )
     )
-
-
-@contextlib.asynccontextmanager
-async def serve_queries(
-    engine: AsyncEngine, *, partitions: int, wait_ms: int
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The query routes over a ReadSide that knows the topic has ``partitions`` partitions.
-
-    create_app builds its ReadSide without the count (Resources does not carry it yet), so the
-    routes are served here with the same exception handlers and the one dependency they use.
-    """
-    watcher = CheckpointWatcher(engine, TOPIC)
-    reads = queries.ReadSide(
-        engine, wait_ms / 1000, watcher, queries.OrderReader(engine), partitions
-    )
-    app = Litestar(
-        route_handlers=queries.QUERY_HANDLERS,
-        dependencies={"reads": Provide(lambda: reads, sync_to_thread=False)},
-        exception_handlers=EXCEPTION_HANDLERS,
-    )
-    try:
-        async with serve(app) as client:
-            yield client
-    finally:
-        await watcher.close()
 
 
 @pytest.fixture
@@ -700,7 +684,7 @@ async def test_a_token_for_a_partition_the_topic_does_not_have_is_a_400_problem_
     await _seed_every_read_model(db)
     # A minute of budget: a query that waited for a checkpoint that can never come would blow
     # the 10 s bound below (and then answer 503 with Retry-After, retried forever).
-    async with serve_queries(db, partitions=3, wait_ms=60_000) as client, asyncio.timeout(10):
+    async with serve(app_on(db, partitions=3, wait_ms=60_000)) as client, asyncio.timeout(10):
         response = await client.get(ROUTES[route], headers={"X-Consistency-Token": token})
 
     assert_problem(response, 400, "invalid-consistency-token")
@@ -711,7 +695,7 @@ async def test_a_token_for_the_topics_last_partition_is_waited_for(db: AsyncEngi
     await _seed_every_read_model(db)
     await set_checkpoint(db, "orders", 7, partition=2)
 
-    async with serve_queries(db, partitions=3, wait_ms=500) as client:
+    async with serve(app_on(db, partitions=3, wait_ms=500)) as client:
         not_yet = await client.get("/orders/o-1", headers={"X-Consistency-Token": "2:7"})
         await set_checkpoint(db, "orders", 8, partition=2)
         applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "2:7"})
