@@ -20,7 +20,7 @@ from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
-from projections.projection import Applied, Db, begin, store
+from projections.projection import Applied, Db, begin, pg_text, store
 from projections.versions import Target, versions
 from service import envelope
 from service.eventlog import committed_reader
@@ -99,7 +99,7 @@ async def park(
         raise ParkingRefused(
             f"the event at {partition}/{offset} has no key, so no order to park it with"
         )
-    order_id = key.decode(errors="replace")
+    order_id = pg_text(key.decode(errors="replace"))
     async with begin(engine) as connection:
         target = await _target(connection, name, version)
         halt = await connection.fetchrow(
@@ -197,7 +197,7 @@ async def retry(
             "AND ($3::text IS NULL OR order_id = $3) ORDER BY order_id FOR UPDATE",
             target.name,
             target.version,
-            order_id,
+            None if order_id is None else pg_text(order_id),
         )
         order_ids = [row["order_id"] for row in orders]
         if not order_ids:

@@ -123,6 +123,16 @@ class Db:
         return [dict(record) for record in records]  # jsonb decoded: see ``begin``
 
 
+def pg_text(value: str) -> str:
+    """``value`` as Postgres text can hold it: U+0000, which text refuses, as ``\\x00``.
+
+    For what tells an operator which order and why (halts, parked orders): an event from the
+    log may carry anything. Never for read-model rows: an event whose row cannot be stored
+    halts instead.
+    """
+    return value.replace("\x00", "\\x00")
+
+
 class Projection(Protocol):
     """A read model that can be rebuilt from the log alone."""
 

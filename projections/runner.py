@@ -45,7 +45,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
-from projections.projection import Applied, Db, Projection, State, begin, store
+from projections.projection import Applied, Db, Projection, State, begin, pg_text, store
 from projections.versions import Target, building, live_targets
 from service import envelope
 from service.database import connection_lost, sqlstate
@@ -247,7 +247,9 @@ async def advance_checkpoints(
 async def parked_orders(
     connection: asyncpg.Connection, targets: Sequence[Target], order_ids: Iterable[str]
 ) -> set[tuple[str, str]]:
-    """(projection, order id) of the given orders that an operator parked; locked FOR SHARE."""
+    """(projection, order id) of the given orders that an operator parked; locked FOR SHARE.
+
+    Order ids as stored (``pg_text``)."""
     versions = ([t.name for t in targets], [t.version for t in targets])
     # Usually no order of these versions is parked: one cheap look spares sending every id.
     any_parked = await connection.fetchval(
@@ -255,7 +257,7 @@ async def parked_orders(
         "AS t(n, v) ON p.projection = t.n AND p.version = t.v)",
         *versions,
     )
-    wanted = list(set(order_ids)) if any_parked else []
+    wanted = list({pg_text(order_id) for order_id in order_ids}) if any_parked else []
     if not wanted:
         return set()
     rows = await connection.fetch(
@@ -797,7 +799,7 @@ class ProjectionRunner:
                     by_target[group.target.name].extend(group.events)
                     continue
                 for applied in group.events:
-                    if (group.target.name, applied.envelope.order_id) in parked:
+                    if (group.target.name, pg_text(applied.envelope.order_id)) in parked:
                         set_aside.append((group.target, applied))
                     else:
                         by_target[group.target.name].append(applied)
@@ -1009,6 +1011,8 @@ def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:
 async def _store_halt(
     connection: asyncpg.Connection, target: Target, topic: str, halt: Halt
 ) -> None:
+    """Store ``halt`` for the status and ``park``; its order id and reason come from the log,
+    so they may hold what Postgres text cannot (``pg_text``)."""
     await connection.execute(
         'INSERT INTO projection_halts (projection, version, topic, partition, "offset", '
         "order_id, reason) VALUES ($1, $2, $3, $4, $5, $6, $7) "
@@ -1020,8 +1024,8 @@ async def _store_halt(
         topic,
         halt.partition,
         halt.offset,
-        halt.order_id,
-        halt.reason,
+        None if halt.order_id is None else pg_text(halt.order_id),
+        pg_text(halt.reason),
     )
 
 
@@ -1058,7 +1062,7 @@ async def _park(
                 topic,
                 applied.partition,
                 applied.offset,
-                applied.envelope.order_id,
+                pg_text(applied.envelope.order_id),
                 raw[(applied.partition, applied.offset)],
             )
             for target, applied in events

@@ -511,3 +511,81 @@ async def test_an_undecodable_event_right_after_a_transaction_can_be_parked(
         rows = (await table_contents(db, catalog.PROJECTIONS["orders"]))["orders"]
         assert rows[(victim.order_id,)]["version"] == 2
         assert rows[(neighbour.order_id,)]["version"] == neighbour.version
+
+
+@pytest.mark.parametrize("where", ["key", "order-id"])
+async def test_a_nul_character_from_the_log_halts_its_partition_and_the_order_can_be_parked(
+    where: str,
+    api: Api,
+    db: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    """Postgres text holds no U+0000, yet a record's key or an event's order id may carry one.
+
+    ``key``: an undecodable record keyed ``bad\\x00key``; ``order-id``: an OrderCreated whose
+    order id (and key) holds the NUL, which no projection can store. Either way its partition
+    halts saying why, with the order id written readably (``\\x00``); the runner lives on and
+    the other partitions keep projecting; parking sets the event aside with its order, and the
+    order's later event too, and the partition goes on.
+    """
+    order_id = f"bad\x00key-{suffix}"
+    shown = order_id.replace("\x00", "\\x00")
+    if where == "key":
+        poison = not_json(order_id, 1)
+        reason = "not a valid envelope"
+    else:
+        data = {"customer_id": f"nul-{suffix}", "currency": "EUR"}
+        poison = envelope_json(order_id, 1, type="OrderCreated", schema_version=1, data=data)
+        reason = "the database refused it"
+    later = envelope_json(
+        order_id,
+        2,
+        type="ItemAdded",
+        schema_version=1,
+        data={"sku": "MUG", "name": "Mug", "quantity": 1, "unit_price": 100},
+    )
+    everything = set(range(PARTITIONS))
+
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        neighbour = await api.create(f"nul-neighbour-{suffix}")
+        poisoned = neighbour.partition
+        other = await create_on(api, f"nul-other-{suffix}", everything - {poisoned})
+        await wait_caught_up(db, topic, ALL, api.ends(), alive=run)
+
+        poison_at = await produce(bootstrap, topic, poisoned, poison, order_id.encode())
+        later_at = await produce(bootstrap, topic, poisoned, later, order_id.encode())
+        neighbour_later = await api.add(neighbour.order_id, "TEA", 1, 500)
+        await api.add(other.order_id, "PEN", 3, 200)
+
+        found = await wait_halted(db, topic, ALL, poisoned, run)
+        assert set(found) == {(name, poisoned) for name in ALL}, found
+        for name in ALL:
+            offset, halted_order, why = found[(name, poisoned)]
+            assert (offset, halted_order) == (poison_at, shown), (name, found)
+            assert reason in why, (name, why)
+            assert "\x00" not in why, (name, why)
+        others = {p: end for p, end in api.ends().items() if p != poisoned}
+        await wait_caught_up(db, topic, ALL, others, alive=run)
+
+        for name in ALL:
+            parked = await parking.park(db, bootstrap, topic, name, poisoned, poison_at)
+            assert (parked.offset, parked.order_id) == (poison_at, shown)
+        await wait_caught_up(db, topic, ALL, api.ends(), alive=run)
+        assert neighbour_later.offset > later_at
+        assert await stored_halts(db, topic) == {}
+        assert not run.runner.halted, run.runner.halted
+        assert await parked_rows(db, topic) == sorted(
+            [(name, poisoned, poison_at, shown, found[(name, poisoned)][2]) for name in ALL]
+            + [(name, poisoned, later_at, shown, PARKED_WITH_ORDER) for name in ALL]
+        )
+        assert await parked_orders(db) == {(name, shown) for name in ALL}
+    await assert_tables_equal_oracle(
+        db,
+        ALL,
+        await events_of_topic(
+            bootstrap, topic, leave_out={(poisoned, poison_at), (poisoned, later_at)}
+        ),
+    )
