@@ -12,7 +12,8 @@ version and its checkpoints stay in the database, and the next run resumes it (o
 ``restart``, drops it and starts over).
 
 In place (``in_place``): stop-the-world. One transaction empties the live tables and puts the
-checkpoints back to 0; then the log is replayed into them. Readers see the read model refill.
+checkpoints back to 0; then the log is replayed into them, up to the last event committed when
+the replay began. Readers see the read model refill.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
@@ -135,9 +137,8 @@ class _Tracker:
             )
         return ends
 
-    async def lags(self) -> tuple[dict[str, int], int, int]:
-        """Per target name, events behind the end; and (position, end) over all targets."""
-        ends = await self.ends()
+    async def checkpoints(self) -> dict[tuple[str, int], int]:
+        """(target name, partition) -> its stored checkpoint (next offset to apply)."""
         async with begin(self.engine) as connection:
             rows = await connection.fetch(
                 "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
@@ -147,7 +148,67 @@ class _Tracker:
                 [t.version for t in self.targets],
                 self.config.topic,
             )
-        stored = {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
+        return {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
+
+    async def replay_goal(self) -> dict[int, int]:
+        """Per partition, the offset just after the last event committed by now (0: none).
+
+        Checkpoints that reach it have applied everything committed before the replay began;
+        what comes later is the live projector's business, as in normal running. The last
+        stable offset itself is no goal: transaction markers take offsets too, and under
+        steady traffic the runner never moves a checkpoint past the last one.
+        """
+        ends = await self.ends()
+        goal: dict[int, int] = {}
+        window = 64  # offsets looked at before each end, widened where no event is in it
+        while len(goal) < len(ends):
+            looking = {p: end for p, end in ends.items() if p not in goal}
+            starts = {p: max(0, end - window) for p, end in looking.items()}
+            last = await self._last_events(starts, looking)
+            for partition, start in starts.items():
+                if partition in last:
+                    goal[partition] = last[partition] + 1
+                elif start == 0:
+                    goal[partition] = 0
+            window *= 16
+        return goal
+
+    async def _last_events(self, starts: dict[int, int], ends: dict[int, int]) -> dict[int, int]:
+        """Per partition, the offset of the last committed event in [start, end), if any."""
+        tps = {
+            p: TopicPartition(self.config.topic, p)
+            for p, start in starts.items()
+            if start < ends[p]
+        }
+        self.consumer.assign(list(tps.values()))
+        for partition, tp in tps.items():
+            self.consumer.seek(tp, starts[partition])
+        last: dict[int, int] = {}
+        reading = set(tps)
+        while reading:
+            fetched = await self.consumer.getmany(*(tps[p] for p in reading), timeout_ms=200)
+            for tp, records in fetched.items():
+                offsets = [r.offset for r in records if r.offset < ends[tp.partition]]
+                if offsets:
+                    last[tp.partition] = max(last.get(tp.partition, -1), *offsets)
+            for partition in list(reading):
+                if await self.consumer.position(tps[partition]) >= ends[partition]:
+                    reading.discard(partition)
+        return last
+
+    async def replayed(self, goal: dict[int, int]) -> bool:
+        """Whether every target's checkpoint has reached ``goal`` in every partition."""
+        stored = await self.checkpoints()
+        return all(
+            stored.get((t.name, partition), 0) >= offset
+            for t in self.targets
+            for partition, offset in goal.items()
+        )
+
+    async def lags(self) -> tuple[dict[str, int], int, int]:
+        """Per target name, events behind the end; and (position, end) over all targets."""
+        ends = await self.ends()
+        stored = await self.checkpoints()
         lags = {
             t.name: sum(max(0, end - stored.get((t.name, p), 0)) for p, end in ends.items())
             for t in self.targets
@@ -319,13 +380,14 @@ async def _until_done(
 ) -> None:
     pending = dict(pairs)
     in_place = not pairs
+    goal = await tracker.replay_goal() if in_place else {}
     while True:
         if task.done():
             task.result()  # a failure surfaces here
             if pending or in_place:
                 raise RuntimeError("the rebuild's runner stopped before the rebuild was done")
         lags, position, end = await tracker.lags()
-        if in_place and all(lag == 0 for lag in lags.values()):
+        if in_place and await tracker.replayed(goal):
             report(tracker.progress("done", position, end))
             return
         report(tracker.progress("replaying", position, end))

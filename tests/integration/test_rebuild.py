@@ -49,6 +49,8 @@ from tests.support.projection_harness import (
 PARTITIONS = 4
 ALL = list(catalog.PROJECTIONS)
 PROJECT = Path(__file__).resolve().parents[2]
+# An in-place rebuild of a few thousand events, while commands keep arriving, ends within this.
+REBUILD_UNDER_LOAD_S = 30.0
 
 
 def config_for(bootstrap: str, topic: str, group_prefix: str) -> RunnerConfig:
@@ -469,6 +471,62 @@ async def test_an_in_place_rebuild_empties_the_tables_and_replays_them(
     for name in ALL:
         stored = await checkpoints(db, name, topic)
         assert all(stored[p] >= end for p, end in ends(accepted).items()), (name, stored)
+    await the_oracle_holds(db, bootstrap, topic)
+
+
+async def write_steadily(
+    writer: Writer, accepted: list[Accepted], stop: asyncio.Event, *, orders: int, clients: int = 16
+) -> None:
+    """Order life cycles back to back, from ``clients`` clients, until ``stop`` or ``orders``."""
+
+    async def client(first: int) -> None:
+        for n in range(first, orders, clients):
+            if stop.is_set():
+                return
+            accepted.extend(await write_orders(writer, [f"load-{n}"], first=n, clients=1))
+
+    await asyncio.gather(*(client(first) for first in range(clients)))
+
+
+async def still_writing(load: asyncio.Task[None], accepted: list[Accepted], count: int) -> None:
+    """Wait until ``load`` has had more than ``count`` commands accepted, still running."""
+
+    async def more() -> tuple[bool, Any]:
+        assert not load.done(), f"the load is over: {load}"
+        return len(accepted) > count, len(accepted)
+
+    await eventually(more, f"more than {count} commands accepted")
+
+
+async def test_an_in_place_rebuild_finishes_while_commands_keep_arriving(
+    db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
+) -> None:
+    """It replays what was committed when it began; what arrives later (and keeps arriving) is
+    the live projector's business, as in normal running."""
+    accepted = await write_orders(writer, [f"r-{i}" for i in range(200)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    initial = len(accepted)
+    stop = asyncio.Event()
+    load = asyncio.create_task(write_steadily(writer, accepted, stop, orders=5000, clients=32))
+    try:
+        await still_writing(load, accepted, len(accepted))
+        acknowledged = ends(list(accepted))  # all in the log before the rebuild began
+        result = await asyncio.wait_for(
+            rebuild(db, config_for(bootstrap, topic, group_prefix), ALL, in_place=True),
+            REBUILD_UNDER_LOAD_S,
+        )
+        for name in ALL:  # it did not stop short of them
+            stored = await checkpoints(db, name, topic)
+            assert all(stored[p] >= end for p, end in acknowledged.items()), (name, stored)
+        # The load outlasted the rebuild, or the test would prove nothing.
+        await still_writing(load, accepted, len(accepted))
+    finally:
+        stop.set()
+        await load
+    print(f"rebuilt in place in {result.seconds:.1f}s; {len(accepted) - initial} commands came")
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run, timeout=90)
     await the_oracle_holds(db, bootstrap, topic)
 
 
