@@ -25,6 +25,11 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 import sqlalchemy as sa
+
+# asyncpg's own DataError, for a value its encoders cannot send (an integer beyond its column's
+# range, a wrong type), before anything reaches the server. Not exported: ``asyncpg.DataError``
+# is the server's refusal (SQLSTATE class 22).
+from asyncpg.exceptions._base import DataError as EncodingRefused
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -271,9 +276,17 @@ async def store(db: Db, state: State, *, copy: bool = False) -> int:
         if copy and table.info.get("append_only"):
             columns, as_record = _copy_columns(table)
             records = [as_record(table_state.rows[key]) for key in table_state.dirty]
-            await db.connection.copy_records_to_table(
-                table.name, schema_name=db.schema, columns=columns, records=records
-            )
+            try:
+                await db.connection.copy_records_to_table(
+                    table.name, schema_name=db.schema, columns=columns, records=records
+                )
+            except (OverflowError, TypeError, ValueError) as error:
+                # A statement's argument that asyncpg cannot encode raises its DataError; a
+                # COPY's value lets the encoder's bare error out (int4 beyond range:
+                # OverflowError). Raised alike, it halts the event like any refused value.
+                if isinstance(error, EncodingRefused):
+                    raise
+                raise EncodingRefused(f"invalid input for COPY to {table.name}: {error}") from error
             written += len(records)
             continue
         keys: Iterable[Key] = table_state.dirty

@@ -41,6 +41,7 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from asyncpg.exceptions._base import DataError as EncodingRefused  # see projection.py
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -90,7 +91,10 @@ def transient(error: BaseException) -> bool:
     """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
 
     A lost connection (``connection_lost``) includes one left out of step by a server that
-    went away mid-statement: ``begin`` discards it, and the retry gets a fresh one."""
+    went away mid-statement: ``begin`` discards it, and the retry gets a fresh one. A value
+    asyncpg cannot encode never is one, although its error is an ``InterfaceError``."""
+    if isinstance(error, EncodingRefused):
+        return False
     return connection_lost(error) or sqlstate(error)[:2] in {"40", "53", "57"}
 
 
@@ -731,8 +735,8 @@ class ProjectionRunner:
 
         ``groups`` are one projection's. All in one transaction first. An event the fold
         refuses halts the projection's partition there and the rest is retried. When the
-        database refuses the batch (a value it cannot store), the groups are split in halves
-        until the event is found, whose partition then halts at it.
+        database refuses the batch (a value it cannot store, or asyncpg cannot encode), the
+        groups are split in halves until the event is found, whose partition then halts at it.
         """
         committed: list[Group] = []
         pending: list[list[Group]] = [groups]
@@ -745,7 +749,7 @@ class ProjectionRunner:
                 committed.extend(part)
             except _FoldFailed as failed:
                 pending.insert(0, self._cut_at(failed, part))
-            except (asyncpg.PostgresError, DBAPIError) as error:
+            except (asyncpg.PostgresError, DBAPIError, EncodingRefused) as error:
                 if transient(error):
                     raise
                 halves = _halves(part)

@@ -589,3 +589,43 @@ async def test_a_nul_character_from_the_log_halts_its_partition_and_the_order_ca
             bootstrap, topic, leave_out={(poisoned, poison_at), (poisoned, later_at)}
         ),
     )
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["json-insert", "binary-copy"])
+async def test_a_value_beyond_its_columns_range_halts_its_partition_in_either_write_mode(
+    copy: bool,
+    api: Api,
+    db: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    """order_history keeps an event's version in an int4: an event of version 2**31 (decodable,
+    so it reaches the tables) cannot be stored. Live batches send rows as JSON, and the server
+    refuses it; a rebuild's builders COPY them, and asyncpg's encoder refuses it before
+    sending. Either way its partition halts there saying why, and the rest goes on.
+    """
+    names = ["order_history"]
+    everything = set(range(PARTITIONS))
+    async with running(db, bootstrap, topic, group_prefix, names, assigned=PARTITIONS) as run:
+        run.runner.config.copy_append_only = copy  # read per batch: the builders' way
+        neighbour = await api.create(f"huge-neighbour-{suffix}")
+        poisoned = neighbour.partition
+        other = await create_on(api, f"huge-other-{suffix}", everything - {poisoned})
+        order_id = f"huge-{suffix}"
+        data = {"customer_id": f"huge-{suffix}", "currency": "EUR"}
+        value = envelope_json(order_id, 2**31, type="OrderCreated", schema_version=1, data=data)
+        poison_at = await produce(bootstrap, topic, poisoned, value, order_id.encode())
+        await api.add(neighbour.order_id, "TEA", 1, 500)
+        await api.add(other.order_id, "PEN", 3, 200)
+
+        found = await wait_halted(db, topic, names, poisoned, run)
+        offset, halted_order, reason = found[("order_history", poisoned)]
+        assert (offset, halted_order) == (poison_at, order_id), found
+        assert "the database refused it" in reason, reason
+        assert "range" in reason, reason
+        others = {p: end for p, end in api.ends().items() if p != poisoned}
+        await wait_caught_up(db, topic, names, others, alive=run)
+        await wait_caught_up(db, topic, names, {poisoned: poison_at}, alive=run)
+        assert set(run.runner.halted) == {("order_history", poisoned)}
