@@ -11,6 +11,9 @@ readers of every projection not switched yet stay on its old, complete version: 
 version and its checkpoints stay in the database, and the next run resumes it (or, with
 ``restart``, drops it and starts over).
 
+One rebuild of a projection at a time: each run holds a lock per projection (a Postgres
+advisory lock) until it ends, and a second run is refused at once, saying who holds it.
+
 In place (``in_place``): stop-the-world. One transaction empties the live tables and puts the
 checkpoints back to 0; then the log is replayed into them, up to the last event committed when
 the replay began. Readers see the read model refill.
@@ -23,12 +26,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC
 
+import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,6 +53,7 @@ from projections.versions import (
     reset,
     switch,
 )
+from service.database import driver_of
 from service.eventlog import committed_reader
 from service.runtime import die_with_parent
 
@@ -59,11 +66,17 @@ BULK_BATCH = 20_000
 SWITCH_ATTEMPTS_S = 60.0
 # How long a builder process gets to stop on SIGTERM before it is killed.
 BUILDER_EXIT_S = 30.0
+# A rebuild holds pg_advisory_lock(REBUILD_LOCK_SPACE, hashtext(projection)) per projection.
+REBUILD_LOCK_SPACE = 0x52424C44  # "RBLD": keeps these keys apart from other advisory locks
 
 
 class RebuildInterrupted(Exception):
     """Stopped before the end: readers of every projection not switched yet stay on its old
     version (the message names those already switched); run again to resume."""
+
+
+class RebuildAlreadyRunning(RebuildInterrupted):
+    """Refused before starting: another rebuild of one of the projections is running."""
 
 
 @dataclass(frozen=True)
@@ -252,41 +265,81 @@ async def rebuild(
     group, each applying its share of the partitions, so a replay uses more than one core.
     """
     projections = catalog.select(list(names))
-    stop = stop or asyncio.Event()
-    report = on_progress or (lambda progress: None)
-    started = time.monotonic()
-    result = RebuildResult([p.name for p in projections], in_place)
-    if in_place:
-        targets = await _reset_in_place(engine, projections)
-        runner = ProjectionRunner(projections, engine, bulk(config, batch))
-        pairs: dict[str, tuple[Target, Target]] = {}
-    else:
-        pairs = await _prepare(engine, projections, restart=restart)
-        targets = [new for _, new in pairs.values()]
-        runner = ProjectionRunner(projections, engine, bulk(config, batch), building=True)
-    runner_stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
-    helpers = 0 if in_place else workers - 1
-    try:
-        names = [p.name for p in projections]
-        async with (
-            _builders(engine, config, names, batch, helpers) as builders,
-            _Tracker(engine, config, targets) as tracker,
-        ):
-            await _until_done(
-                tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
-            )
-            result.topic_events = (tracker.last[1] if tracker.last else 0) - (
-                tracker.first_position or 0
-            )
-        result.builder_exit_codes = [builder.returncode for builder in builders]
-    finally:
-        runner_stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    result.seconds = time.monotonic() - started
-    result.events = runner.stats.events
-    return result
+    async with _one_rebuild_at_a_time(engine, [p.name for p in projections]):
+        stop = stop or asyncio.Event()
+        report = on_progress or (lambda progress: None)
+        started = time.monotonic()
+        result = RebuildResult([p.name for p in projections], in_place)
+        if in_place:
+            targets = await _reset_in_place(engine, projections)
+            runner = ProjectionRunner(projections, engine, bulk(config, batch))
+            pairs: dict[str, tuple[Target, Target]] = {}
+        else:
+            pairs = await _prepare(engine, projections, restart=restart)
+            targets = [new for _, new in pairs.values()]
+            runner = ProjectionRunner(projections, engine, bulk(config, batch), building=True)
+        runner_stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(runner_stop), name="rebuild-runner")
+        helpers = 0 if in_place else workers - 1
+        try:
+            names = [p.name for p in projections]
+            async with (
+                _builders(engine, config, names, batch, helpers) as builders,
+                _Tracker(engine, config, targets) as tracker,
+            ):
+                await _until_done(
+                    tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
+                )
+                result.topic_events = (tracker.last[1] if tracker.last else 0) - (
+                    tracker.first_position or 0
+                )
+            result.builder_exit_codes = [builder.returncode for builder in builders]
+        finally:
+            runner_stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        result.seconds = time.monotonic() - started
+        result.events = runner.stats.events
+        return result
+
+
+@contextlib.asynccontextmanager
+async def _one_rebuild_at_a_time(engine: AsyncEngine, names: Sequence[str]) -> AsyncIterator[None]:
+    """Hold each projection's rebuild lock (a session-level advisory lock, on a connection of
+    its own) for the whole run; another rebuild of one of them is refused at once
+    (``RebuildAlreadyRunning``). A rebuild that dies takes its session, and its locks, along."""
+    async with engine.connect() as held:
+        try:
+            connection = await driver_of(held)
+            holder = f"orders rebuild pid {os.getpid()} on {socket.gethostname()}"
+            await connection.execute("SELECT set_config('application_name', $1, false)", holder)
+            for name in names:
+                if not await connection.fetchval(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))", REBUILD_LOCK_SPACE, name
+                ):
+                    raise RebuildAlreadyRunning(await _already_running(connection, name))
+            yield
+        finally:
+            await held.invalidate()  # closing the session releases its locks, whatever happened
+
+
+async def _already_running(connection: asyncpg.Connection, name: str) -> str:
+    """What an operator needs to know about the rebuild of ``name`` that holds its lock."""
+    row = await connection.fetchrow(
+        "SELECT a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.classid = $1::int::oid AND l.objid = hashtext($2)::oid AND l.objsubid = 2",
+        REBUILD_LOCK_SPACE,
+        name,
+    )
+    if row is None:  # it ended meanwhile
+        return f"a rebuild of {name} was running a moment ago: run this again"
+    since = row["backend_start"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"a rebuild of {name} is already running ({row['application_name'] or 'unnamed'}, "
+        f"from {row['client_addr'] or 'a local socket'}, since {since}): wait for it to end, "
+        "or stop it (Ctrl-C, or SIGTERM to that pid) and run this again to resume its work"
+    )
 
 
 @contextlib.asynccontextmanager

@@ -43,6 +43,10 @@ class NoLiveVersion(Exception):
     """A projection in the code has no live version in the database: migrations are missing."""
 
 
+class VersionIsLive(Exception):
+    """A live version cannot be dropped: queries read it."""
+
+
 class NotCaughtUp(Exception):
     """The building version is behind the live one in some partition: it cannot switch yet."""
 
@@ -203,7 +207,22 @@ async def switch(connection: asyncpg.Connection, live: Target, new: Target, topi
 
 
 async def drop(connection: asyncpg.Connection, target: Target) -> None:
-    """Drop a version that is no longer live: its tables, checkpoints, halts and parked events."""
+    """Drop a version that is no longer live: its tables, checkpoints, halts and parked events.
+
+    In the caller's transaction. The version's registry row is locked first (a switch in
+    flight finishes before), and a live version is refused (``VersionIsLive``) before anything
+    is dropped: its schema's CASCADE would take the public views with it.
+    """
+    state = await connection.fetchval(
+        "SELECT state FROM projection_versions WHERE projection = $1 AND version = $2 FOR UPDATE",
+        target.name,
+        target.version,
+    )
+    if state == "live":
+        raise VersionIsLive(
+            f"{target} is live (queries read it): it cannot be dropped; to replace it, "
+            f"rebuild it: orders projections rebuild {target.name}"
+        )
     await connection.execute(f'DROP SCHEMA IF EXISTS "{target.schema}" CASCADE')
     for table in ("projection_checkpoints", "projection_halts", "parked_orders", "parked_events"):
         await connection.execute(
@@ -212,8 +231,7 @@ async def drop(connection: asyncpg.Connection, target: Target) -> None:
             target.version,
         )
     await connection.execute(
-        "UPDATE projection_versions SET state = 'dropped' WHERE projection = $1 AND version = $2 "
-        "AND state <> 'live'",
+        "UPDATE projection_versions SET state = 'dropped' WHERE projection = $1 AND version = $2",
         target.name,
         target.version,
     )

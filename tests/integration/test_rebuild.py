@@ -27,10 +27,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import catalog
 from projections.projection import begin
-from projections.rebuild import Progress, RebuildInterrupted, rebuild
+from projections.rebuild import (
+    REBUILD_LOCK_SPACE,
+    Progress,
+    RebuildAlreadyRunning,
+    RebuildInterrupted,
+    rebuild,
+)
 from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import schema_for
-from projections.versions import behind, build_indexes, create_building, drop, live_targets
+from projections.versions import (
+    VersionIsLive,
+    behind,
+    build_indexes,
+    building,
+    create_building,
+    drop,
+    live_targets,
+    switch,
+)
 from service.api.app import Resources, create_app
 from service.writer import Accepted, Writer
 from tests.support.http import serve
@@ -553,3 +568,80 @@ async def test_a_row_stored_twice_in_an_append_only_table_fails_the_build_loudly
     finally:
         async with begin(db) as connection:
             await drop(connection, new)
+
+
+async def rebuild_locks_held(db: AsyncEngine) -> list[str]:
+    """The sessions holding a rebuild lock, by application name."""
+    async with db.connect() as connection:
+        rows = await connection.execute(
+            sa.text(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :space"
+            ),
+            {"space": REBUILD_LOCK_SPACE},
+        )
+        return [row[0] for row in rows]
+
+
+async def test_a_second_rebuild_of_the_same_projection_is_refused_at_once(
+    db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
+) -> None:
+    """Run B (``--restart``) would drop the version run A is building: it must not start."""
+    accepted = await write_orders(writer, [f"l-{i}" for i in range(50)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    config = config_for(bootstrap, topic, group_prefix)
+    old = await live_now(db)
+    async with db.connect() as blocker:
+        # Run A takes its lock, then waits here for the registry: it is running, not done.
+        await blocker.execute(sa.text("LOCK TABLE projection_versions IN EXCLUSIVE MODE"))
+        first = asyncio.create_task(rebuild(db, config, ["orders", "daily_sales"], tick_s=0.1))
+
+        async def locked() -> tuple[bool, Any]:
+            assert not first.done(), first
+            held = await rebuild_locks_held(db)
+            return len(held) == 2, held
+
+        await eventually(locked, "the first rebuild to take its locks")
+        with pytest.raises(RebuildAlreadyRunning) as refused:
+            await asyncio.wait_for(rebuild(db, config, ["orders"], restart=True), 10)
+        await blocker.rollback()
+    message = str(refused.value)
+    assert f"a rebuild of orders is already running (orders rebuild pid {os.getpid()}" in message
+    assert "wait for it to end, or stop it" in message, message
+    result = await asyncio.wait_for(first, 60)  # run A, untouched by B, goes on to the end
+    assert sorted(result.switched) == sorted(
+        f"{name} v{old[name] + 1}" for name in ("orders", "daily_sales")
+    )
+    assert await rebuild_locks_held(db) == []  # released at the end
+    again = await rebuild(db, config, ["orders"], tick_s=0.1)
+    assert again.switched == [f"orders v{old['orders'] + 2}"]
+    assert set((await views_point_at(db)).values()) == {
+        schema_for(n, (await live_now(db))[n]) for n in ALL
+    }
+    await the_oracle_holds(db, bootstrap, topic)
+
+
+async def test_dropping_a_version_that_went_live_meanwhile_is_refused_and_drops_nothing(
+    db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
+) -> None:
+    """Run B read v2 as building; run A then made it live; B's drop must leave it alone."""
+    accepted = await write_orders(writer, [f"d-{i}" for i in range(50)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    orders = catalog.PROJECTIONS["orders"]
+    await build_until_caught_up(db, config_for(bootstrap, topic, group_prefix), ["orders"], topic)
+    async with begin(db) as connection:
+        (live,) = await live_targets(connection, [orders])
+        seen_building = await building(connection, orders)  # what run B read
+    assert seen_building is not None
+    async with begin(db) as connection:  # run A switches
+        await build_indexes(connection, live, seen_building)
+        await switch(connection, live, seen_building, topic)
+    with pytest.raises(VersionIsLive, match=f"{seen_building} is live"):
+        async with begin(db) as connection:
+            await drop(connection, seen_building)
+    assert (await live_now(db))["orders"] == seen_building.version
+    assert seen_building.schema in await schemas(db)
+    assert (await views_point_at(db))["orders"] == seen_building.schema
+    await the_oracle_holds(db, bootstrap, topic)
