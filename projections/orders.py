@@ -42,7 +42,12 @@ class OrdersProjection:
         envelope, event = applied.envelope, applied.event
         current = table.get(envelope.order_id)
         if current is not None and envelope.version <= current["version"]:
-            return  # already applied: versions only move forward
+            # Never a re-apply (each event passes its checkpoint once) but the log repeating a
+            # version, which the aggregates would count: it halts, never skipped (invariant 7).
+            raise ProjectionBug(
+                f"{envelope.type} v{envelope.version} of order {envelope.order_id}, whose row "
+                f"is at v{current['version']} already: the log repeats a version"
+            )
         at = envelope.occurred_at
         if current is None:
             if not isinstance(event, OrderCreated):

@@ -629,3 +629,38 @@ async def test_a_value_beyond_its_columns_range_halts_its_partition_in_either_wr
         await wait_caught_up(db, topic, names, others, alive=run)
         await wait_caught_up(db, topic, names, {poisoned: poison_at}, alive=run)
         assert set(run.runner.halted) == {("order_history", poisoned)}
+
+
+async def test_a_repeated_version_of_an_order_halts_the_orders_projection(
+    api: Api, db: AsyncEngine, bootstrap: str, topic: str, group_prefix: str, suffix: str
+) -> None:
+    """An event that repeats a version its order already has (a log anomaly: the checkpoints
+    never hand an event over twice) halts ``orders`` in its partition, as customer_summary and
+    daily_sales would count it; the order's row stays as it was, the other partitions go on."""
+    names = ["orders"]
+    everything = set(range(PARTITIONS))
+    async with running(db, bootstrap, topic, group_prefix, names, assigned=PARTITIONS) as run:
+        victim = await api.create(f"repeat-{suffix}")
+        await api.add(victim.order_id, "MUG", 1, 1250)
+        poisoned = victim.partition
+        other = await create_on(api, f"repeat-other-{suffix}", everything - {poisoned})
+        await wait_caught_up(db, topic, names, api.ends(), alive=run)
+        row_before = (await table_contents(db, catalog.PROJECTIONS["orders"]))["orders"][
+            (victim.order_id,)
+        ]
+        assert row_before["version"] == 2
+
+        data = {"sku": "TEA", "name": "Tea", "quantity": 1, "unit_price": 500}
+        repeated = envelope_json(victim.order_id, 2, type="ItemAdded", schema_version=1, data=data)
+        repeat_at = await produce(bootstrap, topic, poisoned, repeated, victim.order_id.encode())
+        await api.add(other.order_id, "PEN", 3, 200)
+
+        found = await wait_halted(db, topic, names, poisoned, run)
+        offset, halted_order, reason = found[("orders", poisoned)]
+        assert (offset, halted_order) == (repeat_at, victim.order_id), found
+        assert "ProjectionBug" in reason, reason
+        assert "repeats a version" in reason, reason
+        others = {p: end for p, end in api.ends().items() if p != poisoned}
+        await wait_caught_up(db, topic, names, others, alive=run)
+        rows = (await table_contents(db, catalog.PROJECTIONS["orders"]))["orders"]
+        assert rows[(victim.order_id,)] == row_before
