@@ -12,7 +12,9 @@ Invariants (design.md 3-5):
   some of them (a single KRaft node does); waiting for the last stable offset to pass the batch
   means an acknowledged command is never in a transaction that can still be lost or aborted.
 * The producer is transactional. When another writer with the same transactional id starts, ours
-  is fenced: we stop for good and every later command gets ``WriterUnavailable``.
+  is fenced: we stop for good and every later command gets ``WriterUnavailable``. Also when it
+  starts while ours is recovering: ours reopens its producer only from the epoch it last held
+  (``service.fencing``), so it finds out instead of fencing the newer writer in turn.
 * When a commit fails for any other reason its outcome is unknown, so we discard the producer
   and rebuild the whole state from the log (read_committed, up to the last stable offset)
   before deciding anything again. The state never comes from a read model.
@@ -55,7 +57,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service import envelope
+from service import envelope, fencing
 from service.domain import Command, DomainError, Order, decide, evolve
 from service.eventlog import committed_reader, ensure_topic, partition_for, read_to_end
 
@@ -184,6 +186,8 @@ class Writer:
         self._retiring: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
+        # The producer id and epoch this writer last held: reopening resumes from them.
+        self._held: fencing.ProducerIdentity | None = None
         self.partition_count = 0
         self.loaded_events = 0
         self.load_seconds = 0.0
@@ -258,7 +262,13 @@ class Writer:
 
     # -- loading ------------------------------------------------------------------------------
 
-    async def _open_producer(self) -> None:
+    async def _open_producer(self, *, resume: bool = False) -> None:
+        """Start a transactional producer, which fences every earlier one with our id.
+
+        ``resume``: only if no other writer has taken the id over since this one last held
+        it (``service.fencing``); otherwise this raises ``InvalidProducerEpoch`` and the other
+        writer keeps the log.
+        """
         producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap_servers,
             transactional_id=self.config.transactional_id,
@@ -268,11 +278,14 @@ class Writer:
             request_timeout_ms=int(self.config.commit_timeout * 1000),
             max_batch_size=1024 * 1024,
         )
+        if resume and self._held is not None:
+            fencing.resume(producer, self._held)
         stable_offsets = committed_reader(self.config.bootstrap_servers)
         try:
             # start() runs init_transactions: this fences any older producer with our id and
             # aborts its open transaction before we read the log.
             await producer.start()
+            self._held = fencing.identity_of(producer)
             await stable_offsets.start()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -670,21 +683,20 @@ class Writer:
         delay = 0.5
         while self.state is WriterState.RECOVERING:
             try:
-                await self._open_producer()
+                await self._open_producer(resume=True)
                 await self._load()
-            except TransactionalIdAuthorizationFailed:
+            except _FENCING_ERRORS as error:
+                # Another writer took the transactional id over while this one was away (the
+                # producer resumes only from the epoch it last held): it keeps the log.
+                _log.error(
+                    "FENCED: another writer with transactional id %r took over the log while "
+                    "this one recovered (%r); this instance will never write again",
+                    self.config.transactional_id,
+                    error,
+                )
                 self.state = WriterState.FENCED
                 await self._drop_producer()
                 return
-            except (ProducerFenced, InvalidProducerEpoch) as error:
-                # Not another writer: init_transactions fences others and is never fenced by
-                # them. It raced the discarded producer's last requests (the coordinator was
-                # still fencing and aborting that producer's transaction); try again.
-                await self._drop_producer()
-                _log.warning("init_transactions raced the discarded producer (%r); retrying", error)
-                await asyncio.sleep(delay)  # back-off before the next attempt
-                delay = min(delay * 2, 5.0)
-                continue
             except OpenTransactionInLog as error:
                 await self._drop_producer()
                 _log.error("cannot recover: %s; checking again in %.1fs", error, delay)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 from service import writer as writer_module
 from service.api.app import Resources, create_app
@@ -411,6 +412,51 @@ async def test_a_second_writer_fences_the_first_which_never_writes_again(
         assert [e.envelope.type for e in events] == ["OrderCreated"]
     finally:
         await usurper.stop()
+
+
+async def test_a_writer_recovering_when_a_second_took_over_is_fenced_and_leaves_it_the_log(
+    client: Client,
+    writer: Writer,
+    bootstrap: str,
+    topic: str,
+    transactional_id: str,
+) -> None:
+    """Reopening its producer after a failure, the first writer must not fence the writer that
+    started meanwhile (and then write again): it finds out and stops for good."""
+    order_id = await _create(client)
+    second_started = asyncio.Event()
+    open_producer, transaction = writer._open_producer, writer._transaction
+
+    async def open_once_the_second_started(*, resume: bool = False) -> None:
+        await second_started.wait()
+        await open_producer(resume=resume)
+
+    async def fail_once(outgoing: Any) -> Any:
+        writer._transaction = transaction  # type: ignore[method-assign]
+        raise KafkaError("a failure of unknown outcome")
+
+    writer._open_producer = open_once_the_second_started  # type: ignore[method-assign]
+    writer._transaction = fail_once  # type: ignore[method-assign]
+    _problem(await _add(client, order_id, "MUG"), 503, "unavailable")
+    assert writer.state is WriterState.RECOVERING
+
+    second = Writer(_config(bootstrap, topic, transactional_id))
+    await second.start()
+    try:
+        second_started.set()
+        deadline = asyncio.get_running_loop().time() + 30
+        while writer.state is WriterState.RECOVERING:
+            assert asyncio.get_running_loop().time() < deadline, "the first never finished"
+            await asyncio.sleep(0.05)  # polling the first writer's recovery, bounded
+        assert writer.state is WriterState.FENCED
+        _problem(await _add(client, order_id, "TEA"), 503, "unavailable")
+        async with serve(create_app(Resources(writer=second))) as second_client:
+            added = await _add(second_client, order_id, "CUP")
+        assert added.status_code == 200, added.text
+        assert added.json()["version"] == 2
+        assert second.state is WriterState.READY
+    finally:
+        await second.stop()
 
 
 async def test_commands_wait_for_the_writer_to_load_and_readiness_says_so(
