@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from service.embedded import EnvironmentProblem
-from service.eventlog import TopicWouldLoseHistory
+from service.eventlog import TopicRepartitioned, TopicWouldLoseHistory
 from service.runtime import (
     BATCH_YOUNG_GENERATION_THRESHOLD,
     YOUNG_GENERATION_THRESHOLD,
@@ -30,6 +30,7 @@ from service.runtime import (
     tune_gc,
 )
 from service.settings import Settings
+from service.writer import OpenTransactionInLog
 
 _log = logging.getLogger("orders")
 
@@ -649,7 +650,10 @@ def _connection_advice(error: BaseException, settings: Settings) -> str | None:
 def _operator_advice(error: Exception) -> str | None:
     """One line telling the operator what to do about ``error``, or None when it is not the
     environment's fault (a bug: its traceback is the report)."""
-    if isinstance(error, EnvironmentProblem | TopicWouldLoseHistory):
+    if isinstance(
+        error,
+        EnvironmentProblem | TopicWouldLoseHistory | TopicRepartitioned | OpenTransactionInLog,
+    ):
         return str(error)
     settings = Settings.from_env()
     for advise in (_database_advice, _kafka_advice, _migration_advice, _connection_advice):

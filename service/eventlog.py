@@ -25,6 +25,21 @@ class TopicWouldLoseHistory(Exception):
     """The events topic is configured to delete or compact events."""
 
 
+class TopicRepartitioned(Exception):
+    """Partitions were added to the topic after orders were written to it: the key's partition
+    changed, so an order's next events would land in another partition than its first."""
+
+    def __init__(self, topic: str, order_id: str, partition: int, now: int, count: int) -> None:
+        super().__init__(
+            f"order {order_id} is in partition {partition} of {topic}, but with the topic's "
+            f"{count} partitions its key now goes to partition {now}: partitions were added "
+            "after orders were written, and the next events of those orders would land in "
+            "another partition than their first, out of order. The writer will not write to "
+            "this topic: point ORDERS_TOPIC at a topic with the partition count its orders "
+            "were written with"
+        )
+
+
 async def ensure_topic(
     bootstrap: str, topic: str, *, partitions: int, allow_deleting: bool = False
 ) -> int:

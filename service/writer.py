@@ -59,10 +59,18 @@ from aiokafka.errors import (
 
 from service import envelope, fencing
 from service.domain import Command, DomainError, Order, decide, evolve
-from service.eventlog import committed_reader, ensure_topic, partition_for, read_to_end
+from service.eventlog import (
+    TopicRepartitioned,
+    committed_reader,
+    ensure_topic,
+    partition_for,
+    read_to_end,
+)
 
 _log = logging.getLogger(__name__)
 
+# How many of the first orders of each partition ``_load`` checks are where their key goes.
+_PLACEMENT_CHECKS = 64
 _FENCING_ERRORS = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 # What a broker outage looks like; anything else is logged with its traceback.
 _EXPECTED_OUTAGE_ERRORS = (KafkaError, TimeoutError, OSError)
@@ -419,11 +427,16 @@ class Writer:
         orders: dict[str, Order] = {}
         receipts: dict[str, _Receipt] = {}
         count = 0
+        # The first orders created in each partition, placed as the key would be now.
+        unchecked = [_PLACEMENT_CHECKS] * self.partition_count
         async for batch in read_to_end(
             self.config.bootstrap_servers, self.config.topic, range(self.partition_count)
         ):
             for record in batch:
                 sealed, event = envelope.decode(record.value)
+                if sealed.version == 1 and unchecked[record.partition]:
+                    unchecked[record.partition] -= 1
+                    self._check_placement(sealed.order_id, record.partition)
                 orders[sealed.order_id] = evolve(
                     orders.get(sealed.order_id), event, sealed.order_id
                 )
@@ -445,6 +458,19 @@ class Writer:
             len(orders),
             self.load_seconds,
         )
+
+    def _check_placement(self, order_id: str, partition: int) -> None:
+        """Raise ``TopicRepartitioned`` if the order's key no longer goes to its partition.
+
+        Orders written before partitions were added sit where the old count put them, and
+        among the first orders of a partition that had any then, each lands elsewhere under
+        the new count with a probability of at least one half: ``_PLACEMENT_CHECKS`` of them
+        tell, at a hashing cost that does not grow with the log."""
+        now = partition_for(order_id.encode(), self.partition_count)
+        if now != partition:
+            raise TopicRepartitioned(
+                self.config.topic, order_id, partition, now, self.partition_count
+            )
 
     # -- the decision loop --------------------------------------------------------------------
 

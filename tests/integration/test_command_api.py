@@ -11,13 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError
 
 from service import writer as writer_module
 from service.api.app import Resources, create_app
 from service.eventlog import TopicWouldLoseHistory
-from service.writer import Writer, WriterConfig, WriterState
+from service.writer import TopicRepartitioned, Writer, WriterConfig, WriterState
 from tests.support.http import serve
 from tests.support.log import by_order, folded_orders, read_topic
 
@@ -475,6 +475,28 @@ async def test_commands_wait_for_the_writer_to_load_and_readiness_says_so(
             assert (await client.get("/health/ready")).status_code == 200
         finally:
             await writer.stop()
+
+
+async def test_the_writer_refuses_a_topic_whose_partitions_were_added_after_orders(
+    client: Client, writer: Writer, bootstrap: str, topic: str, transactional_id: str
+) -> None:
+    """Kafka places a key by the partition count: with partitions added, an order's next
+    events would land in another partition than its first ones (invariant 2)."""
+    for n in range(16):  # each is misplaced by 12 partitions with a probability of 2/3
+        await _create(client, f"c-{n}")
+    await writer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({topic: NewPartitions(total_count=3 * PARTITIONS)})
+    finally:
+        await admin.close()
+    restarted = Writer(_config(bootstrap, topic, transactional_id))
+
+    with pytest.raises(TopicRepartitioned, match=r"partitions were added"):
+        await restarted.start()
+
+    assert restarted.state is WriterState.STARTING
 
 
 @pytest.mark.parametrize(
