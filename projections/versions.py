@@ -192,13 +192,16 @@ async def switch(connection: asyncpg.Connection, live: Target, new: Target, topi
     lagging = await behind(connection, live, new, topic)
     if lagging:
         raise NotCaughtUp(f"{new} is behind {live} in partitions {sorted(lagging)}")
-    await connection.execute(
-        "UPDATE projection_versions SET state = CASE version WHEN $2 THEN 'retired' "
-        "ELSE 'live' END, switched_at = now() WHERE projection = $1 AND version = ANY($3::int[])",
-        live.name,
-        live.version,
-        [live.version, new.version],
-    )
+    # Old first: the unique index on a projection's live version is checked row by row, so one
+    # UPDATE of both rows fails whenever it reaches the new version's row first.
+    for target, state in ((live, "retired"), (new, "live")):
+        await connection.execute(
+            "UPDATE projection_versions SET state = $3, switched_at = now() "
+            "WHERE projection = $1 AND version = $2",
+            target.name,
+            target.version,
+            state,
+        )
     for table in new.projection.tables:
         await connection.execute(
             f'CREATE OR REPLACE VIEW public."{table.name}" AS '

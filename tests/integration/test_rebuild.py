@@ -645,3 +645,46 @@ async def test_dropping_a_version_that_went_live_meanwhile_is_refused_and_drops_
     assert seen_building.schema in await schemas(db)
     assert (await views_point_at(db))["orders"] == seen_building.schema
     await the_oracle_holds(db, bootstrap, topic)
+
+
+async def test_a_switch_succeeds_whichever_row_of_the_registry_comes_first(
+    db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
+) -> None:
+    """One live version per projection is a unique index, checked row by row as an UPDATE
+    reaches each row: the switch must retire the old version before the new one goes live."""
+    accepted = await write_orders(writer, [f"s-{i}" for i in range(50)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    orders = catalog.PROJECTIONS["orders"]
+    await build_until_caught_up(db, config_for(bootstrap, topic, group_prefix), ["orders"], topic)
+    async with begin(db) as connection:
+        (live,) = await live_targets(connection, [orders])
+        new = await building(connection, orders)
+        assert new is not None
+        await build_indexes(connection, live, new)
+    async with begin(db) as connection:
+        in_heap_order = (
+            "SELECT version FROM projection_versions WHERE projection = 'orders' "
+            "AND state IN ('live', 'building') ORDER BY ctid"
+        )
+        for _ in range(50):  # each UPDATE writes the row anew, further on in the heap
+            if [row["version"] for row in await connection.fetch(in_heap_order)] == [
+                new.version,
+                live.version,
+            ]:
+                break
+            await connection.execute(
+                "UPDATE projection_versions SET switched_at = switched_at "
+                "WHERE projection = 'orders' AND version = $1",
+                live.version,
+            )
+        else:
+            raise AssertionError("the live version's row stays first in the heap")
+    async with begin(db) as connection:
+        # Rows in heap order, as the planner may well choose for a table this small.
+        await connection.execute("SET LOCAL enable_indexscan = off")
+        await connection.execute("SET LOCAL enable_bitmapscan = off")
+        await switch(connection, live, new, topic)
+    assert (await live_now(db))["orders"] == new.version
+    assert (await views_point_at(db))["orders"] == new.schema
+    await the_oracle_holds(db, bootstrap, topic)
