@@ -25,15 +25,10 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 import sqlalchemy as sa
-
-# asyncpg's own DataError, for a value its encoders cannot send (an integer beyond its column's
-# range, a wrong type), before anything reaches the server. Not exported: ``asyncpg.DataError``
-# is the server's refusal (SQLSTATE class 22).
-from asyncpg.exceptions._base import DataError as EncodingRefused
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.database import driver_of
+from service.database import EncodingRefused, driver_of
 from service.domain import DomainEvent
 from service.envelope import Envelope
 

@@ -41,7 +41,6 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from asyncpg.exceptions._base import DataError as EncodingRefused  # see projection.py
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -49,7 +48,7 @@ from projections import catalog
 from projections.projection import Applied, Db, Projection, State, begin, pg_text, store
 from projections.versions import Target, building, live_targets
 from service import envelope
-from service.database import connection_lost, sqlstate
+from service.database import EncodingRefused, connection_lost, sqlstate
 from service.domain import DomainEvent
 from service.settings import Settings
 
@@ -91,10 +90,7 @@ def transient(error: BaseException) -> bool:
     """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
 
     A lost connection (``connection_lost``) includes one left out of step by a server that
-    went away mid-statement: ``begin`` discards it, and the retry gets a fresh one. A value
-    asyncpg cannot encode never is one, although its error is an ``InterfaceError``."""
-    if isinstance(error, EncodingRefused):
-        return False
+    went away mid-statement: ``begin`` discards it, and the retry gets a fresh one."""
     return connection_lost(error) or sqlstate(error)[:2] in {"40", "53", "57"}
 
 

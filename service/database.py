@@ -11,10 +11,16 @@ import asyncpg
 import msgspec
 from alembic import command
 from alembic.config import Config
+from asyncpg.exceptions._base import DataError as _ClientDataError
 from sqlalchemy import Connection, event, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# asyncpg's own DataError, for a value its encoders cannot send (an integer beyond its column's
+# range, a wrong type), before anything reaches the server. Not exported by asyncpg:
+# ``asyncpg.DataError`` is the server's refusal (SQLSTATE class 22).
+EncodingRefused = _ClientDataError
 
 
 def create_engine(
@@ -74,6 +80,8 @@ def connection_lost(error: BaseException) -> bool:
     never reused; the statement may succeed on a new one. Raw asyncpg errors (statements sent
     through the driver, which SQLAlchemy never sees) and SQLAlchemy's wrapped ones alike.
     """
+    if isinstance(error, EncodingRefused):  # an InterfaceError, but about a value
+        return False
     lost = OSError | asyncpg.InterfaceError | asyncpg.InternalClientError
     if isinstance(error, lost | exc.OperationalError | exc.InterfaceError):
         return True

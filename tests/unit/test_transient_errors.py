@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 
 from projections.runner import transient
+from service.database import EncodingRefused, connection_lost
 
 
 @pytest.mark.parametrize(
@@ -31,8 +32,11 @@ def test_errors_of_an_unavailable_database_are_retried(error: BaseException) -> 
     [
         asyncpg.UniqueViolationError("a row stored twice"),
         asyncpg.DataError("a value the column refuses"),
+        # asyncpg's client-side refusal of a value it cannot encode: an InterfaceError.
+        EncodingRefused("invalid input for query argument $1: 2147483648 (out of range)"),
         ValueError("a bug"),
     ],
 )
 def test_errors_of_the_data_or_the_code_are_not_retried(error: BaseException) -> None:
     assert not transient(error)
+    assert not connection_lost(error)
