@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,51 +86,71 @@ async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | No
         await consumer.stop()
 
 
-# Counting the events behind a checkpoint reads them: at most this many per partition.
+# Counting the events behind the checkpoints reads them: at most this many per partition.
 COUNT_CAP = 50_000
 COUNT_TIME_S = 5.0
 
 
 class _EventOffsets:
-    """The offsets of the committed events from some offset up to the last stable offset."""
+    """The offsets of the committed events behind some checkpoints, up to the last stable offset.
 
-    def __init__(self) -> None:
-        self.starts: dict[int, int] = {}
-        self.offsets: dict[int, list[int]] = {}
-        self.complete: set[int] = set()
+    Each partition is read backwards in segments, from its most recent checkpoint to the end
+    first, then from each older checkpoint to the next: a version far behind (a rebuild under
+    way), whose count stops at COUNT_CAP or COUNT_TIME_S, leaves those closer to the end
+    counted exactly.
+    """
+
+    def __init__(self, starts: dict[int, set[int]]) -> None:
+        self.starts = starts  # partition -> the checkpoints to count from
+        self.offsets: dict[int, list[int]] = {}  # partition -> sorted offsets of the events read
+        self.read_from: dict[int, int] = {}  # partition -> every event from here on was read
 
     async def read(self, consumer: AIOKafkaConsumer, topic: str, ends: dict[int, int]) -> None:
-        wanted = {p: s for p, s in self.starts.items() if s < ends.get(p, 0)}
-        self.complete = {p for p in self.starts if p not in wanted}
-        if not wanted:
-            return
-        tps = {p: TopicPartition(topic, p) for p in wanted}
+        """Read the events behind ``starts`` up to ``ends`` (partition -> last stable offset)."""
+        segments: dict[int, list[tuple[int, int]]] = {}
+        for partition, end in ends.items():
+            self.offsets[partition], self.read_from[partition] = [], end
+            if pending := _segments(self.starts.get(partition, set()), end):
+                segments[partition] = pending
+        tps = {p: TopicPartition(topic, p) for p in segments}
         consumer.assign(list(tps.values()))
-        for partition, start in wanted.items():
-            consumer.seek(tps[partition], start)
-            self.offsets[partition] = []
+        for partition, pending in segments.items():
+            consumer.seek(tps[partition], pending[0][0])
+        found: dict[int, list[int]] = {p: [] for p in segments}  # in the current segment
         deadline = time.monotonic() + COUNT_TIME_S
-        while wanted and time.monotonic() < deadline:
+        while segments and time.monotonic() < deadline:
             fetched = await consumer.getmany(timeout_ms=200, max_records=COUNT_CAP)
             for tp, records in fetched.items():
-                self.offsets[tp.partition] += [
-                    r.offset for r in records if r.offset < ends[tp.partition]
-                ]
-            for partition in list(wanted):
-                done = await consumer.position(tps[partition]) >= ends[partition]
-                if done or len(self.offsets[partition]) >= COUNT_CAP:
-                    if done:
-                        self.complete.add(partition)
-                    del wanted[partition]
-                    consumer.pause(tps[partition])
+                if tp.partition in segments:
+                    low, high = segments[tp.partition][0]
+                    found[tp.partition] += [r.offset for r in records if low <= r.offset < high]
+            for partition in list(segments):
+                low, high = segments[partition][0]
+                if await consumer.position(tps[partition]) >= high:
+                    # Segment read: keep its events, go on to the one before it (up to the cap).
+                    self.offsets[partition][:0] = found[partition]
+                    self.read_from[partition], found[partition] = low, []
+                    del segments[partition][0]
+                    if segments[partition] and len(self.offsets[partition]) < COUNT_CAP:
+                        consumer.seek(tps[partition], segments[partition][0][0])
+                        continue
+                elif len(self.offsets[partition]) + len(found[partition]) < COUNT_CAP:
+                    continue  # mid-segment, under the cap
+                del segments[partition]
+                consumer.pause(tps[partition])
 
     def count(self, partition: int, start: int) -> int | None:
         """Events at or after ``start``; None when they were not all read."""
-        if partition not in self.complete:
+        if start < self.read_from.get(partition, start + 1):
             return None
-        return len(self.offsets.get(partition, [])) - bisect_left(
-            self.offsets.get(partition, []), start
-        )
+        offsets = self.offsets.get(partition, [])
+        return len(offsets) - bisect_left(offsets, start)
+
+
+def _segments(starts: set[int], end: int) -> list[tuple[int, int]]:
+    """The ranges [low, high) between the checkpoints ``starts`` and ``end``, the last first."""
+    bounds = sorted({start for start in starts if start < end} | {end})
+    return list(zip(bounds[-2::-1], bounds[:0:-1], strict=True))
 
 
 async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int | None]:
@@ -202,17 +222,11 @@ async def status(
             topic,
         )
     stored = {(r["projection"], r["version"], r["partition"]): r for r in checkpoints}
-    events = _EventOffsets()
-    for (name, _, partition), row in stored.items():
-        if name in wanted:
-            start = events.starts.get(partition, row["next_offset"])
-            events.starts[partition] = min(start, row["next_offset"])
     consumer = committed_reader(bootstrap)
     await consumer.start()
     try:
         stable = await stable_offsets(consumer, topic)
-        for partition in stable or {}:
-            events.starts.setdefault(partition, 0)
+        events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:
         await consumer.stop()
@@ -278,6 +292,21 @@ async def status(
     return TopicStatus(
         topic=topic, partitions=len(stable) if stable is not None else None, projections=found
     )
+
+
+def _starts(
+    versions: Sequence[Any], stored: dict[tuple[str, int, int], Any], partitions: Iterable[int]
+) -> dict[int, set[int]]:
+    """Per partition, the checkpoints of the versions reported (0 where one has none yet): the
+    offsets to count events from. Not a retired version's: it is not reported, and may be far
+    behind."""
+    return {
+        partition: {
+            stored[key]["next_offset"] if key in stored else 0
+            for key in ((row["projection"], row["version"], partition) for row in versions)
+        }
+        for partition in partitions
+    }
 
 
 def _lag_seconds(lag: int | None, last_event_at: datetime | None, now: datetime) -> float | None:

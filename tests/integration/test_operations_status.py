@@ -8,6 +8,7 @@ records are produced straight to the topic. Nothing is mocked; waiting is pollin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,21 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.status import CAUGHT_UP, HALTED, RUNNING, STOPPED, TopicStatus, render, status
+import projections.status
+from projections import catalog
+from projections.projection import begin
+from projections.runner import ProjectionRunner, RunnerConfig
+from projections.status import (
+    CAUGHT_UP,
+    HALTED,
+    REBUILDING,
+    RUNNING,
+    STOPPED,
+    TopicStatus,
+    render,
+    status,
+)
+from projections.versions import behind, create_building, live_targets, switch
 from service.api.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve
@@ -456,3 +471,123 @@ async def test_status_of_a_halted_projection(
                 assert shown_row["halted_order_id"] == victim.order_id
                 assert reason in shown_row["reason"]
                 assert shown_row["lag_seconds"] > 0
+
+
+# -- a version far behind the live one ---------------------------------------------------------
+
+# How the second version of ``orders`` falls behind: a building version never filled (no
+# checkpoints: it starts at 0), one filled and then left behind, and a retired version that a
+# switch left in place (``--keep-old``, or a crash between the switch and the drop). Retired
+# last: it leaves ``orders`` live at its new version for the rest of this module's database.
+BEHIND = ["unfilled building", "building", "retired"]
+
+
+async def fill_building(db: AsyncEngine, config: RunnerConfig, live: Any, new: Any) -> None:
+    """Apply events to the building ``new`` (as a rebuild's builder does) until it has applied
+    all that ``live`` has; then stop its builder."""
+    builder = ProjectionRunner([live.projection], db, config, building=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(builder.run(stop))
+
+    async def caught_up() -> tuple[bool, Any]:
+        assert not task.done(), task
+        async with begin(db) as connection:
+            lagging = await behind(connection, live, new, config.topic)
+        return not lagging, lagging
+
+    try:
+        await eventually(caught_up, f"{new} to catch up with {live}")
+    finally:
+        stop.set()
+        await task
+
+
+async def events_in_every_partition(api: Api, label: str, at_least: int) -> None:
+    """New orders with an item each until every partition holds ``at_least`` more events."""
+    since = len(api.accepted)
+    while min(new_events(api.accepted, since).get(p, 0) for p in range(PARTITIONS)) < at_least:
+        created = await api.create(f"{label}-{len(api.accepted)}")
+        await api.add(created.order_id, "MUG", 1, 1250)
+        assert len(api.accepted) - since < 400, "orders never reached every partition"
+
+
+def live_caught_up(report: TopicStatus) -> bool:
+    return all(
+        row.lag_events == 0 and row.lag_offsets == 0
+        for version in report.projections
+        if version.role == "live"
+        for row in version.partitions
+    )
+
+
+@pytest.mark.parametrize("how", BEHIND)
+async def test_a_version_far_behind_leaves_the_live_lag_exact(
+    how: str,
+    api: Api,
+    db: AsyncEngine,
+    ops: httpx.AsyncClient,
+    bootstrap: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counting the events behind a version far behind stops at COUNT_CAP; the live versions,
+    a few events behind, are still counted exactly (not ``~offsets``), and a retired version is
+    neither shown nor read."""
+    drafts = await workload(api, f"far-{suffix}")
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await status_when(db, bootstrap, topic, group_prefix, all_caught_up, "caught up", run)
+
+    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
+    async with begin(db) as connection:
+        (old,) = await live_targets(connection, [catalog.PROJECTIONS["orders"]])
+        new = await create_building(connection, old)
+    if how != "unfilled building":
+        await fill_building(db, config, old, new)
+    if how == "retired":
+        async with begin(db) as connection:
+            await switch(connection, old, new, topic)
+    live, left_behind = (new, old) if how == "retired" else (old, new)
+
+    # Events the live versions apply and the version left behind does not; then, with no
+    # projector, a few that wait for every live version. The cap is checked after each fetch
+    # of at most ``cap`` records: with 2 * cap events behind, the count surely stops at it.
+    cap = 3
+    since = len(api.accepted)
+    await events_in_every_partition(api, f"more-{suffix}", at_least=2 * cap)
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await status_when(db, bootstrap, topic, group_prefix, live_caught_up, "live caught up", run)
+    idle = max(drafts)
+    busy = [drafts[p] for p in sorted(drafts) if p != idle]
+    waiting_since = len(api.accepted)
+    await more_commands(api, busy, "a")
+    await more_commands(api, busy[:1], "b")
+    waiting = new_events(api.accepted, waiting_since)
+    assert 0 < max(waiting.values()) < cap
+    behind_live = new_events(api.accepted, since)
+    assert min(behind_live[p] for p in range(PARTITIONS)) >= 2 * cap
+
+    monkeypatch.setattr(projections.status, "COUNT_CAP", cap)
+    report = await status(db, bootstrap, topic, group_prefix=group_prefix)
+    from_http = await http_status(ops)
+    assert without_lag_seconds(from_http) == without_lag_seconds(as_json(report))
+
+    shown = {(v.projection, v.version): v for v in report.projections}
+    expected = {(name, live.version if name == "orders" else 1) for name in ALL}
+    if how != "retired":
+        expected.add(("orders", left_behind.version))
+    assert set(shown) == expected
+    for (name, version_number), version in shown.items():
+        if (name, version_number) == ("orders", left_behind.version):
+            assert (version.role, version.state) == ("building", REBUILDING), version
+            for row in version.partitions:
+                assert row.lag_events is None, row  # more than COUNT_CAP: not all counted
+                assert row.lag_offsets == (row.last_stable_offset or 0) - row.checkpoint, row
+            continue
+        assert (version.role, version.state) == ("live", STOPPED), version
+        assert version.lag_events == sum(waiting.values()), version
+        for row in version.partitions:
+            where = (name, version_number, row.partition)
+            assert row.lag_events == waiting[row.partition], (where, row)
+            assert row.state == (STOPPED if waiting[row.partition] else CAUGHT_UP), (where, row)
