@@ -79,8 +79,8 @@ async def stable_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, in
 async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | None:
     """partition -> last stable offset (what read_committed consumers can reach); None: no topic."""
     consumer = committed_reader(bootstrap)
-    await consumer.start()
     try:
+        await consumer.start()
         return await stable_offsets(consumer, topic)
     finally:
         await consumer.stop()
@@ -158,8 +158,8 @@ async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int | None]:
     ``members_per_projection``). A stopped projector leaves its group at once; a static member
     (ORDERS_PROJECTOR_INSTANCE_ID) only when its session times out."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
     try:
+        await admin.start()
         prefix = f"{group_prefix}."
         groups = [
             group_id
@@ -223,13 +223,13 @@ async def status(
         )
     stored = {(r["projection"], r["version"], r["partition"]): r for r in checkpoints}
     consumer = committed_reader(bootstrap)
-    await consumer.start()
     try:
+        await consumer.start()
         stable = await stable_offsets(consumer, topic)
         events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:
-        await consumer.stop()
+        await consumer.stop()  # also after a failed start, which leaves its connections open
     members = await consumers(bootstrap, group_prefix) if group_prefix is not None else None
     halted = {(r["projection"], r["version"], r["partition"]): r for r in halts}
     parked_counts = {(r["projection"], r["version"]): r["events"] for r in parked}

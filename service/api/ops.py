@@ -7,6 +7,7 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import TopicStatus, status
+from service.api.problems import problem_responses
 
 Engine = NamedDependency[AsyncEngine]
 Text = NamedDependency[str]
@@ -23,7 +24,9 @@ class Operations(Controller):
         description="The same data as `orders projections status --json`. States: `caught up`, "
         "`running` (events wait), `stopped` (events wait and no projector consumes them), "
         "`rebuilding` (a new version being built), `halted` (an event cannot be applied; see "
-        "`reason`). `consumers`: the projector consumers Kafka counts for a live version.",
+        "`reason`). `consumers`: the projector consumers Kafka counts for a live version. "
+        "503 while Kafka or the database cannot be reached.",
+        responses=problem_responses(503),
     )
     async def projections(
         self, engine: Engine, kafka_bootstrap: Text, topic: Text, group_prefix: Text

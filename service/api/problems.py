@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
@@ -203,6 +204,23 @@ def _database_unavailable(request: Request[Any, Any, Any], error: Exception) -> 
     )
 
 
+def _event_log_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """Kafka unreachable or not answering in time (operations read it directly); any other
+    Kafka error (a bug, a misconfiguration) is a 500, logged."""
+    assert isinstance(error, KafkaError)
+    if not (error.retriable or isinstance(error, KafkaTimeoutError)):
+        return _unexpected(request, error)
+    _log.warning("event log unavailable on %s %s: %r", request.method, request.url.path, error)
+    return problem(
+        503,
+        "unavailable",
+        "Service Unavailable",
+        "the event log (Kafka) cannot be reached; retry shortly",
+        request,
+        headers={"Retry-After": "1"},
+    )
+
+
 def _unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     _log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
     return problem(
@@ -230,5 +248,7 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     asyncpg.PostgresError: _database_unavailable,
     asyncpg.InterfaceError: _database_unavailable,
     asyncpg.InternalClientError: _database_unavailable,
+    # Kafka down or unreachable where the API reads it itself (operations): 503.
+    KafkaError: _event_log_unavailable,
     Exception: _unexpected,
 }

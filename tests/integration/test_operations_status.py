@@ -473,6 +473,32 @@ async def test_status_of_a_halted_projection(
                 assert shown_row["lag_seconds"] > 0
 
 
+# -- Kafka away --------------------------------------------------------------------------------
+
+
+async def test_the_status_endpoint_answers_503_when_kafka_cannot_be_reached(
+    db: AsyncEngine, topic: str, group_prefix: str
+) -> None:
+    """Nothing listens on port 9: the report cannot be made, and the client is told to retry."""
+    resources = Resources(
+        engine=db, kafka_bootstrap="127.0.0.1:9", topic=topic, projection_group_prefix=group_prefix
+    )
+    async with serve(create_app(resources)) as client:
+        response = await client.get("/ops/projections")
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["retry-after"] == "1"
+    body = response.json()
+    assert (body["status"], body["title"], body["instance"]) == (
+        503,
+        "Service Unavailable",
+        "/ops/projections",
+    )
+    assert body["type"].endswith("/unavailable"), body
+    assert "Kafka" in body["detail"], body
+    assert "retry" in body["detail"], body
+
+
 # -- a version far behind the live one ---------------------------------------------------------
 
 # How the second version of ``orders`` falls behind: a building version never filled (no
