@@ -54,7 +54,7 @@ from projections.versions import (
     switch,
 )
 from service.database import driver_of
-from service.eventlog import committed_reader
+from service.eventlog import TopicMissing, committed_reader
 from service.runtime import die_with_parent
 
 _log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class RebuildInterrupted(Exception):
     version (the message names those already switched); run again to resume."""
 
 
-class RebuildAlreadyRunning(RebuildInterrupted):
+class RebuildAlreadyRunning(Exception):
     """Refused before starting: another rebuild of one of the projections is running."""
 
 
@@ -145,8 +145,9 @@ class _Tracker:
     async def ends(self) -> dict[int, int]:
         ends = await stable_offsets(self.consumer, self.config.topic)
         if ends is None:
-            raise RebuildInterrupted(
-                f"no topic {self.config.topic}: nothing to rebuild from (is ORDERS_TOPIC right?)"
+            raise TopicMissing(
+                f"no topic {self.config.topic} at {self.config.bootstrap_servers}: nothing to "
+                "rebuild from (is ORDERS_TOPIC right?)"
             )
         return ends
 

@@ -198,7 +198,8 @@ def _positive(raw: str) -> int:
 def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> None:
     """Run ``job(engine, settings)`` with the configured database and broker; errors explained."""
     from projections.parking import ParkingRefused
-    from projections.versions import NoLiveVersion
+    from projections.rebuild import RebuildAlreadyRunning
+    from projections.versions import NoLiveVersion, VersionIsLive
     from service.database import create_engine
 
     settings = _configured()
@@ -212,7 +213,7 @@ def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> 
 
     try:
         _run(main, BATCH_YOUNG_GENERATION_THRESHOLD)  # rebuilds apply batches too
-    except (ParkingRefused, NoLiveVersion) as refused:
+    except (ParkingRefused, NoLiveVersion, VersionIsLive, RebuildAlreadyRunning) as refused:
         print(f"orders: {refused}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -13,6 +13,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from service.embedded import EnvironmentProblem
+
 _log = logging.getLogger(__name__)
 
 # The log is the truth: it must never delete or compact history.
@@ -23,6 +25,10 @@ _UNKNOWN_TOPIC = 3
 
 class TopicWouldLoseHistory(Exception):
     """The events topic is configured to delete or compact events."""
+
+
+class TopicMissing(EnvironmentProblem):
+    """The events topic does not exist on the broker."""
 
 
 class TopicRepartitioned(Exception):

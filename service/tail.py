@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from service import envelope
 from service.embedded import EnvironmentProblem
-from service.eventlog import committed_reader, read_to_end
+from service.eventlog import TopicMissing, committed_reader, read_to_end
 
 _log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ _POLL_MS = 200
 # How much of an undecodable value a readable line shows.
 _PREVIEW_BYTES = 120
 _TYPE_WIDTH = max(len(name) for name in envelope.CURRENT_SCHEMA_VERSION)
-
-
-class TopicMissing(EnvironmentProblem):
-    """The events topic does not exist on the broker."""
 
 
 @dataclass(frozen=True, kw_only=True)

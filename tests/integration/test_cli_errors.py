@@ -105,6 +105,20 @@ async def test_following_the_advice_to_migrate_makes_the_command_work(
     assert (code, out.strip()) == (0, "no parked events"), err
 
 
+async def test_a_rebuild_from_a_missing_topic_names_the_topic_and_the_broker(
+    bootstrap: str, topic: str, fresh_database: str
+) -> None:
+    cli = OrdersCli(bootstrap, fresh_database, topic)
+    code, _, err = await cli.run("migrate")
+    assert code == 0, err
+
+    message = the_one_error(await cli.run("projections", "rebuild", "orders"))
+
+    assert message == (
+        f"orders: no topic {topic} at {bootstrap}: nothing to rebuild from (is ORDERS_TOPIC right?)"
+    )
+
+
 async def test_migrating_to_an_unknown_revision_gives_alembics_message(cli: OrdersCli) -> None:
     message = the_one_error(await cli.run("migrate", "--downgrade", "bogus"))
 

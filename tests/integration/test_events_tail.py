@@ -25,7 +25,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from service import domain
-from service.tail import TailOptions, TopicMissing, partition_for, tail
+from service.eventlog import TopicMissing
+from service.tail import TailOptions, partition_for, tail
 from service.writer import Accepted, CommandRequest, Writer
 
 PARTITIONS = 4
