@@ -627,18 +627,17 @@ def _migration_advice(error: BaseException, settings: Settings) -> str | None:
     return f"cannot migrate: {error}; a revision is `head`, `base` or an id from `alembic history`"
 
 
-# A server went away (or never was one) after the reachability checks passed. Not BrokenPipeError:
-# that is stdout's reader leaving (`| head`).
-_LOST_CONNECTION = (
-    ConnectionRefusedError,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    socket.gaierror,
-)
+def _lost_connection(error: BaseException) -> bool:
+    """A server went away (or never was one) after the reachability checks passed: refused,
+    reset, or a plain ``ConnectionError`` (asyncpg's when a server hangs up while it asks for
+    TLS). Not ``BrokenPipeError``: that is stdout's reader leaving (`| head`)."""
+    if isinstance(error, BrokenPipeError):
+        return False
+    return isinstance(error, ConnectionError | socket.gaierror)
 
 
 def _connection_advice(error: BaseException, settings: Settings) -> str | None:
-    failure = next((e for e in _chain(error) if isinstance(e, _LOST_CONNECTION)), None)
+    failure = next((e for e in _chain(error) if _lost_connection(e)), None)
     if failure is None:
         return None
     return (
