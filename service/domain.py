@@ -15,11 +15,11 @@ import msgspec
 from msgspec.structs import replace
 
 MAX_QUANTITY: Final = 10_000
-MAX_UNIT_PRICE: Final = 100_000_000_00
+MAX_UNIT_PRICE: Final = 90_000_000_00
 MAX_ITEMS: Final = 100
 MAX_TEXT_LENGTH: Final = 500
-# The largest total an order can reach (1e16) still fits a signed 64-bit integer,
-# so totals survive JSON consumers and Postgres BIGINT columns unchanged.
+# The largest total an order can reach (9e15) stays below 2**53, so totals survive JSON
+# consumers that read numbers as doubles (JavaScript) and Postgres BIGINT columns unchanged.
 MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
 
 _CURRENCY = re.compile(r"[A-Z]{3}")

@@ -14,6 +14,7 @@ from msgspec.structs import replace
 from service.domain import (
     EVENT_TYPES,
     MAX_ITEMS,
+    MAX_ORDER_TOTAL,
     MAX_QUANTITY,
     MAX_UNIT_PRICE,
     AddItem,
@@ -719,3 +720,8 @@ def test_any_sequence_of_commands_yields_gapless_versions_and_a_replayable_log(
     wire = [msgspec.json.encode(event) for event in log]
     decoded = [msgspec.json.decode(raw, type=DomainEvent) for raw in wire]
     assert fold(ORDER_ID, decoded) == state
+
+
+def test_the_largest_total_survives_a_json_reader_of_doubles() -> None:
+    """JavaScript reads JSON numbers as doubles: integers above 2**53 come back changed."""
+    assert MAX_ORDER_TOTAL < 2**53
