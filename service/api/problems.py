@@ -193,15 +193,7 @@ def _is_outage(error: Exception) -> bool:
 def _database_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
     if not _is_outage(error):
         return _unexpected(request, error)
-    _log.warning("database unavailable on %s %s: %r", request.method, request.url.path, error)
-    return problem(
-        503,
-        "unavailable",
-        "Service Unavailable",
-        "the database cannot be reached; retry shortly",
-        request,
-        headers={"Retry-After": "1"},
-    )
+    return _unreachable(request, error, "the database")
 
 
 def _event_log_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
@@ -210,12 +202,16 @@ def _event_log_unavailable(request: Request[Any, Any, Any], error: Exception) ->
     assert isinstance(error, KafkaError)
     if not (error.retriable or isinstance(error, KafkaTimeoutError)):
         return _unexpected(request, error)
-    _log.warning("event log unavailable on %s %s: %r", request.method, request.url.path, error)
+    return _unreachable(request, error, "the event log (Kafka)")
+
+
+def _unreachable(request: Request[Any, Any, Any], error: Exception, what: str) -> Response[Any]:
+    _log.warning("%s unavailable on %s %s: %r", what, request.method, request.url.path, error)
     return problem(
         503,
         "unavailable",
         "Service Unavailable",
-        "the event log (Kafka) cannot be reached; retry shortly",
+        f"{what} cannot be reached; retry shortly",
         request,
         headers={"Retry-After": "1"},
     )
