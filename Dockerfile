@@ -9,17 +9,18 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer, so a source edit does not reinstall them.
-COPY pyproject.toml ./
+# Dependencies first, in their own layer, so a source edit does not reinstall them; at the exact
+# versions CI passed with (constraints.txt).
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 # Editable install on purpose: the code finds alembic.ini and migrations/ relative to
 # the source tree (service/database.py), so the tree must stay at /app.
 COPY . .
-RUN pip install --no-cache-dir --no-deps -e /app \
+RUN pip install --no-cache-dir --no-deps -c constraints.txt -e /app \
     && python -m compileall -q /app/service /app/projections /app/migrations
 
 # Source stays root-owned and read-only for the runtime user.
