@@ -120,6 +120,9 @@ class LocalPostgres:
                     "postgres",
                     "--auth=trust",
                     "--encoding=UTF8",
+                    # C collation: valid on every machine, whatever LANG names (initdb refuses
+                    # a locale the machine lacks), and the same sort order everywhere.
+                    "--no-locale",
                     "--no-sync",
                 ],
                 capture_output=True,

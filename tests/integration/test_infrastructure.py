@@ -18,7 +18,7 @@ from sqlalchemy import text
 from service.database import create_engine
 from service.embedded import EnvironmentProblem, ensure_port_free
 from service.embedded.kafka import broker_classpath, java_executable
-from service.embedded.postgres import check_reachable
+from service.embedded.postgres import LocalPostgres, check_reachable
 
 
 async def _create_topic(bootstrap: str, topic: str) -> None:
@@ -126,6 +126,21 @@ def test_an_unreachable_database_is_reported() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(EnvironmentProblem, match=f"cannot reach PostgreSQL at 127.0.0.1:{port}"):
         check_reachable(f"postgresql+asyncpg://u@127.0.0.1:{port}/db", timeout=2)
+
+
+def test_postgres_starts_when_the_locale_in_the_environment_does_not_exist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # initdb takes its locale from the environment unless told otherwise, and refuses one the
+    # machine lacks ("invalid locale settings"), as on a fresh machine with LANG=en_US.UTF-8.
+    monkeypatch.setenv("LANG", "xx_NOWHERE.UTF-8")
+    monkeypatch.setenv("LC_ALL", "xx_NOWHERE.UTF-8")
+    postgres = LocalPostgres(data_dir=tmp_path / "pg")
+    try:
+        postgres.start()
+        check_reachable(postgres.url(), timeout=2)
+    finally:
+        postgres.stop()
 
 
 def _orders(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
