@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from service import domain, envelope
@@ -14,7 +16,8 @@ from service import domain, envelope
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
 AT = datetime(2026, 11, 28, 9, 30, 0, 123000, tzinfo=UTC)
 
-# One example of every event type ever written, with schema version 1.
+# One example of every event type at its CURRENT schema version: today's encoding of it must
+# equal the golden file of that version, and that file must decode to it.
 EXAMPLES: dict[str, domain.DomainEvent] = {
     "OrderCreated": domain.OrderCreated(customer_id="c-42", currency="EUR"),
     "ItemAdded": domain.ItemAdded(sku="MUG-1", name="Mug", quantity=2, unit_price=1250),
@@ -27,12 +30,36 @@ EXAMPLES: dict[str, domain.DomainEvent] = {
     "OrderCancelled": domain.OrderCancelled(reason="customer request", refunded_amount=3750),
 }
 
+# What the golden file of each OLD schema version decodes (upcasts) to today, by (type,
+# version). When an event type evolves: keep its old golden files, add its new one, move its
+# example above to the new version and record here what each old file now decodes to.
+UPCAST_EXAMPLES: dict[tuple[str, int], domain.DomainEvent] = {}
+
+# Every golden file ever written ("OrderPaid.v1.json"): they all stay and all must decode.
+GOLDEN_FILES = sorted(GOLDEN.glob("*.json"))
+
 
 def _canonical(document: Any) -> str:
     """JSON text with sorted keys: equal only if the JSON types match too (1250 vs 1250.0)."""
     if isinstance(document, bytes | str):
         document = json.loads(document)
     return json.dumps(document, sort_keys=True, indent=2)
+
+
+def _type_and_version(golden_file: Path) -> tuple[str, int]:
+    match = re.fullmatch(r"(\w+)\.v(\d+)\.json", golden_file.name)
+    assert match is not None, f"{golden_file.name}: golden files are named Type.vN.json"
+    return match[1], int(match[2])
+
+
+def _current_golden_file(name: str) -> Path:
+    return GOLDEN / f"{name}.v{envelope.CURRENT_SCHEMA_VERSION[name]}.json"
+
+
+def _versions_read(name: str) -> set[int]:
+    """The schema versions of ``name`` that ``envelope`` claims to read: current or upcast."""
+    upcast = {version for (type_, version) in envelope.UPCASTERS if type_ == name}
+    return {envelope.CURRENT_SCHEMA_VERSION[name], *upcast}
 
 
 def _sealed(event: domain.DomainEvent) -> envelope.Envelope:
@@ -50,25 +77,33 @@ def _sealed(event: domain.DomainEvent) -> envelope.Envelope:
     )
 
 
-def test_every_event_type_has_an_example_and_a_golden_file() -> None:
-    assert set(EXAMPLES) == set(domain.EVENT_TYPES)
-    assert {path.name for path in GOLDEN.glob("*.json")} == {
-        f"{name}.v1.json" for name in domain.EVENT_TYPES
-    }
+def test_every_event_type_has_an_example_at_its_current_version() -> None:
+    assert set(EXAMPLES) == set(domain.EVENT_TYPES) == set(envelope.CURRENT_SCHEMA_VERSION)
+
+
+def test_every_schema_version_the_envelope_reads_has_a_golden_file() -> None:
+    read = {(name, v) for name in envelope.CURRENT_SCHEMA_VERSION for v in _versions_read(name)}
+    found = {_type_and_version(path) for path in GOLDEN_FILES}
+    assert sorted(read - found) == [], "a golden file was removed: restore it from git history"
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_encoding_matches_the_golden_file(name: str) -> None:
-    golden = (GOLDEN / f"{name}.v1.json").read_bytes()
+def test_encoding_matches_the_golden_file_of_the_current_version(name: str) -> None:
+    golden = _current_golden_file(name).read_bytes()
     assert _canonical(envelope.encode(_sealed(EXAMPLES[name]))) == _canonical(golden)
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_golden_files_decode_to_the_same_event(name: str) -> None:
-    sealed, event = envelope.decode((GOLDEN / f"{name}.v1.json").read_bytes())
-    assert event == EXAMPLES[name]
-    assert sealed.type == name
-    assert sealed.occurred_at == AT
+@pytest.mark.parametrize("golden_file", GOLDEN_FILES, ids=lambda path: path.name)
+def test_every_golden_file_decodes_to_the_expected_event(golden_file: Path) -> None:
+    name, version = _type_and_version(golden_file)
+    if version == envelope.CURRENT_SCHEMA_VERSION.get(name):
+        expected = EXAMPLES[name]
+    else:
+        assert (name, version) in UPCAST_EXAMPLES, f"add what {golden_file.name} decodes to"
+        expected = UPCAST_EXAMPLES[name, version]
+    _, event = envelope.decode(golden_file.read_bytes())
+    assert event == expected
+    assert msgspec.json.encode(event) == msgspec.json.encode(expected)  # JSON types too
 
 
 def test_the_data_carries_no_type_tag_of_its_own() -> None:
@@ -114,25 +149,33 @@ def test_an_unknown_type_is_undecodable() -> None:
 
 
 def test_a_newer_schema_version_than_known_is_undecodable() -> None:
-    raw = json.loads((GOLDEN / "OrderDelivered.v1.json").read_text())
-    raw["schema_version"] = 2
+    raw = json.loads(_current_golden_file("OrderDelivered").read_text())
+    raw["schema_version"] += 1
     with pytest.raises(envelope.UndecodableEvent, match="newer than this code knows"):
         envelope.decode(json.dumps(raw).encode())
 
 
 def test_old_schema_versions_are_upcast_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pretend OrderShipped is at v2 now, and v2 tracking numbers carry a suffix.
-    monkeypatch.setitem(envelope.CURRENT_SCHEMA_VERSION, "OrderShipped", 2)
+    # Pretend OrderShipped has moved on a version, and new tracking numbers carry a suffix.
+    golden_file = _current_golden_file("OrderShipped")
+    today = envelope.CURRENT_SCHEMA_VERSION["OrderShipped"]
+    monkeypatch.setitem(envelope.CURRENT_SCHEMA_VERSION, "OrderShipped", today + 1)
     monkeypatch.setitem(
         envelope.UPCASTERS,
-        ("OrderShipped", 1),
-        lambda data: {**data, "tracking_number": data["tracking_number"] + "-v2"},
+        ("OrderShipped", today),
+        lambda data: {**data, "tracking_number": data["tracking_number"] + "-next"},
     )
-    _, event = envelope.decode((GOLDEN / "OrderShipped.v1.json").read_bytes())
-    assert event == domain.OrderShipped(carrier="DHL", tracking_number="JD01-v2")
+    _, event = envelope.decode(golden_file.read_bytes())
+    shipped = EXAMPLES["OrderShipped"]
+    assert isinstance(shipped, domain.OrderShipped)
+    assert event == msgspec.structs.replace(
+        shipped, tracking_number=f"{shipped.tracking_number}-next"
+    )
 
 
 def test_a_missing_upcaster_is_undecodable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(envelope.CURRENT_SCHEMA_VERSION, "OrderShipped", 2)
-    with pytest.raises(envelope.UndecodableEvent, match="no upcaster"):
-        envelope.decode((GOLDEN / "OrderShipped.v1.json").read_bytes())
+    golden_file = _current_golden_file("OrderShipped")
+    today = envelope.CURRENT_SCHEMA_VERSION["OrderShipped"]
+    monkeypatch.setitem(envelope.CURRENT_SCHEMA_VERSION, "OrderShipped", today + 1)
+    with pytest.raises(envelope.UndecodableEvent, match=f"no upcaster for OrderShipped v{today}"):
+        envelope.decode(golden_file.read_bytes())
