@@ -35,6 +35,18 @@ EXAMPLES: dict[str, domain.DomainEvent] = {
 # example above to the new version and record here what each old file now decodes to.
 UPCAST_EXAMPLES: dict[tuple[str, int], domain.DomainEvent] = {}
 
+# The envelope's optional fields as JSON: what a golden file written before a field existed
+# decodes to.
+ENVELOPE_DEFAULTS: dict[str, Any] = json.loads(
+    msgspec.json.encode(
+        {
+            field.encode_name: field.default
+            for field in msgspec.structs.fields(envelope.Envelope)
+            if field.default is not msgspec.NODEFAULT
+        }
+    )
+)
+
 # Every golden file ever written ("OrderPaid.v1.json"): they all stay and all must decode.
 GOLDEN_FILES = sorted(GOLDEN.glob("*.json"))
 
@@ -101,9 +113,11 @@ def test_every_golden_file_decodes_to_the_expected_event(golden_file: Path) -> N
     else:
         assert (name, version) in UPCAST_EXAMPLES, f"add what {golden_file.name} decodes to"
         expected = UPCAST_EXAMPLES[name, version]
-    _, event = envelope.decode(golden_file.read_bytes())
+    sealed, event = envelope.decode(golden_file.read_bytes())
     assert event == expected
     assert msgspec.json.encode(event) == msgspec.json.encode(expected)  # JSON types too
+    held = {**ENVELOPE_DEFAULTS, **json.loads(golden_file.read_bytes())}
+    assert _canonical(envelope.encode(sealed)) == _canonical(held)  # every envelope field
 
 
 def test_the_data_carries_no_type_tag_of_its_own() -> None:
