@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import re
@@ -112,14 +113,17 @@ def broker_classpath() -> list[Path]:
                 "distribution, or unset it to let Maven fetch the broker"
             )
         return jars
-    target = cache_dir() / f"kafka-{KAFKA_VERSION}"
+    pom = _POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
+    # Keyed on the whole POM, so a change of any version in it resolves anew.
+    digest = hashlib.sha256(pom.encode()).hexdigest()[:12]
+    target = cache_dir() / f"kafka-{KAFKA_VERSION}-{digest}"
     marker = target / "resolved"
     if not marker.exists():
-        _resolve_with_maven(target)
+        _resolve_with_maven(target, pom)
     return sorted((target / "lib").glob("*.jar"))
 
 
-def _resolve_with_maven(target: Path) -> None:
+def _resolve_with_maven(target: Path, pom: str) -> None:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise EnvironmentProblem(
@@ -128,7 +132,7 @@ def _resolve_with_maven(target: Path) -> None:
             "KAFKA_BOOTSTRAP_SERVERS to a running broker"
         )
     target.mkdir(parents=True, exist_ok=True)
-    (target / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    (target / "pom.xml").write_text(pom)
     _log.warning(
         "fetching Apache Kafka %s from Maven Central (once; cached in %s)", KAFKA_VERSION, target
     )
@@ -293,10 +297,13 @@ class LocalKafka:
         return self.data_dir / "broker.log"
 
     def start(self, *, timeout: float = 120.0) -> str:
-        """Format storage if new, start the broker, and wait until it is usable."""
-        deadline = time.monotonic() + timeout
+        """Format storage if new, start the broker, and wait until it is usable.
+
+        ``timeout`` bounds the broker's start only, not a first fetch of its jars with Maven.
+        """
         java = java_executable()
         classpath = broker_classpath()
+        deadline = time.monotonic() + timeout
         if self.port:
             ensure_port_free(self.port, "Kafka", "--kafka-port")
         else:

@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import types
 import uuid
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from sqlalchemy import text
 
 from service.database import create_engine
 from service.embedded import EnvironmentProblem, ensure_port_free
-from service.embedded.kafka import broker_classpath, java_executable
+from service.embedded.kafka import LocalKafka, broker_classpath, java_executable
 from service.embedded.postgres import LocalPostgres, check_reachable
 
 
@@ -118,6 +120,72 @@ def test_a_missing_maven_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EnvironmentProblem, match="mvn not found"):
         broker_classpath()
+
+
+_RECORDING_MVN = """#!{python}
+import pathlib, sys
+pom = pathlib.Path(sys.argv[sys.argv.index("-f") + 1]).read_text()
+with open({calls!r}, "a") as calls:
+    calls.write(pom.replace("\\n", " ") + "\\n")
+out = next(a for a in sys.argv if a.startswith("-DoutputDirectory="))
+lib = pathlib.Path(out.partition("=")[2])
+lib.mkdir(parents=True, exist_ok=True)
+(lib / "broker.jar").write_bytes(b"")
+"""
+
+
+def test_the_broker_jars_are_fetched_again_when_the_pom_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A stand-in for Maven that records each POM it resolves: this checks the cache, not Maven.
+    calls = tmp_path / "mvn-calls"
+    mvn = tmp_path / "bin" / "mvn"
+    mvn.parent.mkdir()
+    mvn.write_text(_RECORDING_MVN.format(python=sys.executable, calls=str(calls)))
+    mvn.chmod(0o755)
+    monkeypatch.delenv("KAFKA_HOME", raising=False)
+    monkeypatch.setenv("ORDERS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(mvn.parent))
+
+    first = broker_classpath()
+    assert broker_classpath() == first  # cached: Maven is not asked twice
+    monkeypatch.setattr("service.embedded.kafka.LOG4J_VERSION", "2.99.0")
+    second = broker_classpath()
+
+    resolved = calls.read_text().splitlines()
+    assert len(resolved) == 2
+    assert "2.99.0" not in resolved[0]
+    assert "2.99.0" in resolved[1]
+    assert [jar.name for jar in second] == ["broker.jar"]
+    assert second != first
+
+
+def test_a_slow_first_fetch_of_the_broker_jars_does_not_eat_the_start_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The broker's own clock is moved on by the whole timeout while its jars are "fetched",
+    # as by a first Maven download that slow: the broker (real) must still get its time.
+    timeout = 60.0
+    skipped = 0.0
+
+    def clock() -> float:
+        return time.monotonic() + skipped
+
+    def slow_classpath() -> list[Path]:
+        nonlocal skipped
+        jars = broker_classpath()
+        skipped += timeout
+        return jars
+
+    monkeypatch.setattr(
+        "service.embedded.kafka.time", types.SimpleNamespace(monotonic=clock, sleep=time.sleep)
+    )
+    monkeypatch.setattr("service.embedded.kafka.broker_classpath", slow_classpath)
+    kafka = LocalKafka(data_dir=tmp_path / "kafka")
+    try:
+        kafka.start(timeout=timeout)
+    finally:
+        kafka.stop()
 
 
 def test_an_unreachable_database_is_reported() -> None:
