@@ -7,6 +7,7 @@ its events into deltas from zero and the upsert adds them (see schema.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 
@@ -44,7 +45,7 @@ class DailySalesProjection:
         link = currencies.get(envelope.order_id)
         if link is None:
             raise ProjectionBug(f"{envelope.type} of unknown order {envelope.order_id}")
-        day, currency = envelope.occurred_at.date(), link["currency"]
+        day, currency = _utc_day(envelope.occurred_at), link["currency"]
         row = dict(
             state["daily_sales"].get(day, currency)
             or {
@@ -66,3 +67,10 @@ class DailySalesProjection:
             row["orders_cancelled"] += 1
             row["refunded"] += event.refunded_amount
         state["daily_sales"].put(row)
+
+
+def _utc_day(moment: datetime) -> date:
+    """The UTC day of an aware ``moment`` (decode refuses naive ones), converted only off UTC."""
+    if moment.utcoffset():
+        moment = moment.astimezone(UTC)
+    return moment.date()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -37,7 +37,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars 
     schema_version: int
     order_id: str
     version: int
-    occurred_at: datetime
+    # Timezone-aware, or the record is undecodable: a naive time has no UTC day to count in.
+    occurred_at: Annotated[datetime, msgspec.Meta(tz=True)]
     command_id: str
     correlation_id: str
     causation_id: str | None = None

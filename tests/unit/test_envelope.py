@@ -161,6 +161,21 @@ def test_undecodable_records_raise_a_named_error(value: bytes | None, message: s
         envelope.decode(value)
 
 
+def test_a_naive_occurred_at_is_undecodable() -> None:
+    # UndecodableEvent is what the projector halts on (and parking and tail report).
+    raw = json.loads(_current_golden_file("OrderPaid").read_text())
+    raw["occurred_at"] = "2026-11-28T09:30:00.123"
+    with pytest.raises(envelope.UndecodableEvent, match="timezone"):
+        envelope.decode(json.dumps(raw).encode())
+
+
+def test_an_occurred_at_with_an_offset_decodes_to_the_same_instant() -> None:
+    raw = json.loads(_current_golden_file("OrderPaid").read_text())
+    raw["occurred_at"] = "2026-11-28T07:30:00.123-02:00"
+    sealed, _ = envelope.decode(json.dumps(raw).encode())
+    assert sealed.occurred_at == AT
+
+
 def test_an_unknown_type_is_undecodable() -> None:
     raw = json.loads((GOLDEN / "OrderDelivered.v1.json").read_text())
     raw["type"] = "OrderTeleported"
