@@ -191,21 +191,44 @@ def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     return outcome.get("value")
 
 
+async def answers_metadata(bootstrap: str, *, timeout: float) -> None:
+    """Ask the cluster for its brokers; raise unless it names at least one in time.
+
+    Enough to know an external cluster answers, and it needs no right to create or write a
+    topic, which a cluster may withhold (or allow only with more replicas than a probe knows).
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)
+    finally:
+        await admin.close()
+    if not cluster.get("brokers"):
+        raise RuntimeError("the cluster's metadata names no broker")
+
+
 async def round_trip(bootstrap: str, *, timeout: float) -> None:
     """Produce one record to a probe topic and consume it back; raise if that fails in time."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     topic = "__orders_probe"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    except TopicAlreadyExistsError:
-        pass
+        created = await admin.create_topics(
+            [NewTopic(topic, num_partitions=1, replication_factor=1)]
+        )
     finally:
         await admin.close()
+    # aiokafka returns a refused creation in the response rather than raising it.
+    for topic_error in created.topic_errors:
+        code = topic_error[1]
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise for_code(code)(f"creating the probe topic {topic}")
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout * 1000)
     )
@@ -218,8 +241,6 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        from aiokafka import TopicPartition
-
         partition = TopicPartition(topic, meta.partition)
         consumer.assign([partition])
         consumer.seek(partition, meta.offset)
@@ -237,7 +258,13 @@ def wait_until_usable(
     process: subprocess.Popen[bytes] | None,
     log_file: Path | None,
 ) -> None:
-    """Poll (no fixed sleeps) until a client can produce and consume, or the deadline passes."""
+    """Poll (no fixed sleeps) until the broker is usable, or the deadline passes.
+
+    A broker started here (``process`` given) must produce and consume a record: that proves
+    it has finished starting. An external cluster (``process`` None) need only answer a
+    metadata request: it may forbid the probe's topic, and its readiness is its operators' job.
+    """
+    probe = round_trip if process is not None else answers_metadata
     last_error: BaseException | None = None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
@@ -250,14 +277,15 @@ def wait_until_usable(
             continue
         try:
             run_coroutine(
-                round_trip(bootstrap, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+                probe(bootstrap, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
             )
             return
         except Exception as exc:  # not ready yet: try again until the deadline
             last_error = exc
             time.sleep(0.2)  # pacing between probes, not synchronisation
+    what = "a produce and consume" if process is not None else "a metadata request"
     raise EnvironmentProblem(
-        f"Kafka at {bootstrap} did not accept a produce and consume in time ({last_error!r}); "
+        f"Kafka at {bootstrap} did not answer {what} in time ({last_error!r}); "
         "check that it runs and is reachable, or unset KAFKA_BOOTSTRAP_SERVERS to start one here"
     )
 

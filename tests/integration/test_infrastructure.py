@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -19,7 +20,12 @@ from sqlalchemy import text
 
 from service.database import create_engine
 from service.embedded import EnvironmentProblem, ensure_port_free
-from service.embedded.kafka import LocalKafka, broker_classpath, java_executable
+from service.embedded.kafka import (
+    LocalKafka,
+    broker_classpath,
+    java_executable,
+    wait_until_usable,
+)
 from service.embedded.postgres import LocalPostgres, check_reachable
 
 
@@ -87,6 +93,46 @@ async def test_postgres_round_trip(database_url: str) -> None:
         await engine.dispose()
     assert body == "hello"
     assert int(str(version)) >= 150000
+
+
+async def _admin_until(bootstrap: str, topics: list[str], *, create: bool) -> None:
+    """Create (or delete) ``topics``, polling until the controller has done it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if create:
+                await admin.create_topics([NewTopic(name, 1, 1) for name in topics])
+            else:
+                await admin.delete_topics(topics)
+            present = set(await admin.list_topics())
+            if all((name in present) == create for name in topics):
+                return
+            assert time.monotonic() < deadline, f"topics {topics} not {create=} in time"
+            await asyncio.sleep(0.1)  # pacing between attempts, not synchronisation
+    finally:
+        await admin.close()
+
+
+async def test_an_external_kafka_that_refuses_the_probe_topic_still_answers(
+    bootstrap: str,
+) -> None:
+    # A cluster may refuse to create a topic for a probe (ACLs, a creation policy, a minimum
+    # replication factor). Here it refuses because a colliding name exists: Kafka treats
+    # "." and "_" alike in topic names. Checking an external cluster must not need that topic.
+    await _admin_until(bootstrap, ["__orders_probe"], create=False)
+    await _admin_until(bootstrap, ["__orders.probe"], create=True)
+    try:
+        await asyncio.to_thread(
+            wait_until_usable,
+            bootstrap,
+            deadline=time.monotonic() + 10,
+            process=None,
+            log_file=None,
+        )
+    finally:
+        await _admin_until(bootstrap, ["__orders.probe"], create=False)
 
 
 def test_a_port_in_use_is_reported_with_what_to_do() -> None:
