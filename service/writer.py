@@ -58,7 +58,7 @@ from aiokafka.errors import (
 )
 
 from service import envelope, fencing
-from service.domain import Command, DomainError, Order, decide, evolve
+from service.domain import Command, DomainError, DomainEvent, Order, decide, evolve
 from service.eventlog import (
     TopicRepartitioned,
     committed_reader,
@@ -495,9 +495,9 @@ class Writer:
                     )
                     raise
                 except Exception as error:
-                    # A bug (the state is untouched: it moves only after a commit). Its
-                    # callers get it (a 500) and the loop goes on, rather than leave every
-                    # later command waiting on a loop that is gone.
+                    # A bug outside any one command's decision (those fail alone, in
+                    # ``_process``): the batch's callers get it (a 500) and the loop goes on,
+                    # rather than leave every later command waiting on a loop that is gone.
                     _log.exception("a batch of commands failed")
                     self._fail(batch, error)
 
@@ -536,27 +536,16 @@ class Writer:
                     if actual != request.expected_version:
                         raise VersionMismatch(request.expected_version, actual)
                 events = decide(request.command, current)
+                sealed, state = self._sealed(request, order_id, current, events)
             except (DomainError, VersionMismatch, IdempotencyKeyReused) as error:
                 pending.reply.set_exception(error)
                 continue
-            sealed = []
-            state = current
-            for index, event in enumerate(events):
-                state = evolve(state, event, order_id)
-                sealed.append(
-                    envelope.seal(
-                        event,
-                        event_id=envelope.event_id_for(key, request.command_id, index),
-                        order_id=order_id,
-                        version=state.version,
-                        occurred_at=request.command.at,
-                        command_id=request.command_id,
-                        correlation_id=request.correlation_id or request.command_id,
-                        causation_id=request.command_id,
-                        idempotency_key=key,
-                        request_hash=request.request_hash,
-                    )
-                )
+            except Exception as error:
+                # A bug with this command (a 500 for it alone): nothing of it is staged, and
+                # the rest of the batch goes on.
+                _log.exception("deciding command %s failed", request.command_id)
+                pending.reply.set_exception(error)
+                continue
             if state is not None:
                 staged[order_id] = state
             if key is not None:
@@ -566,6 +555,32 @@ class Writer:
             await self._append(staged, outgoing)
         for duplicate, original in replays:
             self._copy_outcome(duplicate, original)
+
+    @staticmethod
+    def _sealed(
+        request: CommandRequest, order_id: str, current: Order | None, events: list[DomainEvent]
+    ) -> tuple[list[envelope.Envelope], Order | None]:
+        """The command's events in their envelopes, and the order's state after them."""
+        key = request.idempotency_key
+        sealed = []
+        state = current
+        for index, event in enumerate(events):
+            state = evolve(state, event, order_id)
+            sealed.append(
+                envelope.seal(
+                    event,
+                    event_id=envelope.event_id_for(key, request.command_id, index),
+                    order_id=order_id,
+                    version=state.version,
+                    occurred_at=request.command.at,
+                    command_id=request.command_id,
+                    correlation_id=request.correlation_id or request.command_id,
+                    causation_id=request.command_id,
+                    idempotency_key=key,
+                    request_hash=request.request_hash,
+                )
+            )
+        return sealed, state
 
     @staticmethod
     def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:

@@ -371,8 +371,9 @@ async def test_restarting_rebuilds_a_state_equal_to_the_fold_of_the_topic(
 async def test_a_bug_in_deciding_fails_its_command_with_a_500_and_the_writer_goes_on(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The decision loop outlives an unexpected error: without that, the failing command and
-    every later one would wait forever while readiness still said yes."""
+    """An unexpected error fails its own command only: the rest of its batch is written, and
+    the decision loop goes on (without that, every later command would wait forever while
+    readiness still said yes)."""
     order_id = await _create(client)
     decide = writer_module.decide
 
@@ -381,12 +382,20 @@ async def test_a_bug_in_deciding_fails_its_command_with_a_500_and_the_writer_goe
             raise RuntimeError("a bug in decide")
         return decide(command, state)
 
+    others = [await _create(client, f"c-{n}") for n in range(8)]
     monkeypatch.setattr(writer_module, "decide", decide_with_a_bug)
 
-    failed = await asyncio.wait_for(_add(client, order_id, "BUG-1"), 30)
+    # Sent together, so that group commit puts them in one batch with the bug.
+    failed, *alongside = await asyncio.wait_for(
+        asyncio.gather(
+            _add(client, order_id, "BUG-1"), *(_add(client, other, "CUP-1") for other in others)
+        ),
+        30,
+    )
     later = await asyncio.wait_for(_add(client, order_id, "MUG-1"), 30)
 
     _problem(failed, 500, "internal-error")
+    assert [response.status_code for response in alongside] == [200] * len(others)
     assert later.status_code == 200, later.text
     assert later.json()["version"] == 2
 
