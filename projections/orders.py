@@ -43,7 +43,8 @@ class OrdersProjection:
         current = table.get(envelope.order_id)
         if current is not None and envelope.version <= current["version"]:
             # Never a re-apply (each event passes its checkpoint once) but the log repeating a
-            # version, which the aggregates would count: it halts, never skipped (invariant 7).
+            # version: this read model halts there, never skips it (invariant 7). The customer
+            # and daily-sales aggregates keep no version per order and would count it.
             raise ProjectionBug(
                 f"{envelope.type} v{envelope.version} of order {envelope.order_id}, whose row "
                 f"is at v{current['version']} already: the log repeats a version"

@@ -164,21 +164,22 @@ class _Tracker:
             )
         return {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
 
-    async def replay_goal(self) -> dict[int, int]:
+    async def replay_goal(self, stop: asyncio.Event) -> dict[int, int]:
         """Per partition, the offset just after the last event committed by now (0: none).
 
         Checkpoints that reach it have applied everything committed before the replay began;
         what comes later is the live projector's business, as in normal running. The last
         stable offset itself is no goal: transaction markers take offsets too, and under
-        steady traffic the runner never moves a checkpoint past the last one.
+        steady traffic the runner never moves a checkpoint past the last one. Incomplete once
+        ``stop`` is set (while the broker is away, the reading would not end by itself).
         """
         ends = await self.ends()
         goal: dict[int, int] = {}
         window = 64  # offsets looked at before each end, widened where no event is in it
-        while len(goal) < len(ends):
+        while len(goal) < len(ends) and not stop.is_set():
             looking = {p: end for p, end in ends.items() if p not in goal}
             starts = {p: max(0, end - window) for p, end in looking.items()}
-            last = await self._last_events(starts, looking)
+            last = await self._last_events(starts, looking, stop)
             for partition, start in starts.items():
                 if partition in last:
                     goal[partition] = last[partition] + 1
@@ -187,7 +188,9 @@ class _Tracker:
             window *= 16
         return goal
 
-    async def _last_events(self, starts: dict[int, int], ends: dict[int, int]) -> dict[int, int]:
+    async def _last_events(
+        self, starts: dict[int, int], ends: dict[int, int], stop: asyncio.Event
+    ) -> dict[int, int]:
         """Per partition, the offset of the last committed event in [start, end), if any."""
         tps = {
             p: TopicPartition(self.config.topic, p)
@@ -199,7 +202,7 @@ class _Tracker:
             self.consumer.seek(tp, starts[partition])
         last: dict[int, int] = {}
         reading = set(tps)
-        while reading:
+        while reading and not stop.is_set():
             fetched = await self.consumer.getmany(*(tps[p] for p in reading), timeout_ms=200)
             for tp, records in fetched.items():
                 offsets = [r.offset for r in records if r.offset < ends[tp.partition]]
@@ -208,6 +211,7 @@ class _Tracker:
             for partition in list(reading):
                 if await self.consumer.position(tps[partition]) >= ends[partition]:
                     reading.discard(partition)
+        self.consumer.assign([])  # or its fetcher goes on filling buffers nobody reads
         return last
 
     async def replayed(self, goal: dict[int, int]) -> bool:
@@ -434,7 +438,9 @@ async def _until_done(
 ) -> None:
     pending = dict(pairs)
     in_place = not pairs
-    goal = await tracker.replay_goal() if in_place else {}
+    goal = await tracker.replay_goal(stop) if in_place else {}
+    if stop.is_set():  # a goal cut short is no goal
+        raise _interrupted(result, list(pending))
     while True:
         if task.done():
             task.result()  # a failure surfaces here

@@ -981,6 +981,9 @@ class ProjectionRunner:
             with contextlib.suppress(KafkaError, TimeoutError):
                 commit = self.consumer.commit(offsets)
                 await asyncio.wait_for(commit, self.config.commit_kafka_offsets_timeout)
+        # From the attempt's end: a commit that timed out does not come again at once, which
+        # would hold every pass of the loop while the coordinator alone is away.
+        self._last_kafka_commit = time.monotonic()
 
 
 async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
@@ -997,6 +1000,10 @@ async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
+        # ``stop`` ended there, before closing its client (connections, metadata task), and
+        # will not run again: close it, or each consumer replaced during an outage leaks one.
+        with contextlib.suppress(Exception):
+            await consumer._client.close()
 
 
 def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:

@@ -526,7 +526,8 @@ async def test_an_in_place_rebuild_finishes_while_commands_keep_arriving(
         await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
     initial = len(accepted)
     stop = asyncio.Event()
-    load = asyncio.create_task(write_steadily(writer, accepted, stop, orders=5000, clients=32))
+    # More orders than the rebuild can outlast: the load must still run when it is done.
+    load = asyncio.create_task(write_steadily(writer, accepted, stop, orders=20_000, clients=32))
     try:
         await still_writing(load, accepted, len(accepted))
         acknowledged = ends(list(accepted))  # all in the log before the rebuild began
