@@ -556,13 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and what caused it (SQLAlchemy wraps asyncpg's errors, for one)."""
+    """``error`` and what caused it (SQLAlchemy wraps asyncpg's errors, for one). Causes only,
+    not the errors being handled when it was raised: a bug raised while handling, say, a
+    database error must keep its traceback, not get the database's advice."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
 
 
 def _database_location(settings: Settings) -> str:

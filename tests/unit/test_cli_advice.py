@@ -21,3 +21,19 @@ def test_a_topic_the_writer_refuses_is_explained_in_one_line(error: Exception) -
 
     assert advice == str(error)
     assert "\n" not in advice
+
+
+def _handle_a_lost_connection_with_a_bug() -> None:
+    try:
+        raise ConnectionRefusedError("the server went away")
+    except ConnectionRefusedError:
+        raise KeyError("a bug in the handler")  # noqa: B904 - the bug under test
+
+
+def test_a_bug_raised_while_handling_a_lost_connection_keeps_its_traceback() -> None:
+    """Advice follows what caused an error, not what was being handled when it came."""
+    with pytest.raises(KeyError) as bug:
+        _handle_a_lost_connection_with_a_bug()
+
+    assert isinstance(bug.value.__context__, ConnectionRefusedError)
+    assert _operator_advice(bug.value) is None
