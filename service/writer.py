@@ -220,7 +220,10 @@ class Writer:
         self._task = asyncio.create_task(self._run(), name="writer")
 
     async def stop(self, *, timeout: float = 20.0) -> None:
-        """Refuse new and queued commands, let the batch in flight finish, close the producer."""
+        """Refuse new and queued commands, let the batch in flight finish, close the producer.
+
+        Waits up to ``timeout`` for the batch in flight (then cancels it: its callers hear the
+        outcome is unknown), and up to ``timeout`` again for the producers being closed."""
         if self.state is not WriterState.FENCED:
             self.state = WriterState.STOPPED
         self._fail_queued(WriterUnavailable("the service is shutting down"))
