@@ -100,19 +100,22 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         thread.shutdown()
 
 
+def _config(broker: Broker, topic: str) -> WriterConfig:
+    """A writer of its own (a fresh transactional id) on the module's broker."""
+    return WriterConfig(
+        bootstrap_servers=broker.bootstrap_servers,
+        topic=topic,
+        partitions=PARTITIONS,
+        transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
+        commit_timeout=COMMIT_TIMEOUT,
+    )
+
+
 @pytest.fixture
 async def writer(broker: Broker, topic: str) -> AsyncIterator[Writer]:
     if not broker.alive:  # an earlier test failed while the broker was down
         await broker.restart()
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=broker.bootstrap_servers,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
-            commit_timeout=COMMIT_TIMEOUT,
-        )
-    )
+    writer = Writer(_config(broker, topic))
     await writer.start()
     yield writer
     if not broker.alive:
@@ -496,15 +499,7 @@ async def test_a_writer_stopped_mid_batch_tells_its_callers_and_leaves_nothing_o
     must hear that the outcome is unknown (not wait forever), and the transaction it left open
     must be aborted (not hold every partition's last stable offset back until the broker times
     it out, a minute by default)."""
-    writer = Writer(
-        WriterConfig(
-            bootstrap_servers=broker.bootstrap_servers,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
-            commit_timeout=COMMIT_TIMEOUT,
-        )
-    )
+    writer = Writer(_config(broker, topic))
     await writer.start()
     committing = asyncio.Event()
     assert writer._producer is not None
@@ -538,15 +533,7 @@ async def test_the_writer_will_not_decide_on_a_log_held_back_by_an_open_transact
     Before it aborts anything it waits a whole commit timeout: a writer it fenced may still be
     waiting that long for the markers of a batch, and must give up before the abort could end
     that batch and move the last stable offset past it (``Writer._open_transactions``)."""
-    first = Writer(
-        WriterConfig(
-            bootstrap_servers=broker.bootstrap_servers,
-            topic=topic,
-            partitions=PARTITIONS,
-            transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
-            commit_timeout=COMMIT_TIMEOUT,
-        )
-    )
+    first = Writer(_config(broker, topic))
     await first.start()
     await first.stop()
     squatter = AIOKafkaProducer(
@@ -588,13 +575,7 @@ async def test_a_transaction_the_broker_left_open_is_aborted_before_the_writer_d
     three tries), as an earlier writer acknowledging before the markers were in would have met
     it. Whether or not the broker lost them, the writer must then start on a log with nothing
     left open and a state equal to the fold of what is committed."""
-    config = WriterConfig(
-        bootstrap_servers=broker.bootstrap_servers,
-        topic=topic,
-        partitions=PARTITIONS,
-        transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
-        commit_timeout=COMMIT_TIMEOUT,
-    )
+    config = _config(broker, topic)
     creator = Writer(config)
     await creator.start()
     await creator.stop()

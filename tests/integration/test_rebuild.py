@@ -278,12 +278,27 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     await the_oracle_holds(db, bootstrap, topic)
 
 
+async def projected_orders(
+    db: AsyncEngine,
+    writer: Writer,
+    bootstrap: str,
+    topic: str,
+    group_prefix: str,
+    prefix: str,
+    count: int,
+) -> list[Accepted]:
+    """``count`` orders (ids ``<prefix>-<n>``) written, and applied by the live versions of
+    every projection."""
+    accepted = await write_orders(writer, [f"{prefix}-{n}" for n in range(count)])
+    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
+        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    return accepted
+
+
 async def test_a_stopped_rebuild_keeps_readers_on_the_old_version_and_the_next_run_resumes(
     db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
 ) -> None:
-    accepted = await write_orders(writer, [f"o-{i}" for i in range(400)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    accepted = await projected_orders(db, writer, bootstrap, topic, group_prefix, "o", 400)
     config = config_for(bootstrap, topic, group_prefix)
     stop = asyncio.Event()
     old = await live_now(db)
@@ -348,9 +363,7 @@ async def test_a_rebuild_stopped_while_indexing_switches_nothing_more(
 ) -> None:
     """Ctrl-C as the rebuild starts indexing its ``stopped_at``-th projection: that one and
     those after it stay on their old versions, and the message names what was switched."""
-    accepted = await write_orders(writer, [f"i-{i}" for i in range(100)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    await projected_orders(db, writer, bootstrap, topic, group_prefix, "i", 100)
     names = ["orders", "daily_sales"]
     config = config_for(bootstrap, topic, group_prefix)
     old = await live_now(db)
@@ -472,9 +485,7 @@ async def test_a_rebuild_killed_at_a_random_moment_leaves_complete_read_models_a
 async def test_an_in_place_rebuild_empties_the_tables_and_replays_them(
     db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
 ) -> None:
-    accepted = await write_orders(writer, [f"p-{i}" for i in range(200)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    accepted = await projected_orders(db, writer, bootstrap, topic, group_prefix, "p", 200)
     async with db.begin() as connection:  # damage the read models: a rebuild must repair them
         await connection.execute(sa.text("DELETE FROM orders WHERE order_id LIKE 'p-1%'"))
         await connection.execute(sa.text("UPDATE customer_summaries SET order_count = 0"))
@@ -521,9 +532,7 @@ async def test_an_in_place_rebuild_finishes_while_commands_keep_arriving(
 ) -> None:
     """It replays what was committed when it began; what arrives later (and keeps arriving) is
     the live projector's business, as in normal running."""
-    accepted = await write_orders(writer, [f"r-{i}" for i in range(200)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    accepted = await projected_orders(db, writer, bootstrap, topic, group_prefix, "r", 200)
     initial = len(accepted)
     stop = asyncio.Event()
     # More orders than the rebuild can outlast: the load must still run when it is done.
@@ -591,9 +600,7 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused_at_once(
     db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
 ) -> None:
     """Run B (``--restart``) would drop the version run A is building: it must not start."""
-    accepted = await write_orders(writer, [f"l-{i}" for i in range(50)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    await projected_orders(db, writer, bootstrap, topic, group_prefix, "l", 50)
     config = config_for(bootstrap, topic, group_prefix)
     old = await live_now(db)
     async with db.connect() as blocker:
@@ -630,9 +637,7 @@ async def test_dropping_a_version_that_went_live_meanwhile_is_refused_and_drops_
     db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
 ) -> None:
     """Run B read v2 as building; run A then made it live; B's drop must leave it alone."""
-    accepted = await write_orders(writer, [f"d-{i}" for i in range(50)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    await projected_orders(db, writer, bootstrap, topic, group_prefix, "d", 50)
     orders = catalog.PROJECTIONS["orders"]
     await build_until_caught_up(db, config_for(bootstrap, topic, group_prefix), ["orders"], topic)
     async with begin(db) as connection:
@@ -656,9 +661,7 @@ async def test_a_switch_succeeds_whichever_row_of_the_registry_comes_first(
 ) -> None:
     """One live version per projection is a unique index, checked row by row as an UPDATE
     reaches each row: the switch must retire the old version before the new one goes live."""
-    accepted = await write_orders(writer, [f"s-{i}" for i in range(50)])
-    async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
-        await wait_caught_up(db, topic, ALL, ends(accepted), alive=run)
+    await projected_orders(db, writer, bootstrap, topic, group_prefix, "s", 50)
     orders = catalog.PROJECTIONS["orders"]
     await build_until_caught_up(db, config_for(bootstrap, topic, group_prefix), ["orders"], topic)
     async with begin(db) as connection:
