@@ -614,13 +614,7 @@ class Writer:
                 self._transaction(outgoing), self.config.commit_timeout
             )
         except _FENCING_ERRORS as error:
-            _log.error(
-                "FENCED: another writer with transactional id %r took over the log (%s); "
-                "this instance will never write again",
-                self.config.transactional_id,
-                error,
-            )
-            self.state = WriterState.FENCED
+            self._fenced(error)
             self._fail((pending for pending, _ in outgoing), self._unavailable())
             self._fail_queued(self._unavailable())
             self._discard_producer()
@@ -732,13 +726,7 @@ class Writer:
             except _FENCING_ERRORS as error:
                 # Another writer took the transactional id over while this one was away (the
                 # producer resumes only from the epoch it last held): it keeps the log.
-                _log.error(
-                    "FENCED: another writer with transactional id %r took over the log while "
-                    "this one recovered (%r); this instance will never write again",
-                    self.config.transactional_id,
-                    error,
-                )
-                self.state = WriterState.FENCED
+                self._fenced(error)
                 await self._drop_producer()
                 return
             except OpenTransactionInLog as error:
@@ -764,6 +752,16 @@ class Writer:
             self.state = WriterState.READY
             _log.info("writer recovered: state rebuilt from the log")
             return
+
+    def _fenced(self, error: Exception) -> None:
+        """Another writer with our transactional id took over the log: never write again."""
+        _log.error(
+            "FENCED: another writer with transactional id %r took over the log (%r); this "
+            "instance will never write again",
+            self.config.transactional_id,
+            error,
+        )
+        self.state = WriterState.FENCED
 
     @staticmethod
     def _fail(batch: Iterable[_Pending], error: Exception) -> None:
