@@ -55,7 +55,7 @@ from tests.support.processes import (
     service_env,
     wait_no_open_transaction,
 )
-from tests.support.projection_harness import decoded, read_records
+from tests.support.projection_harness import decoded, eventually, read_records
 from tests.support.workload import (
     Audit,
     Ledger,
@@ -415,11 +415,11 @@ STOP_DEADLINE_S = 15.0
 
 
 async def _until(condition: Callable[[], bool], what: str, task: asyncio.Task[None]) -> None:
-    deadline = time.monotonic() + 60
-    while not condition():
+    async def check() -> tuple[bool, None]:
         assert not task.done(), f"the runner ended while waiting for {what}: {task!r}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)  # polling interval
+        return condition(), None
+
+    await eventually(check, what, timeout=60)
 
 
 async def test_a_stop_during_a_broker_outage_ends_the_projector_without_the_broker(
