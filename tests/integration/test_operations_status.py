@@ -103,6 +103,17 @@ async def more_commands(api: Api, order_ids: list[str], label: str) -> None:
         await api.add(order_id, f"EXTRA-{label}-{index}", 1, 100)
 
 
+async def commands_waiting(api: Api, drafts: dict[int, str]) -> tuple[int, dict[int, int]]:
+    """More commands on the drafts of every partition but the last (idle), two in the first:
+    the idle partition, and the new events per partition."""
+    idle = max(drafts)
+    busy = [drafts[p] for p in sorted(drafts) if p != idle]
+    since = len(api.accepted)
+    await more_commands(api, busy, "a")
+    await more_commands(api, busy[:1], "b")
+    return idle, new_events(api.accepted, since)
+
+
 async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
     """One record written straight to ``partition`` (no writer, no transaction): its offset."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
@@ -313,13 +324,8 @@ async def test_status_of_lagging_projections(
         )
 
     # No runner: more commands, in some partitions only.
-    idle = max(drafts)
-    busy = [drafts[p] for p in sorted(drafts) if p != idle]
-    since = len(api.accepted)
-    await more_commands(api, busy, "a")
-    await more_commands(api, busy[:1], "b")
-    waiting = new_events(api.accepted, since)
-    assert sum(waiting.values()) == len(busy) + 1
+    idle, waiting = await commands_waiting(api, drafts)
+    assert sum(waiting.values()) == len(drafts)
     assert idle not in waiting
 
     report = await status(db, bootstrap, topic, group_prefix=group_prefix)
@@ -584,12 +590,7 @@ async def test_a_version_far_behind_leaves_the_live_lag_exact(
     await events_in_every_partition(api, f"more-{suffix}", at_least=2 * cap)
     async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
         await status_when(db, bootstrap, topic, group_prefix, live_caught_up, "live caught up", run)
-    idle = max(drafts)
-    busy = [drafts[p] for p in sorted(drafts) if p != idle]
-    waiting_since = len(api.accepted)
-    await more_commands(api, busy, "a")
-    await more_commands(api, busy[:1], "b")
-    waiting = new_events(api.accepted, waiting_since)
+    _, waiting = await commands_waiting(api, drafts)
     assert 0 < max(waiting.values()) < cap
     behind_live = new_events(api.accepted, since)
     assert min(behind_live[p] for p in range(PARTITIONS)) >= 2 * cap
