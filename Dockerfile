@@ -18,7 +18,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && rm /tmp/requirements.txt
 
 # Editable install on purpose: the code finds alembic.ini and migrations/ relative to
-# the source tree (service/database.py), so the tree must stay at /app.
+# the source tree (service/infra/database.py), so the tree must stay at /app.
 COPY . .
 RUN pip install --no-cache-dir --no-deps -c constraints.txt -e /app \
     && python -m compileall -q /app/service /app/projections /app/migrations

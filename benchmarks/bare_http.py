@@ -1,8 +1,8 @@
 """The HTTP ceiling: a bare Litestar app served exactly as ``orders api`` serves the real one.
 
-The same server configuration as ``orders api`` (``service.bootstrap.server_config``: one
+The same server configuration as ``orders api`` (``service.edge.bootstrap.server_config``: one
 uvicorn server in one process, httptools parser, uvloop, no access log; garbage collection
-tuned by ``service.runtime.tune_gc``), the same request bodies decoded and validated into the
+tuned by ``service.infra.runtime.tune_gc``), the same request bodies decoded and validated into the
 API's own msgspec types, and answers of the same shape and headers; but no writer, no Kafka, no
 database. What the command API reaches, as a share of this, is what the service itself costs on
 top of HTTP.
@@ -20,9 +20,9 @@ import uuid
 import uvicorn
 from litestar import Litestar, Response, get, post
 
-from service.api.commands import AddItemBody, CommandResult, CreateOrderBody
-from service.bootstrap import server_config
-from service.runtime import tune_gc
+from service.edge.bootstrap import server_config
+from service.edge.http.commands import AddItemBody, CommandResult, CreateOrderBody
+from service.infra.runtime import tune_gc
 
 _offsets = itertools.count()
 

@@ -2,7 +2,7 @@
 
 Histories come from the real ``decide``/``evolve`` of the domain, so every sequence is one the
 writer could have produced (projections halt on anything else). Envelopes, keys and headers
-are made by ``service.envelope`` with the same fields the writer passes.
+are made by ``service.kernel.envelope`` with the same fields the writer passes.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from service import envelope
-from service.domain import (
+from service.infra.eventlog import ensure_topic
+from service.kernel import envelope
+from service.kernel.domain import (
     AddItem,
     CancelOrder,
     ChangeItemQuantity,
@@ -37,7 +38,6 @@ from service.domain import (
     decide,
     evolve,
 )
-from service.eventlog import ensure_topic
 
 PARTITIONS = 12
 TRANSACTION_RECORDS = 500

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgspec
 
-from service.embedded import free_port, spawn, stop_process
+from service.infra.embedded import free_port, spawn, stop_process
 
 _REQUEST_TIMEOUT_S = 30.0
 _MAX_ITEMS_PER_ORDER = 50
@@ -340,7 +340,7 @@ def api_process(
     }
     # spawn: the API gets SIGTERM should this process die without cleaning up.
     process = spawn(
-        [sys.executable, "-m", "service.cli", "api", "--port", str(port)],
+        [sys.executable, "-m", "service.edge.cli.main", "api", "--port", str(port)],
         log_file=log_file,
         env=env,
     )

@@ -22,8 +22,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from projections.schema import orders
-from service import envelope
-from service.domain import (
+from service.kernel import envelope
+from service.kernel.domain import (
     DomainEvent,
     ItemAdded,
     ItemQuantityChanged,

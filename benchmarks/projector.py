@@ -26,10 +26,10 @@ from aiokafka import AIOKafkaConsumer
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.catalog import PROJECTIONS
 from projections.checkpoints import live_checkpoints
-from service.database import create_engine, migrate
-from service.embedded import spawn, stop_process
+from projections.models.catalog import PROJECTIONS
+from service.infra.database import create_engine, migrate
+from service.infra.embedded import spawn, stop_process
 
 SAMPLE_EVERY_S = 0.5
 

@@ -11,9 +11,9 @@ import asyncio
 import logging
 
 from projections.runner import run_projector
-from service.database import create_engine
-from service.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals, tune_gc
-from service.settings import Settings
+from service.infra.database import create_engine
+from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals, tune_gc
+from service.kernel.settings import Settings
 
 
 async def main() -> None:

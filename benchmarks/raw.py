@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
 from projections.schema import orders, schema_for
-from service import envelope
+from service.kernel import envelope
 
 
 @dataclass(frozen=True)

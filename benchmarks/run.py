@@ -52,11 +52,11 @@ from benchmarks import (
 )
 from benchmarks.meters import CpuMeter, GcPauses, cpu_details, rss
 from benchmarks.report import Row, Target, div, markdown, ms, n, ratio, readme_section, times
-from projections.catalog import PROJECTIONS
-from service.database import create_engine
-from service.embedded import spawn, stop_process
-from service.embedded.stack import Infrastructure, infrastructure
-from service.runtime import tune_gc
+from projections.models.catalog import PROJECTIONS
+from service.infra.database import create_engine
+from service.infra.embedded import spawn, stop_process
+from service.infra.embedded.stack import Infrastructure, infrastructure
+from service.infra.runtime import tune_gc
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results"
@@ -468,7 +468,7 @@ async def bench_rebuild(ctx: Context) -> None:
         "ORDERS_GROUP_PREFIX": f"bench-rebuild-{uuid.uuid4().hex[:8]}",
     }
     log_file = _log_file("rebuild")
-    argv = [sys.executable, "-m", "service.cli", "projections", "rebuild", "all"]
+    argv = [sys.executable, "-m", "service.edge.cli.main", "projections", "rebuild", "all"]
     _log.info("rebuild: %s", " ".join(argv[1:]))
     started = time.perf_counter()
     process = spawn(argv, log_file=log_file, env=env)

@@ -23,13 +23,13 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from benchmarks import events, projector
-from projections.catalog import PROJECTIONS
+from projections.models.catalog import PROJECTIONS
 from projections.projection import Applied, Db, begin, store
 from projections.versions import live_targets
-from service import envelope
-from service.database import create_engine
-from service.embedded.stack import infrastructure
-from service.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, tune_gc
+from service.infra.database import create_engine
+from service.infra.embedded.stack import infrastructure
+from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, tune_gc
+from service.kernel import envelope
 
 BASE_EVENTS = 25_000  # sealed through the domain; the rest are copies under new ids
 

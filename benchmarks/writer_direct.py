@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from benchmarks.httpload import LoadResult
-from service.domain import AddItem, Command, CreateOrder
-from service.writer import CommandRequest, Writer, WriterConfig
+from service.kernel.domain import AddItem, Command, CreateOrder
+from service.write.writer import CommandRequest, Writer, WriterConfig
 
 
 async def closed_loop(

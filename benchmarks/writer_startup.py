@@ -20,7 +20,7 @@ import uuid
 
 import psutil
 
-from service.writer import Writer, WriterConfig
+from service.write.writer import Writer, WriterConfig
 
 
 def _trim() -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from projections.schema import metadata
-from service.settings import sqlalchemy_url
+from service.kernel.settings import sqlalchemy_url
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("skip_logging_config"):

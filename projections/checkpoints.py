@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.schema import projection_checkpoints, projection_versions
-from service.database import driver_of, reading
+from service.infra.database import driver_of, reading
 
 POLL_INTERVAL_S = 0.005
 

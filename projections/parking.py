@@ -19,14 +19,15 @@ import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import Applied, Db, begin, pg_text, store
 from projections.versions import Target, versions
-from service import envelope
-from service.eventlog import committed_reader
+from service.infra.eventlog import committed_reader
+from service.kernel import envelope
+from service.kernel.errors import OperatorRefusal
 
 
-class ParkingRefused(Exception):
+class ParkingRefused(OperatorRefusal):
     """The operation cannot be done as asked; the message says why and what to do."""
 
 

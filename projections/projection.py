@@ -28,9 +28,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.database import EncodingRefused, driver_of
-from service.domain import DomainEvent
-from service.envelope import Envelope
+from service.infra.database import EncodingRefused, driver_of
+from service.kernel.domain import DomainEvent
+from service.kernel.envelope import Envelope
+from service.kernel.errors import BadEvent
 
 Row = dict[str, Any]
 Key = tuple[Any, ...]
@@ -45,7 +46,7 @@ class Applied(msgspec.Struct, frozen=True, gc=False):
     offset: int
 
 
-class ProjectionBug(Exception):
+class ProjectionBug(BadEvent):
     """An event that the projection's fold cannot apply (e.g. an order it never saw created)."""
 
 

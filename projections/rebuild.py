@@ -38,7 +38,7 @@ import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import Projection, begin
 from projections.runner import ProjectionRunner, RunnerConfig
 from projections.status import stable_offsets
@@ -53,9 +53,10 @@ from projections.versions import (
     reset,
     switch,
 )
-from service.database import driver_of
-from service.eventlog import TopicMissing, committed_reader
-from service.runtime import die_with_parent
+from service.infra.database import driver_of
+from service.infra.eventlog import TopicMissing, committed_reader
+from service.infra.runtime import die_with_parent
+from service.kernel.errors import OperatorRefusal
 
 _log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class RebuildInterrupted(Exception):
     version (the message names those already switched); run again to resume."""
 
 
-class RebuildAlreadyRunning(Exception):
+class RebuildAlreadyRunning(OperatorRefusal):
     """Refused before starting: another rebuild of one of the projections is running."""
 
 
@@ -363,7 +364,7 @@ async def _builders(
         "ORDERS_GROUP_PREFIX": config.group_prefix,
     }
     env.pop("ORDERS_PROJECTOR_INSTANCE_ID", None)  # a static member id is one process's
-    argv = [sys.executable, "-m", "service.cli", "projections", "build", *names]
+    argv = [sys.executable, "-m", "service.edge.cli.main", "projections", "build", *names]
     processes = [
         await asyncio.create_subprocess_exec(
             *argv,

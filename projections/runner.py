@@ -44,13 +44,14 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State, begin, pg_text, store
 from projections.versions import Target, building, live_targets
-from service import envelope
-from service.database import EncodingRefused, connection_lost, sqlstate
-from service.domain import DomainEvent
-from service.settings import Settings
+from service.infra.database import EncodingRefused, connection_lost, sqlstate
+from service.kernel import envelope
+from service.kernel.domain import DomainEvent
+from service.kernel.errors import Conflict
+from service.kernel.settings import Settings
 
 _log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def transient(error: BaseException) -> bool:
     return connection_lost(error) or sqlstate(error)[:2] in {"40", "53", "57"}
 
 
-class StaleCheckpoint(Exception):
+class StaleCheckpoint(Conflict):
     """A stored checkpoint is not where this instance expected: another instance moved it."""
 
 

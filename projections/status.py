@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import begin
-from service.eventlog import committed_reader
+from service.infra.eventlog import committed_reader
 
 # Partition and projection states, worst first.
 HALTED = "halted"

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from projections.projection import Projection
 from projections.schema import schema_for
+from service.kernel.errors import EnvironmentProblem, OperatorRefusal
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,15 @@ class Target:
         return f"{self.name} v{self.version}"
 
 
-class NoLiveVersion(Exception):
+class NoLiveVersion(EnvironmentProblem):
     """A projection in the code has no live version in the database: migrations are missing."""
 
 
-class VersionIsLive(Exception):
+class VersionIsLive(OperatorRefusal):
     """A live version cannot be dropped: queries read it."""
 
 
-class NotCaughtUp(Exception):
+class NotCaughtUp(OperatorRefusal):
     """The building version is behind the live one in some partition: it cannot switch yet."""
 
 

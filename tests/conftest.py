@@ -1,6 +1,6 @@
 """Fixtures: a real Kafka broker and a real PostgreSQL server for the whole run.
 
-They come from the same module as ``orders dev`` (``service.embedded``): started here unless
+They come from the same module as ``orders dev`` (``service.infra.embedded``): started here unless
 ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` point at running ones, or, with
 ``ORDERS_TEST_DOCKER=1`` and a Docker engine, from testcontainers. Each test module gets a
 fresh database; each test that asks for ``topic`` gets a topic name nobody else uses.
@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.database import create_engine, migrate
-from service.embedded.kafka import run_coroutine
-from service.embedded.stack import Infrastructure, infrastructure
+from service.infra.database import create_engine, migrate
+from service.infra.embedded.kafka import run_coroutine
+from service.infra.embedded.stack import Infrastructure, infrastructure
 from tests.support.database import admin, reset_read_side
 
 

@@ -40,14 +40,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import Applied
 from projections.runner import ProjectionRunner, RunnerConfig
-from service import domain, envelope
-from service.database import create_engine, migrate
-from service.embedded.kafka import LocalKafka
-from service.embedded.postgres import LocalPostgres
-from service.writer import CommandRequest, Writer, WriterConfig
+from service.infra.database import create_engine, migrate
+from service.infra.embedded.kafka import LocalKafka
+from service.infra.embedded.postgres import LocalPostgres
+from service.kernel import domain, envelope
+from service.write.writer import CommandRequest, Writer, WriterConfig
 from tests.support.processes import (
     ApiProcess,
     ServiceProcess,

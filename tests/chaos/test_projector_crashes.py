@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.catalog import PROJECTIONS
-from service import domain
-from service.writer import CommandRequest, Writer, WriterConfig
+from projections.models.catalog import PROJECTIONS
+from service.kernel import domain
+from service.write.writer import CommandRequest, Writer, WriterConfig
 from tests.support.log import LoggedEvent, read_topic
 from tests.support.projection_harness import (
     differences,
@@ -52,7 +52,7 @@ class Projector:
     def start(self) -> None:
         with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would block it
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "projector"],
+                [sys.executable, "-m", "service.edge.cli.main", "projector"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ import time
 import httpx
 import psutil
 
-from service.embedded import free_port
+from service.infra.embedded import free_port
 
 
 def _wait_for(url: str, process: subprocess.Popen[str], deadline: float) -> httpx.Response:
@@ -30,7 +30,7 @@ def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
         k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "dev", "--port", str(port)],
+        [sys.executable, "-m", "service.edge.cli.main", "dev", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.api.app import Resources, create_app
-from service.writer import Writer, WriterConfig
+from service.edge.http.app import Resources, create_app
+from service.write.writer import Writer, WriterConfig
 from tests.support.http import serve
 from tests.support.projection_harness import Api, clear_read_models
 

@@ -25,8 +25,8 @@ from schemathesis.checks import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.api.app import Resources, create_app
-from service.writer import Writer, WriterConfig
+from service.edge.http.app import Resources, create_app
+from service.write.writer import Writer, WriterConfig
 from tests.support.served import Service, served, service_settings
 
 # Examples per operation and generation mode: bounds the module to about a minute on a busy

@@ -34,12 +34,12 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from service import domain, envelope
-from service.api.app import Resources, create_app
-from service.embedded import free_port
-from service.embedded.kafka import LocalKafka
-from service.eventlog import committed_reader
-from service.writer import OpenTransactionInLog, Writer, WriterConfig, WriterState
+from service.edge.http.app import Resources, create_app
+from service.infra.embedded import free_port
+from service.infra.embedded.kafka import LocalKafka
+from service.infra.eventlog import committed_reader
+from service.kernel import domain, envelope
+from service.write.writer import OpenTransactionInLog, Writer, WriterConfig, WriterState
 from tests.support.http import serve
 from tests.support.log import LoggedEvent, by_order, folded_orders, read_topic
 

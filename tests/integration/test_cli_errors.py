@@ -15,7 +15,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy.engine import make_url
 
-from service.embedded.stack import Infrastructure
+from service.infra.embedded.stack import Infrastructure
 from tests.support.cli import OrdersCli
 from tests.support.database import admin
 

@@ -14,10 +14,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError
 
-from service import writer as writer_module
-from service.api.app import Resources, create_app
-from service.eventlog import TopicWouldLoseHistory
-from service.writer import TopicRepartitioned, Writer, WriterConfig, WriterState
+from service.edge.http.app import Resources, create_app
+from service.infra.eventlog import TopicWouldLoseHistory
+from service.write import writer as writer_module
+from service.write.writer import TopicRepartitioned, Writer, WriterConfig, WriterState
 from tests.support.http import serve
 from tests.support.log import by_order, folded_orders, read_topic
 

@@ -1,6 +1,6 @@
 """The engine's pool never hands out a connection that the server has closed.
 
-The pool checks liveness without a round trip (``service.database._replace_if_closed``). These
+The pool checks liveness without a round trip (``service.infra.database._replace_if_closed``). These
 tests end a pooled connection's session on the server, as a restart or an administrator would,
 and use the pool again: through the raw asyncpg driver (the projector's transactions) and
 through SQLAlchemy (queries).
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.projection import begin
-from service.database import create_engine
+from service.infra.database import create_engine
 from tests.support.database import admin
 
 

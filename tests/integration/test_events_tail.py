@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service import domain
-from service.eventlog import TopicMissing
-from service.tail import TailOptions, partition_for, tail
-from service.writer import Accepted, CommandRequest, Writer
+from service.edge.cli.tail import TailOptions, partition_for, tail
+from service.infra.eventlog import TopicMissing
+from service.kernel import domain
+from service.write.writer import Accepted, CommandRequest, Writer
 
 PARTITIONS = 4
 DEADLINE = 60.0

@@ -1,4 +1,4 @@
-"""The API's HTTP server (``service.bootstrap.server_config``): uvicorn, with each connection's
+"""The API's HTTP server (``service.edge.bootstrap.server_config``): uvicorn, with each connection's
 writes of one turn of the event loop sent together."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import uvicorn
 from litestar import Litestar, get
 
-from service.bootstrap import _CoalescingTransport, _Server, server_config
-from service.embedded import free_port
+from service.edge.bootstrap import _CoalescingTransport, _Server, server_config
+from service.infra.embedded import free_port
 
 
 class _RecordingTransport:

@@ -18,15 +18,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
 
-from service.database import create_engine
-from service.embedded import EnvironmentProblem, ensure_port_free
-from service.embedded.kafka import (
+from service.infra.database import create_engine
+from service.infra.embedded import ensure_port_free
+from service.infra.embedded.kafka import (
     LocalKafka,
     broker_classpath,
     java_executable,
     wait_until_usable,
 )
-from service.embedded.postgres import LocalPostgres, check_reachable
+from service.infra.embedded.postgres import LocalPostgres, check_reachable
+from service.kernel.errors import EnvironmentProblem
 
 
 async def _create_topic(bootstrap: str, topic: str) -> None:
@@ -195,7 +196,7 @@ def test_the_broker_jars_are_fetched_again_when_the_pom_changes(
 
     first = broker_classpath()
     assert broker_classpath() == first  # cached: Maven is not asked twice
-    monkeypatch.setattr("service.embedded.kafka.LOG4J_VERSION", "2.99.0")
+    monkeypatch.setattr("service.infra.embedded.kafka.LOG4J_VERSION", "2.99.0")
     second = broker_classpath()
 
     resolved = calls.read_text().splitlines()
@@ -224,9 +225,10 @@ def test_a_slow_first_fetch_of_the_broker_jars_does_not_eat_the_start_timeout(
         return jars
 
     monkeypatch.setattr(
-        "service.embedded.kafka.time", types.SimpleNamespace(monotonic=clock, sleep=time.sleep)
+        "service.infra.embedded.kafka.time",
+        types.SimpleNamespace(monotonic=clock, sleep=time.sleep),
     )
-    monkeypatch.setattr("service.embedded.kafka.broker_classpath", slow_classpath)
+    monkeypatch.setattr("service.infra.embedded.kafka.broker_classpath", slow_classpath)
     kafka = LocalKafka(data_dir=tmp_path / "kafka")
     try:
         kafka.start(timeout=timeout)
@@ -259,7 +261,7 @@ def test_postgres_starts_when_the_locale_in_the_environment_does_not_exist(
 
 def _orders(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "service.edge.cli.main", *args],
         env=env,
         capture_output=True,
         text=True,

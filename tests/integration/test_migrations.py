@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.database import create_engine, migrate
+from service.infra.database import create_engine, migrate
 
 
 async def _tables(engine: AsyncEngine) -> set[str]:

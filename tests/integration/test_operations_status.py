@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import projections.status
-from projections import catalog
+from projections.models import catalog
 from projections.projection import begin
 from projections.runner import ProjectionRunner, RunnerConfig
 from projections.status import (
@@ -35,7 +35,7 @@ from projections.status import (
     status,
 )
 from projections.versions import behind, create_building, live_targets, switch
-from service.api.app import Resources, create_app
+from service.edge.http.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve
 from tests.support.poison import not_json, unknown_type

@@ -19,11 +19,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog, parking
+from projections import parking
+from projections.models import catalog
 from projections.parking import ParkingRefused
 from projections.projection import Applied, Db, Projection, State, begin
 from projections.status import HALTED, status
-from service import envelope
+from service.kernel import envelope
 from tests.support.cli import OrdersCli
 from tests.support.poison import envelope_json, not_json, unknown_type
 from tests.support.projection_harness import (

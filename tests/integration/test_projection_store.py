@@ -9,11 +9,11 @@ import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.history import OrderHistoryProjection
+from projections.models.history import OrderHistoryProjection
 from projections.projection import Applied, Db, State, begin, store
 from projections.versions import live_targets
-from service import envelope
-from service.domain import Order, decide, evolve
+from service.kernel import envelope
+from service.kernel.domain import Order, decide, evolve
 from tests.support.lifecycles import lifecycle
 from tests.support.projection_harness import differences, oracle_contents, table_contents
 

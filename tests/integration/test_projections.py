@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State, begin
 from projections.runner import (
     Group,
@@ -44,10 +44,10 @@ from projections.schema import (
     projection_versions,
 )
 from projections.schema import orders as orders_table
-from service import envelope
-from service.api.app import Resources, create_app
-from service.domain import ItemAdded, OrderPaid
-from service.writer import Writer
+from service.edge.http.app import Resources, create_app
+from service.kernel import envelope
+from service.kernel.domain import ItemAdded, OrderPaid
+from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.log import read_topic
 from tests.support.poison import envelope_json

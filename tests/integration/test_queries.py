@@ -26,10 +26,10 @@ from projections.schema import (
     orders,
     projection_checkpoints,
 )
-from service.api import queries
-from service.api.app import Resources, create_app
-from service.database import create_engine
-from service.writer import Writer, WriterConfig
+from service.edge.http import queries
+from service.edge.http.app import Resources, create_app
+from service.infra.database import create_engine
+from service.write.writer import Writer, WriterConfig
 from tests.support.database import reset_read_side
 from tests.support.http import serve
 

@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.projection import begin
 from projections.rebuild import (
     REBUILD_LOCK_SPACE,
@@ -46,8 +46,8 @@ from projections.versions import (
     live_targets,
     switch,
 )
-from service.api.app import Resources, create_app
-from service.writer import Accepted, Writer
+from service.edge.http.app import Resources, create_app
+from service.write.writer import Accepted, Writer
 from tests.support.http import serve
 from tests.support.lifecycles import write_orders
 from tests.support.projection_harness import (
@@ -422,7 +422,7 @@ def cli(bootstrap: str, database_url: str, topic: str, *args: str) -> subprocess
         "ORDERS_TOPIC": topic,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "service.edge.cli.main", *args],
         cwd=PROJECT,
         env=env,
         stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ CLI_TIMEOUT_S = 90.0
 
 @dataclass
 class OrdersCli:
-    """``python -m service.cli ...`` against one broker, database and topic."""
+    """``python -m service.edge.cli.main ...`` against one broker, database and topic."""
 
     bootstrap: str
     database_url: str
@@ -34,7 +34,7 @@ class OrdersCli:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "service.cli",
+            "service.edge.cli.main",
             *args,
             cwd=PROJECT,
             env=env,

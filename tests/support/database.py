@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
+from projections.models import catalog
 from projections.schema import BOOKKEEPING, schema_for
 
 

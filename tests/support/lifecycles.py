@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from service import domain
-from service.writer import Accepted, CommandRequest, Writer
+from service.kernel import domain
+from service.write.writer import Accepted, CommandRequest, Writer
 
 CURRENCIES = ("EUR", "USD", "GBP")
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRecord
 
 from projections.projection import Applied
-from service import envelope
-from service.domain import DomainEvent, Order, fold
-from service.eventlog import read_to_end
+from service.infra.eventlog import read_to_end
+from service.kernel import envelope
+from service.kernel.domain import DomainEvent, Order, fold
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import httpx
 import psutil
 from aiokafka import TopicPartition
 
-from service.embedded import free_port, log_tail, spawn, stop_process
-from service.eventlog import committed_reader
+from service.infra.embedded import free_port, log_tail, spawn, stop_process
+from service.infra.eventlog import committed_reader
 
 POLL_S = 0.1
 
@@ -65,7 +65,9 @@ class ServiceProcess:
     def start(self) -> None:
         assert not self.alive, "already running"
         self.process = spawn(
-            [sys.executable, "-m", "service.cli", *self.argv], log_file=self.log, env=self.env
+            [sys.executable, "-m", "service.edge.cli.main", *self.argv],
+            log_file=self.log,
+            env=self.env,
         )
 
     def kill(self) -> int:

@@ -22,12 +22,12 @@ import sqlalchemy as sa
 from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import catalog
 from projections.checkpoints import live_checkpoints
+from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State
 from projections.runner import Halt, ProjectionRunner, RunnerConfig, oracle
-from service import envelope
-from service.eventlog import read_to_end
+from service.infra.eventlog import read_to_end
+from service.kernel import envelope
 from tests.support.database import reset_read_side
 
 DEADLINE_S = 45.0

@@ -1,6 +1,6 @@
 """The whole service, as `orders api` + `orders projector` run it, served on 127.0.0.1.
 
-``served(settings)`` runs the composition root (``service.bootstrap.serve``: writer, queries,
+``served(settings)`` runs the composition root (``service.edge.bootstrap.serve``: writer, queries,
 projector, a real uvicorn server) on its own event loop in a background thread, so that
 synchronous clients (requests, schemathesis, httpx.Client) can talk to it over real HTTP.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from service.bootstrap import ApiOptions, serve
-from service.database import create_engine, migrate
-from service.settings import Settings
+from service.edge.bootstrap import ApiOptions, serve
+from service.infra.database import create_engine, migrate
+from service.kernel.settings import Settings
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.cli import _operator_advice
-from service.eventlog import TopicRepartitioned
-from service.writer import OpenTransactionInLog
+from service.edge.cli.main import _operator_advice
+from service.infra.eventlog import TopicRepartitioned
+from service.write.writer import OpenTransactionInLog
 
 
 @pytest.mark.parametrize(

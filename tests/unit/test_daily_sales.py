@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone
 
-from projections.daily_sales import DailySalesProjection
+from projections.models.daily_sales import DailySalesProjection
 from projections.projection import Applied
 from projections.runner import oracle
-from service import domain, envelope
+from service.kernel import domain, envelope
 
 ORDER_ID = "order-1"
 

@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from service.domain import (
+from service.kernel.domain import (
     EVENT_TYPES,
     MAX_ITEMS,
     MAX_ORDER_TOTAL,
@@ -23,7 +23,6 @@ from service.domain import (
     Command,
     CreateOrder,
     DeliverOrder,
-    DomainError,
     DomainEvent,
     DuplicateItem,
     EmptyOrder,
@@ -56,6 +55,7 @@ from service.domain import (
     evolve,
     fold,
 )
+from service.kernel.errors import DomainError
 
 ORDER_ID = "order-1"
 AT = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

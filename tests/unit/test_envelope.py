@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from service import domain, envelope
+from service.kernel import domain, envelope
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
 AT = datetime(2026, 11, 28, 9, 30, 0, 123000, tzinfo=UTC)

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.api.app import Resources, create_app
-from service.writer import Writer, WriterConfig
+from service.edge.http.app import Resources, create_app
+from service.write.writer import Writer, WriterConfig
 
 
 def _spec() -> dict[str, Any]:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from service.eventlog import _murmur2, partition_for
+from service.infra.eventlog import _murmur2, partition_for
 
 
 @pytest.mark.parametrize("partitions", [1, 4, 12, 50])

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from projections.runner import _Kept
-from service import cli
-from service.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, YOUNG_GENERATION_THRESHOLD
-from service.settings import Settings
+from service.edge.cli import main as cli
+from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, YOUNG_GENERATION_THRESHOLD
+from service.kernel.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from projections.runner import transient
-from service.database import EncodingRefused, connection_lost
+from service.infra.database import EncodingRefused, connection_lost
 
 
 @pytest.mark.parametrize(

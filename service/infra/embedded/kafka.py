@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.embedded import (
-    EnvironmentProblem,
+from service.infra.embedded import (
     cache_dir,
     ensure_port_free,
     free_port,
@@ -36,6 +35,7 @@ from service.embedded import (
     spawn,
     stop_process,
 )
+from service.kernel.errors import EnvironmentProblem
 
 KAFKA_VERSION = "4.4.0"
 # The broker's POM ships log4j-core but no SLF4J binding; without one it logs nothing at all.

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.embedded import EnvironmentProblem
-from service.embedded.kafka import LocalKafka, external_bootstrap, wait_until_usable
-from service.embedded.postgres import LocalPostgres, check_reachable
-from service.settings import sqlalchemy_url
+from service.infra.embedded.kafka import LocalKafka, external_bootstrap, wait_until_usable
+from service.infra.embedded.postgres import LocalPostgres, check_reachable
+from service.kernel.errors import EnvironmentProblem
+from service.kernel.settings import sqlalchemy_url
 
 
 @dataclass

@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.embedded import (
-    EnvironmentProblem,
+from service.infra.embedded import (
     ensure_port_free,
     free_port,
     log_tail,
     spawn,
     stop_process,
 )
+from service.kernel.errors import EnvironmentProblem
 
 SYSTEM_USER = "orders_postgres"
 

@@ -15,7 +15,7 @@ from asyncpg.exceptions._base import DataError as _ClientDataError
 from sqlalchemy import Connection, event, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # asyncpg's own DataError, for a value its encoders cannot send (an integer beyond its column's
 # range, a wrong type), before anything reaches the server. Not exported by asyncpg:

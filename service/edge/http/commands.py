@@ -15,9 +15,9 @@ from litestar.exceptions import ClientException, HTTPException, ValidationExcept
 from litestar.openapi.spec import Example
 from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 
-from service import domain
-from service.api.problems import problem_responses
-from service.writer import Accepted, CommandRequest, Writer
+from service.edge.http.problems import problem_responses
+from service.kernel import domain
+from service.write.writer import Accepted, CommandRequest, Writer
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 

@@ -9,10 +9,12 @@ import enum
 import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import ClassVar, Final, TypeAlias, assert_never, get_args
+from typing import Final, TypeAlias, assert_never, get_args
 
 import msgspec
 from msgspec.structs import replace
+
+from service.kernel.errors import BadEvent, DomainError
 
 MAX_QUANTITY: Final = 10_000
 MAX_UNIT_PRICE: Final = 90_000_000_00
@@ -28,16 +30,6 @@ _CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 # --- Errors -------------------------------------------------------------------------
-
-
-class DomainError(Exception):
-    """A command rejected by the order's rules; `code` is stable, `message` is for people."""
-
-    code: ClassVar[str] = "domain-error"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class OrderNotFound(DomainError):
@@ -122,7 +114,7 @@ class TooManyItems(DomainError):
         self.limit = limit
 
 
-class InvalidEventSequence(Exception):
+class InvalidEventSequence(BadEvent):
     """Events that cannot follow each other: a corrupt history, never a rejected command."""
 
 

@@ -21,16 +21,16 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from service.embedded import EnvironmentProblem
-from service.eventlog import TopicRepartitioned, TopicWouldLoseHistory
-from service.runtime import (
+from service.infra.eventlog import TopicRepartitioned, TopicWouldLoseHistory
+from service.infra.runtime import (
     BATCH_YOUNG_GENERATION_THRESHOLD,
     YOUNG_GENERATION_THRESHOLD,
     shutdown_on_signals,
     tune_gc,
 )
-from service.settings import Settings
-from service.writer import OpenTransactionInLog
+from service.kernel.errors import EnvironmentProblem
+from service.kernel.settings import Settings
+from service.write.writer import OpenTransactionInLog
 
 _log = logging.getLogger("orders")
 
@@ -63,15 +63,15 @@ def _run(
 
 
 async def _serve(settings: Settings, **options: Any) -> None:
-    from service.bootstrap import serve
+    from service.edge.bootstrap import serve
 
     await serve(settings, shutdown_on_signals(), **options)
 
 
 def _configured(*, kafka: bool = True, database: bool = True) -> Settings:
     """Settings from the environment, with the broker and database checked to answer."""
-    from service.embedded.kafka import accepts_connections, wait_until_usable
-    from service.embedded.postgres import check_reachable
+    from service.infra.embedded.kafka import accepts_connections, wait_until_usable
+    from service.infra.embedded.postgres import check_reachable
 
     settings = Settings.from_env()
     if database:
@@ -93,7 +93,7 @@ def _configured(*, kafka: bool = True, database: bool = True) -> Settings:
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    from service.bootstrap import ApiOptions
+    from service.edge.bootstrap import ApiOptions
 
     settings = _configured()
     _log.info("API on http://%s:%d (OpenAPI at /schema)", args.host, args.port)
@@ -109,7 +109,7 @@ def cmd_projector(args: argparse.Namespace) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from service.database import create_engine, migrate
+    from service.infra.database import create_engine, migrate
 
     settings = _configured(kafka=False)
 
@@ -128,10 +128,10 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
-    from service.bootstrap import ApiOptions
-    from service.database import create_engine, migrate
-    from service.embedded import ensure_port_free
-    from service.embedded.stack import infrastructure
+    from service.edge.bootstrap import ApiOptions
+    from service.infra.database import create_engine, migrate
+    from service.infra.embedded import ensure_port_free
+    from service.infra.embedded.stack import infrastructure
 
     ensure_port_free(args.port, "the API", "--port")
     started = time.monotonic()
@@ -162,7 +162,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_events_tail(args: argparse.Namespace) -> None:
-    from service.tail import TailOptions, tail
+    from service.edge.cli.tail import TailOptions, tail
 
     settings = _configured(database=False)
     options = TailOptions(
@@ -200,7 +200,7 @@ def _database_job(job: Callable[[Any, Settings], Coroutine[Any, Any, None]]) -> 
     from projections.parking import ParkingRefused
     from projections.rebuild import RebuildAlreadyRunning
     from projections.versions import NoLiveVersion, VersionIsLive
-    from service.database import create_engine
+    from service.infra.database import create_engine
 
     settings = _configured()
 
@@ -268,7 +268,7 @@ class _ProgressPrinter:
 
 
 def cmd_projections_rebuild(args: argparse.Namespace) -> None:
-    from projections import catalog
+    from projections.models import catalog
     from projections.rebuild import RebuildInterrupted, rebuild
     from projections.runner import runner_config
 
@@ -309,7 +309,7 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
 def cmd_projections_build(args: argparse.Namespace) -> None:
     """A rebuild's builder process (started by ``rebuild --workers``): applies its share of
     the partitions to the versions being built, until they are no longer building."""
-    from projections import catalog
+    from projections.models import catalog
     from projections.rebuild import bulk
     from projections.runner import ProjectionRunner, VersionsChanged, runner_config
 
@@ -328,7 +328,7 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
 async def _require_partition(bootstrap: str, topic: str, partition: int) -> None:
     """Fail at once, with advice, when ``topic`` or its ``partition`` does not exist (reading a
     record there would wait for the broker's 40 s timeout)."""
-    from service.tail import topic_partitions
+    from service.edge.cli.tail import topic_partitions
 
     partitions = await topic_partitions(bootstrap, topic)  # TopicMissing says what to check
     if partition not in partitions:

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from service.embedded import EnvironmentProblem
+from service.kernel.errors import EnvironmentProblem
 
 _log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ _TOPIC_ALREADY_EXISTS = 36
 _UNKNOWN_TOPIC = 3
 
 
-class TopicWouldLoseHistory(Exception):
+class TopicWouldLoseHistory(EnvironmentProblem):
     """The events topic is configured to delete or compact events."""
 
 
@@ -31,7 +31,7 @@ class TopicMissing(EnvironmentProblem):
     """The events topic does not exist on the broker."""
 
 
-class TopicRepartitioned(Exception):
+class TopicRepartitioned(EnvironmentProblem):
     """Partitions were added to the topic after orders were written to it: the key's partition
     changed, so an order's next events would land in another partition than its first."""
 

@@ -20,9 +20,9 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from service import envelope
-from service.embedded import EnvironmentProblem
-from service.eventlog import TopicMissing, committed_reader, read_to_end
+from service.infra.eventlog import TopicMissing, committed_reader, read_to_end
+from service.kernel import envelope
+from service.kernel.errors import EnvironmentProblem
 
 _log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy import exc as sa_exc
 
-from service import domain
-from service.database import connection_lost
-from service.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
+from service.infra.database import connection_lost
+from service.kernel import domain
+from service.kernel.errors import DomainError
+from service.write.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
 
 _log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://orders.example/problems/"
 
 # Domain error -> HTTP status. The domain knows nothing of HTTP; this is the translation.
-_DOMAIN_STATUS: dict[type[domain.DomainError], int] = {
+_DOMAIN_STATUS: dict[type[DomainError], int] = {
     domain.OrderNotFound: 404,
     domain.ItemNotFound: 404,
     domain.OrderAlreadyExists: 409,
@@ -107,7 +108,7 @@ def problem(
 
 
 def _domain_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    assert isinstance(error, domain.DomainError)
+    assert isinstance(error, DomainError)
     status = _DOMAIN_STATUS.get(type(error), 422)
     return problem(
         status, error.code, error.code.replace("-", " ").capitalize(), str(error), request
@@ -229,7 +230,7 @@ def _unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[A
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
-    domain.DomainError: _domain_error,
+    DomainError: _domain_error,
     VersionMismatch: _version_mismatch,
     IdempotencyKeyReused: _idempotency_reused,
     WriterUnavailable: _unavailable,

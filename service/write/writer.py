@@ -14,7 +14,7 @@ Invariants (design.md 3-5):
 * The producer is transactional. When another writer with the same transactional id starts, ours
   is fenced: we stop for good and every later command gets ``WriterUnavailable``. Also when it
   starts while ours is recovering: ours reopens its producer only from the epoch it last held
-  (``service.fencing``), so it finds out instead of fencing the newer writer in turn.
+  (``service.write.fencing``), so it finds out instead of fencing the newer writer in turn.
 * When a commit fails for any other reason its outcome is unknown, so we discard the producer
   and rebuild the whole state from the log (read_committed, up to the last stable offset)
   before deciding anything again. The state never comes from a read model.
@@ -57,15 +57,17 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service import envelope, fencing
-from service.domain import Command, DomainError, DomainEvent, Order, decide, evolve
-from service.eventlog import (
+from service.infra.eventlog import (
     TopicRepartitioned,
     committed_reader,
     ensure_topic,
     partition_for,
     read_to_end,
 )
+from service.kernel import envelope
+from service.kernel.domain import Command, DomainEvent, Order, decide, evolve
+from service.kernel.errors import Conflict, DomainError, EnvironmentProblem, Unavailable
+from service.write import fencing
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class WriterState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-class WriterUnavailable(Exception):
+class WriterUnavailable(Unavailable):
     """The writer cannot take commands now (starting, recovering, broker down, or fenced)."""
 
     def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
@@ -93,7 +95,7 @@ class WriterUnavailable(Exception):
         self.retry_after = retry_after
 
 
-class VersionMismatch(Exception):
+class VersionMismatch(Conflict):
     """``If-Match`` named a version the order is no longer (or not yet) at."""
 
     def __init__(self, expected: int, actual: int) -> None:
@@ -102,11 +104,11 @@ class VersionMismatch(Exception):
         self.actual = actual
 
 
-class IdempotencyKeyReused(Exception):
+class IdempotencyKeyReused(Conflict):
     """The same Idempotency-Key came with a different request."""
 
 
-class OpenTransactionInLog(Exception):
+class OpenTransactionInLog(EnvironmentProblem):
     """A transaction is still open on a partition after ``init_transactions``: reading the log
     now would give a stale state, so the writer must not decide anything."""
 
@@ -277,7 +279,7 @@ class Writer:
         """Start a transactional producer, which fences every earlier one with our id.
 
         ``resume``: only if no other writer has taken the id over since this one last held
-        it (``service.fencing``); otherwise this raises ``InvalidProducerEpoch`` and the other
+        it (``service.write.fencing``); otherwise this raises ``InvalidProducerEpoch`` and the other
         writer keeps the log.
         """
         producer = AIOKafkaProducer(

@@ -7,7 +7,7 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import TopicStatus, status
-from service.api.problems import problem_responses
+from service.edge.http.problems import problem_responses
 
 Engine = NamedDependency[AsyncEngine]
 Text = NamedDependency[str]

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from projections.projection import Applied, Db, ProjectionBug, Row, State
 from projections.schema import orders
-from service.domain import (
+from service.kernel.domain import (
     ItemAdded,
     ItemQuantityChanged,
     ItemRemoved,

@@ -13,11 +13,11 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
-from service.api.commands import OrderCommands
-from service.api.ops import Operations
-from service.api.problems import EXCEPTION_HANDLERS
-from service.api.queries import QUERY_HANDLERS, OrderReader, ReadSide
-from service.writer import Writer
+from service.edge.http.commands import OrderCommands
+from service.edge.http.ops import Operations
+from service.edge.http.problems import EXCEPTION_HANDLERS
+from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.write.writer import Writer
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
 from projections.schema import customer_summaries, daily_sales, order_history, orders
-from service.api.commands import IDENTIFIER_PATTERN
-from service.api.problems import QueryProblem, problem_responses
-from service.database import driver_of, reading
-from service.domain import OrderStatus
+from service.edge.http.commands import IDENTIFIER_PATTERN
+from service.edge.http.problems import QueryProblem, problem_responses
+from service.infra.database import driver_of, reading
+from service.kernel.domain import OrderStatus
 
 MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50

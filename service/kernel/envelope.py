@@ -19,7 +19,8 @@ from typing import Annotated, Any, cast
 
 import msgspec
 
-from service.domain import EVENT_TYPES, DomainEvent, event_type
+from service.kernel.domain import EVENT_TYPES, DomainEvent, event_type
+from service.kernel.errors import BadEvent
 
 # The schema version written today, per event type. Bump it (and add an upcaster from the old
 # version) when an event's data changes shape; never rename a type.
@@ -49,7 +50,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars 
     data: msgspec.Raw = msgspec.Raw(b"{}")
 
 
-class UndecodableEvent(Exception):
+class UndecodableEvent(BadEvent):
     """A record that is not a valid envelope of a known event type and schema version."""
 
 

@@ -12,12 +12,12 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.app import Resources, create_app
-from service.database import create_engine
-from service.eventlog import ensure_topic
-from service.runtime import tune_gc
-from service.settings import Settings
-from service.writer import Writer, WriterConfig
+from service.edge.http.app import Resources, create_app
+from service.infra.database import create_engine
+from service.infra.eventlog import ensure_topic
+from service.infra.runtime import tune_gc
+from service.kernel.settings import Settings
+from service.write.writer import Writer, WriterConfig
 
 _log = logging.getLogger(__name__)
 

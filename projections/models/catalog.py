@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from projections.customers import CustomerSummaryProjection
-from projections.daily_sales import DailySalesProjection
-from projections.history import OrderHistoryProjection
-from projections.orders import OrdersProjection
+from projections.models.customers import CustomerSummaryProjection
+from projections.models.daily_sales import DailySalesProjection
+from projections.models.history import OrderHistoryProjection
+from projections.models.orders import OrdersProjection
 from projections.projection import Projection
 
 PROJECTIONS: dict[str, Projection] = {

@@ -15,11 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.runtime import die_with_parent
-
-
-class EnvironmentProblem(Exception):
-    """Something outside the code is missing or wrong; the message says what to do."""
+from service.infra.runtime import die_with_parent
+from service.kernel.errors import EnvironmentProblem
 
 
 def cache_dir() -> Path:
