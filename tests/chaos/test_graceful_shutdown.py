@@ -121,22 +121,22 @@ async def test_sigterm_of_the_api_under_load_keeps_every_acknowledged_command(
     service: Service,
 ) -> None:
     started = time.monotonic()
-    workload = Workload(service.edge.http.base_url, WorkloadConfig(clients=CLIENTS, seed=SEED))
+    workload = Workload(service.api.base_url, WorkloadConfig(clients=CLIENTS, seed=SEED))
     stop = asyncio.Event()
     clients = asyncio.create_task(workload.run(stop))
     await _until_acknowledged(workload, 200)
     acknowledged_before = workload.ledger.outcomes()["acknowledged"]
     signalled = time.monotonic()
-    code = await asyncio.to_thread(service.edge.http.terminate)
+    code = await asyncio.to_thread(service.api.terminate)
     stopping_seconds = time.monotonic() - signalled
     stop.set()
     ledger = await clients
-    still_open = await open_transactions(service.edge.bootstrap, service.topic, PARTITIONS)
+    still_open = await open_transactions(service.bootstrap, service.topic, PARTITIONS)
     settled = await wait_no_open_transaction(
-        service.edge.bootstrap, service.topic, PARTITIONS, timeout=10
+        service.bootstrap, service.topic, PARTITIONS, timeout=10
     )
 
-    events = decoded(await read_records(service.edge.bootstrap, service.topic, PARTITIONS))
+    events = decoded(await read_records(service.bootstrap, service.topic, PARTITIONS))
     result = audit(ledger, events)
     print(
         f"\nSIGTERM of the API: exit code {code} after {stopping_seconds:.1f}s; "
@@ -145,7 +145,7 @@ async def test_sigterm_of_the_api_under_load_keeps_every_acknowledged_command(
         f"{len(result.duplicated)}; open transactions right after the exit: {still_open}; "
         f"5xx: {ledger.violations[:3]}; took {time.monotonic() - started:.0f}s"
     )
-    assert code == 0, service.edge.http.tail()
+    assert code == 0, service.api.tail()
     _assert_exactly_once(result)
     assert result.acknowledged >= acknowledged_before >= 200
     assert settled == {}, "the API left a transaction open"
@@ -157,7 +157,7 @@ async def test_sigterm_of_the_projector_under_load_leaves_whole_batches_only(
 ) -> None:
     started = time.monotonic()
     rng = random.Random(f"{SEED}-graceful-projector")
-    workload = Workload(service.edge.http.base_url, WorkloadConfig(clients=CLIENTS, seed=SEED))
+    workload = Workload(service.api.base_url, WorkloadConfig(clients=CLIENTS, seed=SEED))
     stop = asyncio.Event()
     clients = asyncio.create_task(workload.run(stop))
     partial: list[str] = []
@@ -181,7 +181,7 @@ async def test_sigterm_of_the_projector_under_load_leaves_whole_batches_only(
         stop.set()
         ledger = await clients
     service.projector.start()
-    fetched = await read_records(service.edge.bootstrap, service.topic, PARTITIONS)
+    fetched = await read_records(service.bootstrap, service.topic, PARTITIONS)
     events = decoded(fetched)
     behind = await wait_projected(engine, catalog.PROJECTIONS, service.topic, fetched, timeout=120)
     assert await asyncio.to_thread(service.projector.terminate) == 0
@@ -201,7 +201,7 @@ async def test_sigterm_of_the_projector_under_load_leaves_whole_batches_only(
 
 async def _whole_batches_only(engine: AsyncEngine, service: Service) -> str:
     """Each projection's tables equal the oracle of exactly the events below its checkpoints."""
-    fetched = await read_records(service.edge.bootstrap, service.topic, PARTITIONS)
+    fetched = await read_records(service.bootstrap, service.topic, PARTITIONS)
     total = sum(len(records) for records in fetched.values())
     applied_counts = []
     for name in catalog.PROJECTIONS:
