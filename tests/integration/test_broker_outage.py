@@ -502,13 +502,14 @@ async def test_a_writer_stopped_mid_batch_tells_its_callers_and_leaves_nothing_o
     writer = Writer(_config(broker, topic))
     await writer.start()
     committing = asyncio.Event()
-    assert writer._producer is not None
+    producer = writer._appender.producer
+    assert producer is not None
 
     async def commit_that_hangs() -> None:
         committing.set()
         await asyncio.Event().wait()  # until cancelled
 
-    writer._producer.commit_transaction = commit_that_hangs  # type: ignore[method-assign]
+    producer.commit_transaction = commit_that_hangs  # type: ignore[method-assign]
     async with serve(create_app(Resources(writer=writer))) as client:
         command = asyncio.create_task(_create(client))
         async with asyncio.timeout(RESPONSE_BOUND):
@@ -532,7 +533,8 @@ async def test_the_writer_will_not_decide_on_a_log_held_back_by_an_open_transact
 
     Before it aborts anything it waits a whole commit timeout: a writer it fenced may still be
     waiting that long for the markers of a batch, and must give up before the abort could end
-    that batch and move the last stable offset past it (``Writer._open_transactions``)."""
+    that batch and move the last stable offset past it
+    (``service.write.recovery.open_transactions``)."""
     first = Writer(_config(broker, topic))
     await first.start()
     await first.stop()
@@ -545,13 +547,13 @@ async def test_the_writer_will_not_decide_on_a_log_held_back_by_an_open_transact
         await squatter.send_and_wait(topic, b"never committed", partition=2)
         writer = Writer(first.config)
         aborts_after: list[float] = []
-        abort_left_open = writer._abort_left_open
+        abort_left_open = writer._appender.abort_left_open
 
         async def timed_abort(partitions: list[int]) -> None:
             aborts_after.append(time.monotonic() - started)
             await abort_left_open(partitions)
 
-        writer._abort_left_open = timed_abort  # type: ignore[method-assign]
+        writer._appender.abort_left_open = timed_abort  # type: ignore[method-assign]
         started = time.monotonic()
         with pytest.raises(OpenTransactionInLog, match=r"partition 2: last stable offset 0 <"):
             await writer.start()

@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 
 from service.edge.http.app import Resources, create_app
 from service.infra.eventlog import TopicWouldLoseHistory
-from service.write import writer as writer_module
+from service.write import staging
 from service.write.writer import TopicRepartitioned, Writer, WriterConfig, WriterState
 from tests.support.http import serve
 from tests.support.log import by_order, folded_orders, read_topic
@@ -375,7 +375,7 @@ async def test_a_bug_in_deciding_fails_its_command_with_a_500_and_the_writer_goe
     the decision loop goes on (without that, every later command would wait forever while
     readiness still said yes)."""
     order_id = await _create(client)
-    decide = writer_module.decide
+    decide = staging.decide
 
     def decide_with_a_bug(command: Any, state: Any) -> Any:
         if getattr(command, "sku", None) == "BUG-1":
@@ -383,7 +383,7 @@ async def test_a_bug_in_deciding_fails_its_command_with_a_500_and_the_writer_goe
         return decide(command, state)
 
     others = [await _create(client, f"c-{n}") for n in range(8)]
-    monkeypatch.setattr(writer_module, "decide", decide_with_a_bug)
+    monkeypatch.setattr(staging, "decide", decide_with_a_bug)
 
     # Sent together, so that group commit puts them in one batch with the bug.
     failed, *alongside = await asyncio.wait_for(
@@ -434,18 +434,19 @@ async def test_a_writer_recovering_when_a_second_took_over_is_fenced_and_leaves_
     started meanwhile (and then write again): it finds out and stops for good."""
     order_id = await _create(client)
     second_started = asyncio.Event()
-    open_producer, transaction = writer._open_producer, writer._transaction
+    appender = writer._appender
+    open_producer, append = appender.open, appender.append
 
     async def open_once_the_second_started(*, resume: bool = False) -> None:
         await second_started.wait()
         await open_producer(resume=resume)
 
-    async def fail_once(outgoing: Any) -> Any:
-        writer._transaction = transaction  # type: ignore[method-assign]
+    async def fail_once(*args: Any) -> Any:
+        appender.append = append  # type: ignore[method-assign]
         raise KafkaError("a failure of unknown outcome")
 
-    writer._open_producer = open_once_the_second_started  # type: ignore[method-assign]
-    writer._transaction = fail_once  # type: ignore[method-assign]
+    appender.open = open_once_the_second_started  # type: ignore[method-assign]
+    appender.append = fail_once  # type: ignore[method-assign]
     _problem(await _add(client, order_id, "MUG"), 503, "unavailable")
     assert writer.state is WriterState.RECOVERING
 

@@ -1,0 +1,198 @@
+"""The writer's transactional producer: opening it (which fences older writers), appending a
+batch of commands' events in one transaction, and discarding it when its state is in doubt.
+
+* Opening runs ``init_transactions``: it fences every older producer with our transactional id
+  and aborts its open transaction. Reopening after a failure resumes only from the producer id
+  and epoch this writer last held (``service.write.fencing``), so a writer that took over
+  meanwhile is not fenced in turn: reopening fails instead.
+* The commit is requested only once every record of the batch is in the log (delivered, not
+  yet visible). A batch that fails before that point can therefore only ever be aborted: a
+  command refused while the broker was down never shows up once it returns. Only a failure
+  during the commit request itself leaves the outcome open (the broker may have committed).
+* An append returns only once read_committed readers can see the batch. The broker answers
+  the commit before it writes the commit markers into the partitions, and a broker killed in
+  between can come back without some of them (a single KRaft node does); waiting for the last
+  stable offset to pass the batch means an acknowledged command is never in a transaction
+  that can still be lost or aborted.
+* A discarded producer is never flushed on the way out (closing it waits for the broker and
+  would finish its transaction when the broker returns). It is retired in the background: its
+  open transaction is aborted, or fenced by the ``init_transactions`` of the producer that
+  replaces it, which runs before the log is read again. So whatever it still does happens
+  before that read, and the rebuilt state includes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from service.infra.eventlog import committed_reader
+from service.kernel import envelope
+from service.write import fencing, records
+from service.write.contract import WriterConfig
+
+
+class Appender:
+    """Holds one transactional producer at a time, and the consumer that reads the last stable
+    offsets of its batches (opened and closed with it)."""
+
+    def __init__(self, config: WriterConfig) -> None:
+        self.config = config
+        self.producer: AIOKafkaProducer | None = None
+        self._stable_offsets: AIOKafkaConsumer | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        # The producer id and epoch this writer last held: reopening resumes from them.
+        self._held: fencing.ProducerIdentity | None = None
+
+    async def open(self, *, resume: bool = False) -> None:
+        """Start a transactional producer, which fences every earlier one with our id.
+
+        ``resume``: only if no other writer has taken the id over since this one last held
+        it (``service.write.fencing``); otherwise this raises ``InvalidProducerEpoch`` and the
+        other writer keeps the log.
+        """
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.config.bootstrap_servers,
+            transactional_id=self.config.transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=0,
+            request_timeout_ms=int(self.config.commit_timeout * 1000),
+            max_batch_size=1024 * 1024,
+        )
+        if resume and self._held is not None:
+            fencing.resume(producer, self._held)
+        stable_offsets = committed_reader(self.config.bootstrap_servers)
+        try:
+            # start() runs init_transactions: this fences any older producer with our id and
+            # aborts its open transaction before we read the log.
+            await producer.start()
+            self._held = fencing.identity_of(producer)
+            await stable_offsets.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await stable_offsets.stop()
+            raise
+        self.producer, self._stable_offsets = producer, stable_offsets
+
+    async def close(self) -> None:
+        """Stop the producer (flushing it) and its consumer."""
+        producer, self.producer = self.producer, None
+        stable_offsets, self._stable_offsets = self._stable_offsets, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        if stable_offsets is not None:
+            with contextlib.suppress(Exception):
+                await stable_offsets.stop()
+
+    def discard(self) -> asyncio.Task[None] | None:
+        """Stop using the producer at once; abort and close it in the background.
+
+        Not ``stop()`` here: it flushes, which waits for the broker and would then complete
+        whatever the producer still had pending. Aborting instead can only abort (a commit is
+        never requested before all records are delivered); a producer that had requested its
+        commit may still complete it, but the next ``init_transactions`` fences it first.
+        """
+        producer, self.producer = self.producer, None
+        stable_offsets, self._stable_offsets = self._stable_offsets, None
+        if stable_offsets is not None:
+            self._in_background(stable_offsets.stop(), "writer-close-offsets")
+        if producer is None:
+            return None
+        return self._in_background(self._retire(producer), "writer-retire-producer")
+
+    async def drop(self) -> None:
+        """Discard the producer after a failed start or recovery attempt; wait for it a while."""
+        retiring = self.discard()
+        if retiring is not None:
+            await asyncio.wait({retiring}, timeout=self.config.commit_timeout)
+
+    async def wait_retired(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the discarded producers to close, then cancel the rest.
+
+        Producers discarded during an outage finish only once the broker answers."""
+        if not self._retiring:
+            return
+        _done, pending = await asyncio.wait(self._retiring, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def append(
+        self, commands: Sequence[Sequence[envelope.Envelope]], partition_count: int
+    ) -> list[tuple[int, int]]:
+        """Append the commands' events in one transaction; per command, the partition and
+        offset of its last event. Returns once read_committed readers can see them."""
+        producer, stable_offsets = self.producer, self._stable_offsets
+        if producer is None or stable_offsets is None:
+            raise KafkaError("no producer")
+        # On any failure the caller discards the producer, which aborts what it can.
+        await producer.begin_transaction()
+        packed = records.pack(commands, partition_count, producer.create_batch)
+        sends = [
+            await producer.send_batch(batch, self.config.topic, partition=partition)
+            for partition, batch in packed.batches
+        ]
+        # Every record delivered before the commit is requested: until then the transaction
+        # can only be aborted, so a batch that fails here is certainly not in the log.
+        delivered = await asyncio.gather(*sends)
+        await producer.commit_transaction()
+        base_offsets = [metadata.offset for metadata in delivered]
+        await self._until_visible(stable_offsets, packed.ends(base_offsets))
+        return packed.positions(base_offsets)
+
+    async def abort_left_open(self, partitions: list[int]) -> None:
+        """Close a transaction our producer id left open on ``partitions`` by aborting one.
+
+        A marker only reaches partitions the transaction wrote to, so each gets a placeholder
+        record, aborted with the rest: read_committed readers never see it. The abort marker,
+        of our newer epoch, ends whatever our producer id had open there. Another producer's
+        transaction stays open.
+        """
+        producer = self.producer
+        if producer is None:
+            raise KafkaError("no producer")
+        async with asyncio.timeout(self.config.commit_timeout):
+            await producer.begin_transaction()
+            for partition in partitions:
+                await producer.send_and_wait(
+                    self.config.topic,
+                    key=b"",
+                    value=b"",
+                    partition=partition,
+                    headers=[("placeholder", b"aborts a transaction left open")],
+                )
+            await producer.abort_transaction()
+
+    async def _until_visible(self, stable_offsets: AIOKafkaConsumer, last: dict[int, int]) -> None:
+        """Return once the last stable offset of every partition written has passed the batch
+        (``last``: partition -> offset of its last record), i.e. the commit markers are in."""
+        topic = self.config.topic
+        wanted = {TopicPartition(topic, partition): offset for partition, offset in last.items()}
+        while True:
+            stable = await stable_offsets.end_offsets(list(wanted))
+            if all(stable[tp] > offset for tp, offset in wanted.items()):
+                return
+            await asyncio.sleep(0.001)  # pacing while the broker writes the markers
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    @staticmethod
+    async def _retire(producer: AIOKafkaProducer) -> None:
+        # Fails at once when no transaction is open or its commit was already requested.
+        with contextlib.suppress(Exception):
+            await producer.abort_transaction()
+        with contextlib.suppress(Exception):
+            await producer.stop()

@@ -1,0 +1,70 @@
+"""What the writer takes and gives: its configuration, a command request, the answer to one,
+and the refusals a caller can get back (each in a family of ``service.kernel.errors``)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from service.kernel.domain import Command
+from service.kernel.errors import Conflict, Unavailable
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriterConfig:
+    bootstrap_servers: str
+    topic: str
+    partitions: int = 12
+    transactional_id: str = "orders-writer"
+    allow_deleting_topic: bool = False
+    max_batch: int = 500
+    commit_timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    """A command with what the HTTP edge knows about it."""
+
+    command: Command
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    correlation_id: str | None = None
+    command_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A committed command: the order's new version and where its last event sits."""
+
+    order_id: str
+    version: int
+    partition: int
+    offset: int
+    replayed: bool = False
+
+    @property
+    def consistency_token(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+class WriterUnavailable(Unavailable):
+    """The writer cannot take commands now (starting, recovering, broker down, or fenced)."""
+
+    def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class VersionMismatch(Conflict):
+    """``If-Match`` named a version the order is no longer (or not yet) at."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"the order is at version {actual}, not {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class IdempotencyKeyReused(Conflict):
+    """The same Idempotency-Key came with a different request."""

@@ -1,0 +1,227 @@
+"""Group-commit staging: a batch of commands decided in memory against the committed state.
+
+The commands of a batch are decided strictly one after another, each against the state the
+previous ones left, including earlier commands of the same batch whose events are not in the
+log yet: two commands are never decided on the same version (design.md 3). What a batch decides
+is staged beside the committed state, which takes it over (``Committed.commit``) only once the
+batch's Kafka transaction has committed; a batch whose transaction failed is simply dropped.
+
+No I/O here: the writer (``service.write.writer``) runs the queue and the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from service.kernel import envelope
+from service.kernel.domain import DomainEvent, Order, decide, evolve
+from service.kernel.errors import DomainError
+from service.write.contract import Accepted, CommandRequest, IdempotencyKeyReused, VersionMismatch
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the log says a command with an idempotency key produced (rebuilt on start)."""
+
+    request_hash: str | None
+    order_id: str
+    version: int
+    partition: int
+    offset: int
+
+    def replayed(self) -> Accepted:
+        """The answer to the same request sent again."""
+        return Accepted(self.order_id, self.version, self.partition, self.offset, replayed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A command whose events (sealed, in order) go into the batch's transaction."""
+
+    request: CommandRequest
+    events: list[envelope.Envelope]
+
+
+@dataclass(frozen=True, slots=True)
+class SameAs:
+    """A command repeating an earlier one of the same batch (same idempotency key and request):
+    it gets that command's answer, whatever the transaction's outcome."""
+
+    original: int  # index of the earlier command in the batch
+
+
+# Per command: known at once (a replay from the log, or a refusal), or known once the
+# transaction ends (``Decided``, ``SameAs``).
+Decision: TypeAlias = Accepted | Exception | Decided | SameAs
+Answer: TypeAlias = Accepted | Exception
+
+
+@dataclass(slots=True)
+class StagedBatch:
+    """A batch of commands decided, and the order states they lead to, not yet committed."""
+
+    decisions: list[Decision]  # one per command, in the order they came
+    orders: dict[str, Order]  # the orders the batch changes, as they are after it
+
+    @property
+    def appends(self) -> list[Decided]:
+        """The commands with events to append, in the order they were decided."""
+        return [decision for decision in self.decisions if isinstance(decision, Decided)]
+
+    def answers_after_commit(self, positions: Sequence[tuple[int, int]]) -> list[Answer]:
+        """Every command's answer once the transaction committed (see ``Committed.commit``)."""
+        if len(positions) != len(self.appends):
+            raise ValueError(f"{len(positions)} positions for {len(self.appends)} appends")
+
+        def accepted(index: int, decided: Decided) -> Accepted:
+            partition, offset = positions[index]
+            last = decided.events[-1]
+            return Accepted(last.order_id, last.version, partition, offset)
+
+        return self._answers(accepted)
+
+    def answers_after_failure(self, error: Exception) -> list[Answer]:
+        """Every command's answer when the transaction failed: ``error`` for those it carried."""
+        return self._answers(lambda _index, _decided: error)
+
+    def _answers(self, answer_for: Callable[[int, Decided], Answer]) -> list[Answer]:
+        """The answers, with ``answer_for(n, decided)`` for the n-th command appended."""
+        answers: list[Answer] = []
+        appended = 0
+        for decision in self.decisions:
+            if isinstance(decision, Decided):
+                answers.append(answer_for(appended, decision))
+                appended += 1
+            elif isinstance(decision, SameAs):
+                original = answers[decision.original]
+                answers.append(_replayed(original) if isinstance(original, Accepted) else original)
+            else:
+                answers.append(decision)
+        return answers
+
+
+@dataclass(slots=True)
+class Committed:
+    """The order states and idempotency receipts in the log, up to the last committed batch."""
+
+    orders: dict[str, Order] = field(default_factory=dict)
+    receipts: dict[str, Receipt] = field(default_factory=dict)
+
+    def fold(
+        self, sealed: envelope.Envelope, event: DomainEvent, partition: int, offset: int
+    ) -> None:
+        """Take in one event read from the log (at ``partition`` and ``offset``)."""
+        self.orders[sealed.order_id] = evolve(
+            self.orders.get(sealed.order_id), event, sealed.order_id
+        )
+        if sealed.idempotency_key is not None:
+            self.receipts[sealed.idempotency_key] = Receipt(
+                sealed.request_hash, sealed.order_id, sealed.version, partition, offset
+            )
+
+    def stage(self, requests: Iterable[CommandRequest]) -> StagedBatch:
+        """Decide each command on the state the ones before it left; change nothing here."""
+        batch = StagedBatch(decisions=[], orders={})
+        staged_keys: dict[str, int] = {}  # idempotency key -> index of the command that used it
+        for request in requests:
+            decision: Decision | _Sealed
+            try:
+                decision = self._decide(request, batch, staged_keys)
+            except (DomainError, VersionMismatch, IdempotencyKeyReused) as error:
+                decision = error
+            except Exception as error:
+                # A bug with this command (a 500 for it alone): nothing of it is staged, and
+                # the rest of the batch goes on.
+                _log.exception("deciding command %s failed", request.command_id)
+                decision = error
+            if isinstance(decision, _Sealed):
+                if decision.order_state is not None:
+                    batch.orders[request.command.order_id] = decision.order_state
+                if request.idempotency_key is not None:
+                    staged_keys[request.idempotency_key] = len(batch.decisions)
+                decision = decision.decided
+            batch.decisions.append(decision)
+        return batch
+
+    def commit(self, batch: StagedBatch, positions: Sequence[tuple[int, int]]) -> list[Answer]:
+        """Take over what ``batch`` staged, now that its transaction committed, and return every
+        command's answer. ``positions``: the partition and offset of each appended command's
+        last event, in the order of ``batch.appends``."""
+        answers = batch.answers_after_commit(positions)
+        self.orders.update(batch.orders)
+        for decided, (partition, offset) in zip(batch.appends, positions, strict=True):
+            if (key := decided.request.idempotency_key) is not None:
+                last = decided.events[-1]
+                self.receipts[key] = Receipt(
+                    decided.request.request_hash, last.order_id, last.version, partition, offset
+                )
+        return answers
+
+    def _decide(
+        self, request: CommandRequest, batch: StagedBatch, staged_keys: dict[str, int]
+    ) -> Accepted | SameAs | _Sealed:
+        key = request.idempotency_key
+        if key is not None:
+            receipt = self.receipts.get(key)
+            if receipt is not None:
+                _check_same_request(receipt.request_hash, request)
+                return receipt.replayed()
+            earlier = staged_keys.get(key)
+            if earlier is not None:
+                original = batch.decisions[earlier]
+                assert isinstance(original, Decided)  # only decided commands are in staged_keys
+                _check_same_request(original.request.request_hash, request)
+                return SameAs(earlier)
+        order_id = request.command.order_id
+        current = batch.orders.get(order_id) or self.orders.get(order_id)
+        if request.expected_version is not None:
+            actual = current.version if current else 0
+            if actual != request.expected_version:
+                raise VersionMismatch(request.expected_version, actual)
+        return _seal(request, current, decide(request.command, current))
+
+
+@dataclass(frozen=True, slots=True)
+class _Sealed:
+    """A command decided: its events in envelopes and its order's state after them."""
+
+    decided: Decided
+    order_state: Order | None
+
+
+def _seal(request: CommandRequest, current: Order | None, events: list[DomainEvent]) -> _Sealed:
+    order_id = request.command.order_id
+    key = request.idempotency_key
+    sealed = []
+    state = current
+    for index, event in enumerate(events):
+        state = evolve(state, event, order_id)
+        sealed.append(
+            envelope.seal(
+                event,
+                event_id=envelope.event_id_for(key, request.command_id, index),
+                order_id=order_id,
+                version=state.version,
+                occurred_at=request.command.at,
+                command_id=request.command_id,
+                correlation_id=request.correlation_id or request.command_id,
+                causation_id=request.command_id,
+                idempotency_key=key,
+                request_hash=request.request_hash,
+            )
+        )
+    return _Sealed(Decided(request, sealed), state)
+
+
+def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:
+    if recorded_hash != request.request_hash:
+        raise IdempotencyKeyReused("this Idempotency-Key was already used for a different request")
+
+
+def _replayed(answer: Accepted) -> Accepted:
+    return Accepted(answer.order_id, answer.version, answer.partition, answer.offset, replayed=True)
