@@ -1,0 +1,81 @@
+"""(e) The writer's start-up in a fresh process on a topic of N orders: RSS per order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+from benchmarks import events
+from benchmarks.context import ROOT, Context
+from benchmarks.report import Row, Target, div, n, ratio
+
+_log = logging.getLogger("benchmarks")
+
+
+async def writer_memory(ctx: Context) -> None:
+    """(e) writer start-up in a fresh process on a topic of N orders: RSS per order."""
+    bootstrap = ctx.infra.kafka_bootstrap_servers
+    orders = ctx.plan.writer_orders
+    topic = f"bench.writer.{uuid.uuid4().hex[:8]}"
+    await events.create_topic(bootstrap, topic)
+    _log.info("filling %d orders (3 events each)", orders)
+    base = list(events.records(events.histories(orders=min(orders, 10_000), mixed=False)))
+    filled = events.Filled()
+    await events.fill(
+        bootstrap, topic, list(events.replicate(base, orders * 3)), filled, timeout=600
+    )
+    _log.info("writer start-up in a fresh process")
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "benchmarks.writer_startup", bootstrap, topic],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"writer start-up failed:\n{completed.stderr[-3000:]}")
+    measured: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    if measured["orders"] != orders or measured["events"] != filled.events:
+        raise RuntimeError(f"writer loaded {measured}, expected {orders} orders")
+    consume_rate = ctx.limit("raw_consume")
+    rebuild_rate = measured["events"] / measured["load_seconds"]
+    growth = measured["rss_after_start"] - measured["rss_before"]
+    retained = measured["rss_after_trim"] - measured["rss_before"]
+    ctx.results["writer_startup"] = measured | {
+        "rebuild_events_per_second": rebuild_rate,
+        "ratio_to_raw_consume": div(rebuild_rate, consume_rate),
+        "rss_growth_bytes": growth,
+        "bytes_per_order": growth / orders,
+        "retained_bytes_per_order": retained / orders,
+        "rss_mib_per_100k_orders": growth / orders * 100_000 / 2**20,
+    }
+    ctx.rows += [
+        Row(
+            "(e) Writer memory per 100,000 orders",
+            n(growth / orders * 100_000 / 2**20, "MiB RSS"),
+            details=f"{growth / orders:,.0f} B/order measured on {orders:,} orders; after "
+            f"gc+malloc_trim {retained / orders:,.0f} B/order",
+        ),
+        Row(
+            "Writer rebuild of its state from the log",
+            n(rebuild_rate, "events/s"),
+            n(consume_rate, "events/s (raw consume)"),
+            ratio(rebuild_rate, consume_rate),
+            f"{measured['events']:,} events; start() {measured['start_seconds']:.2f} s in all",
+        ),
+    ]
+    ctx.targets.append(
+        Target(
+            "Writer memory",
+            "<= 1.5 KB per order",
+            n(growth / orders, "B/order"),
+            growth / orders <= 1536,
+        )
+    )
