@@ -110,7 +110,7 @@ def padded_create_body(size: int) -> bytes:
 
 
 def test_the_body_limit_comes_from_orders_max_body_bytes(service: Service) -> None:
-    assert service.kernel.settings.max_body_bytes == BODY_LIMIT
+    assert service.settings.max_body_bytes == BODY_LIMIT
 
 
 def test_a_body_at_the_limit_is_taken_and_one_byte_more_is_413(client: httpx.Client) -> None:
