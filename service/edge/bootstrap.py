@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-from collections.abc import Generator, Iterable
+from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from projections.runner import run_projector
 from service.edge.http.app import Resources, create_app
-from service.infra.database import create_engine
+from service.infra.database import create_engine, migrate
 from service.infra.eventlog import ensure_topic
 from service.infra.runtime import tune_gc
 from service.kernel.settings import Settings
@@ -100,6 +103,42 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
     )
 
 
+class DatabaseUse(enum.Enum):
+    """What a process uses its database for: that sets the engine's pool."""
+
+    # The API and the projector. Waiting queries are released together when their checkpoint
+    # moves: a burst the pool queues rather than answers with connections opened and closed on
+    # the spot.
+    SERVICE = enum.auto()
+    # An operator's command (`orders projections ...`): a few statements, a rebuild's batches.
+    OPERATOR = enum.auto()
+    # `orders migrate`: alembic in one transaction (never autocommit).
+    MIGRATION = enum.auto()
+
+
+@contextlib.asynccontextmanager
+async def database(url: str, use: DatabaseUse) -> AsyncIterator[AsyncEngine]:
+    """The engine of the database at ``url``, pooled for ``use``, disposed on the way out.
+    Every engine of the service is built here."""
+    match use:
+        case DatabaseUse.SERVICE:
+            engine = create_engine(url, pool_size=20, overflow=False, autocommit=True)
+        case DatabaseUse.OPERATOR:
+            engine = create_engine(url, pool_size=4, autocommit=True)
+        case DatabaseUse.MIGRATION:
+            engine = create_engine(url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def migrate_database(url: str, *, revision: str = "head", action: str = "upgrade") -> None:
+    """Upgrade (or downgrade, ``action="downgrade"``) the schema of the database at ``url``."""
+    async with database(url, DatabaseUse.MIGRATION) as engine:
+        await migrate(engine, revision=revision, action=action)
+
+
 def writer_config(settings: Settings) -> WriterConfig:
     return WriterConfig(
         bootstrap_servers=settings.require_kafka(),
@@ -130,14 +169,21 @@ async def serve(
     projections: list[str] | None = None,
 ) -> None:
     """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
+    async with database(settings.require_database(), DatabaseUse.SERVICE) as engine:
+        await _serve_with(engine, settings, stop, api, run_projector, projections)
+
+
+async def _serve_with(
+    engine: AsyncEngine,
+    settings: Settings,
+    stop: asyncio.Event,
+    api: ApiOptions | None,
+    with_projector: bool,
+    projections: list[str] | None,
+) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
     server: _Server | None = None
-    # Waiting queries are released together when their checkpoint moves: a burst the pool
-    # queues rather than answers with connections opened and closed on the spot.
-    engine = create_engine(
-        settings.require_database(), pool_size=20, overflow=False, autocommit=True
-    )
     try:
         if api is not None:
             partitions = await check_topic(settings)
@@ -158,11 +204,9 @@ async def serve(
             tune_gc()
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())
-        if run_projector:
-            from projections.runner import run_projector as projector_main
-
+        if with_projector:
             tasks["projector"] = asyncio.create_task(
-                projector_main(settings, engine, stop, only=projections)
+                run_projector(settings, engine, stop, only=projections)
             )
         await _until_stopped(tasks, stop)
     finally:
@@ -180,7 +224,6 @@ async def serve(
             start.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await start
-        await engine.dispose()
 
 
 async def _until_stopped(tasks: dict[str, asyncio.Task[None]], stop: asyncio.Event) -> None:

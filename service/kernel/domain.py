@@ -6,7 +6,6 @@ Money is always integer minor units plus an ISO 4217 currency code.
 """
 
 import enum
-import re
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Final, TypeAlias, assert_never, get_args
@@ -15,6 +14,7 @@ import msgspec
 from msgspec.structs import replace
 
 from service.kernel.errors import BadEvent, DomainError
+from service.kernel.values import has_control_characters, is_currency
 
 MAX_QUANTITY: Final = 10_000
 MAX_UNIT_PRICE: Final = 90_000_000_00
@@ -23,10 +23,6 @@ MAX_TEXT_LENGTH: Final = 500
 # The largest total an order can reach (9e15) stays below 2**53, so totals survive JSON
 # consumers that read numbers as doubles (JavaScript) and Postgres BIGINT columns unchanged.
 MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
-
-_CURRENCY = re.compile(r"[A-Z]{3}")
-# Control characters other than tab and newlines; NUL in particular no database stores.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 # --- Errors -------------------------------------------------------------------------
@@ -447,7 +443,7 @@ def _require_status(command: Command, state: Order | None, *allowed: OrderStatus
 def _require_text(field: str, value: str) -> None:
     if not value.strip():
         raise InvalidCommand(field, "must not be blank")
-    if _CONTROL_CHARACTERS.search(value):
+    if has_control_characters(value):
         raise InvalidCommand(field, "must not contain control characters")
     if len(value) > MAX_TEXT_LENGTH:
         raise InvalidCommand(field, f"must be at most {MAX_TEXT_LENGTH} characters")
@@ -460,8 +456,8 @@ def _require_int(field: str, value: int, low: int, high: int) -> None:
 
 
 def _require_currency(field: str, value: str) -> None:
-    if _CURRENCY.fullmatch(value) is None:
-        raise InvalidCommand(field, "must be an ISO 4217 code of three uppercase letters")
+    if not is_currency(value):
+        raise InvalidCommand(field, "must be the ISO 4217 code of a currency in circulation")
 
 
 def _require_utc(field: str, value: datetime) -> None:

@@ -8,8 +8,6 @@ traceback.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class OrdersError(Exception):
     """Base of every error the service raises on purpose."""
@@ -21,7 +19,7 @@ class DomainError(OrdersError):
     ``code`` is stable (it becomes the problem type), ``message`` is for people.
     """
 
-    code: ClassVar[str] = "domain-error"
+    code: str = "domain-error"  # each rule's own, set on its class (or on the instance)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,6 +32,8 @@ class Conflict(OrdersError):
 
 class Unavailable(OrdersError):
     """A part the service needs is away or busy for now: the same request may work later."""
+
+    retry_after: int | None = 1  # seconds worth waiting before that; None: no estimate
 
 
 class OperatorRefusal(OrdersError):

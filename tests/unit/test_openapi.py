@@ -42,3 +42,39 @@ def test_every_command_with_a_body_documents_an_example() -> None:
         "cancelOrder",
     }
     assert all(content["schema"].get("examples") for content in with_body.values())
+
+
+COMMAND_HEADERS = {"Idempotency-Key", "X-Correlation-Id"}
+# operationId -> (path parameters, whether it takes If-Match, problem statuses documented)
+COMMANDS = {
+    "createOrder": (set(), False, {"400", "413", "415", "422", "503"}),
+    "addItem": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
+    "changeItemQuantity": (
+        {"order_id", "sku"},
+        True,
+        {"400", "404", "409", "412", "413", "415", "422", "503"},
+    ),
+    "removeItem": ({"order_id", "sku"}, True, {"400", "404", "409", "412", "422", "503"}),
+    "placeOrder": ({"order_id"}, True, {"400", "404", "409", "412", "422", "503"}),
+    "payOrder": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
+    "shipOrder": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
+    "deliverOrder": ({"order_id"}, True, {"400", "404", "409", "412", "422", "503"}),
+    "cancelOrder": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
+}
+
+
+def test_every_command_documents_its_headers_path_parameters_and_problems() -> None:
+    operations = {op["operationId"]: op for ops in _spec()["paths"].values() for op in ops.values()}
+    for operation_id, (path, if_match, problems) in COMMANDS.items():
+        operation = operations[operation_id]
+        parameters = {(p["in"], p["name"]) for p in operation["parameters"]}
+        headers = COMMAND_HEADERS | ({"If-Match"} if if_match else set())
+        assert parameters == {("header", h) for h in headers} | {("path", p) for p in path}, (
+            operation_id
+        )
+        assert all(not p["required"] for p in operation["parameters"] if p["in"] == "header")
+        documented = {status for status in operation["responses"] if status >= "400"}
+        assert documented == problems, operation_id
+        for status in problems:
+            content = operation["responses"][status]["content"]
+            assert set(content) == {"application/problem+json"}, (operation_id, status)

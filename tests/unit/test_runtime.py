@@ -11,6 +11,7 @@ import pytest
 
 from projections.runner import _Kept
 from service.edge.cli import main as cli
+from service.edge.cli import operations
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, YOUNG_GENERATION_THRESHOLD
 from service.kernel.settings import Settings
 
@@ -29,7 +30,8 @@ def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://nobody@127.0.0.1:1/none")
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
     configured = Settings.from_env()
-    monkeypatch.setattr(cli, "_configured", lambda **_: configured)
+    monkeypatch.setattr(cli, "configured", lambda **_: configured)
+    monkeypatch.setattr(operations, "configured", lambda **_: configured)
     return configured
 
 
@@ -60,7 +62,7 @@ def test_rebuilds_and_other_database_jobs_collect_as_the_projector_does(
     async def job(_engine: Any, _settings: Settings) -> None:
         seen.append(gc.get_threshold()[0])
 
-    cli._database_job(job)
+    operations.database_job(job)
     assert seen == [BATCH_YOUNG_GENERATION_THRESHOLD]
 
 

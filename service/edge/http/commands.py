@@ -5,18 +5,20 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, delete, patch, post
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.openapi.spec import Example
 from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 
 from service.edge.http.problems import problem_responses
 from service.kernel import domain
+from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Currency
 from service.write.writer import Accepted, CommandRequest, Writer
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
@@ -28,28 +30,9 @@ IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]+(?!\n)$"
 HEADER_TOKEN_PATTERN = r"^[!-~]+$"
 
 Text = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$")
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS_PATTERN)
 ]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
-
-# ISO 4217 codes of the currencies in circulation (no funds, metals, test or "no currency" codes).
-# Amend when ISO 4217 does: a code missing here is refused with a 400.
-# fmt: off
-Currency = Literal[
-    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
-    "BHD", "BIF", "BMD", "BND", "BOB", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
-    "CHF", "CLP", "CNY", "COP", "CRC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP",
-    "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD",
-    "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IQD", "IRR", "ISK", "JMD", "JOD", "JPY",
-    "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD",
-    "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK",
-    "MXN", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK",
-    "PHP", "PKR", "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG",
-    "SEK", "SGD", "SHP", "SLE", "SOS", "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS",
-    "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "UGX", "USD", "UYU", "UZS", "VED",
-    "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XOF", "XPF", "YER", "ZAR", "ZMW", "ZWG",
-]
-# fmt: on
 Quantity = Annotated[int, msgspec.Meta(ge=1, le=domain.MAX_QUANTITY)]
 MinorUnits = Annotated[int, msgspec.Meta(ge=0, le=domain.MAX_UNIT_PRICE)]
 Amount = Annotated[
@@ -209,6 +192,54 @@ def _request_hash(request: Request[Any, Any, Any], body: msgspec.Struct | None) 
     return digest.hexdigest()[:32]
 
 
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """What a command request brings besides its body, read once for every handler: the
+    writer, the time the command happens at, and the headers that go with every command."""
+
+    request: Request[Any, Any, Any]
+    writer: Writer
+    at: datetime
+    idempotency_key: str | None
+    correlation_id: str | None
+    expected_version: int | None = None  # If-Match; never sent with a new order
+
+    async def submit(self, command: domain.Command, body: msgspec.Struct | None = None) -> Accepted:
+        """Have the writer decide and append ``command``; ``body`` is what a retry with the
+        same Idempotency-Key must repeat."""
+        return await self.writer.submit(
+            CommandRequest(
+                command=command,
+                expected_version=self.expected_version,
+                idempotency_key=self.idempotency_key,
+                # Only compared between requests with the same Idempotency-Key.
+                request_hash=None
+                if self.idempotency_key is None
+                else _request_hash(self.request, body),
+                correlation_id=self.correlation_id,
+            )
+        )
+
+
+# Handed in by the dependencies below: built here, so Litestar need not validate it again.
+Context = NamedDependency[SkipValidation[CommandContext]]
+
+
+async def provide_creation(
+    request: Request[Any, Any, Any],
+    writer: WriterDependency,
+    idempotency_key: IdempotencyKey = None,
+    correlation_id: CorrelationId = None,
+) -> CommandContext:
+    """The context of a command that creates an order (it can have no If-Match)."""
+    return CommandContext(request, writer, datetime.now(UTC), idempotency_key, correlation_id)
+
+
+async def provide_context(creation: Context, if_match: IfMatch = None) -> CommandContext:
+    """The context of a command on an existing order: a creation's, plus If-Match."""
+    return replace(creation, expected_version=parse_if_match(if_match))
+
+
 def _respond(accepted: Accepted, *, status: int = 200, location: bool = False) -> Response[Any]:
     headers = {"ETag": f'"{accepted.version}"', "X-Consistency-Token": accepted.consistency_token}
     if location:
@@ -223,27 +254,10 @@ class OrderCommands(Controller):
     path = "/orders"
     tags = ["commands"]
     request_class = StrictJsonRequest
-
-    async def _submit(
-        self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
-        command: domain.Command,
-        body: msgspec.Struct | None,
-        if_match: str | None,
-        idempotency_key: str | None,
-        correlation_id: str | None,
-    ) -> Accepted:
-        return await writer.submit(
-            CommandRequest(
-                command=command,
-                expected_version=parse_if_match(if_match),
-                idempotency_key=idempotency_key,
-                # Only compared between requests with the same Idempotency-Key.
-                request_hash=None if idempotency_key is None else _request_hash(request, body),
-                correlation_id=correlation_id,
-            )
-        )
+    dependencies = {
+        "creation": Provide(provide_creation),
+        "context": Provide(provide_context),
+    }
 
     @post(
         "/",
@@ -254,8 +268,7 @@ class OrderCommands(Controller):
     )
     async def create_order(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        creation: Context,
         data: Annotated[
             CreateOrderBody,
             Body(
@@ -264,19 +277,14 @@ class OrderCommands(Controller):
                 )
             ),
         ],
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
         command = domain.CreateOrder(
             order_id=str(uuid.uuid4()),
-            at=datetime.now(UTC),
+            at=creation.at,
             customer_id=data.customer_id,
             currency=data.currency,
         )
-        accepted = await self._submit(
-            request, writer, command, data, None, idempotency_key, correlation_id
-        )
-        return _respond(accepted, status=201, location=True)
+        return _respond(await creation.submit(command, data), status=201, location=True)
 
     @post(
         "/{order_id:str}/items",
@@ -287,8 +295,7 @@ class OrderCommands(Controller):
     )
     async def add_item(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        context: Context,
         order_id: OrderId,
         data: Annotated[
             AddItemBody,
@@ -299,23 +306,16 @@ class OrderCommands(Controller):
                 )
             ),
         ],
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
         command = domain.AddItem(
             order_id=order_id,
-            at=datetime.now(UTC),
+            at=context.at,
             sku=data.sku,
             name=data.name,
             quantity=data.quantity,
             unit_price=data.unit_price,
         )
-        return _respond(
-            await self._submit(
-                request, writer, command, data, if_match, idempotency_key, correlation_id
-            )
-        )
+        return _respond(await context.submit(command, data))
 
     @patch(
         "/{order_id:str}/items/{sku:str}",
@@ -325,25 +325,17 @@ class OrderCommands(Controller):
     )
     async def change_quantity(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        context: Context,
         order_id: OrderId,
         sku: Sku,
         data: Annotated[
             ChangeQuantityBody, Body(examples=_example("Three of them", {"quantity": 3}))
         ],
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
         command = domain.ChangeItemQuantity(
-            order_id=order_id, at=datetime.now(UTC), sku=sku, quantity=data.quantity
+            order_id=order_id, at=context.at, sku=sku, quantity=data.quantity
         )
-        return _respond(
-            await self._submit(
-                request, writer, command, data, if_match, idempotency_key, correlation_id
-            )
-        )
+        return _respond(await context.submit(command, data))
 
     @delete(
         "/{order_id:str}/items/{sku:str}",
@@ -353,21 +345,10 @@ class OrderCommands(Controller):
         responses=_PROBLEMS,
     )
     async def remove_item(
-        self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
-        order_id: OrderId,
-        sku: Sku,
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
+        self, context: Context, order_id: OrderId, sku: Sku
     ) -> Response[CommandResult]:
-        command = domain.RemoveItem(order_id=order_id, at=datetime.now(UTC), sku=sku)
-        return _respond(
-            await self._submit(
-                request, writer, command, None, if_match, idempotency_key, correlation_id
-            )
-        )
+        command = domain.RemoveItem(order_id=order_id, at=context.at, sku=sku)
+        return _respond(await context.submit(command))
 
     @post(
         "/{order_id:str}/place",
@@ -376,21 +357,9 @@ class OrderCommands(Controller):
         summary="Place a draft order; its total is fixed",
         responses=_PROBLEMS,
     )
-    async def place(
-        self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
-        order_id: OrderId,
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
-    ) -> Response[CommandResult]:
-        command = domain.PlaceOrder(order_id=order_id, at=datetime.now(UTC))
-        return _respond(
-            await self._submit(
-                request, writer, command, None, if_match, idempotency_key, correlation_id
-            )
-        )
+    async def place(self, context: Context, order_id: OrderId) -> Response[CommandResult]:
+        command = domain.PlaceOrder(order_id=order_id, at=context.at)
+        return _respond(await context.submit(command))
 
     @post(
         "/{order_id:str}/pay",
@@ -401,8 +370,7 @@ class OrderCommands(Controller):
     )
     async def pay(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        context: Context,
         order_id: OrderId,
         data: Annotated[
             PayBody,
@@ -413,22 +381,15 @@ class OrderCommands(Controller):
                 )
             ),
         ],
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
         command = domain.PayOrder(
             order_id=order_id,
-            at=datetime.now(UTC),
+            at=context.at,
             amount=data.amount,
             currency=data.currency,
             payment_reference=data.payment_reference,
         )
-        return _respond(
-            await self._submit(
-                request, writer, command, data, if_match, idempotency_key, correlation_id
-            )
-        )
+        return _respond(await context.submit(command, data))
 
     @post(
         "/{order_id:str}/ship",
@@ -439,8 +400,7 @@ class OrderCommands(Controller):
     )
     async def ship(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        context: Context,
         order_id: OrderId,
         data: Annotated[
             ShipBody,
@@ -450,21 +410,14 @@ class OrderCommands(Controller):
                 )
             ),
         ],
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
         command = domain.ShipOrder(
             order_id=order_id,
-            at=datetime.now(UTC),
+            at=context.at,
             carrier=data.carrier,
             tracking_number=data.tracking_number,
         )
-        return _respond(
-            await self._submit(
-                request, writer, command, data, if_match, idempotency_key, correlation_id
-            )
-        )
+        return _respond(await context.submit(command, data))
 
     @post(
         "/{order_id:str}/deliver",
@@ -473,21 +426,9 @@ class OrderCommands(Controller):
         summary="Record the delivery of a shipped order",
         responses=_PROBLEMS,
     )
-    async def deliver(
-        self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
-        order_id: OrderId,
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
-    ) -> Response[CommandResult]:
-        command = domain.DeliverOrder(order_id=order_id, at=datetime.now(UTC))
-        return _respond(
-            await self._submit(
-                request, writer, command, None, if_match, idempotency_key, correlation_id
-            )
-        )
+    async def deliver(self, context: Context, order_id: OrderId) -> Response[CommandResult]:
+        command = domain.DeliverOrder(order_id=order_id, at=context.at)
+        return _respond(await context.submit(command))
 
     @post(
         "/{order_id:str}/cancel",
@@ -498,20 +439,12 @@ class OrderCommands(Controller):
     )
     async def cancel(
         self,
-        request: Request[Any, Any, Any],
-        writer: WriterDependency,
+        context: Context,
         order_id: OrderId,
         data: Annotated[
             CancelBody,
             Body(examples=_example("Changed their mind", {"reason": "customer request"})),
         ],
-        if_match: IfMatch = None,
-        idempotency_key: IdempotencyKey = None,
-        correlation_id: CorrelationId = None,
     ) -> Response[CommandResult]:
-        command = domain.CancelOrder(order_id=order_id, at=datetime.now(UTC), reason=data.reason)
-        return _respond(
-            await self._submit(
-                request, writer, command, data, if_match, idempotency_key, correlation_id
-            )
-        )
+        command = domain.CancelOrder(order_id=order_id, at=context.at, reason=data.reason)
+        return _respond(await context.submit(command, data))

@@ -17,8 +17,15 @@ from sqlalchemy import exc as sa_exc
 
 from service.infra.database import connection_lost
 from service.kernel import domain
-from service.kernel.errors import DomainError
-from service.write.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
+from service.kernel.errors import (
+    BadEvent,
+    Conflict,
+    DomainError,
+    EnvironmentProblem,
+    OperatorRefusal,
+    Unavailable,
+)
+from service.write.writer import IdempotencyKeyReused, VersionMismatch
 
 _log = logging.getLogger(__name__)
 
@@ -74,15 +81,21 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
-class QueryProblem(Exception):
-    """A query-side error with its own status (bad filter, unknown id, not yet consistent)."""
+class QueryProblem(DomainError):
+    """A query the caller must change: a filter, cursor or consistency token the API cannot
+    take (400), or an id it knows nothing of (404). ``code`` is the problem type."""
 
-    def __init__(self, status: int, code: str, detail: str, *, retry_after: int | None = None):
+    def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
-        self.retry_after = retry_after
+
+
+class NotYetConsistent(Unavailable):
+    """The read model has not yet applied the event a consistency token names: retry shortly."""
+
+    code = "not-yet-consistent"
 
 
 def problem(
@@ -107,50 +120,60 @@ def problem(
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+# -- the error tree: one handler per family ---------------------------------------------------
+
+
 def _domain_error(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """404, 409 or 422 by the rule broken; a query problem has its own 400 or 404."""
     assert isinstance(error, DomainError)
-    status = _DOMAIN_STATUS.get(type(error), 422)
-    return problem(
-        status, error.code, error.code.replace("-", " ").capitalize(), str(error), request
-    )
+    if isinstance(error, QueryProblem):
+        status = error.status
+    else:
+        status = _DOMAIN_STATUS.get(type(error), 422)
+    return problem(status, error.code, _titled(error.code), str(error), request)
 
 
-def _version_mismatch(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    assert isinstance(error, VersionMismatch)
-    return problem(
-        412,
-        "version-mismatch",
-        "Precondition Failed",
-        str(error),
-        request,
-        headers={"ETag": f'"{error.actual}"'},
-        current_version=error.actual,
-    )
-
-
-def _idempotency_reused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    return problem(422, "idempotency-key-reused", "Idempotency-Key reused", str(error), request)
+def _conflict(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """412 for an If-Match the order is not at, 422 for a reused Idempotency-Key, else 409."""
+    match error:
+        case VersionMismatch(actual=actual):
+            return problem(
+                412,
+                "version-mismatch",
+                "Precondition Failed",
+                str(error),
+                request,
+                headers={"ETag": f'"{actual}"'},
+                current_version=actual,
+            )
+        case IdempotencyKeyReused():
+            return problem(
+                422, "idempotency-key-reused", "Idempotency-Key reused", str(error), request
+            )
+    return problem(409, "conflict", _phrase(409), str(error), request)
 
 
 def _unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    assert isinstance(error, WriterUnavailable)
+    """503 with Retry-After; a read model that is not yet consistent says so."""
+    assert isinstance(error, Unavailable)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return problem(
-        503, "unavailable", "Service Unavailable", error.reason, request, headers=headers
-    )
+    if isinstance(error, NotYetConsistent):
+        code, title = error.code, _titled(error.code)
+    else:
+        code, title = "unavailable", "Service Unavailable"
+    return problem(503, code, title, str(error), request, headers=headers)
 
 
-def _query_problem(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    assert isinstance(error, QueryProblem)
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return problem(
-        error.status,
-        error.code,
-        error.code.replace("-", " ").capitalize(),
-        error.detail,
-        request,
-        headers=headers,
-    )
+def _refused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """409: an operator's command that would do harm (no route runs one today)."""
+    return problem(409, "refused", _phrase(409), str(error), request)
+
+
+def _titled(code: str) -> str:
+    return code.replace("-", " ").capitalize()
+
+
+# -- Litestar's own errors and those of the drivers -------------------------------------------
 
 
 def _validation(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
@@ -230,11 +253,15 @@ def _unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[A
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
+    # The error tree, one family at a time (a handler refines a subclass's status where noted).
     DomainError: _domain_error,
-    VersionMismatch: _version_mismatch,
-    IdempotencyKeyReused: _idempotency_reused,
-    WriterUnavailable: _unavailable,
-    QueryProblem: _query_problem,
+    Conflict: _conflict,
+    Unavailable: _unavailable,
+    OperatorRefusal: _refused,
+    # The server's environment needs its operator, or a reader let a bad event through: a 500,
+    # logged with its traceback (the client can do nothing about either).
+    EnvironmentProblem: _unexpected,
+    BadEvent: _unexpected,
     ValidationException: _validation,
     HTTPException: _http,
     # Postgres down, restarting or unreachable (connection refused, reset, pool timeout): 503.

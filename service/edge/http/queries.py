@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.checkpoints import CheckpointWatcher
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.edge.http.commands import IDENTIFIER_PATTERN
-from service.edge.http.problems import QueryProblem, problem_responses
+from service.edge.http.problems import NotYetConsistent, QueryProblem, problem_responses
 from service.infra.database import driver_of, reading
 from service.kernel.domain import OrderStatus
 
@@ -223,11 +223,8 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
             "answered with, or none",
         )
     if not await reads.watcher.wait(projection, partition, offset, reads.timeout_s):
-        raise QueryProblem(
-            503,
-            "not-yet-consistent",
-            f"the {projection} read model has not yet applied the event at {token}; retry",
-            retry_after=1,
+        raise NotYetConsistent(
+            f"the {projection} read model has not yet applied the event at {token}; retry"
         )
 
 
