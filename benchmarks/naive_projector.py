@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from projections.schema import orders
 from service.kernel import envelope
-from service.kernel.domain import (
+from service.kernel.events import (
     DomainEvent,
     ItemAdded,
     ItemQuantityChanged,

@@ -29,9 +29,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.infra.database import EncodingRefused, driver_of
-from service.kernel.domain import DomainEvent
 from service.kernel.envelope import Envelope
 from service.kernel.errors import BadEvent
+from service.kernel.events import DomainEvent
 
 Row = dict[str, Any]
 Key = tuple[Any, ...]

@@ -49,8 +49,8 @@ from projections.projection import Applied, Db, Projection, State, begin, pg_tex
 from projections.versions import Target, building, live_targets
 from service.infra.database import EncodingRefused, connection_lost, sqlstate
 from service.kernel import envelope
-from service.kernel.domain import DomainEvent
 from service.kernel.errors import Conflict
+from service.kernel.events import DomainEvent
 from service.kernel.settings import Settings
 
 _log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from projections.projection import Applied, Db, ProjectionBug, Row, State
 from projections.schema import customer_summaries, customer_summary_orders
-from service.kernel.domain import OrderCancelled, OrderCreated, OrderDelivered, OrderPaid
+from service.kernel.events import OrderCancelled, OrderCreated, OrderDelivered, OrderPaid
 
 
 def _delta(state: State, customer_id: str, at: datetime) -> Row:

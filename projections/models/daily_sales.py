@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from projections.projection import Applied, Db, ProjectionBug, State
 from projections.schema import daily_sales, daily_sales_orders
-from service.kernel.domain import OrderCancelled, OrderCreated, OrderPaid, OrderPlaced
+from service.kernel.events import OrderCancelled, OrderCreated, OrderPaid, OrderPlaced
 
 _COUNTED = (OrderPlaced, OrderPaid, OrderCancelled)
 

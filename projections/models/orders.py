@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from projections.projection import Applied, Db, ProjectionBug, Row, State
 from projections.schema import orders
-from service.kernel.domain import (
+from service.kernel.events import (
     ItemAdded,
     ItemQuantityChanged,
     ItemRemoved,

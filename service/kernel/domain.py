@@ -1,4 +1,6 @@
-"""The order aggregate as a Decider: commands, events, state, `decide`, `evolve`, `fold`.
+"""The order aggregate as a Decider: commands, state, `decide`, `evolve`, `fold`.
+
+The events it decides and folds are in `service.kernel.events` (the wire contract's payloads).
 
 Pure: only the standard library and msgspec, no I/O and no clock. The time comes
 in with each command (`at`) and belongs to the event envelope, not to the events.
@@ -8,12 +10,25 @@ Money is always integer minor units plus an ISO 4217 currency code.
 import enum
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Final, TypeAlias, assert_never, get_args
+from typing import Final, TypeAlias, assert_never
 
 import msgspec
 from msgspec.structs import replace
 
 from service.kernel.errors import BadEvent, DomainError
+from service.kernel.events import (
+    DomainEvent,
+    ItemAdded,
+    ItemQuantityChanged,
+    ItemRemoved,
+    OrderCancelled,
+    OrderCreated,
+    OrderDelivered,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+    event_type,
+)
 from service.kernel.values import has_control_characters, is_currency
 
 MAX_QUANTITY: Final = 10_000
@@ -177,92 +192,6 @@ Command: TypeAlias = (
     | DeliverOrder
     | CancelOrder
 )
-
-
-# --- Events -------------------------------------------------------------------------
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
-    """Base of all order events. Tags are part of the stored log: never rename one.
-
-    Scalars only, so never part of a reference cycle: ``gc=False`` keeps the hundreds of
-    thousands a projector batch holds out of the cyclic collector's work.
-    """
-
-
-class OrderCreated(Event, frozen=True, kw_only=True, tag="OrderCreated"):
-    customer_id: str
-    currency: str
-
-
-class ItemAdded(Event, frozen=True, kw_only=True, tag="ItemAdded"):
-    sku: str
-    name: str
-    quantity: int
-    unit_price: int
-
-
-class ItemQuantityChanged(Event, frozen=True, kw_only=True, tag="ItemQuantityChanged"):
-    sku: str
-    quantity: int
-
-
-class ItemRemoved(Event, frozen=True, kw_only=True, tag="ItemRemoved"):
-    sku: str
-
-
-class OrderPlaced(Event, frozen=True, kw_only=True, tag="OrderPlaced"):
-    total: int
-    item_count: int  # number of line items (distinct skus), not the sum of quantities
-
-
-class OrderPaid(Event, frozen=True, kw_only=True, tag="OrderPaid"):
-    amount: int
-    currency: str
-    payment_reference: str
-
-
-class OrderShipped(Event, frozen=True, kw_only=True, tag="OrderShipped"):
-    carrier: str
-    tracking_number: str
-
-
-class OrderDelivered(Event, frozen=True, kw_only=True, tag="OrderDelivered"):
-    pass
-
-
-class OrderCancelled(Event, frozen=True, kw_only=True, tag="OrderCancelled"):
-    reason: str
-    refunded_amount: int
-
-
-DomainEvent: TypeAlias = (
-    OrderCreated
-    | ItemAdded
-    | ItemQuantityChanged
-    | ItemRemoved
-    | OrderPlaced
-    | OrderPaid
-    | OrderShipped
-    | OrderDelivered
-    | OrderCancelled
-)
-
-
-def _tag_of(cls: type[Event]) -> str:
-    tag = cls.__struct_config__.tag
-    if not isinstance(tag, str):
-        raise TypeError(f"{cls.__name__} has no string tag")
-    return tag
-
-
-EVENT_TYPES: dict[str, type[Event]] = {_tag_of(cls): cls for cls in get_args(DomainEvent)}
-_TAG_BY_CLASS: dict[type[Event], str] = {cls: tag for tag, cls in EVENT_TYPES.items()}
-
-
-def event_type(event: DomainEvent) -> str:
-    """The stable tag of an event (its `type` on the wire and in Kafka headers)."""
-    return _TAG_BY_CLASS[type(event)]
 
 
 # --- State --------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from typing import Annotated, Any, cast
 
 import msgspec
 
-from service.kernel.domain import EVENT_TYPES, DomainEvent, event_type
 from service.kernel.errors import BadEvent
+from service.kernel.events import EVENT_TYPES, DomainEvent, event_type
 
 # The schema version written today, per event type. Bump it (and add an upcaster from the old
 # version) when an event's data changes shape; never rename a type.

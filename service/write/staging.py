@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from service.kernel import envelope
-from service.kernel.domain import DomainEvent, Order, decide, evolve
+from service.kernel.domain import Order, decide, evolve
 from service.kernel.errors import DomainError
+from service.kernel.events import DomainEvent
 from service.write.contract import Accepted, CommandRequest, IdempotencyKeyReused, VersionMismatch
 
 _log = logging.getLogger(__name__)

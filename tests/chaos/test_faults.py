@@ -47,6 +47,7 @@ from service.infra.database import create_engine, migrate
 from service.infra.embedded.kafka import LocalKafka
 from service.infra.embedded.postgres import LocalPostgres
 from service.kernel import domain, envelope
+from service.kernel.events import OrderPlaced
 from service.write.writer import CommandRequest, Writer, WriterConfig
 from tests.support.processes import (
     ApiProcess,
@@ -481,7 +482,7 @@ async def test_a_stop_during_a_broker_outage_ends_the_projector_without_the_brok
 def _logged(
     correlation_id: str, order_id: str, version: int, offset: int, key: str | None = None
 ) -> Applied:
-    event = domain.OrderPlaced(total=1, item_count=1)
+    event = OrderPlaced(total=1, item_count=1)
     sealed = envelope.seal(
         event,
         event_id=f"e-{offset}",

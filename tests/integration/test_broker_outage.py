@@ -38,7 +38,8 @@ from service.edge.http.app import Resources, create_app
 from service.infra.embedded import free_port
 from service.infra.embedded.kafka import LocalKafka
 from service.infra.eventlog import committed_reader
-from service.kernel import domain, envelope
+from service.kernel import envelope
+from service.kernel.events import OrderCreated
 from service.write.writer import OpenTransactionInLog, Writer, WriterConfig, WriterState
 from tests.support.http import serve
 from tests.support.log import LoggedEvent, by_order, folded_orders, read_topic
@@ -628,7 +629,7 @@ def _order_created() -> envelope.Envelope:
     order_id = str(uuid.uuid4())
     command_id = f"cmd-{uuid.uuid4().hex}"
     return envelope.seal(
-        domain.OrderCreated(customer_id="c-raw", currency="EUR"),
+        OrderCreated(customer_id="c-raw", currency="EUR"),
         event_id=envelope.event_id_for(None, command_id, 0),
         order_id=order_id,
         version=1,

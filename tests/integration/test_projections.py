@@ -46,7 +46,7 @@ from projections.schema import (
 from projections.schema import orders as orders_table
 from service.edge.http.app import Resources, create_app
 from service.kernel import envelope
-from service.kernel.domain import ItemAdded, OrderPaid
+from service.kernel.events import ItemAdded, OrderPaid
 from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.log import read_topic

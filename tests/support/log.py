@@ -10,7 +10,8 @@ from aiokafka import ConsumerRecord
 from projections.projection import Applied
 from service.infra.eventlog import read_to_end
 from service.kernel import envelope
-from service.kernel.domain import DomainEvent, Order, fold
+from service.kernel.domain import Order, fold
+from service.kernel.events import DomainEvent
 
 
 @dataclass(frozen=True)

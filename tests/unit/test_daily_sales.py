@@ -7,12 +7,13 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from projections.models.daily_sales import DailySalesProjection
 from projections.projection import Applied
 from projections.runner import oracle
-from service.kernel import domain, envelope
+from service.kernel import envelope
+from service.kernel.events import DomainEvent, OrderCreated, OrderPaid, OrderPlaced
 
 ORDER_ID = "order-1"
 
 
-def _applied(event: domain.DomainEvent, version: int, at: datetime) -> Applied:
+def _applied(event: DomainEvent, version: int, at: datetime) -> Applied:
     """``event`` as the projector sees it: sealed, written and decoded again."""
     sealed = envelope.seal(
         event,
@@ -31,9 +32,9 @@ def _days(paid_at: datetime) -> dict[date, int]:
     """Orders paid per day after folding one order created, placed, then paid at ``paid_at``."""
     created = datetime(2026, 11, 27, 12, tzinfo=UTC)
     events = [
-        _applied(domain.OrderCreated(customer_id="c-1", currency="EUR"), 1, created),
-        _applied(domain.OrderPlaced(total=3750, item_count=1), 2, created),
-        _applied(domain.OrderPaid(amount=3750, currency="EUR", payment_reference="p"), 3, paid_at),
+        _applied(OrderCreated(customer_id="c-1", currency="EUR"), 1, created),
+        _applied(OrderPlaced(total=3750, item_count=1), 2, created),
+        _applied(OrderPaid(amount=3750, currency="EUR", payment_reference="p"), 3, paid_at),
     ]
     rows = oracle(DailySalesProjection(), events).snapshot()["daily_sales"]
     return {row["day"]: row["orders_paid"] for row in rows if row["orders_paid"]}

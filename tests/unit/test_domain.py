@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from service.kernel.domain import (
-    EVENT_TYPES,
     MAX_ITEMS,
     MAX_ORDER_TOTAL,
     MAX_QUANTITY,
@@ -23,26 +22,16 @@ from service.kernel.domain import (
     Command,
     CreateOrder,
     DeliverOrder,
-    DomainEvent,
     DuplicateItem,
     EmptyOrder,
     InvalidCommand,
     InvalidEventSequence,
     InvalidTransition,
-    ItemAdded,
     ItemNotFound,
-    ItemQuantityChanged,
-    ItemRemoved,
     LineItem,
     Order,
     OrderAlreadyExists,
-    OrderCancelled,
-    OrderCreated,
-    OrderDelivered,
     OrderNotFound,
-    OrderPaid,
-    OrderPlaced,
-    OrderShipped,
     OrderStatus,
     PaymentMismatch,
     PayOrder,
@@ -51,11 +40,24 @@ from service.kernel.domain import (
     ShipOrder,
     TooManyItems,
     decide,
-    event_type,
     evolve,
     fold,
 )
 from service.kernel.errors import DomainError
+from service.kernel.events import (
+    EVENT_TYPES,
+    DomainEvent,
+    ItemAdded,
+    ItemQuantityChanged,
+    ItemRemoved,
+    OrderCancelled,
+    OrderCreated,
+    OrderDelivered,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+    event_type,
+)
 
 ORDER_ID = "order-1"
 AT = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

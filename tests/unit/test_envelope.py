@@ -11,29 +11,42 @@ from typing import Any
 import msgspec
 import pytest
 
-from service.kernel import domain, envelope
+from service.kernel import envelope
+from service.kernel.events import (
+    EVENT_TYPES,
+    DomainEvent,
+    ItemAdded,
+    ItemQuantityChanged,
+    ItemRemoved,
+    OrderCancelled,
+    OrderCreated,
+    OrderDelivered,
+    OrderPaid,
+    OrderPlaced,
+    OrderShipped,
+)
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
 AT = datetime(2026, 11, 28, 9, 30, 0, 123000, tzinfo=UTC)
 
 # One example of every event type at its CURRENT schema version: today's encoding of it must
 # equal the golden file of that version, and that file must decode to it.
-EXAMPLES: dict[str, domain.DomainEvent] = {
-    "OrderCreated": domain.OrderCreated(customer_id="c-42", currency="EUR"),
-    "ItemAdded": domain.ItemAdded(sku="MUG-1", name="Mug", quantity=2, unit_price=1250),
-    "ItemQuantityChanged": domain.ItemQuantityChanged(sku="MUG-1", quantity=3),
-    "ItemRemoved": domain.ItemRemoved(sku="MUG-1"),
-    "OrderPlaced": domain.OrderPlaced(total=3750, item_count=1),
-    "OrderPaid": domain.OrderPaid(amount=3750, currency="EUR", payment_reference="psp-1"),
-    "OrderShipped": domain.OrderShipped(carrier="DHL", tracking_number="JD01"),
-    "OrderDelivered": domain.OrderDelivered(),
-    "OrderCancelled": domain.OrderCancelled(reason="customer request", refunded_amount=3750),
+EXAMPLES: dict[str, DomainEvent] = {
+    "OrderCreated": OrderCreated(customer_id="c-42", currency="EUR"),
+    "ItemAdded": ItemAdded(sku="MUG-1", name="Mug", quantity=2, unit_price=1250),
+    "ItemQuantityChanged": ItemQuantityChanged(sku="MUG-1", quantity=3),
+    "ItemRemoved": ItemRemoved(sku="MUG-1"),
+    "OrderPlaced": OrderPlaced(total=3750, item_count=1),
+    "OrderPaid": OrderPaid(amount=3750, currency="EUR", payment_reference="psp-1"),
+    "OrderShipped": OrderShipped(carrier="DHL", tracking_number="JD01"),
+    "OrderDelivered": OrderDelivered(),
+    "OrderCancelled": OrderCancelled(reason="customer request", refunded_amount=3750),
 }
 
 # What the golden file of each OLD schema version decodes (upcasts) to today, by (type,
 # version). When an event type evolves: keep its old golden files, add its new one, move its
 # example above to the new version and record here what each old file now decodes to.
-UPCAST_EXAMPLES: dict[tuple[str, int], domain.DomainEvent] = {}
+UPCAST_EXAMPLES: dict[tuple[str, int], DomainEvent] = {}
 
 # The envelope's optional fields as JSON: what a golden file written before a field existed
 # decodes to.
@@ -74,7 +87,7 @@ def _versions_read(name: str) -> set[int]:
     return {envelope.CURRENT_SCHEMA_VERSION[name], *upcast}
 
 
-def _sealed(event: domain.DomainEvent) -> envelope.Envelope:
+def _sealed(event: DomainEvent) -> envelope.Envelope:
     return envelope.seal(
         event,
         event_id="3b8f1e9e-6f6a-5d1c-9a53-2f8d1c0b7a11",
@@ -90,7 +103,7 @@ def _sealed(event: domain.DomainEvent) -> envelope.Envelope:
 
 
 def test_every_event_type_has_an_example_at_its_current_version() -> None:
-    assert set(EXAMPLES) == set(domain.EVENT_TYPES) == set(envelope.CURRENT_SCHEMA_VERSION)
+    assert set(EXAMPLES) == set(EVENT_TYPES) == set(envelope.CURRENT_SCHEMA_VERSION)
 
 
 def test_every_schema_version_the_envelope_reads_has_a_golden_file() -> None:
@@ -202,7 +215,7 @@ def test_old_schema_versions_are_upcast_on_read(monkeypatch: pytest.MonkeyPatch)
     )
     _, event = envelope.decode(golden_file.read_bytes())
     shipped = EXAMPLES["OrderShipped"]
-    assert isinstance(shipped, domain.OrderShipped)
+    assert isinstance(shipped, OrderShipped)
     assert event == msgspec.structs.replace(
         shipped, tracking_number=f"{shipped.tracking_number}-next"
     )

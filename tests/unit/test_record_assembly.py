@@ -12,7 +12,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from service.infra.eventlog import partition_for
 from service.kernel import envelope
-from service.kernel.domain import ItemAdded, OrderCreated
+from service.kernel.events import ItemAdded, OrderCreated
 from service.write.records import Record, pack, records_of
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
