@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 
 from benchmarks.httpload import LoadResult
 from service.kernel.domain import AddItem, Command, CreateOrder
-from service.write.writer import CommandRequest, Writer, WriterConfig
+from service.write.contract import CommandRequest, WriterConfig
+from service.write.writer import Writer
 
 
 async def closed_loop(

@@ -20,7 +20,8 @@ import uuid
 
 import psutil
 
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 
 
 def _trim() -> None:

@@ -20,7 +20,8 @@ from service.infra.database import create_engine, migrate
 from service.infra.eventlog import ensure_topic
 from service.infra.runtime import tune_gc
 from service.kernel.settings import Settings
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 
 _log = logging.getLogger(__name__)
 

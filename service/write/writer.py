@@ -36,34 +36,18 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service.infra.eventlog import TopicRepartitioned, ensure_topic
+from service.infra.eventlog import ensure_topic
 from service.kernel.domain import Order
 from service.write import recovery
 from service.write.appender import Appender
 from service.write.contract import (
     Accepted,
     CommandRequest,
-    IdempotencyKeyReused,
-    VersionMismatch,
     WriterConfig,
     WriterUnavailable,
 )
 from service.write.recovery import OpenTransactionInLog
 from service.write.staging import Answer, Committed, StagedBatch
-
-# The writer's public names, wherever they are defined: callers import them from here.
-__all__ = [
-    "Accepted",
-    "CommandRequest",
-    "IdempotencyKeyReused",
-    "OpenTransactionInLog",
-    "TopicRepartitioned",
-    "VersionMismatch",
-    "Writer",
-    "WriterConfig",
-    "WriterState",
-    "WriterUnavailable",
-]
 
 _log = logging.getLogger(__name__)
 

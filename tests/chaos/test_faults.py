@@ -48,7 +48,8 @@ from service.infra.embedded.kafka import LocalKafka
 from service.infra.embedded.postgres import LocalPostgres
 from service.kernel import domain, envelope
 from service.kernel.events import OrderPlaced
-from service.write.writer import CommandRequest, Writer, WriterConfig
+from service.write.contract import CommandRequest, WriterConfig
+from service.write.writer import Writer
 from tests.support.processes import (
     ApiProcess,
     ServiceProcess,

@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.models.catalog import PROJECTIONS
 from service.kernel import domain
-from service.write.writer import CommandRequest, Writer, WriterConfig
+from service.write.contract import CommandRequest, WriterConfig
+from service.write.writer import Writer
 from tests.support.log import LoggedEvent, read_topic
 from tests.support.projection_harness import (
     differences,

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.edge.http.app import Resources, create_app
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.projection_harness import Api, clear_read_models
 

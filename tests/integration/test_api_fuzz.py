@@ -26,7 +26,8 @@ from schemathesis.checks import (
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.edge.http.app import Resources, create_app
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 from tests.support.served import Service, served, service_settings
 
 # Examples per operation and generation mode: bounds the module to about a minute on a busy

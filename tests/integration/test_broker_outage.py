@@ -40,7 +40,9 @@ from service.infra.embedded.kafka import LocalKafka
 from service.infra.eventlog import committed_reader
 from service.kernel import envelope
 from service.kernel.events import OrderCreated
-from service.write.writer import OpenTransactionInLog, Writer, WriterConfig, WriterState
+from service.write.contract import WriterConfig
+from service.write.recovery import OpenTransactionInLog
+from service.write.writer import Writer, WriterState
 from tests.support.http import serve
 from tests.support.log import LoggedEvent, by_order, folded_orders, read_topic
 

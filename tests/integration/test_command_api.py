@@ -15,9 +15,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError
 
 from service.edge.http.app import Resources, create_app
-from service.infra.eventlog import TopicWouldLoseHistory
+from service.infra.eventlog import TopicRepartitioned, TopicWouldLoseHistory
 from service.write import staging
-from service.write.writer import TopicRepartitioned, Writer, WriterConfig, WriterState
+from service.write.contract import WriterConfig
+from service.write.writer import Writer, WriterState
 from tests.support.http import serve
 from tests.support.log import by_order, folded_orders, read_topic
 

@@ -27,7 +27,8 @@ from aiokafka import AIOKafkaProducer
 from service.edge.cli.tail import TailOptions, partition_for, tail
 from service.infra.eventlog import TopicMissing
 from service.kernel import domain
-from service.write.writer import Accepted, CommandRequest, Writer
+from service.write.contract import Accepted, CommandRequest
+from service.write.writer import Writer
 
 PARTITIONS = 4
 DEADLINE = 60.0

@@ -29,7 +29,8 @@ from projections.schema import (
 from service.edge.http import queries
 from service.edge.http.app import Resources, create_app
 from service.infra.database import create_engine
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 from tests.support.database import reset_read_side
 from tests.support.http import serve
 

@@ -47,7 +47,8 @@ from projections.versions import (
     switch,
 )
 from service.edge.http.app import Resources, create_app
-from service.write.writer import Accepted, Writer
+from service.write.contract import Accepted
+from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.lifecycles import write_orders
 from tests.support.projection_harness import (

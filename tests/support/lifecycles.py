@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from service.kernel import domain
-from service.write.writer import Accepted, CommandRequest, Writer
+from service.write.contract import Accepted, CommandRequest
+from service.write.writer import Writer
 
 CURRENCIES = ("EUR", "USD", "GBP")
 

@@ -15,12 +15,8 @@ from service.kernel.domain import OrderNotFound
 from service.kernel.envelope import UndecodableEvent
 from service.kernel.errors import OrdersError
 from service.kernel.settings import Settings
-from service.write.writer import (
-    IdempotencyKeyReused,
-    OpenTransactionInLog,
-    VersionMismatch,
-    WriterUnavailable,
-)
+from service.write.contract import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
+from service.write.recovery import OpenTransactionInLog
 
 SETTINGS = Settings(
     kafka_bootstrap_servers="127.0.0.1:9092", database_url="postgresql://u@db.example:5433/orders"

@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.edge.http.app import Resources, create_app
-from service.write.writer import Writer, WriterConfig
+from service.write.contract import WriterConfig
+from service.write.writer import Writer
 
 
 def _spec() -> dict[str, Any]:

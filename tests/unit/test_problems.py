@@ -15,7 +15,7 @@ from service.edge.http.problems import EXCEPTION_HANDLERS, NotYetConsistent, Que
 from service.infra.eventlog import TopicMissing
 from service.kernel.domain import InvalidCommand, OrderNotFound, PaymentMismatch
 from service.kernel.errors import Conflict
-from service.write.writer import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
+from service.write.contract import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
 
 
 def _answer_to(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:

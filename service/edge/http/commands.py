@@ -19,7 +19,8 @@ from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 from service.edge.http.problems import problem_responses
 from service.kernel import domain
 from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Currency
-from service.write.writer import Accepted, CommandRequest, Writer
+from service.write.contract import Accepted, CommandRequest
+from service.write.writer import Writer
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 

@@ -25,7 +25,7 @@ from service.kernel.errors import (
     OperatorRefusal,
     Unavailable,
 )
-from service.write.writer import IdempotencyKeyReused, VersionMismatch
+from service.write.contract import IdempotencyKeyReused, VersionMismatch
 
 _log = logging.getLogger(__name__)
 
