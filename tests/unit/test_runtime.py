@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from projections.runner import _Kept
-from service.edge.cli import main as cli
 from service.edge.cli import operations
+from service.edge.cli import serving as cli
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, YOUNG_GENERATION_THRESHOLD
 from service.kernel.settings import Settings
 

@@ -11,102 +11,36 @@ orders projections  status | rebuild | park | parked | retry | skip: operate the
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from service.edge.bootstrap import ApiOptions, migrate_database, serve
-from service.edge.cli.advice import EXIT_INTERRUPTED, advice_for
-from service.edge.cli.operations import add_projections_parser
-from service.edge.cli.process import configure_logging, configured, positive, run
-from service.edge.cli.tail import TailOptions, tail
-from service.infra.embedded import ensure_port_free
-from service.infra.embedded.stack import infrastructure
-from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
-from service.kernel.settings import Settings
-
-_log = logging.getLogger("orders")
+_NOISY_LOGGERS = ("aiokafka", "kafka", "uvicorn.error", "httpx", "alembic")
+# A rebuild replays in this many processes unless told otherwise: one per core, at most two
+# (Postgres needs the rest of the machine for the writes).
+DEFAULT_REBUILD_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
-async def _serve(settings: Settings, **options: Any) -> None:
-    await serve(settings, shutdown_on_signals(), **options)
-
-
-def cmd_api(args: argparse.Namespace) -> None:
-    settings = configured()
-    _log.info("API on http://%s:%d (OpenAPI at /schema)", args.host, args.port)
-    run(lambda: _serve(settings, api=ApiOptions(args.host, args.port)))
-
-
-def cmd_projector(args: argparse.Namespace) -> None:
-    settings = configured()
-    run(
-        lambda: _serve(settings, run_projector=True, projections=args.names or None),
-        BATCH_YOUNG_GENERATION_THRESHOLD,
+def configure_logging(verbose: bool) -> None:
+    """Log lines with their time and source; the libraries' own chatter only with ``-v``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
-def cmd_migrate(args: argparse.Namespace) -> None:
-    settings = configured(kafka=False)
-    url = settings.require_database()
-    if args.downgrade:
-        run(lambda: migrate_database(url, revision=args.downgrade, action="downgrade"))
-    else:
-        run(lambda: migrate_database(url, revision=args.revision))
-    print(f"database migrated to {args.downgrade or args.revision}")
-
-
-def cmd_dev(args: argparse.Namespace) -> None:
-    ensure_port_free(args.port, "the API", "--port")
-    started = time.monotonic()
-    print("starting Kafka and PostgreSQL (the first run downloads the Kafka broker)...", flush=True)
-    with infrastructure(
-        kafka_port=args.kafka_port, postgres_port=args.postgres_port, data_dir=args.data_dir
-    ) as infra:
-        settings = Settings.from_env().with_infrastructure(
-            kafka=infra.kafka_bootstrap_servers, database_url=infra.database_url
-        )
-
-        async def main() -> None:
-            await migrate_database(infra.database_url)
-            print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
-            print(f"  PostgreSQL  {infra.database_url}")
-            print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
-            print(
-                f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything", flush=True
-            )
-            await _serve(settings, api=ApiOptions(args.host, args.port), run_projector=True)
-
-        run(main)
-    print("stopped")
-
-
-def cmd_events_tail(args: argparse.Namespace) -> None:
-    settings = configured(database=False)
-    options = TailOptions(
-        order_id=args.order,
-        from_beginning=args.from_beginning,
-        follow=args.follow,
-        limit=args.limit,
-        as_json=args.json,
-    )
-
-    async def main() -> None:
-        stop = shutdown_on_signals()
-        printed = await tail(
-            settings.require_kafka(), settings.topic, sys.stdout, options, stop=stop
-        )
-        _log.info("%d event(s) shown from %s", printed, settings.topic)
-
-    try:
-        run(main)
-    except BrokenPipeError:
-        # The reader went away (`| head`): not an error. Point stdout at /dev/null so that the
-        # interpreter's final flush does not complain again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def positive(raw: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _add_events_parser(commands: Any) -> None:
@@ -130,7 +64,88 @@ def _add_events_parser(commands: Any) -> None:
     tail.add_argument(
         "--json", action="store_true", help="one JSON object per line: envelope, partition, offset"
     )
-    tail.set_defaults(handler=cmd_events_tail)
+    tail.set_defaults(handler="serving:cmd_events_tail")
+
+
+def _add_projections_parser(commands: Any) -> None:
+    group = commands.add_parser(
+        "projections", help="operate the read models: status, rebuild, park, retry, skip"
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    status_parser = actions.add_parser(
+        "status", help="checkpoint, end, lag and state of every projection and partition"
+    )
+    status_parser.add_argument("names", nargs="*", help="only these projections (default: all)")
+    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
+    status_parser.set_defaults(handler="operations:cmd_projections_status")
+
+    rebuild_parser = actions.add_parser(
+        "rebuild",
+        help="rebuild read models from the log, blue/green (queries keep working)",
+        description="Build a new version of each named projection from offset 0 next to the "
+        "live one, then switch readers to it in one transaction. Ctrl-C leaves readers on the "
+        "live version; running it again resumes.",
+    )
+    rebuild_parser.add_argument("names", nargs="+", help="projection names, or `all`")
+    rebuild_parser.add_argument(
+        "--in-place",
+        action="store_true",
+        help="stop-the-world: empty the live tables and replay into them (stop the projector)",
+    )
+    rebuild_parser.add_argument(
+        "--keep-old", action="store_true", help="keep the old version's tables after the switch"
+    )
+    rebuild_parser.add_argument(
+        "--restart", action="store_true", help="drop an interrupted build instead of resuming it"
+    )
+    rebuild_parser.add_argument(
+        "--batch",
+        type=positive,
+        default=20_000,
+        metavar="N",
+        help="events per transaction while replaying (default 20000)",
+    )
+    rebuild_parser.add_argument(
+        "--workers",
+        type=positive,
+        default=DEFAULT_REBUILD_WORKERS,
+        metavar="N",
+        help="processes replaying the log side by side, each with its share of the partitions "
+        f"(blue/green only; default {DEFAULT_REBUILD_WORKERS}: this machine's cores, at most 2)",
+    )
+    rebuild_parser.set_defaults(handler="operations:cmd_projections_rebuild")
+
+    builder = actions.add_parser("build")  # no help: started by rebuild --workers, not by hand
+    builder.add_argument("names", nargs="+")
+    builder.add_argument("--batch", type=positive, default=20_000)
+    builder.set_defaults(handler="operations:cmd_projections_build")
+
+    def position(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", help="the projection")
+        parser.add_argument("--partition", type=int, required=True)
+        parser.add_argument("--offset", type=int, required=True)
+        parser.add_argument("--version", type=int, help="default: the live version")
+
+    park_parser = actions.add_parser(
+        "park", help="set aside the event a projection is halted at, with its order"
+    )
+    position(park_parser)
+    park_parser.set_defaults(handler="operations:cmd_projections_park")
+
+    listing_parser = actions.add_parser("parked", help="list parked events")
+    listing_parser.add_argument("names", nargs="*", help="only these projections (default: all)")
+    listing_parser.set_defaults(handler="operations:cmd_projections_parked")
+
+    retry_parser = actions.add_parser("retry", help="apply parked events again (after a fix)")
+    retry_parser.add_argument("name", help="the projection")
+    retry_parser.add_argument("--order", metavar="ID", help="only this order (default: every one)")
+    retry_parser.add_argument("--version", type=int, help="default: the live version")
+    retry_parser.set_defaults(handler="operations:cmd_projections_retry")
+
+    skip_parser = actions.add_parser("skip", help="discard one parked event for good")
+    position(skip_parser)
+    skip_parser.set_defaults(handler="operations:cmd_projections_skip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,27 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="keep Kafka and Postgres data here across runs (default: throw away)",
     )
-    dev.set_defaults(handler=cmd_dev)
+    dev.set_defaults(handler="serving:cmd_dev")
 
     api = commands.add_parser(
         "api", help="run the HTTP API (needs KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL)"
     )
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
-    api.set_defaults(handler=cmd_api)
+    api.set_defaults(handler="serving:cmd_api")
 
     projector = commands.add_parser("projector", help="run the projections")
     projector.add_argument("names", nargs="*", help="only these projections (default: all)")
-    projector.set_defaults(handler=cmd_projector)
+    projector.set_defaults(handler="serving:cmd_projector")
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
-    migrate.set_defaults(handler=cmd_migrate)
+    migrate.set_defaults(handler="serving:cmd_migrate")
 
     _add_events_parser(commands)
-    add_projections_parser(commands)
+    _add_projections_parser(commands)
     return parser
+
+
+def _module(name: str) -> Any:
+    """A module of this package, imported when a command needs it. Only the command that runs
+    loads its libraries (Litestar, SQLAlchemy, aiokafka: about a second), so ``orders --help``
+    and a mistyped argument answer at once."""
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,12 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     on stderr and its exit code (``service.edge.cli.advice``), a bug with its traceback."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    module, _, function = args.handler.partition(":")
     try:
-        args.handler(args)
+        getattr(_module(module), function)(args)
     except KeyboardInterrupt:
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(_module("advice").EXIT_INTERRUPTED) from None
     except Exception as error:
-        advice = advice_for(error)
+        advice = _module("advice").advice_for(error)
         if advice is None:
             raise
         print(f"orders: {advice.message}", file=sys.stderr)

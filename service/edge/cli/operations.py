@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -24,17 +23,13 @@ from projections.runner import ProjectionRunner, VersionsChanged, runner_config
 from projections.status import render, status
 from service.edge.bootstrap import DatabaseUse, database
 from service.edge.cli.advice import EXIT_INTERRUPTED
-from service.edge.cli.process import configured, positive, run
+from service.edge.cli.process import configured, run
 from service.edge.cli.tail import topic_partitions
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 
 _log = logging.getLogger("orders")
-
-# A rebuild replays in this many processes unless told otherwise: one per core, at most two
-# (Postgres needs the rest of the machine for the writes).
-DEFAULT_REBUILD_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 Job = Callable[[AsyncEngine, Settings], Coroutine[Any, Any, None]]
 
@@ -218,84 +213,3 @@ def cmd_projections_skip(args: argparse.Namespace) -> None:
         )
 
     database_job(job)
-
-
-def add_projections_parser(commands: Any) -> None:
-    group = commands.add_parser(
-        "projections", help="operate the read models: status, rebuild, park, retry, skip"
-    )
-    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-    status_parser = actions.add_parser(
-        "status", help="checkpoint, end, lag and state of every projection and partition"
-    )
-    status_parser.add_argument("names", nargs="*", help="only these projections (default: all)")
-    status_parser.add_argument("--json", action="store_true", help="machine-readable output")
-    status_parser.set_defaults(handler=cmd_projections_status)
-
-    rebuild_parser = actions.add_parser(
-        "rebuild",
-        help="rebuild read models from the log, blue/green (queries keep working)",
-        description="Build a new version of each named projection from offset 0 next to the "
-        "live one, then switch readers to it in one transaction. Ctrl-C leaves readers on the "
-        "live version; running it again resumes.",
-    )
-    rebuild_parser.add_argument("names", nargs="+", help="projection names, or `all`")
-    rebuild_parser.add_argument(
-        "--in-place",
-        action="store_true",
-        help="stop-the-world: empty the live tables and replay into them (stop the projector)",
-    )
-    rebuild_parser.add_argument(
-        "--keep-old", action="store_true", help="keep the old version's tables after the switch"
-    )
-    rebuild_parser.add_argument(
-        "--restart", action="store_true", help="drop an interrupted build instead of resuming it"
-    )
-    rebuild_parser.add_argument(
-        "--batch",
-        type=positive,
-        default=20_000,
-        metavar="N",
-        help="events per transaction while replaying (default 20000)",
-    )
-    rebuild_parser.add_argument(
-        "--workers",
-        type=positive,
-        default=DEFAULT_REBUILD_WORKERS,
-        metavar="N",
-        help="processes replaying the log side by side, each with its share of the partitions "
-        f"(blue/green only; default {DEFAULT_REBUILD_WORKERS}: this machine's cores, at most 2)",
-    )
-    rebuild_parser.set_defaults(handler=cmd_projections_rebuild)
-
-    build_parser = actions.add_parser("build")  # no help: started by rebuild --workers, not by hand
-    build_parser.add_argument("names", nargs="+")
-    build_parser.add_argument("--batch", type=positive, default=20_000)
-    build_parser.set_defaults(handler=cmd_projections_build)
-
-    def position(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("name", help="the projection")
-        parser.add_argument("--partition", type=int, required=True)
-        parser.add_argument("--offset", type=int, required=True)
-        parser.add_argument("--version", type=int, help="default: the live version")
-
-    park_parser = actions.add_parser(
-        "park", help="set aside the event a projection is halted at, with its order"
-    )
-    position(park_parser)
-    park_parser.set_defaults(handler=cmd_projections_park)
-
-    listing_parser = actions.add_parser("parked", help="list parked events")
-    listing_parser.add_argument("names", nargs="*", help="only these projections (default: all)")
-    listing_parser.set_defaults(handler=cmd_projections_parked)
-
-    retry_parser = actions.add_parser("retry", help="apply parked events again (after a fix)")
-    retry_parser.add_argument("name", help="the projection")
-    retry_parser.add_argument("--order", metavar="ID", help="only this order (default: every one)")
-    retry_parser.add_argument("--version", type=int, help="default: the live version")
-    retry_parser.set_defaults(handler=cmd_projections_retry)
-
-    skip_parser = actions.add_parser("skip", help="discard one parked event for good")
-    position(skip_parser)
-    skip_parser.set_defaults(handler=cmd_projections_skip)

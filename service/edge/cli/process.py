@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -19,19 +17,6 @@ try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
     uvloop = None  # type: ignore[assignment]
-
-_NOISY_LOGGERS = ("aiokafka", "kafka", "uvicorn.error", "httpx", "alembic")
-
-
-def configure_logging(verbose: bool) -> None:
-    """Log lines with their time and source; the libraries' own chatter only with ``-v``."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in _NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
 def run(
@@ -66,11 +51,3 @@ def configured(*, kafka: bool = True, database: bool = True) -> Settings:
                 "the variable (or use `orders dev`, which starts one)"
             ) from None
     return settings
-
-
-def positive(raw: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
