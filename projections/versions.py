@@ -17,7 +17,7 @@ import asyncpg
 import sqlalchemy as sa
 
 from projections.projection import Projection
-from projections.schema import schema_for
+from projections.schema import is_append_only, schema_for
 from service.kernel.errors import EnvironmentProblem, OperatorRefusal
 
 
@@ -104,7 +104,7 @@ async def create_building(connection: asyncpg.Connection, live: Target) -> Targe
             f'CREATE TABLE "{new.schema}"."{table.name}" (LIKE "{live.schema}"."{table.name}" '
             "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING IDENTITY)"
         )
-        if not table.info.get("append_only"):
+        if not is_append_only(table):
             await _add_missing_keys(connection, live, new, table)
     await connection.execute(
         "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
