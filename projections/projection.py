@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.schema import Merge, is_append_only, merge_rule
+from projections.schema import Merge, is_append_only, merge_rule, schema_for
 from service.infra.database import EncodingRefused, driver_of
 from service.kernel.domain import DomainEvent
 from service.kernel.envelope import Envelope
@@ -148,6 +148,33 @@ class Projection(Protocol):
     def fold(self, state: State, applied: Applied) -> None:
         """Apply one event to ``state``. Pure: no I/O, no clock."""
         ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """One version of one projection: what a runner applies events to."""
+
+    projection: Projection
+    version: int
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    @property
+    def schema(self) -> str:
+        return schema_for(self.name, self.version)
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+def oracle(projection: Projection, events: Sequence[Applied]) -> State:
+    """The read model a pure fold of ``events`` gives, from empty: what the tables must hold."""
+    state = State(projection.tables)
+    for applied in events:
+        projection.fold(state, applied)
+    return state
 
 
 _POSTGRES = postgresql.dialect()  # type: ignore[no-untyped-call]
