@@ -10,6 +10,7 @@ an instance that lost the partition (a zombie) rolls back on ``StaleCheckpoint``
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,17 +18,23 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.batches import Group, Halt, Raw, split_parked
+from projections.batches import Group, Halt, Plan, Raw, split_parked
 from projections.bookkeeping import (
+    StaleCheckpoint,
     advance_checkpoints,
     clear_halts,
     parked_orders,
+    read_checkpoints,
     set_aside,
     share_version_states,
+    store_halt,
+    stored_halts,
 )
 from projections.halts import Bisection
 from projections.partitions import Partitions
-from projections.projection import Applied, Db, State, Target, begin, store
+from projections.projection import Applied, Db, Projection, State, Target, begin, store
+from projections.versions import building as building_target
+from projections.versions import live_targets
 from service.infra.database import EncodingRefused, connection_lost, sqlstate
 
 
@@ -62,6 +69,22 @@ def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:
             raise _FoldFailed(applied, f"{type(error).__name__}: {error}") from error
 
 
+async def targets_of(
+    engine: AsyncEngine, projections: Sequence[Projection], *, building: bool
+) -> list[Target]:
+    """The versions to apply to: the live ones, or (``building``) those being built; raises
+    ``VersionsChanged`` when none is being built (any more)."""
+    async with begin(engine) as connection:
+        if not building:
+            return await live_targets(connection, projections)
+        found = [await building_target(connection, p) for p in projections]
+    targets = [t for t in found if t is not None]
+    if not targets:
+        names = ", ".join(p.name for p in projections)
+        raise VersionsChanged(f"no version of {names} is being built")
+    return targets
+
+
 @dataclass
 class RunnerStats:
     batches: int = 0
@@ -72,11 +95,11 @@ class RunnerStats:
 
 @dataclass
 class Applier:
-    """Commits one projection's groups of a batch, and halts where an event is refused.
+    """The runner's database side: commits one projection's groups of a batch (halting where
+    an event is refused), reads checkpoints to seek to, stores and lifts halts.
 
-    ``partitions`` and ``stats`` are the runner's: a commit clears the stored halts its
-    groups pass and counts the rows it writes; ``halt`` records a halt (and pauses the
-    partition once every projection halted there)."""
+    ``partitions`` and ``stats`` are the runner's, kept up to date here; ``halt`` records a
+    halt (and pauses the partition once every projection halted there)."""
 
     engine: AsyncEngine
     topic: str
@@ -84,6 +107,34 @@ class Applier:
     partitions: Partitions
     stats: RunnerStats
     halt: Callable[[Halt], None]
+
+    async def apply(self, planned: Plan, *, copy: bool) -> tuple[list[int], list[BaseException]]:
+        """Commit each projection's groups of ``planned`` in ONE transaction, side by side on
+        their own connections (Postgres writes one projection's rows while this process folds
+        another's). Each stands alone: its checkpoints move with its rows, and a query waits on
+        the checkpoint of the projection it reads.
+
+        Returns the errors of the projections that failed, and the partitions to seek again:
+        the halts a failed projection found meanwhile are undone (its retry finds them again).
+        """
+        by_projection = planned.by_projection()
+        halted_before = dict(self.partitions.halted)
+        outcomes = await asyncio.gather(
+            *(self.commit(part, planned.raw, copy=copy) for part in by_projection.values()),
+            return_exceptions=True,
+        )
+        failed: set[str] = set()
+        errors: list[BaseException] = []
+        for name, outcome in zip(by_projection, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failed.add(name)
+                errors.append(outcome)
+            else:
+                self.stats.events += self.partitions.moved(outcome)
+        self.stats.batches += 1
+        if not errors:
+            return [], []
+        return self.partitions.undo_halts(halted_before, failed), errors
 
     async def commit(self, groups: list[Group], raw: Raw, *, copy: bool) -> list[Group]:
         """Apply one projection's groups; returns those that committed (some perhaps cut
@@ -127,6 +178,47 @@ class Applier:
                 keys = [(g.target, g.partition) for g in passed]
                 await clear_halts(connection, self.topic, keys)
                 self.partitions.halts_cleared(passed)
+
+    async def sought(self, targets: Sequence[Target], partitions: Sequence[int]) -> None:
+        """Read the stored checkpoints and halts of ``partitions``: the runner goes on from
+        there (and seeks each partition next)."""
+        async with begin(self.engine) as connection:
+            stored = await read_checkpoints(connection, targets, self.topic, partitions)
+            halts = await stored_halts(connection, targets, self.topic, partitions)
+        self.partitions.sought(
+            {p: {t.name: stored[(t.name, p)] for t in targets} for p in partitions}, halts
+        )
+
+    async def sync_halts(
+        self, targets: Sequence[Target], resume: Callable[[Halt, int], None]
+    ) -> None:
+        """Store new halts; lift a halt whose stored row an operator removed (a park), and
+        ``resume`` its partition from the stored checkpoint."""
+        by_name = {t.name: t for t in targets}
+        async with begin(self.engine) as connection:
+            stored = await stored_halts(connection, targets, self.topic)
+            lift, new = self.partitions.halts_to_sync(stored)
+            for halt in lift:
+                target = by_name[halt.projection]
+                found = await read_checkpoints(connection, [target], self.topic, [halt.partition])
+                checkpoint = found[(halt.projection, halt.partition)]
+                self.partitions.lifted(halt, checkpoint)
+                resume(halt, checkpoint)
+            for halt in new:
+                await store_halt(connection, by_name[halt.projection], self.topic, halt)
+                self.partitions.halt_stored(halt)
+
+    async def past_markers(self, moves: Sequence[Group]) -> bool:
+        """Move checkpoints over offsets only transaction markers fill (``marker_moves``);
+        False when another instance moved one meanwhile (seek again)."""
+        try:
+            async with begin(self.engine) as connection:
+                await self.check_versions(connection, list({g.target for g in moves}))
+                await advance_checkpoints(connection, self.topic, moves)
+        except StaleCheckpoint:
+            return False
+        self.partitions.moved(moves)
+        return True
 
     async def check_versions(
         self, connection: asyncpg.Connection, targets: Sequence[Target]

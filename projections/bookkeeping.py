@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 
-from projections.batches import Halt
+from projections.batches import Group, Halt
 from projections.projection import Applied, Target, pg_text
 from service.kernel.errors import Conflict
 
@@ -62,51 +62,28 @@ def _partitions(alias: str, keys: Iterable[tuple[Target, int]]) -> tuple[str, st
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
-class CheckpointMove(Protocol):
-    """A compare-and-set of one checkpoint: from ``expected`` to ``new``."""
-
-    @property
-    def target(self) -> Target: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def expected(self) -> int: ...
-    @property
-    def new(self) -> int: ...
-    @property
-    def last_event_at(self) -> datetime | None: ...
-
-
 async def read_checkpoints(
-    connection: asyncpg.Connection, targets: Sequence[Target], topic: str, partitions: Sequence[int]
+    connection: asyncpg.Connection,
+    targets: Sequence[Target],
+    topic: str,
+    partitions: Sequence[int] | None = None,
 ) -> dict[tuple[str, int], int]:
-    """(projection, partition) -> stored next offset; offset-0 rows for partitions never seen."""
-    keys = [(t, p) for t in targets for p in partitions]
-    source, condition, arrays = _partitions("c", keys)
-    await connection.execute(
-        "INSERT INTO projection_checkpoints (projection, version, topic, partition, next_offset) "
-        f'SELECT u."projection", u."version", $4, u."partition", 0 FROM {source} '
-        "ON CONFLICT DO NOTHING",
-        *arrays,
-        topic,
-    )
+    """(projection, partition) -> stored next offset, in ``partitions`` (with offset-0 rows
+    made for those never seen), or in every partition stored (``None``)."""
+    if partitions is None:
+        source, condition, arrays = _versions("c", targets)
+    else:
+        source, condition, arrays = _partitions("c", [(t, p) for t in targets for p in partitions])
+        await connection.execute(
+            "INSERT INTO projection_checkpoints (projection, version, topic, partition, "
+            f'next_offset) SELECT u."projection", u."version", ${len(arrays) + 1}, '
+            f'u."partition", 0 FROM {source} ON CONFLICT DO NOTHING',
+            *arrays,
+            topic,
+        )
     rows = await connection.fetch(
         "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
-        f"JOIN {source} ON {condition} WHERE c.topic = $4",
-        *arrays,
-        topic,
-    )
-    return {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
-
-
-async def stored_checkpoints(
-    connection: asyncpg.Connection, targets: Sequence[Target], topic: str
-) -> dict[tuple[str, int], int]:
-    """(projection, partition) -> stored next offset, for every partition the targets have."""
-    source, condition, arrays = _versions("c", targets)
-    rows = await connection.fetch(
-        "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
-        f"JOIN {source} ON {condition} WHERE c.topic = $3",
+        f"JOIN {source} ON {condition} WHERE c.topic = ${len(arrays) + 1}",
         *arrays,
         topic,
     )
@@ -114,7 +91,7 @@ async def stored_checkpoints(
 
 
 async def advance_checkpoints(
-    connection: asyncpg.Connection, topic: str, moves: Sequence[CheckpointMove]
+    connection: asyncpg.Connection, topic: str, moves: Sequence[Group]
 ) -> None:
     """Compare-and-set each checkpoint from ``expected`` to ``new``, in one statement.
 

@@ -121,6 +121,18 @@ async def commit_offsets(
         await asyncio.wait_for(commit, timeout)
 
 
+def assigned(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    """The partitions of ``topic`` assigned to ``consumer``."""
+    return [tp.partition for tp in consumer.assignment() if tp.topic == topic]
+
+
+async def positions(
+    consumer: AIOKafkaConsumer, topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    """partition -> the offset of the next record ``consumer`` will return there."""
+    return {p: await consumer.position(TopicPartition(topic, p)) for p in partitions}
+
+
 class Rebalanced(Protocol):
     """What the rebalance listener needs of the runner."""
 

@@ -13,7 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from projections.batches import Group, Halt, HaltKey
-from projections.projection import Applied
+from projections.projection import Applied, Target
+
+
+def advice(halt: Halt, target: Target) -> str:
+    """What the log says of ``halt`` of ``target``: where, why, and the two ways on."""
+    return (
+        f"{target}: HALTED partition {halt.partition} at offset {halt.offset} (order "
+        f"{halt.order_id or '?'}): {halt.reason}. Fix the cause and restart the projector, or "
+        f"set the order aside: orders projections park {target.name} --partition "
+        f"{halt.partition} --offset {halt.offset}"
+    )
 
 
 def halves(part: Sequence[Group]) -> list[list[Group]] | None:

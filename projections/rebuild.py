@@ -38,7 +38,7 @@ import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.bookkeeping import stored_checkpoints
+from projections.bookkeeping import read_checkpoints
 from projections.models import catalog
 from projections.projection import Projection, Target, begin
 from projections.runner import ProjectionRunner, RunnerConfig
@@ -155,7 +155,7 @@ class _Tracker:
     async def checkpoints(self) -> dict[tuple[str, int], int]:
         """(target name, partition) -> its stored checkpoint (next offset to apply)."""
         async with begin(self.engine) as connection:
-            return await stored_checkpoints(connection, self.targets, self.config.topic)
+            return await read_checkpoints(connection, self.targets, self.config.topic)
 
     async def replay_goal(self, stop: asyncio.Event) -> dict[int, int]:
         """Per partition, the offset just after the last event committed by now (0: none).

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import consuming
-from projections.applying import Applier, RunnerStats, transient
+from projections.applying import Applier, RunnerStats, targets_of, transient
 
 # Defined with the transactions that raise it; the CLI imports it from here.
 from projections.applying import VersionsChanged as VersionsChanged
@@ -59,15 +60,11 @@ from projections.batches import (
 from projections.batches import Kept as _Kept  # noqa: F401  (tests/unit/test_runtime.py)
 from projections.bookkeeping import (
     StaleCheckpoint,
-    advance_checkpoints,
-    read_checkpoints,
-    store_halt,
-    stored_halts,
 )
+from projections.halts import advice
 from projections.models import catalog
 from projections.partitions import Partitions
-from projections.projection import Projection, Target, begin
-from projections.versions import building, live_targets
+from projections.projection import Projection, Target
 from service.kernel.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -153,16 +150,7 @@ class ProjectionRunner:
 
     async def load_targets(self) -> None:
         """The versions to apply to: the live ones, or those still being built."""
-        async with begin(self.engine) as connection:
-            if not self.building:
-                self.targets = await live_targets(connection, self.projections)
-                return
-            found = [await building(connection, p) for p in self.projections]
-        targets = [t for t in found if t is not None]
-        if not targets:
-            names = ", ".join(p.name for p in self.projections)
-            raise VersionsChanged(f"no version of {names} is being built")
-        self.targets = targets
+        self.targets = await targets_of(self.engine, self.projections, building=self.building)
 
     # -- positions ------------------------------------------------------------------------
 
@@ -182,13 +170,7 @@ class ProjectionRunner:
     async def seek_to_checkpoints(self, partitions: Sequence[int]) -> None:
         """Read the stored checkpoints (and halts) of ``partitions`` and seek there."""
         assert self.consumer is not None
-        topic = self.config.topic
-        async with begin(self.engine) as connection:
-            stored = await read_checkpoints(connection, self.targets, topic, partitions)
-            halts = await stored_halts(connection, self.targets, topic, partitions)
-        self.partitions.sought(
-            {p: {t.name: stored[(t.name, p)] for t in self.targets} for p in partitions}, halts
-        )
+        await self._applier.sought(self.targets, partitions)
         for partition in partitions:
             self._reposition(partition)
         _log.info(
@@ -298,25 +280,10 @@ class ProjectionRunner:
     async def _with_retry(
         self, stop: asyncio.Event, step: Callable[..., Awaitable[None]], *args: Any
     ) -> None:
-        delay = 0.2
-        while True:
-            try:
-                await step(*args)
-                return
-            except VersionsChanged as changed:
-                await self._follow_versions(changed)
-                return
-            except Exception as error:
-                if stop.is_set() or not transient(error):
-                    raise
-                _log.warning(
-                    "%s: database unavailable (%s); retrying in %.1fs",
-                    self.label,
-                    type(error).__name__,
-                    delay,
-                )
-                await asyncio.sleep(delay)  # back-off while the database is away
-                delay = min(delay * 2, 5.0)
+        try:
+            await _retrying(stop, self.label, functools.partial(step, *args))
+        except VersionsChanged as changed:
+            await self._follow_versions(changed)
 
     async def _follow_versions(self, changed: VersionsChanged) -> None:
         """A rebuild switched versions: a live runner follows the new ones; a builder goes on
@@ -340,12 +307,8 @@ class ProjectionRunner:
         generations: Mapping[int, int] | None = None,
         decoded: Mapping[TopicPartition, Sequence[Decoded]] | None = None,
     ) -> None:
-        """Apply one fetched batch: per projection, its rows and checkpoints in ONE transaction.
-
-        The projections' transactions run concurrently on their own connections, so Postgres
-        writes one projection's rows while this process folds another's. Each stands alone:
-        its checkpoints move with its rows, and a query waits on the checkpoint of the
-        projection it reads.
+        """Apply one fetched batch: per projection, its rows and checkpoints in ONE transaction
+        (``Applier.apply``).
 
         A checkpoint moved by another instance (``StaleCheckpoint``) rolls that projection's
         batch back; its partitions are then re-read from the stored checkpoints (the other
@@ -359,27 +322,9 @@ class ProjectionRunner:
             if generations is not None:
                 fetched = without_stale(fetched, generations, self.partitions.seeks)
             planned = plan(fetched, decoded or {}, self.targets, self.positions, self.halted)
-            by_projection = planned.by_projection()
-            halted_before = dict(self.halted)
-            outcomes = await asyncio.gather(
-                *(
-                    self._applier.commit(part, planned.raw, copy=self.config.copy_append_only)
-                    for part in by_projection.values()
-                ),
-                return_exceptions=True,
-            )
-            failed: set[str] = set()
-            errors: list[BaseException] = []
-            for name, outcome in zip(by_projection, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    failed.add(name)
-                    errors.append(outcome)
-                else:
-                    self.stats.events += self.partitions.moved(outcome)
-            self.stats.batches += 1
+            reseek, errors = await self._applier.apply(planned, copy=self.config.copy_append_only)
             if errors:
-                # Halts a failed projection found meanwhile are found again when retried.
-                for partition in self.partitions.undo_halts(halted_before, failed):
+                for partition in reseek:
                     self._reposition(partition)
                 stale = [e for e in errors if isinstance(e, StaleCheckpoint)]
                 if len(stale) < len(errors):
@@ -396,51 +341,25 @@ class ProjectionRunner:
     # -- halts ----------------------------------------------------------------------------
 
     def _halt(self, halt: Halt) -> None:
-        target = self._target(halt.projection)
         names = [t.name for t in self.targets]
         if self.partitions.halt(halt, names) and self.consumer is not None:
             self.consumer.pause(self._tp(halt.partition))
-        _log.error(
-            "%s: HALTED partition %d at offset %d (order %s): %s. Fix the cause and restart "
-            "the projector, or set the order aside: orders projections park %s --partition %d "
-            "--offset %d",
-            target,
-            halt.partition,
-            halt.offset,
-            halt.order_id or "?",
-            halt.reason,
-            target.name,
-            halt.partition,
-            halt.offset,
-        )
+        _log.error("%s", advice(halt, self._target(halt.projection)))
 
     async def housekeeping(self, idle: bool = True) -> None:
         """Store new halts, pick up parks, and (when ``idle``, no fetch in flight) move
         checkpoints past transaction markers."""
         async with self.applying:
             if self.halted:
-                await self._sync_halts()
+                await self._applier.sync_halts(self.targets, self._resume)
             if idle:
                 await self._past_markers()
 
-    async def _sync_halts(self) -> None:
-        """Store new halts; a halt whose stored row an operator removed (a park) is lifted."""
-        topic = self.config.topic
-        async with begin(self.engine) as connection:
-            stored = await stored_halts(connection, self.targets, topic)
-            lift, new = self.partitions.halts_to_sync(stored)
-            for halt in lift:
-                target = self._target(halt.projection)
-                found = await read_checkpoints(connection, [target], topic, [halt.partition])
-                checkpoint = found[(halt.projection, halt.partition)]
-                self.partitions.lifted(halt, checkpoint)
-                _log.info(
-                    "%s: partition %d resumes at offset %d", target, halt.partition, checkpoint
-                )
-                self._reposition(halt.partition)
-            for halt in new:
-                await store_halt(connection, self._target(halt.projection), topic, halt)
-                self.partitions.halt_stored(halt)
+    def _resume(self, halt: Halt, checkpoint: int) -> None:
+        """An operator removed ``halt`` (e.g. parked the event): go on from ``checkpoint``."""
+        target = self._target(halt.projection)
+        _log.info("%s: partition %d resumes at offset %d", target, halt.partition, checkpoint)
+        self._reposition(halt.partition)
 
     async def _past_markers(self) -> None:
         """Move checkpoints over what only transaction markers fill, so lag can reach 0.
@@ -451,25 +370,11 @@ class ProjectionRunner:
         """
         if self.consumer is None:
             return
-        assigned = self._assigned()
-        consumed = {
-            p: await self.consumer.position(self._tp(p)) for p in self.partitions.settled(assigned)
-        }
+        settled = self.partitions.settled(consuming.assigned(self.consumer, self.config.topic))
+        consumed = await consuming.positions(self.consumer, self.config.topic, settled)
         moves = self.partitions.marker_moves(consumed, self.targets)
-        if not moves:
-            return
-        try:
-            async with begin(self.engine) as connection:
-                await self._applier.check_versions(connection, list({g.target for g in moves}))
-                await advance_checkpoints(connection, self.config.topic, moves)
-        except StaleCheckpoint:
+        if moves and not await self._applier.past_markers(moves):
             await self.seek_to_checkpoints(sorted({g.partition for g in moves}))
-            return
-        self.partitions.moved(moves)
-
-    def _assigned(self) -> list[int]:
-        assert self.consumer is not None
-        return [tp.partition for tp in self.consumer.assignment() if tp.topic == self.config.topic]
 
     async def _commit_kafka_offsets(self, stop: asyncio.Event) -> None:
         """Informational only: lets Kafka tools show lag. Correctness never reads them.
@@ -483,13 +388,34 @@ class ProjectionRunner:
         ):
             return
         self._last_kafka_commit = now
-        offsets = self.partitions.committable(self._assigned())
+        offsets = self.partitions.committable(consuming.assigned(self.consumer, self.config.topic))
         await consuming.commit_offsets(
             self.consumer, self.config.topic, offsets, self.config.commit_kafka_offsets_timeout
         )
         # From the attempt's end: a commit that timed out does not come again at once, which
         # would hold every pass of the loop while the coordinator alone is away.
         self._last_kafka_commit = time.monotonic()
+
+
+async def _retrying(stop: asyncio.Event, label: str, step: Callable[[], Awaitable[None]]) -> None:
+    """Run ``step``; after an error of a database that is away (``transient``), again after a
+    back-off, until ``stop``."""
+    delay = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except Exception as error:
+            if isinstance(error, VersionsChanged) or stop.is_set() or not transient(error):
+                raise
+            _log.warning(
+                "%s: database unavailable (%s); retrying in %.1fs",
+                label,
+                type(error).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)  # back-off while the database is away
+            delay = min(delay * 2, 5.0)
 
 
 def runner_config(settings: Settings) -> RunnerConfig:
