@@ -12,16 +12,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.batches import Group
+from projections.bookkeeping import (
+    ParkedEvent,
+    StaleCheckpoint,
+    advance_checkpoints,
+    clear_halts,
+    discard_parked_event,
+    events_of_parked_orders,
+    lock_parked_orders,
+    locked_halt,
+    park_event,
+    parked_events,
+    unpark,
+    version_states,
+)
 from projections.models import catalog
-from projections.projection import Applied, Db, begin, pg_text, store
-from projections.versions import Target, versions
+from projections.projection import Applied, Db, Target, begin, pg_text, store
 from service.infra.eventlog import committed_reader
 from service.kernel import envelope
 from service.kernel.errors import OperatorRefusal
@@ -31,20 +43,9 @@ class ParkingRefused(OperatorRefusal):
     """The operation cannot be done as asked; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class ParkedEvent:
-    projection: str
-    version: int
-    partition: int
-    offset: int
-    order_id: str
-    reason: str
-    parked_at: datetime
-
-
 async def _target(connection: asyncpg.Connection, name: str, version: int | None) -> Target:
     projection = catalog.select([name])[0]
-    known = (await versions(connection, [name]))[name]
+    known = (await version_states(connection, [name]))[name]
     if version is None:
         live = [v for v, state in known.items() if state == "live"]
         if not live:
@@ -103,64 +104,26 @@ async def park(
     order_id = pg_text(key.decode(errors="replace"))
     async with begin(engine) as connection:
         target = await _target(connection, name, version)
-        halt = await connection.fetchrow(
-            'SELECT "offset", reason FROM projection_halts WHERE projection = $1 AND version = $2 '
-            "AND topic = $3 AND partition = $4 FOR UPDATE",
-            target.name,
-            target.version,
-            topic,
-            partition,
-        )
-        if halt is None or halt["offset"] != offset:
-            where = "is not halted" if halt is None else f"is halted at {halt['offset']}"
+        halt = await locked_halt(connection, target, topic, partition)
+        if halt is None or halt.offset != offset:
+            where = "is not halted" if halt is None else f"is halted at {halt.offset}"
             raise ParkingRefused(
                 f"{target} {where} in partition {partition}, not at {offset}: only the event "
                 "a projection is halted at can be parked (see orders projections status)"
             )
-        moved = await connection.fetchval(
-            "UPDATE projection_checkpoints SET next_offset = $5, updated_at = now() "
-            "WHERE projection = $1 AND version = $2 AND topic = $3 AND partition = $4 "
-            "AND next_offset = $6 RETURNING partition",
-            target.name,
-            target.version,
-            topic,
-            partition,
-            offset + 1,
-            offset,
+        try:
+            await advance_checkpoints(
+                connection, topic, [Group(target, partition, offset, offset + 1)]
+            )
+        except StaleCheckpoint:
+            raise ParkingRefused(
+                f"the checkpoint of {target} moved meanwhile; check the status"
+            ) from None
+        parked_event = await park_event(
+            connection, target, topic, partition, offset, order_id, value, halt.reason
         )
-        if moved is None:
-            raise ParkingRefused(f"the checkpoint of {target} moved meanwhile; check the status")
-        await connection.execute(
-            "INSERT INTO parked_orders (projection, version, order_id) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
-            target.name,
-            target.version,
-            order_id,
-        )
-        parked_at = await connection.fetchval(
-            'INSERT INTO parked_events (projection, version, topic, partition, "offset", '
-            "order_id, value, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-            "RETURNING parked_at",
-            target.name,
-            target.version,
-            topic,
-            partition,
-            offset,
-            order_id,
-            value,
-            halt["reason"],
-        )
-        await connection.execute(
-            "DELETE FROM projection_halts WHERE projection = $1 AND version = $2 AND topic = $3 "
-            "AND partition = $4",
-            target.name,
-            target.version,
-            topic,
-            partition,
-        )
-    return ParkedEvent(
-        target.name, target.version, partition, offset, order_id, halt["reason"], parked_at
-    )
+        await clear_halts(connection, topic, [(target, partition)])
+    return parked_event
 
 
 async def parked(
@@ -169,14 +132,7 @@ async def parked(
     """The parked events, by projection and position."""
     wanted = [p.name for p in catalog.select(list(names) if names else None)]
     async with begin(engine) as connection:
-        rows = await connection.fetch(
-            'SELECT projection, version, partition, "offset", order_id, reason, parked_at '
-            "FROM parked_events WHERE topic = $1 AND projection = ANY($2::text[]) "
-            'ORDER BY projection, version, partition, "offset"',
-            topic,
-            wanted,
-        )
-    return [ParkedEvent(**dict(row)) for row in rows]
+        return await parked_events(connection, topic, wanted)
 
 
 async def retry(
@@ -193,36 +149,22 @@ async def retry(
     """
     async with begin(engine) as connection:
         target = await _target(connection, name, version)
-        orders = await connection.fetch(
-            "SELECT order_id FROM parked_orders WHERE projection = $1 AND version = $2 "
-            "AND ($3::text IS NULL OR order_id = $3) ORDER BY order_id FOR UPDATE",
-            target.name,
-            target.version,
-            None if order_id is None else pg_text(order_id),
-        )
-        order_ids = [row["order_id"] for row in orders]
+        order_ids = await lock_parked_orders(connection, target, order_id)
         if not order_ids:
             raise ParkingRefused(
                 f"{target} has no parked order{f' {order_id}' if order_id else ''}"
             )
-        rows = await connection.fetch(
-            'SELECT partition, "offset", order_id, value, reason, parked_at FROM parked_events '
-            "WHERE projection = $1 AND version = $2 AND topic = $3 "
-            'AND order_id = ANY($4::text[]) ORDER BY partition, "offset"',
-            target.name,
-            target.version,
-            topic,
-            order_ids,
-        )
+        parked_now = await events_of_parked_orders(connection, target, topic, order_ids)
         events = []
-        for row in rows:
+        for parked_event, value in parked_now:
             try:
-                sealed, event = envelope.decode(row["value"])
+                sealed, event = envelope.decode(value)
             except envelope.UndecodableEvent as error:
                 raise ParkingRefused(
-                    f"{row['partition']}/{row['offset']} still cannot be decoded: {error}"
+                    f"{parked_event.partition}/{parked_event.offset} still cannot be decoded: "
+                    f"{error}"
                 ) from None
-            events.append(Applied(sealed, event, row["partition"], row["offset"]))
+            events.append(Applied(sealed, event, parked_event.partition, parked_event.offset))
         db = Db(connection, target.schema)
         state = await target.projection.load(db, events)
         for applied in events:
@@ -234,33 +176,8 @@ async def retry(
                     f"{type(error).__name__}: {error}"
                 ) from None
         await store(db, state)
-        await connection.execute(
-            "DELETE FROM parked_events WHERE projection = $1 AND version = $2 AND topic = $3 "
-            "AND order_id = ANY($4::text[])",
-            target.name,
-            target.version,
-            topic,
-            order_ids,
-        )
-        await connection.execute(
-            "DELETE FROM parked_orders WHERE projection = $1 AND version = $2 "
-            "AND order_id = ANY($3::text[])",
-            target.name,
-            target.version,
-            order_ids,
-        )
-    return [
-        ParkedEvent(
-            target.name,
-            target.version,
-            row["partition"],
-            row["offset"],
-            row["order_id"],
-            row["reason"],
-            row["parked_at"],
-        )
-        for row in rows
-    ]
+        await unpark(connection, target, topic, order_ids)
+    return [parked_event for parked_event, _ in parked_now]
 
 
 async def skip(
@@ -275,25 +192,9 @@ async def skip(
     """Discard one parked event, for good. Its order stays parked until ``retry``."""
     async with begin(engine) as connection:
         target = await _target(connection, name, version)
-        row = await connection.fetchrow(
-            "DELETE FROM parked_events WHERE projection = $1 AND version = $2 AND topic = $3 "
-            'AND partition = $4 AND "offset" = $5 RETURNING order_id, reason, parked_at',
-            target.name,
-            target.version,
-            topic,
-            partition,
-            offset,
-        )
-        if row is None:
+        discarded = await discard_parked_event(connection, target, topic, partition, offset)
+        if discarded is None:
             raise ParkingRefused(
                 f"{target} has no parked event at {partition}/{offset} (orders projections parked)"
             )
-    return ParkedEvent(
-        target.name,
-        target.version,
-        partition,
-        offset,
-        row["order_id"],
-        row["reason"],
-        row["parked_at"],
-    )
+    return discarded

@@ -20,7 +20,7 @@ import functools
 import operator
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import asyncpg
 import msgspec
@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.schema import Merge, is_append_only, merge_rule, schema_for
 from service.infra.database import EncodingRefused, driver_of
 from service.kernel.envelope import Envelope
 from service.kernel.errors import BadEvent
@@ -149,10 +150,31 @@ class Projection(Protocol):
         ...
 
 
-def merge_rule(table: sa.Table, column: str) -> str | None:
-    """How an upsert combines a stored value with a batch's: None (replace), add, max, ..."""
-    rule: str | None = table.info.get("merge", {}).get(column)
-    return rule
+@dataclass(frozen=True)
+class Target:
+    """One version of one projection: what a runner applies events to."""
+
+    projection: Projection
+    version: int
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    @property
+    def schema(self) -> str:
+        return schema_for(self.name, self.version)
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+def oracle(projection: Projection, events: Sequence[Applied]) -> State:
+    """The read model a pure fold of ``events`` gives, from empty: what the tables must hold."""
+    state = State(projection.tables)
+    for applied in events:
+        projection.fold(state, applied)
+    return state
 
 
 _POSTGRES = postgresql.dialect()  # type: ignore[no-untyped-call]
@@ -165,17 +187,18 @@ def _pg_type(column: sa.Column[Any]) -> str:
 
 
 def _merged(table: sa.Table, column: str) -> str:
-    match merge_rule(table, column):
-        case None:
+    rule = merge_rule(table, column)
+    match rule:
+        case Merge.REPLACE:
             return f'EXCLUDED."{column}"'
-        case "add":
+        case Merge.ADD:
             return f't."{column}" + EXCLUDED."{column}"'
-        case "max":
+        case Merge.MAX:
             return f'GREATEST(t."{column}", EXCLUDED."{column}")'
-        case "add_per_key":
+        case Merge.ADD_PER_KEY:
             return f'jsonb_add_per_key(t."{column}", EXCLUDED."{column}")'
-        case other:
-            raise ValueError(f"unknown merge rule {other!r} on {table.name}.{column}")
+        case _:
+            assert_never(rule)
 
 
 @functools.cache
@@ -199,7 +222,7 @@ def _write_sql(schema: str, table: sa.Table) -> str:
         for i, column in enumerate(table.columns)
     )
     rows = "jsonb_array_elements($1::text::jsonb)"
-    if table.info.get("append_only"):
+    if is_append_only(table):
         return f"INSERT INTO {name} ({names}) SELECT {values} FROM {rows} AS u(e)"
     insert = (
         f"INSERT INTO {name} AS t ({names}) SELECT {values} "
@@ -269,7 +292,7 @@ async def store(db: Db, state: State, *, copy: bool = False) -> int:
         if not table_state.dirty:
             continue
         table = table_state.table
-        if copy and table.info.get("append_only"):
+        if copy and is_append_only(table):
             columns, as_record = _copy_columns(table)
             records = [as_record(table_state.rows[key]) for key in table_state.dirty]
             try:
@@ -286,7 +309,7 @@ async def store(db: Db, state: State, *, copy: bool = False) -> int:
             written += len(records)
             continue
         keys: Iterable[Key] = table_state.dirty
-        if not table.info.get("append_only"):
+        if not is_append_only(table):
             keys = sorted(keys)
         as_array = _as_array(table)
         rows = [as_array(table_state.rows[key]) for key in keys]

@@ -38,13 +38,13 @@ import asyncpg
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.bookkeeping import read_checkpoints
 from projections.models import catalog
-from projections.projection import Projection, begin
+from projections.projection import Projection, Target, begin
 from projections.runner import ProjectionRunner, RunnerConfig
 from projections.status import stable_offsets
 from projections.versions import (
     NotCaughtUp,
-    Target,
     build_indexes,
     building,
     create_building,
@@ -155,15 +155,7 @@ class _Tracker:
     async def checkpoints(self) -> dict[tuple[str, int], int]:
         """(target name, partition) -> its stored checkpoint (next offset to apply)."""
         async with begin(self.engine) as connection:
-            rows = await connection.fetch(
-                "SELECT c.projection, c.partition, c.next_offset FROM projection_checkpoints c "
-                "JOIN unnest($1::text[], $2::int[]) AS t(n, v) "
-                "ON c.projection = t.n AND c.version = t.v WHERE c.topic = $3",
-                [t.name for t in self.targets],
-                [t.version for t in self.targets],
-                self.config.topic,
-            )
-        return {(row["projection"], row["partition"]): row["next_offset"] for row in rows}
+            return await read_checkpoints(connection, self.targets, self.config.topic)
 
     async def replay_goal(self, stop: asyncio.Event) -> dict[int, int]:
         """Per partition, the offset just after the last event committed by now (0: none).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -104,6 +106,48 @@ BOOKKEEPING = (
 )
 
 
+class Merge(enum.Enum):
+    """How an upsert combines a row's stored value with the value a batch wrote."""
+
+    REPLACE = "replace"  # the batch's value (every column without a rule)
+    ADD = "add"  # stored + batch: the batch folded a delta from zero
+    MAX = "max"  # the greater of the two
+    ADD_PER_KEY = "add_per_key"  # jsonb objects of numbers: stored + batch, key by key
+
+
+_MERGE = "merge"
+_APPEND_ONLY = "append_only"
+
+
+def merging(table: sa.Table, **rules: Merge) -> sa.Table:
+    """``table``, whose upserts combine the named columns by ``rules`` (the others: REPLACE).
+
+    A name that is not one of the table's non-key columns is refused here, at import."""
+    columns = {str(column.name) for column in table.columns if not column.primary_key}
+    unknown = sorted(set(rules) - columns)
+    if unknown:
+        raise ValueError(f"merge rules for {table.name} name no value column: {unknown}")
+    table.info[_MERGE] = dict(rules)
+    return table
+
+
+def append_only(table: sa.Table) -> sa.Table:
+    """``table``, whose rows are only ever added: no upsert, and a second copy is refused."""
+    table.info[_APPEND_ONLY] = True
+    return table
+
+
+def merge_rule(table: sa.Table, column: str) -> Merge:
+    """How an upsert of ``table`` combines the stored and the new value of ``column``."""
+    rules: dict[str, Merge] = table.info.get(_MERGE, {})
+    return rules.get(column, Merge.REPLACE)
+
+
+def is_append_only(table: sa.Table) -> bool:
+    """Whether ``table`` is only ever appended to (see ``append_only``)."""
+    return bool(table.info.get(_APPEND_ONLY, False))
+
+
 def schema_for(projection: str, version: int) -> str:
     """The Postgres schema holding the tables of one version of a projection."""
     return f"proj_{projection}_v{version}"
@@ -140,46 +184,45 @@ orders = sa.Table(
 )
 
 # -- the "order_history" projection: every event of an order, in order -------------------------
-order_history = sa.Table(
-    "order_history",
-    metadata,
-    sa.Column("order_id", sa.Text, primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("event_id", sa.Text, nullable=False),
-    sa.Column("type", sa.Text, nullable=False),
-    sa.Column("schema_version", sa.Integer, nullable=False),
-    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("command_id", sa.Text, nullable=False),
-    sa.Column("correlation_id", sa.Text, nullable=False),
-    sa.Column("data", JSONB, nullable=False),
-    sa.Column("partition", sa.Integer, nullable=False),
-    sa.Column("offset", sa.BigInteger, nullable=False),
-    # Rows are only ever added (COPY): a second copy of an event is refused by the key.
-    info={"append_only": True},
+# Rows are only ever added (COPY): a second copy of an event is refused by the key.
+order_history = append_only(
+    sa.Table(
+        "order_history",
+        metadata,
+        sa.Column("order_id", sa.Text, primary_key=True),
+        sa.Column("version", sa.Integer, primary_key=True),
+        sa.Column("event_id", sa.Text, nullable=False),
+        sa.Column("type", sa.Text, nullable=False),
+        sa.Column("schema_version", sa.Integer, nullable=False),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("command_id", sa.Text, nullable=False),
+        sa.Column("correlation_id", sa.Text, nullable=False),
+        sa.Column("data", JSONB, nullable=False),
+        sa.Column("partition", sa.Integer, nullable=False),
+        sa.Column("offset", sa.BigInteger, nullable=False),
+    )
 )
 
 # -- the "customer_summary" projection ---------------------------------------------------------
 # Aggregate rows (a customer's orders, a day's sales) are fed by events of MANY partitions, which
 # different projector instances may apply at the same time. Their batches therefore never read
 # and overwrite such rows: a batch folds its events into deltas from zero, and the upsert adds
-# the deltas to the stored row ("merge" in the table's info), under the row lock, in key order.
-customer_summaries = sa.Table(
-    "customer_summaries",
-    metadata,
-    sa.Column("customer_id", sa.Text, primary_key=True),
-    sa.Column("order_count", sa.Integer, nullable=False),
-    sa.Column("open_orders", sa.Integer, nullable=False),
-    # currency -> net amount paid (payments minus refunds), in minor units
-    sa.Column("lifetime_value", JSONB, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    info={
-        "merge": {
-            "order_count": "add",
-            "open_orders": "add",
-            "lifetime_value": "add_per_key",
-            "updated_at": "max",
-        }
-    },
+# the deltas to the stored row (``merging``), under the row lock, in key order.
+customer_summaries = merging(
+    sa.Table(
+        "customer_summaries",
+        metadata,
+        sa.Column("customer_id", sa.Text, primary_key=True),
+        sa.Column("order_count", sa.Integer, nullable=False),
+        sa.Column("open_orders", sa.Integer, nullable=False),
+        # currency -> net amount paid (payments minus refunds), in minor units
+        sa.Column("lifetime_value", JSONB, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    ),
+    order_count=Merge.ADD,
+    open_orders=Merge.ADD,
+    lifetime_value=Merge.ADD_PER_KEY,
+    updated_at=Merge.MAX,
 )
 # Which customer (and currency) each order belongs to, and whether it is still open: later
 # events of an order do not repeat the customer.
@@ -193,25 +236,23 @@ customer_summary_orders = sa.Table(
 )
 
 # -- the "daily_sales" projection: per UTC day and currency -------------------------------------
-daily_sales = sa.Table(
-    "daily_sales",
-    metadata,
-    sa.Column("day", sa.Date, primary_key=True),
-    sa.Column("currency", sa.Text, primary_key=True),
-    sa.Column("orders_placed", sa.Integer, nullable=False),
-    sa.Column("orders_paid", sa.Integer, nullable=False),
-    sa.Column("orders_cancelled", sa.Integer, nullable=False),
-    sa.Column("revenue", sa.BigInteger, nullable=False),
-    sa.Column("refunded", sa.BigInteger, nullable=False),
-    info={
-        "merge": {
-            "orders_placed": "add",
-            "orders_paid": "add",
-            "orders_cancelled": "add",
-            "revenue": "add",
-            "refunded": "add",
-        }
-    },
+daily_sales = merging(
+    sa.Table(
+        "daily_sales",
+        metadata,
+        sa.Column("day", sa.Date, primary_key=True),
+        sa.Column("currency", sa.Text, primary_key=True),
+        sa.Column("orders_placed", sa.Integer, nullable=False),
+        sa.Column("orders_paid", sa.Integer, nullable=False),
+        sa.Column("orders_cancelled", sa.Integer, nullable=False),
+        sa.Column("revenue", sa.BigInteger, nullable=False),
+        sa.Column("refunded", sa.BigInteger, nullable=False),
+    ),
+    orders_placed=Merge.ADD,
+    orders_paid=Merge.ADD,
+    orders_cancelled=Merge.ADD,
+    revenue=Merge.ADD,
+    refunded=Merge.ADD,
 )
 daily_sales_orders = sa.Table(
     "daily_sales_orders",

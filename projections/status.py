@@ -16,6 +16,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.bookkeeping import (
+    StoredCheckpoint,
+    parked_counts,
+    topic_checkpoints,
+    topic_halts,
+    version_states,
+)
 from projections.models import catalog
 from projections.projection import begin
 from service.infra.eventlog import committed_reader
@@ -200,28 +207,13 @@ async def status(
     wanted = [p.name for p in catalog.select(list(names) if names else None)]
     now = datetime.now(UTC)
     async with begin(engine) as connection:
-        versions = await connection.fetch(
-            "SELECT projection, version, state FROM projection_versions "
-            "WHERE projection = ANY($1::text[]) AND state IN ('live', 'building') "
-            "ORDER BY projection, version",
-            wanted,
-        )
-        checkpoints = await connection.fetch(
-            "SELECT projection, version, partition, next_offset, last_event_at "
-            "FROM projection_checkpoints WHERE topic = $1",
-            topic,
-        )
-        halts = await connection.fetch(
-            'SELECT projection, version, partition, "offset", order_id, reason '
-            "FROM projection_halts WHERE topic = $1",
-            topic,
-        )
-        parked = await connection.fetch(
-            "SELECT projection, version, count(*) AS events FROM parked_events "
-            "WHERE topic = $1 GROUP BY projection, version",
-            topic,
-        )
-    stored = {(r["projection"], r["version"], r["partition"]): r for r in checkpoints}
+        states = await version_states(connection, wanted, states=("live", "building"))
+        stored = await topic_checkpoints(connection, topic)
+        halted = await topic_halts(connection, topic)
+        parked = await parked_counts(connection, topic)
+    versions = [
+        (name, version, role) for name in sorted(states) for version, role in states[name].items()
+    ]
     consumer = committed_reader(bootstrap)
     try:
         await consumer.start()
@@ -231,20 +223,17 @@ async def status(
     finally:
         await consumer.stop()  # also after a failed start, which leaves its connections open
     members = await consumers(bootstrap, group_prefix) if group_prefix is not None else None
-    halted = {(r["projection"], r["version"], r["partition"]): r for r in halts}
-    parked_counts = {(r["projection"], r["version"]): r["events"] for r in parked}
     partitions = sorted(stable) if stable is not None else []
     found = []
-    for row in versions:
-        name, version, role = row["projection"], row["version"], row["state"]
+    for name, version, role in versions:
         consuming = members.get(name, 0) if members is not None and role == "live" else None
         rows = []
         for partition in partitions or sorted(
             p for (n, v, p) in stored if (n, v) == (name, version)
         ):
             checkpoint = stored.get((name, version, partition))
-            next_offset = checkpoint["next_offset"] if checkpoint else 0
-            last_at = checkpoint["last_event_at"] if checkpoint else None
+            next_offset = checkpoint.next_offset if checkpoint else 0
+            last_at = checkpoint.last_event_at if checkpoint else None
             end = stable.get(partition) if stable is not None else None
             lag_offsets = max(0, end - next_offset) if end is not None else None
             lag = 0 if lag_offsets == 0 else events.count(partition, next_offset)
@@ -269,9 +258,9 @@ async def status(
                     lag_seconds=_lag_seconds(lag if lag is not None else lag_offsets, last_at, now),
                     last_event_at=last_at,
                     state=state,
-                    halted_at_offset=halt["offset"] if halt else None,
-                    halted_order_id=halt["order_id"] if halt else None,
-                    reason=halt["reason"] if halt else None,
+                    halted_at_offset=halt.offset if halt else None,
+                    halted_order_id=halt.order_id if halt else None,
+                    reason=halt.reason if halt else None,
                 )
             )
         lags = [r.lag_events for r in rows]
@@ -284,7 +273,7 @@ async def status(
                 state=_overall(role, [r.state for r in rows]),
                 lag_events=None if None in lags else sum(lag or 0 for lag in lags),
                 lag_offsets=None if None in offset_lags else sum(x or 0 for x in offset_lags),
-                parked_events=parked_counts.get((name, version), 0),
+                parked_events=parked.get((name, version), 0),
                 partitions=rows,
                 consumers=consuming,
             )
@@ -295,15 +284,17 @@ async def status(
 
 
 def _starts(
-    versions: Sequence[Any], stored: dict[tuple[str, int, int], Any], partitions: Iterable[int]
+    versions: Sequence[tuple[str, int, str]],
+    stored: dict[tuple[str, int, int], StoredCheckpoint],
+    partitions: Iterable[int],
 ) -> dict[int, set[int]]:
     """Per partition, the checkpoints of the versions reported (0 where one has none yet): the
     offsets to count events from. Not a retired version's: it is not reported, and may be far
     behind."""
     return {
         partition: {
-            stored[key]["next_offset"] if key in stored else 0
-            for key in ((row["projection"], row["version"], partition) for row in versions)
+            stored[key].next_offset if key in stored else 0
+            for key in ((name, version, partition) for name, version, _ in versions)
         }
         for partition in partitions
     }

@@ -11,33 +11,22 @@ for no reader, makes it live and repoints the views. Runners lock their version'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import asyncpg
 import sqlalchemy as sa
 
-from projections.projection import Projection
-from projections.schema import schema_for
+from projections.bookkeeping import (
+    add_version,
+    behind,
+    forget_version,
+    lock_version_states,
+    reset_checkpoints,
+    set_version_state,
+    version_states,
+)
+from projections.projection import Projection, Target
+from projections.schema import is_append_only
 from service.kernel.errors import EnvironmentProblem, OperatorRefusal
-
-
-@dataclass(frozen=True)
-class Target:
-    """One version of one projection: what a runner applies events to."""
-
-    projection: Projection
-    version: int
-
-    @property
-    def name(self) -> str:
-        return self.projection.name
-
-    @property
-    def schema(self) -> str:
-        return schema_for(self.name, self.version)
-
-    def __str__(self) -> str:
-        return f"{self.name} v{self.version}"
 
 
 class NoLiveVersion(EnvironmentProblem):
@@ -52,26 +41,11 @@ class NotCaughtUp(OperatorRefusal):
     """The building version is behind the live one in some partition: it cannot switch yet."""
 
 
-async def versions(
-    connection: asyncpg.Connection, names: Sequence[str]
-) -> dict[str, dict[int, str]]:
-    """projection -> {version: state}, for the named projections."""
-    rows = await connection.fetch(
-        "SELECT projection, version, state FROM projection_versions "
-        "WHERE projection = ANY($1::text[]) ORDER BY projection, version",
-        list(names),
-    )
-    found: dict[str, dict[int, str]] = {name: {} for name in names}
-    for row in rows:
-        found[row["projection"]][row["version"]] = row["state"]
-    return found
-
-
 async def live_targets(
     connection: asyncpg.Connection, projections: Sequence[Projection]
 ) -> list[Target]:
     """The live version of each projection."""
-    known = await versions(connection, [p.name for p in projections])
+    known = await version_states(connection, [p.name for p in projections])
     targets = []
     for projection in projections:
         live = [v for v, state in known[projection.name].items() if state == "live"]
@@ -86,7 +60,7 @@ async def live_targets(
 
 async def building(connection: asyncpg.Connection, projection: Projection) -> Target | None:
     """The version being built (left by an interrupted rebuild), if any."""
-    known = await versions(connection, [projection.name])
+    known = await version_states(connection, [projection.name])
     for version, state in known[projection.name].items():
         if state == "building":
             return Target(projection, version)
@@ -96,7 +70,7 @@ async def building(connection: asyncpg.Connection, projection: Projection) -> Ta
 async def create_building(connection: asyncpg.Connection, live: Target) -> Target:
     """A new, empty version next to ``live``: same tables, no secondary indexes yet, and the
     keys of the tables it upserts into (an append-only table's key comes with the indexes)."""
-    known = await versions(connection, [live.name])
+    known = await version_states(connection, [live.name])
     new = Target(live.projection, max(known[live.name]) + 1)
     await connection.execute(f'CREATE SCHEMA "{new.schema}"')
     for table in live.projection.tables:
@@ -104,13 +78,9 @@ async def create_building(connection: asyncpg.Connection, live: Target) -> Targe
             f'CREATE TABLE "{new.schema}"."{table.name}" (LIKE "{live.schema}"."{table.name}" '
             "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING IDENTITY)"
         )
-        if not table.info.get("append_only"):
+        if not is_append_only(table):
             await _add_missing_keys(connection, live, new, table)
-    await connection.execute(
-        "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
-        new.name,
-        new.version,
-    )
+    await add_version(connection, new, "building")
     return new
 
 
@@ -156,24 +126,6 @@ async def build_indexes(connection: asyncpg.Connection, live: Target, new: Targe
     return len(definitions)
 
 
-async def behind(
-    connection: asyncpg.Connection, live: Target, new: Target, topic: str
-) -> dict[int, tuple[int, int]]:
-    """Partitions where ``new`` has applied less than ``live``: partition -> (new, live)."""
-    rows = await connection.fetch(
-        "SELECT l.partition, l.next_offset AS live, COALESCE(n.next_offset, 0) AS new "
-        "FROM projection_checkpoints l LEFT JOIN projection_checkpoints n "
-        "  ON n.projection = l.projection AND n.version = $3 AND n.topic = l.topic "
-        "  AND n.partition = l.partition "
-        "WHERE l.projection = $1 AND l.version = $2 AND l.topic = $4",
-        live.name,
-        live.version,
-        new.version,
-        topic,
-    )
-    return {row["partition"]: (row["new"], row["live"]) for row in rows if row["new"] < row["live"]}
-
-
 async def switch(connection: asyncpg.Connection, live: Target, new: Target, topic: str) -> None:
     """Make ``new`` the version readers see, in the caller's transaction.
 
@@ -181,13 +133,7 @@ async def switch(connection: asyncpg.Connection, live: Target, new: Target, topi
     with ``NotCaughtUp`` if ``new`` is behind ``live`` anywhere: a reader holding a consistency
     token from the live version must never see an older state after the switch.
     """
-    states = await connection.fetch(
-        "SELECT version, state FROM projection_versions WHERE projection = $1 "
-        "AND version = ANY($2::int[]) ORDER BY version FOR UPDATE",
-        live.name,
-        [live.version, new.version],
-    )
-    found = {row["version"]: row["state"] for row in states}
+    found = await lock_version_states(connection, live.name, [live.version, new.version])
     if found != {live.version: "live", new.version: "building"}:
         raise NotCaughtUp(f"{new} cannot switch: versions are now {found}")
     lagging = await behind(connection, live, new, topic)
@@ -196,13 +142,7 @@ async def switch(connection: asyncpg.Connection, live: Target, new: Target, topi
     # Old first: the unique index on a projection's live version is checked row by row, so one
     # UPDATE of both rows fails whenever it reaches the new version's row first.
     for target, state in ((live, "retired"), (new, "live")):
-        await connection.execute(
-            "UPDATE projection_versions SET state = $3, switched_at = now() "
-            "WHERE projection = $1 AND version = $2",
-            target.name,
-            target.version,
-            state,
-        )
+        await set_version_state(connection, target, state, switched=True)
     for table in new.projection.tables:
         await connection.execute(
             f'CREATE OR REPLACE VIEW public."{table.name}" AS '
@@ -217,10 +157,8 @@ async def drop(connection: asyncpg.Connection, target: Target) -> None:
     flight finishes before), and a live version is refused (``VersionIsLive``) before anything
     is dropped: its schema's CASCADE would take the public views with it.
     """
-    state = await connection.fetchval(
-        "SELECT state FROM projection_versions WHERE projection = $1 AND version = $2 FOR UPDATE",
-        target.name,
-        target.version,
+    state = (await lock_version_states(connection, target.name, [target.version])).get(
+        target.version
     )
     if state == "live":
         raise VersionIsLive(
@@ -228,17 +166,8 @@ async def drop(connection: asyncpg.Connection, target: Target) -> None:
             f"rebuild it: orders projections rebuild {target.name}"
         )
     await connection.execute(f'DROP SCHEMA IF EXISTS "{target.schema}" CASCADE')
-    for table in ("projection_checkpoints", "projection_halts", "parked_orders", "parked_events"):
-        await connection.execute(
-            f"DELETE FROM {table} WHERE projection = $1 AND version = $2",
-            target.name,
-            target.version,
-        )
-    await connection.execute(
-        "UPDATE projection_versions SET state = 'dropped' WHERE projection = $1 AND version = $2",
-        target.name,
-        target.version,
-    )
+    await forget_version(connection, target)
+    await set_version_state(connection, target, "dropped")
 
 
 async def reset(connection: asyncpg.Connection, target: Target) -> None:
@@ -246,22 +175,7 @@ async def reset(connection: asyncpg.Connection, target: Target) -> None:
 
     The registry row is locked first, so no batch of a running projector is half-way.
     """
-    await connection.execute(
-        "SELECT 1 FROM projection_versions WHERE projection = $1 AND version = $2 FOR UPDATE",
-        target.name,
-        target.version,
-    )
+    await lock_version_states(connection, target.name, [target.version])
     names = ", ".join(f'"{target.schema}"."{table.name}"' for table in target.projection.tables)
     await connection.execute(f"TRUNCATE {names}")
-    await connection.execute(
-        "UPDATE projection_checkpoints SET next_offset = 0, last_event_at = NULL, "
-        "updated_at = now() WHERE projection = $1 AND version = $2",
-        target.name,
-        target.version,
-    )
-    for table in ("projection_halts", "parked_orders", "parked_events"):
-        await connection.execute(
-            f"DELETE FROM {table} WHERE projection = $1 AND version = $2",
-            target.name,
-            target.version,
-        )
+    await reset_checkpoints(connection, target)

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import projections.status
+from projections.bookkeeping import behind
 from projections.models import catalog
 from projections.projection import begin
 from projections.runner import ProjectionRunner, RunnerConfig
@@ -34,7 +35,7 @@ from projections.status import (
     render,
     status,
 )
-from projections.versions import behind, create_building, live_targets, switch
+from projections.versions import create_building, live_targets, switch
 from service.edge.http.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve

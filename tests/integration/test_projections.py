@@ -26,17 +26,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.batches import Group, Halt
+from projections.bookkeeping import StaleCheckpoint, advance_checkpoints, read_checkpoints
 from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State, begin
-from projections.runner import (
-    Group,
-    Halt,
-    ProjectionRunner,
-    RunnerConfig,
-    StaleCheckpoint,
-    advance_checkpoints,
-    read_checkpoints,
-)
+from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import (
     daily_sales,
     projection_checkpoints,

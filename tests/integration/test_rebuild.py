@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.bookkeeping import behind
 from projections.models import catalog
 from projections.projection import begin
 from projections.rebuild import (
@@ -38,7 +39,6 @@ from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import schema_for
 from projections.versions import (
     VersionIsLive,
-    behind,
     build_indexes,
     building,
     create_building,

@@ -22,10 +22,11 @@ import sqlalchemy as sa
 from aiokafka import ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.batches import Halt
 from projections.checkpoints import live_checkpoints
 from projections.models import catalog
-from projections.projection import Applied, Db, Projection, State
-from projections.runner import Halt, ProjectionRunner, RunnerConfig, oracle
+from projections.projection import Applied, Db, Projection, State, oracle
+from projections.runner import ProjectionRunner, RunnerConfig
 from service.infra.eventlog import read_to_end
 from service.kernel import envelope
 from tests.support.database import reset_read_side

@@ -5,8 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta, timezone
 
 from projections.models.daily_sales import DailySalesProjection
-from projections.projection import Applied
-from projections.runner import oracle
+from projections.projection import Applied, oracle
 from service.kernel import envelope
 from service.kernel.events import DomainEvent, OrderCreated, OrderPaid, OrderPlaced
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from projections.runner import _Kept
+from projections.batches import Kept
 from service.edge.cli import operations
 from service.edge.cli import serving as cli
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, YOUNG_GENERATION_THRESHOLD
@@ -76,4 +76,4 @@ def test_the_api_keeps_collecting_its_young_objects_often(
 def test_the_records_a_batch_keeps_are_never_tracked_by_the_collector() -> None:
     # A NamedTuple of the same values is tracked for as long as it lives (only plain tuples
     # are ever untracked), and was traversed by every young collection while its batch waited.
-    assert not gc.is_tracked(_Kept(7, b"order-1", b'{"type": "OrderCreated"}'))
+    assert not gc.is_tracked(Kept(7, b"order-1", b'{"type": "OrderCreated"}'))

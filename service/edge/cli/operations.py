@@ -16,10 +16,11 @@ from typing import Any
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections.applying import VersionsChanged
 from projections.models import catalog
 from projections.parking import park, parked, retry, skip
 from projections.rebuild import RebuildInterrupted, bulk, rebuild
-from projections.runner import ProjectionRunner, VersionsChanged, runner_config
+from projections.runner import ProjectionRunner, runner_config
 from projections.status import render, status
 from service.edge.bootstrap import DatabaseUse, database
 from service.edge.cli.advice import EXIT_INTERRUPTED
