@@ -19,17 +19,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.batches import Group, Halt, Plan, Raw, split_parked
-from projections.bookkeeping import (
+from projections.bookkeeping.checkpoints import (
     StaleCheckpoint,
     advance_checkpoints,
-    clear_halts,
-    parked_orders,
     read_checkpoints,
-    set_aside,
-    share_version_states,
-    store_halt,
-    stored_halts,
 )
+from projections.bookkeeping.halts import clear_halts, store_halt, stored_halts
+from projections.bookkeeping.parked import parked_orders, set_aside
+from projections.bookkeeping.registry import share_version_states
 from projections.halts import Bisection
 from projections.partitions import Partitions
 from projections.projection import Applied, Db, Projection, State, Target, begin, store

@@ -18,20 +18,18 @@ from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.batches import Group
-from projections.bookkeeping import (
+from projections.bookkeeping.checkpoints import StaleCheckpoint, advance_checkpoints
+from projections.bookkeeping.halts import clear_halts, locked_halt
+from projections.bookkeeping.parked import (
     ParkedEvent,
-    StaleCheckpoint,
-    advance_checkpoints,
-    clear_halts,
     discard_parked_event,
     events_of_parked_orders,
     lock_parked_orders,
-    locked_halt,
     park_event,
     parked_events,
     unpark,
-    version_states,
 )
+from projections.bookkeeping.registry import version_states
 from projections.models import catalog
 from projections.projection import Applied, Db, Target, begin, pg_text, store
 from service.infra.eventlog import committed_reader

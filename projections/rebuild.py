@@ -35,14 +35,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC
 
 import asyncpg
-from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.bookkeeping import read_checkpoints
 from projections.models import catalog
 from projections.projection import Projection, Target, begin
+from projections.replay_progress import Progress, Tracker
 from projections.runner import ProjectionRunner, RunnerConfig
-from projections.status import stable_offsets
 from projections.versions import (
     NotCaughtUp,
     build_indexes,
@@ -54,7 +52,6 @@ from projections.versions import (
     switch,
 )
 from service.infra.database import driver_of
-from service.infra.eventlog import TopicMissing, committed_reader
 from service.infra.runtime import die_with_parent
 from service.kernel.errors import OperatorRefusal
 
@@ -78,23 +75,6 @@ class RebuildInterrupted(Exception):
 
 class RebuildAlreadyRunning(OperatorRefusal):
     """Refused before starting: another rebuild of one of the projections is running."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    phase: str  # replaying | indexing | switching | done
-    position: int  # events of the topic behind every rebuilt projection's checkpoints
-    end: int  # the topic's last stable offsets, summed
-    rate: float  # events/s over the last tick
-    elapsed_s: float
-
-    @property
-    def lag(self) -> int:
-        return max(0, self.end - self.position)
-
-    @property
-    def eta_s(self) -> float | None:
-        return self.lag / self.rate if self.rate > 0 else None
 
 
 @dataclass
@@ -122,124 +102,6 @@ def bulk(config: RunnerConfig, batch: int = BULK_BATCH) -> RunnerConfig:
         batch_wait_ms=max(config.batch_wait_ms, 200),
         max_partition_fetch_bytes=max(config.max_partition_fetch_bytes, 16 * 1024 * 1024),
     )
-
-
-class _Tracker:
-    """Checkpoints of the targets next to the topic's end, once a tick."""
-
-    def __init__(self, engine: AsyncEngine, config: RunnerConfig, targets: Sequence[Target]):
-        self.engine = engine
-        self.config = config
-        self.targets = list(targets)
-        self.consumer = committed_reader(config.bootstrap_servers)
-        self.started = time.monotonic()
-        self.last: tuple[float, int] | None = None
-        self.first_position: int | None = None
-
-    async def __aenter__(self) -> _Tracker:
-        await self.consumer.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.consumer.stop()
-
-    async def ends(self) -> dict[int, int]:
-        ends = await stable_offsets(self.consumer, self.config.topic)
-        if ends is None:
-            raise TopicMissing(
-                f"no topic {self.config.topic} at {self.config.bootstrap_servers}: nothing to "
-                "rebuild from (is ORDERS_TOPIC right?)"
-            )
-        return ends
-
-    async def checkpoints(self) -> dict[tuple[str, int], int]:
-        """(target name, partition) -> its stored checkpoint (next offset to apply)."""
-        async with begin(self.engine) as connection:
-            return await read_checkpoints(connection, self.targets, self.config.topic)
-
-    async def replay_goal(self, stop: asyncio.Event) -> dict[int, int]:
-        """Per partition, the offset just after the last event committed by now (0: none).
-
-        Checkpoints that reach it have applied everything committed before the replay began;
-        what comes later is the live projector's business, as in normal running. The last
-        stable offset itself is no goal: transaction markers take offsets too, and under
-        steady traffic the runner never moves a checkpoint past the last one. Incomplete once
-        ``stop`` is set (while the broker is away, the reading would not end by itself).
-        """
-        ends = await self.ends()
-        goal: dict[int, int] = {}
-        window = 64  # offsets looked at before each end, widened where no event is in it
-        while len(goal) < len(ends) and not stop.is_set():
-            looking = {p: end for p, end in ends.items() if p not in goal}
-            starts = {p: max(0, end - window) for p, end in looking.items()}
-            last = await self._last_events(starts, looking, stop)
-            for partition, start in starts.items():
-                if partition in last:
-                    goal[partition] = last[partition] + 1
-                elif start == 0:
-                    goal[partition] = 0
-            window *= 16
-        return goal
-
-    async def _last_events(
-        self, starts: dict[int, int], ends: dict[int, int], stop: asyncio.Event
-    ) -> dict[int, int]:
-        """Per partition, the offset of the last committed event in [start, end), if any."""
-        tps = {
-            p: TopicPartition(self.config.topic, p)
-            for p, start in starts.items()
-            if start < ends[p]
-        }
-        self.consumer.assign(list(tps.values()))
-        for partition, tp in tps.items():
-            self.consumer.seek(tp, starts[partition])
-        last: dict[int, int] = {}
-        reading = set(tps)
-        while reading and not stop.is_set():
-            fetched = await self.consumer.getmany(*(tps[p] for p in reading), timeout_ms=200)
-            for tp, records in fetched.items():
-                offsets = [r.offset for r in records if r.offset < ends[tp.partition]]
-                if offsets:
-                    last[tp.partition] = max(last.get(tp.partition, -1), *offsets)
-            for partition in list(reading):
-                if await self.consumer.position(tps[partition]) >= ends[partition]:
-                    reading.discard(partition)
-        self.consumer.assign([])  # or its fetcher goes on filling buffers nobody reads
-        return last
-
-    async def replayed(self, goal: dict[int, int]) -> bool:
-        """Whether every target's checkpoint has reached ``goal`` in every partition."""
-        stored = await self.checkpoints()
-        return all(
-            stored.get((t.name, partition), 0) >= offset
-            for t in self.targets
-            for partition, offset in goal.items()
-        )
-
-    async def lags(self) -> tuple[dict[str, int], int, int]:
-        """Per target name, events behind the end; and (position, end) over all targets."""
-        ends = await self.ends()
-        stored = await self.checkpoints()
-        lags = {
-            t.name: sum(max(0, end - stored.get((t.name, p), 0)) for p, end in ends.items())
-            for t in self.targets
-        }
-        position = (
-            sum(min(stored.get((t.name, p), 0) for t in self.targets) for p in ends)
-            if self.targets
-            else sum(ends.values())
-        )
-        return lags, position, sum(ends.values())
-
-    def progress(self, phase: str, position: int, end: int) -> Progress:
-        now = time.monotonic()
-        if self.first_position is None:
-            self.first_position = position
-        rate = 0.0
-        if self.last is not None and now > self.last[0]:
-            rate = (position - self.last[1]) / (now - self.last[0])
-        self.last = (now, position)
-        return Progress(phase, position, end, max(rate, 0.0), now - self.started)
 
 
 async def rebuild(
@@ -283,7 +145,7 @@ async def rebuild(
             names = [p.name for p in projections]
             async with (
                 _builders(engine, config, names, batch, helpers) as builders,
-                _Tracker(engine, config, targets) as tracker,
+                Tracker(engine, config, targets) as tracker,
             ):
                 await _until_done(
                     tracker, task, pairs, stop, report, result, keep_old=keep_old, tick_s=tick_s
@@ -419,7 +281,7 @@ async def _prepare(
 
 
 async def _until_done(
-    tracker: _Tracker,
+    tracker: Tracker,
     task: asyncio.Task[None],
     pairs: dict[str, tuple[Target, Target]],
     stop: asyncio.Event,
@@ -484,7 +346,7 @@ def _interrupted(
 
 
 async def _index_and_switch(
-    tracker: _Tracker,
+    tracker: Tracker,
     live: Target,
     new: Target,
     stop: asyncio.Event,

@@ -54,9 +54,7 @@ from projections.batches import (
     plan,
     without_stale,
 )
-from projections.bookkeeping import (
-    StaleCheckpoint,
-)
+from projections.bookkeeping.checkpoints import StaleCheckpoint
 from projections.halts import advice
 from projections.models import catalog
 from projections.partitions import Partitions

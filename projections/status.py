@@ -16,13 +16,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.bookkeeping import (
-    StoredCheckpoint,
-    parked_counts,
-    topic_checkpoints,
-    topic_halts,
-    version_states,
-)
+from projections.bookkeeping.checkpoints import StoredCheckpoint, topic_checkpoints
+from projections.bookkeeping.halts import topic_halts
+from projections.bookkeeping.parked import parked_counts
+from projections.bookkeeping.registry import version_states
 from projections.models import catalog
 from projections.projection import begin
 from service.infra.eventlog import committed_reader

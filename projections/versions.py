@@ -15,12 +15,10 @@ from collections.abc import Sequence
 import asyncpg
 import sqlalchemy as sa
 
-from projections.bookkeeping import (
+from projections.bookkeeping.checkpoints import behind, forget_version, reset_checkpoints
+from projections.bookkeeping.registry import (
     add_version,
-    behind,
-    forget_version,
     lock_version_states,
-    reset_checkpoints,
     set_version_state,
     version_states,
 )

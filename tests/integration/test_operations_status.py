@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import projections.status
-from projections.bookkeeping import behind
+from projections.bookkeeping.checkpoints import behind
 from projections.models import catalog
 from projections.projection import begin
 from projections.runner import ProjectionRunner, RunnerConfig

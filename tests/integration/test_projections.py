@@ -27,7 +27,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.batches import Group, Halt
-from projections.bookkeeping import StaleCheckpoint, advance_checkpoints, read_checkpoints
+from projections.bookkeeping.checkpoints import (
+    StaleCheckpoint,
+    advance_checkpoints,
+    read_checkpoints,
+)
 from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State, begin
 from projections.runner import ProjectionRunner, RunnerConfig

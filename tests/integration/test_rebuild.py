@@ -25,16 +25,16 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.bookkeeping import behind
+from projections.bookkeeping.checkpoints import behind
 from projections.models import catalog
 from projections.projection import begin
 from projections.rebuild import (
     REBUILD_LOCK_SPACE,
-    Progress,
     RebuildAlreadyRunning,
     RebuildInterrupted,
     rebuild,
 )
+from projections.replay_progress import Progress
 from projections.runner import ProjectionRunner, RunnerConfig
 from projections.schema import schema_for
 from projections.versions import (
