@@ -43,6 +43,10 @@ class Accepted:
     offset: int
     replayed: bool = False
 
+    def as_replayed(self) -> Accepted:
+        """The same answer, given again to a repeated request (``Idempotent-Replayed``)."""
+        return Accepted(self.order_id, self.version, self.partition, self.offset, replayed=True)
+
     @property
     def consistency_token(self) -> str:
         return f"{self.partition}:{self.offset}"
@@ -53,7 +57,6 @@ class WriterUnavailable(Unavailable):
 
     def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.retry_after = retry_after
 
 

@@ -35,9 +35,14 @@ class Receipt:
     partition: int
     offset: int
 
+    @classmethod
+    def of(cls, sealed: envelope.Envelope, partition: int, offset: int) -> Receipt:
+        """The receipt of a command whose last event is ``sealed``, at ``partition``, ``offset``."""
+        return cls(sealed.request_hash, sealed.order_id, sealed.version, partition, offset)
+
     def replayed(self) -> Accepted:
         """The answer to the same request sent again."""
-        return Accepted(self.order_id, self.version, self.partition, self.offset, replayed=True)
+        return Accepted(self.order_id, self.version, self.partition, self.offset).as_replayed()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +73,7 @@ class StagedBatch:
 
     decisions: list[Decision]  # one per command, in the order they came
     orders: dict[str, Order]  # the orders the batch changes, as they are after it
-
-    @property
-    def appends(self) -> list[Decided]:
-        """The commands with events to append, in the order they were decided."""
-        return [decision for decision in self.decisions if isinstance(decision, Decided)]
+    appends: list[Decided]  # the commands with events to append, in the order decided
 
     def answers_after_commit(self, positions: Sequence[tuple[int, int]]) -> list[Answer]:
         """Every command's answer once the transaction committed (see ``Committed.commit``)."""
@@ -100,7 +101,9 @@ class StagedBatch:
                 appended += 1
             elif isinstance(decision, SameAs):
                 original = answers[decision.original]
-                answers.append(_replayed(original) if isinstance(original, Accepted) else original)
+                answers.append(
+                    original.as_replayed() if isinstance(original, Accepted) else original
+                )
             else:
                 answers.append(decision)
         return answers
@@ -121,13 +124,11 @@ class Committed:
             self.orders.get(sealed.order_id), event, sealed.order_id
         )
         if sealed.idempotency_key is not None:
-            self.receipts[sealed.idempotency_key] = Receipt(
-                sealed.request_hash, sealed.order_id, sealed.version, partition, offset
-            )
+            self.receipts[sealed.idempotency_key] = Receipt.of(sealed, partition, offset)
 
     def stage(self, requests: Iterable[CommandRequest]) -> StagedBatch:
         """Decide each command on the state the ones before it left; change nothing here."""
-        batch = StagedBatch(decisions=[], orders={})
+        batch = StagedBatch(decisions=[], orders={}, appends=[])
         staged_keys: dict[str, int] = {}  # idempotency key -> index of the command that used it
         for request in requests:
             decision: Decision | _Sealed
@@ -146,6 +147,7 @@ class Committed:
                 if request.idempotency_key is not None:
                     staged_keys[request.idempotency_key] = len(batch.decisions)
                 decision = decision.decided
+                batch.appends.append(decision)
             batch.decisions.append(decision)
         return batch
 
@@ -157,10 +159,7 @@ class Committed:
         self.orders.update(batch.orders)
         for decided, (partition, offset) in zip(batch.appends, positions, strict=True):
             if (key := decided.request.idempotency_key) is not None:
-                last = decided.events[-1]
-                self.receipts[key] = Receipt(
-                    decided.request.request_hash, last.order_id, last.version, partition, offset
-                )
+                self.receipts[key] = Receipt.of(decided.events[-1], partition, offset)
         return answers
 
     def _decide(
@@ -222,7 +221,3 @@ def _seal(request: CommandRequest, current: Order | None, events: list[DomainEve
 def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:
     if recorded_hash != request.request_hash:
         raise IdempotencyKeyReused("this Idempotency-Key was already used for a different request")
-
-
-def _replayed(answer: Accepted) -> Accepted:
-    return Accepted(answer.order_id, answer.version, answer.partition, answer.offset, replayed=True)

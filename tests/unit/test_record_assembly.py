@@ -13,7 +13,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from service.infra.eventlog import partition_for
 from service.kernel import envelope
 from service.kernel.events import ItemAdded, OrderCreated
-from service.write.records import Record, pack, records_of
+from service.write.records import pack, records_of
 
 AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 PARTITIONS = 12
@@ -170,9 +170,3 @@ def test_the_producers_record_batches_take_the_records() -> None:
     [(partition, batch)] = packed.batches
     assert (partition, batch.record_count()) == (0, 3)
     assert packed.last == [(0, 1), (0, 2)]
-
-
-def test_records_are_plain_values() -> None:
-    record = Record(3, b"k", b"v", [("type", b"T")])
-
-    assert record == Record(3, b"k", b"v", [("type", b"T")])
