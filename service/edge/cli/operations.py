@@ -156,10 +156,11 @@ async def _require_partition(bootstrap: str, topic: str, partition: int) -> None
 
 def cmd_projections_park(args: argparse.Namespace) -> None:
     async def job(engine: AsyncEngine, settings: Settings) -> None:
-        await _require_partition(settings.require_kafka(), settings.topic, args.partition)
+        bootstrap = settings.require_kafka()
+        await _require_partition(bootstrap, settings.topic, args.partition)
         event = await park(
             engine,
-            settings.require_kafka(),
+            bootstrap,
             settings.topic,
             args.name,
             args.partition,

@@ -89,7 +89,6 @@ class QueryProblem(DomainError):
         super().__init__(detail)
         self.status = status
         self.code = code
-        self.detail = detail
 
 
 class NotYetConsistent(Unavailable):
