@@ -80,16 +80,6 @@ async def stable_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, in
     return {tp.partition: offset for tp, offset in ends.items()}
 
 
-async def last_stable_offsets(bootstrap: str, topic: str) -> dict[int, int] | None:
-    """partition -> last stable offset (what read_committed consumers can reach); None: no topic."""
-    consumer = committed_reader(bootstrap)
-    try:
-        await consumer.start()
-        return await stable_offsets(consumer, topic)
-    finally:
-        await consumer.stop()
-
-
 # Counting the events behind the checkpoints reads them: at most this many per partition.
 COUNT_CAP = 50_000
 COUNT_TIME_S = 5.0

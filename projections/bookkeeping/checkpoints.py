@@ -26,7 +26,8 @@ from projections.projection import Target
 from service.kernel.errors import Conflict
 
 # The bookkeeping rows that belong to one version (besides its registry row).
-_OF_A_VERSION = ("projection_checkpoints", "projection_halts", "parked_orders", "parked_events")
+_HALTS_AND_PARKED = ("projection_halts", "parked_orders", "parked_events")
+_OF_A_VERSION = ("projection_checkpoints", *_HALTS_AND_PARKED)
 
 
 class StaleCheckpoint(Conflict):
@@ -118,7 +119,7 @@ async def reset_checkpoints(connection: asyncpg.Connection, target: Target) -> N
         target.name,
         target.version,
     )
-    await _delete_of_version(connection, target, _OF_A_VERSION[1:])
+    await _delete_of_version(connection, target, _HALTS_AND_PARKED)
 
 
 async def forget_version(connection: asyncpg.Connection, target: Target) -> None:

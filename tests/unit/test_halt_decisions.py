@@ -66,8 +66,9 @@ def test_a_refused_batch_of_several_partitions_is_split_between_them() -> None:
 
 
 def test_a_refused_partition_is_split_in_halves_at_an_event() -> None:
-    assert halves([_group(0, 1, 2, 3)]) is not None
-    first, second = halves([_group(0, 1, 2, 3)]) or []
+    split = halves([_group(0, 1, 2, 3)])
+    assert split is not None
+    first, second = split
     assert [(g.expected, g.new, len(g.events)) for g in first + second] == [(0, 2, 2), (2, 4, 2)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from projections.runner import transient
+from projections.applying import transient
 from service.infra.database import EncodingRefused, connection_lost
 
 
