@@ -141,3 +141,21 @@ def test_with_nothing_parked_every_group_is_applied_even_a_bare_checkpoint_move(
     applying, aside = split_parked([Group(ORDERS, 3, 10, 12)], set())
     assert applying == {"orders": []}
     assert aside == []
+
+
+def test_the_consumers_batch_is_planned_from_the_events_it_decoded_record_by_record() -> None:
+    # As the runner does it: records kept and decoded once by Batch.add, then planned with those
+    # decodings, which line up with the records by position (records below the checkpoint too).
+    batch = Batch()
+    batch.add(TP, _records(_event("a"), _event("b"), b"not json", _event("d")), generation=0)
+    decoded_b = batch.decoded[TP][1]
+    # A stand-in decoding for offset 11: the plan must take it rather than decode again.
+    batch.decoded[TP][1] = envelope.decode(_event("b-as-decoded"))
+
+    planned = plan(batch.records, batch.decoded, [ORDERS], {3: {"orders": 11}}, {})
+
+    (group,) = planned.groups
+    assert [(a.offset, a.envelope.order_id) for a in group.events] == [(11, "b-as-decoded")]
+    assert not isinstance(decoded_b, envelope.UndecodableEvent)
+    (halt,) = planned.halts
+    assert (halt.offset, halt.order_id) == (12, "order-2")
