@@ -237,20 +237,18 @@ class Writer:
             )
             self._answer_all(batch, staged.answers_after_failure(unknown))
             self._fail_queued(self._unavailable())
-            retiring = self._appender.discard()
             if self.state is WriterState.RECOVERING:
-                await self._recover(retiring)
+                # The discarded producer gets a moment to abort and close while the broker
+                # answers; past that it carries on in the background (``Appender.discard``).
+                await self._appender.drop()
+                await self._recover()
+            else:
+                self._appender.discard()
             return
         self._answer_all(batch, self._committed.commit(staged, positions))
 
-    async def _recover(self, retiring: asyncio.Task[None] | None) -> None:
-        """Reopen the producer and reload the log, retrying until the broker is back.
-
-        Gives the discarded producer a moment to abort and close while the broker answers;
-        past that it carries on in the background (see ``Appender.discard``).
-        """
-        if retiring is not None:
-            await asyncio.wait({retiring}, timeout=self.config.commit_timeout)
+    async def _recover(self) -> None:
+        """Reopen the producer and reload the log, retrying until the broker is back."""
         delay = 0.5
         while self.state is WriterState.RECOVERING:
             try:
