@@ -80,7 +80,8 @@ async def advance_checkpoints(
     moved = await connection.fetch(
         'UPDATE projection_checkpoints AS c SET next_offset = u."new", '
         'last_event_at = COALESCE(u."at", c.last_event_at), updated_at = now() '
-        f'FROM {source} WHERE {condition} AND c.topic = $7 AND c.next_offset = u."expected" '
+        f"FROM {source} WHERE {condition} AND c.topic = ${len(arrays) + 1} "
+        'AND c.next_offset = u."expected" '
         "RETURNING c.projection, c.partition",
         *arrays,
         topic,

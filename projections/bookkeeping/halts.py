@@ -30,10 +30,11 @@ async def stored_halts(
 ) -> dict[tuple[str, int], int]:
     """(projection, partition) -> the offset it is halted at, in ``partitions`` (default: all)."""
     source, condition, arrays = versions_matching("h", targets)
+    topic_at, partitions_at = len(arrays) + 1, len(arrays) + 2
     rows = await connection.fetch(
         'SELECT h.projection, h.partition, h."offset" FROM projection_halts h '
-        f"JOIN {source} ON {condition} WHERE h.topic = $3 "
-        "AND ($4::int[] IS NULL OR h.partition = ANY($4::int[]))",
+        f"JOIN {source} ON {condition} WHERE h.topic = ${topic_at} "
+        f"AND (${partitions_at}::int[] IS NULL OR h.partition = ANY(${partitions_at}::int[]))",
         *arrays,
         topic,
         None if partitions is None else list(partitions),
@@ -68,7 +69,8 @@ async def clear_halts(
     """Delete the stored halts of these (version, partition)s."""
     source, condition, arrays = partitions_matching("h", keys)
     await connection.execute(
-        f"DELETE FROM projection_halts h USING {source} WHERE {condition} AND h.topic = $4",
+        f"DELETE FROM projection_halts h USING {source} WHERE {condition} "
+        f"AND h.topic = ${len(arrays) + 1}",
         *arrays,
         topic,
     )

@@ -42,7 +42,7 @@ async def parked_orders(
         return set()
     rows = await connection.fetch(
         f"SELECT p.projection, p.order_id FROM parked_orders p JOIN {source} ON {condition} "
-        "WHERE p.order_id = ANY($3::text[]) FOR SHARE OF p",
+        f"WHERE p.order_id = ANY(${len(arrays) + 1}::text[]) FOR SHARE OF p",
         *arrays,
         wanted,
     )
