@@ -47,3 +47,12 @@ class EnvironmentProblem(OrdersError):
 class BadEvent(OrdersError):
     """An event in the log that a reader cannot take as it is: its partition halts (or the
     operator parks it), it is never skipped silently."""
+
+
+class AccessDenied(OrdersError):
+    """The caller is authenticated but holds none of the scopes the request needs (a 403)."""
+
+    def __init__(self, any_of: tuple[str, ...]) -> None:
+        needed = " or ".join(f"'{scope}'" for scope in any_of)
+        super().__init__(f"this request needs the scope {needed}, which the token does not grant")
+        self.any_of = any_of
