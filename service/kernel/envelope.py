@@ -3,7 +3,8 @@
 One JSON object per record::
 
     {"event_id", "type", "schema_version", "order_id", "version", "occurred_at",
-     "command_id", "correlation_id", "causation_id", "idempotency_key", "request_hash", "data"}
+     "command_id", "correlation_id", "causation_id", "idempotency_key", "request_hash", "actor",
+     "data"}
 
 ``type`` is the stable tag of the domain event and ``data`` its fields. Record headers repeat
 ``type``, ``schema_version`` and ``correlation_id`` so tools can route without decoding. Old
@@ -19,6 +20,7 @@ from typing import Annotated, Any, cast
 
 import msgspec
 
+from service.kernel.access import Actor
 from service.kernel.errors import BadEvent
 from service.kernel.events import EVENT_TYPES, DomainEvent, event_type
 
@@ -47,6 +49,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars 
     # deduplication state lives in the log, so it survives restarts.
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # Who sent the command (the access token's subject and client); None when authentication
+    # was off, and in events written before callers were recorded.
+    actor: Actor | None = None
     data: msgspec.Raw = msgspec.Raw(b"{}")
 
 

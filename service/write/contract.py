@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from service.kernel.access import Actor
 from service.kernel.domain import Command
 from service.kernel.errors import Conflict, Unavailable
 
@@ -30,6 +31,11 @@ class CommandRequest:
     idempotency_key: str | None = None
     request_hash: str | None = None
     correlation_id: str | None = None
+    # Who sends it, recorded in its events; None when authentication is off.
+    actor: Actor | None = None
+    # Set for a caller that may act only for one customer: the order must be that customer's
+    # (one of another customer's is "not found", never a hint that it exists).
+    owner: str | None = None
     command_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
