@@ -8,6 +8,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -16,9 +17,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from projections.runner import run_projector
 from service.edge.http.app import Resources, create_app
+from service.edge.http.auth import Access, warn_if_off
+from service.edge.http.limits import TokenBuckets
 from service.infra.database import create_engine, migrate
 from service.infra.eventlog import ensure_topic
+from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
+from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
@@ -30,6 +35,47 @@ _log = logging.getLogger(__name__)
 class ApiOptions:
     host: str = "127.0.0.1"
     port: int = 8000
+    published_jwks: dict[str, Any] | None = None  # served at /.well-known/jwks.json (dev)
+
+
+def access_for(settings: Settings) -> Access:
+    """How the API authenticates callers, from the settings; refuses a half-configured one."""
+    rate_limit = (
+        TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
+    if not settings.auth:
+        return Access(None, rate_limit, public_schema=settings.public_schema)
+    issuer, audience = settings.jwt_issuer, settings.jwt_audience
+    missing = [
+        name
+        for name, value in (
+            ("ORDERS_JWT_ISSUER", issuer),
+            ("ORDERS_JWT_AUDIENCE", audience),
+            ("ORDERS_JWKS_URL or ORDERS_JWKS_FILE", settings.jwks_url or settings.jwks_file),
+        )
+        if not value
+    ]
+    if missing or issuer is None or audience is None:
+        raise EnvironmentProblem(
+            f"authentication needs {', '.join(missing)}: point them at your identity "
+            "provider (docs/security.md), or set ORDERS_AUTH=off for local work only"
+        )
+    if settings.jwks_url and settings.jwks_file:
+        raise EnvironmentProblem("set ORDERS_JWKS_URL or ORDERS_JWKS_FILE, not both")
+    source: JwksSource = (
+        JwksUrl(settings.jwks_url)
+        if settings.jwks_url
+        else JwksFile(Path(settings.jwks_file or ""))
+    )
+    verifier = TokenVerifier(
+        KeyCache(source, min_refresh_s=settings.jwks_min_refresh_s),
+        issuer=issuer,
+        audience=audience,
+        leeway_s=settings.jwt_leeway_s,
+    )
+    return Access(verifier, rate_limit, public_schema=settings.public_schema)
 
 
 class _Server(uvicorn.Server):
@@ -187,6 +233,8 @@ async def _serve_with(
     server: _Server | None = None
     try:
         if api is not None:
+            access = access_for(settings)
+            warn_if_off(access)
             partitions = await check_topic(settings)
             writer = Writer(writer_config(settings))
             app = create_app(
@@ -199,6 +247,8 @@ async def _serve_with(
                     kafka_bootstrap=settings.require_kafka(),
                     projection_group_prefix=settings.projection_group_prefix,
                 ),
+                access=access,
+                published_jwks=api.published_jwks,
                 max_body_bytes=settings.max_body_bytes,
             )
             server = _Server(server_config(app, host=api.host, port=api.port))

@@ -22,6 +22,51 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _switch(name: str, default: bool) -> bool:
+    """``on``/``off`` (or true/false, 1/0, yes/no); anything else is refused, not guessed."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SystemExit(f"{name}={raw!r}: use on or off")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in ``90``, ``90s``, ``15m``, ``24h`` or ``7d``."""
+    text = raw.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    if not number.isdigit():
+        raise ValueError(f"{raw!r} is not a duration like 90s, 15m, 24h or 7d")
+    return int(number) * (unit or 1)
+
+
+def _duration(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return parse_duration(raw)
+    except ValueError as error:
+        raise SystemExit(f"{name}: {error}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
 def sqlalchemy_url(url: str) -> str:
     """Accept plain ``postgresql://`` URLs and select the asyncpg driver."""
     for prefix in ("postgresql://", "postgres://"):
@@ -47,6 +92,19 @@ class Settings:
     group_commit_max_events: int = 500
     consistency_wait_ms: int = 5000
     max_body_bytes: int = 64 * 1024
+    # Access control (docs/security.md). Off only for local work.
+    auth: bool = True
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_s: int = 30
+    jwks_min_refresh_s: float = 30.0  # a token with an unknown key id reads the JWKS again
+    public_schema: bool = True  # /schema served without a token
+    rate_limit_per_s: float = 100.0  # per caller; 0: no limit
+    rate_limit_burst: int = 200
+    idempotency_ttl_s: int = 24 * 3600
+    max_queue_delay_ms: int = 300
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,6 +121,18 @@ class Settings:
             group_commit_max_events=_int("ORDERS_GROUP_COMMIT_MAX_EVENTS", 500),
             consistency_wait_ms=_int("ORDERS_CONSISTENCY_WAIT_MS", 5000),
             max_body_bytes=_int("ORDERS_MAX_BODY_BYTES", 64 * 1024),
+            auth=_switch("ORDERS_AUTH", True),
+            jwks_url=os.environ.get("ORDERS_JWKS_URL") or None,
+            jwks_file=os.environ.get("ORDERS_JWKS_FILE") or None,
+            jwt_issuer=os.environ.get("ORDERS_JWT_ISSUER") or None,
+            jwt_audience=os.environ.get("ORDERS_JWT_AUDIENCE") or None,
+            jwt_leeway_s=_int("ORDERS_JWT_LEEWAY_S", 30),
+            jwks_min_refresh_s=_float("ORDERS_JWKS_MIN_REFRESH_S", 30.0),
+            public_schema=_switch("ORDERS_PUBLIC_SCHEMA", True),
+            rate_limit_per_s=_float("ORDERS_RATE_LIMIT", 100.0),
+            rate_limit_burst=_int("ORDERS_RATE_LIMIT_BURST", 200),
+            idempotency_ttl_s=_duration("ORDERS_IDEMPOTENCY_TTL", 24 * 3600),
+            max_queue_delay_ms=_int("ORDERS_MAX_QUEUE_DELAY_MS", 300),
         )
 
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:

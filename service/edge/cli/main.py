@@ -4,6 +4,7 @@ orders dev          Kafka + Postgres started for you, migrations, API and projec
 orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
 orders projector    the projections runner
 orders migrate      alembic upgrade head (or --downgrade REV)
+orders token        mint a development access token (the key `orders dev` made)
 orders events tail  print the events on the topic, decoded (needs Kafka only)
 orders projections  status | rebuild | park | parked | retry | skip: operate the read models
 """
@@ -178,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     projector = commands.add_parser("projector", help="run the projections")
     projector.add_argument("names", nargs="*", help="only these projections (default: all)")
     projector.set_defaults(handler="serving:cmd_projector")
+
+    token = commands.add_parser(
+        "token",
+        help="mint an access token with the development key of `orders dev`",
+        description="Print a bearer token signed with the development key that `orders dev` "
+        "made (never a real identity provider's), for ORDERS_JWT_ISSUER/ORDERS_JWT_AUDIENCE "
+        "or the development ones. Scopes: orders:read orders:write orders:read:any "
+        "orders:write:any payments:write fulfilment:write reports:read ops:read ops:write.",
+    )
+    token.add_argument("--sub", required=True, help="the caller: a customer id, or a service")
+    token.add_argument(
+        "--scope", required=True, help='space-separated scopes, e.g. "orders:read orders:write"'
+    )
+    token.add_argument("--ttl", default="12h", help="lifetime: 90s, 15m, 12h, 7d (default 12h)")
+    token.add_argument("--client-id", help="the OAuth client the token is for (recorded)")
+    token.add_argument(
+        "--data-dir", type=Path, default=None, help="the --data-dir `orders dev` ran with"
+    )
+    token.set_defaults(handler="serving:cmd_token")
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("--revision", default="head")

@@ -7,15 +7,19 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from service.edge.bootstrap import ApiOptions, migrate_database, serve
 from service.edge.cli.process import configured, run
 from service.edge.cli.tail import TailOptions, tail
-from service.infra.embedded import ensure_port_free
+from service.infra.embedded import cache_dir, ensure_port_free
 from service.infra.embedded.stack import infrastructure
+from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER, DevelopmentIssuer
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
-from service.kernel.settings import Settings
+from service.kernel.settings import Settings, parse_duration
 
 _log = logging.getLogger("orders")
 
@@ -48,6 +52,64 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"database migrated to {args.downgrade or args.revision}")
 
 
+# The callers `orders dev` prints a token for: who, and what each may do.
+DEV_CALLERS = (
+    ("customer c-42", "c-42", "orders:read orders:write"),
+    ("back office", "back-office", "orders:read:any orders:write:any reports:read"),
+    ("payment service", "payment-service", "payments:write orders:read:any"),
+    ("warehouse", "warehouse", "fulfilment:write orders:read:any"),
+    ("operator", "operator", "ops:read ops:write"),
+)
+
+
+def _development_identity(settings: Settings, data_dir: Path | None) -> tuple[Settings, Any]:
+    """With authentication on and no identity provider configured, the development issuer:
+    its key pair (made on first use), its JWKS as the one the API trusts, and its tokens."""
+    if not settings.auth or settings.jwks_url or settings.jwks_file:
+        return settings, None
+    issuer = DevelopmentIssuer.load(identity_folder(data_dir), create=True)
+    settings = replace(
+        settings,
+        jwks_file=str(issuer.jwks_path),
+        jwt_issuer=settings.jwt_issuer or DEVELOPMENT_ISSUER,
+        jwt_audience=settings.jwt_audience or DEVELOPMENT_AUDIENCE,
+    )
+    return settings, issuer
+
+
+def identity_folder(data_dir: Path | None) -> Path:
+    """Where `orders dev` keeps its token signing key: in --data-dir, else in the cache
+    folder, so that `orders token` finds it from any terminal."""
+    return data_dir / "identity" if data_dir is not None else cache_dir() / "dev-identity"
+
+
+def _print_tokens(issuer: DevelopmentIssuer, settings: Settings) -> None:
+    assert settings.jwt_issuer is not None and settings.jwt_audience is not None
+    print("  tokens (12 h; more with `orders token --sub ID --scope ...`):")
+    for label, sub, scopes in DEV_CALLERS:
+        token = issuer.mint(sub, scopes, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        print(f"    {label:<16} ({scopes})\n      {token}")
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    issuer = DevelopmentIssuer.load(identity_folder(args.data_dir))
+    try:
+        ttl = timedelta(seconds=parse_duration(args.ttl))
+    except ValueError as error:
+        raise SystemExit(f"orders token: --ttl: {error}") from None
+    print(
+        issuer.mint(
+            args.sub,
+            args.scope,
+            ttl=ttl,
+            client_id=args.client_id,
+            issuer=settings.jwt_issuer or DEVELOPMENT_ISSUER,
+            audience=settings.jwt_audience or DEVELOPMENT_AUDIENCE,
+        )
+    )
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     ensure_port_free(args.port, "the API", "--port")
     started = time.monotonic()
@@ -58,16 +120,26 @@ def cmd_dev(args: argparse.Namespace) -> None:
         settings = Settings.from_env().with_infrastructure(
             kafka=infra.kafka_bootstrap_servers, database_url=infra.database_url
         )
+        settings, issuer = _development_identity(settings, args.data_dir)
 
         async def main() -> None:
             await migrate_database(infra.database_url)
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
             print(f"  PostgreSQL  {infra.database_url}")
             print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
+            if issuer is not None:
+                _print_tokens(issuer, settings)
+            else:
+                print(
+                    f"  auth        {'on: tokens from ' + (settings.jwks_url or str(settings.jwks_file)) if settings.auth else 'OFF (ORDERS_AUTH=off): local work only'}"
+                )
             print(
                 f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything", flush=True
             )
-            await _serve(settings, api=ApiOptions(args.host, args.port), run_projector=True)
+            options = ApiOptions(
+                args.host, args.port, published_jwks=issuer.jwks() if issuer else None
+            )
+            await _serve(settings, api=options, run_projector=True)
 
         run(main)
     print("stopped")

@@ -13,11 +13,14 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
+from service.edge.http.auth import PUBLIC, Access
 from service.edge.http.commands import OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
 from service.write.writer import Writer
+
+_PUBLIC = {PUBLIC: True}  # served without a token
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,21 @@ class Resources:
 class Health(msgspec.Struct, frozen=True):
     status: str
     writer: str | None = None
+    auth: str = "on"  # "off": anyone who reaches the service may do anything
 
 
 def create_app(
-    resources: Resources, *, max_body_bytes: int = 64 * 1024, debug: bool = False
+    resources: Resources,
+    *,
+    access: Access,
+    published_jwks: dict[str, Any] | None = None,
+    max_body_bytes: int = 64 * 1024,
+    debug: bool = False,
 ) -> Litestar:
-    """Build the app around already-created resources (nothing connects here)."""
+    """Build the app around already-created resources (nothing connects here). ``access``:
+    how callers are authenticated; ``published_jwks``: a key set to serve at
+    ``/.well-known/jwks.json`` (the development issuer's)."""
+    auth = "on" if access.enabled else "off"
 
     def provide_writer() -> Writer:
         assert resources.writer is not None, "this process runs no writer"
@@ -77,25 +89,40 @@ def create_app(
         assert read_side is not None, "this process has no database"
         return read_side
 
-    @get("/health", operation_id="health", tags=["operations"], summary="Liveness")
+    @get("/health", operation_id="health", tags=["operations"], summary="Liveness", opt=_PUBLIC)
     async def health() -> Health:
         writer = resources.writer
-        return Health("ok", writer.state.value if writer else None)
+        return Health("ok", writer.state.value if writer else None, auth)
 
     @get(
         "/health/ready",
         operation_id="ready",
         tags=["operations"],
         summary="Readiness: 200 once the writer has rebuilt its state from the log",
+        opt=_PUBLIC,
     )
     async def ready() -> Response[Health]:
         writer = resources.writer
         is_ready = writer is None or writer.ready
-        body = Health("ready" if is_ready else "not-ready", writer.state.value if writer else None)
+        state = writer.state.value if writer else None
+        body = Health("ready" if is_ready else "not-ready", state, auth)
         headers = None if is_ready else {"Retry-After": "1"}
         return Response(body, status_code=200 if is_ready else 503, headers=headers)
 
     route_handlers: list[Any] = [health, ready]
+    if published_jwks is not None:
+
+        @get(
+            "/.well-known/jwks.json",
+            operation_id="jwks",
+            tags=["operations"],
+            summary="The development issuer's token signing keys (orders dev only)",
+            opt=_PUBLIC,
+        )
+        async def jwks() -> dict[str, Any]:
+            return published_jwks
+
+        route_handlers.append(jwks)
     if resources.writer is not None:
         route_handlers.append(OrderCommands)
     if resources.engine is not None:
@@ -113,6 +140,7 @@ def create_app(
             "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[access.middleware()],
         on_shutdown=[read_side.watcher.close] if read_side is not None else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(

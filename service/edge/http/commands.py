@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
@@ -15,9 +16,13 @@ from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.openapi.spec import Example
 from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
+from litestar.types import Receive
 
-from service.edge.http.problems import problem_responses
+from service.edge.http.auth import requires
+from service.edge.http.problems import ClientGone, QueryProblem, problem_responses
 from service.kernel import domain
+from service.kernel.access import Caller, Scope
+from service.kernel.errors import AccessDenied
 from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Currency
 from service.write.contract import Accepted, CommandRequest
 from service.write.writer import Writer
@@ -169,6 +174,9 @@ class StrictJsonRequest(Request[Any, Any, Any]):
             raise ClientException(detail=f"the body is not valid JSON: {error}") from error
 
 
+_WRITE = requires(Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY)
+_PAY = requires(Scope.PAYMENTS_WRITE)
+_FULFIL = requires(Scope.FULFILMENT_WRITE)
 _BODY_PROBLEMS = problem_responses(400, 404, 409, 412, 413, 415, 422, 503)
 _PROBLEMS = problem_responses(400, 404, 409, 412, 422, 503)
 
@@ -185,41 +193,77 @@ def parse_if_match(value: str | None) -> int | None:
     return int(match.group(2))
 
 
-def _request_hash(request: Request[Any, Any, Any], body: msgspec.Struct | None) -> str:
-    """What a retry with the same Idempotency-Key must repeat: method, path and body."""
-    digest = hashlib.sha256(f"{request.method} {request.scope['path']}\n".encode())
+def _request_hash(
+    request: Request[Any, Any, Any], expected_version: int | None, body: msgspec.Struct | None
+) -> str:
+    """What a retry with the same Idempotency-Key must repeat: method, path, If-Match, body."""
+    digest = hashlib.sha256(
+        f"{request.method} {request.scope['path']} {expected_version}\n".encode()
+    )
     if body is not None:
         digest.update(msgspec.json.encode(body))
     return digest.hexdigest()[:32]
 
 
+async def _cancel_when_gone(receive: Receive, submitting: asyncio.Future[Accepted]) -> None:
+    """Cancel ``submitting`` once the client disconnects (the writer then drops the command
+    if it is still queued). Runs while the command waits; its body has been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    submitting.cancel()
+
+
 @dataclass(frozen=True, slots=True)
 class CommandContext:
     """What a command request brings besides its body, read once for every handler: the
-    writer, the time the command happens at, and the headers that go with every command."""
+    caller, the writer, the time the command happens at, and the headers of every command."""
 
-    request: Request[Any, Any, Any]
+    request: Request[Caller, Any, Any]
     writer: Writer
     at: datetime
     idempotency_key: str | None
     correlation_id: str | None
     expected_version: int | None = None  # If-Match; never sent with a new order
 
-    async def submit(self, command: domain.Command, body: msgspec.Struct | None = None) -> Accepted:
+    @property
+    def caller(self) -> Caller:
+        return self.request.user
+
+    def customer(self) -> str | None:
+        """The one customer an ``orders:write`` caller may act for; None with ``:any``."""
+        return self.caller.customer_limit(Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY)
+
+    async def submit(
+        self,
+        command: domain.Command,
+        body: msgspec.Struct | None = None,
+        *,
+        owner: str | None = None,
+    ) -> Accepted:
         """Have the writer decide and append ``command``; ``body`` is what a retry with the
-        same Idempotency-Key must repeat."""
-        return await self.writer.submit(
-            CommandRequest(
-                command=command,
-                expected_version=self.expected_version,
-                idempotency_key=self.idempotency_key,
-                # Only compared between requests with the same Idempotency-Key.
-                request_hash=None
-                if self.idempotency_key is None
-                else _request_hash(self.request, body),
-                correlation_id=self.correlation_id,
-            )
+        same Idempotency-Key must repeat; ``owner``: the customer the order must belong to."""
+        request = CommandRequest(
+            command=command,
+            expected_version=self.expected_version,
+            idempotency_key=self.idempotency_key,
+            # Only compared between requests with the same Idempotency-Key.
+            request_hash=None
+            if self.idempotency_key is None
+            else _request_hash(self.request, self.expected_version, body),
+            correlation_id=self.correlation_id,
+            actor=self.caller.actor,
+            owner=owner,
         )
+        submitting = asyncio.ensure_future(self.writer.submit(request))
+        watcher = asyncio.ensure_future(_cancel_when_gone(self.request.receive, submitting))
+        try:
+            return await submitting
+        except asyncio.CancelledError:
+            if submitting.cancelled() and watcher.done() and not watcher.cancelled():
+                raise ClientGone("the client disconnected") from None
+            raise
+        finally:
+            watcher.cancel()
 
 
 # Handed in by the dependencies below: built here, so Litestar need not validate it again.
@@ -227,17 +271,25 @@ Context = NamedDependency[SkipValidation[CommandContext]]
 
 
 async def provide_creation(
-    request: Request[Any, Any, Any],
+    request: Request[Caller, Any, Any],
     writer: WriterDependency,
     idempotency_key: IdempotencyKey = None,
     correlation_id: CorrelationId = None,
 ) -> CommandContext:
-    """The context of a command that creates an order (it can have no If-Match)."""
+    """The context of a command that creates an order: it can have no If-Match, and needs an
+    Idempotency-Key (a create retried after a timeout must not make a second order)."""
+    if idempotency_key is None:
+        raise QueryProblem(
+            400,
+            "idempotency-key-required",
+            "POST /orders needs an Idempotency-Key header (any unique string, e.g. a UUID), "
+            "so that retrying it after a timeout cannot create a second order",
+        )
     return CommandContext(request, writer, datetime.now(UTC), idempotency_key, correlation_id)
 
 
 async def provide_context(
-    request: Request[Any, Any, Any],
+    request: Request[Caller, Any, Any],
     writer: WriterDependency,
     idempotency_key: IdempotencyKey = None,
     correlation_id: CorrelationId = None,
@@ -273,6 +325,7 @@ class OrderCommands(Controller):
     @post(
         "/",
         operation_id="createOrder",
+        guards=_WRITE,
         status_code=201,
         summary="Create a draft order",
         responses=problem_responses(400, 413, 415, 422, 503),
@@ -289,17 +342,23 @@ class OrderCommands(Controller):
             ),
         ],
     ) -> Response[CommandResult]:
+        customer = creation.customer()
+        if customer is not None and data.customer_id != customer:
+            raise AccessDenied((Scope.ORDERS_WRITE_ANY,))  # orders:write creates only its own
         command = domain.CreateOrder(
             order_id=str(uuid.uuid4()),
             at=creation.at,
             customer_id=data.customer_id,
             currency=data.currency,
         )
-        return _respond(await creation.submit(command, data), status=201, location=True)
+        return _respond(
+            await creation.submit(command, data, owner=customer), status=201, location=True
+        )
 
     @post(
         "/{order_id:str}/items",
         operation_id="addItem",
+        guards=_WRITE,
         status_code=200,
         summary="Add a line item to a draft order",
         responses=_BODY_PROBLEMS,
@@ -326,11 +385,12 @@ class OrderCommands(Controller):
             quantity=data.quantity,
             unit_price=data.unit_price,
         )
-        return _respond(await context.submit(command, data))
+        return _respond(await context.submit(command, data, owner=context.customer()))
 
     @patch(
         "/{order_id:str}/items/{sku:str}",
         operation_id="changeItemQuantity",
+        guards=_WRITE,
         summary="Change the quantity of a line item",
         responses=_BODY_PROBLEMS,
     )
@@ -346,11 +406,12 @@ class OrderCommands(Controller):
         command = domain.ChangeItemQuantity(
             order_id=order_id, at=context.at, sku=sku, quantity=data.quantity
         )
-        return _respond(await context.submit(command, data))
+        return _respond(await context.submit(command, data, owner=context.customer()))
 
     @delete(
         "/{order_id:str}/items/{sku:str}",
         operation_id="removeItem",
+        guards=_WRITE,
         status_code=200,
         summary="Remove a line item",
         responses=_PROBLEMS,
@@ -359,22 +420,24 @@ class OrderCommands(Controller):
         self, context: Context, order_id: OrderId, sku: Sku
     ) -> Response[CommandResult]:
         command = domain.RemoveItem(order_id=order_id, at=context.at, sku=sku)
-        return _respond(await context.submit(command))
+        return _respond(await context.submit(command, owner=context.customer()))
 
     @post(
         "/{order_id:str}/place",
         operation_id="placeOrder",
+        guards=_WRITE,
         status_code=200,
         summary="Place a draft order; its total is fixed",
         responses=_PROBLEMS,
     )
     async def place(self, context: Context, order_id: OrderId) -> Response[CommandResult]:
         command = domain.PlaceOrder(order_id=order_id, at=context.at)
-        return _respond(await context.submit(command))
+        return _respond(await context.submit(command, owner=context.customer()))
 
     @post(
         "/{order_id:str}/pay",
         operation_id="payOrder",
+        guards=_PAY,
         status_code=200,
         summary="Pay a placed order: amount and currency must equal its total",
         responses=_BODY_PROBLEMS,
@@ -405,6 +468,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/ship",
         operation_id="shipOrder",
+        guards=_FULFIL,
         status_code=200,
         summary="Ship a paid order",
         responses=_BODY_PROBLEMS,
@@ -433,6 +497,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/deliver",
         operation_id="deliverOrder",
+        guards=_FULFIL,
         status_code=200,
         summary="Record the delivery of a shipped order",
         responses=_PROBLEMS,
@@ -444,6 +509,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/cancel",
         operation_id="cancelOrder",
+        guards=_WRITE,
         status_code=200,
         summary="Cancel an order that has not shipped; a paid order records its refund",
         responses=_BODY_PROBLEMS,
@@ -458,4 +524,4 @@ class OrderCommands(Controller):
         ],
     ) -> Response[CommandResult]:
         command = domain.CancelOrder(order_id=order_id, at=context.at, reason=data.reason)
-        return _respond(await context.submit(command, data))
+        return _respond(await context.submit(command, data, owner=context.customer()))

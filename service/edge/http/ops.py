@@ -7,7 +7,9 @@ from litestar.di import NamedDependency
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.status import TopicStatus, status
+from service.edge.http.auth import requires
 from service.edge.http.problems import problem_responses
+from service.kernel.access import Scope
 
 Engine = NamedDependency[AsyncEngine]
 Text = NamedDependency[str]
@@ -20,6 +22,7 @@ class Operations(Controller):
     @get(
         "/projections",
         operation_id="projectionStatus",
+        guards=requires(Scope.OPS_READ),
         summary="Projections: checkpoint, last stable offset, lag and state per partition",
         description="The same data as `orders projections status --json`. States: `caught up`, "
         "`running` (events wait), `stopped` (events wait and no projector consumes them), "

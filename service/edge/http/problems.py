@@ -15,14 +15,17 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy import exc as sa_exc
 
+from service.edge.http.auth import REALM, RateLimited, Unauthenticated
 from service.infra.database import connection_lost
 from service.kernel import domain
 from service.kernel.errors import (
+    AccessDenied,
     BadEvent,
     Conflict,
     DomainError,
     EnvironmentProblem,
     OperatorRefusal,
+    OrdersError,
     Unavailable,
 )
 from service.write.contract import IdempotencyKeyReused, VersionMismatch
@@ -58,18 +61,26 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True):
 
 _PROBLEM_DESCRIPTIONS = {
     400: "Malformed request: invalid JSON, unknown fields, values out of range, bad headers",
+    401: "No valid bearer token: missing, malformed, expired, or not for this service",
+    403: "The token lacks a scope this request needs (or names another customer)",
     404: "No such order (or customer)",
     409: "The command is not allowed in the order's current state",
     412: "If-Match names a version the order is not at",
     413: "The request body is larger than the configured limit",
     415: "The request body is not application/json",
     422: "A business rule refused the command, or the Idempotency-Key was reused",
+    429: "This caller's rate limit is spent; see Retry-After",
     503: "Temporarily unavailable (event log, writer start-up, database); see Retry-After",
 }
 
 
+# What every route that needs a token can answer.
+_ACCESS_STATUSES = (401, 403, 429)
+
+
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
-    """OpenAPI documentation of the problem responses a route can answer with."""
+    """OpenAPI documentation of the problem responses a route that needs a token can answer
+    with: ``statuses`` and those of access control."""
     return {
         status: ResponseSpec(
             data_container=Problem,
@@ -77,7 +88,7 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
             media_type=PROBLEM_JSON,
             generate_examples=False,
         )
-        for status in statuses
+        for status in sorted({*statuses, *_ACCESS_STATUSES})
     }
 
 
@@ -89,6 +100,10 @@ class QueryProblem(DomainError):
         super().__init__(detail)
         self.status = status
         self.code = code
+
+
+class ClientGone(OrdersError):
+    """The client disconnected while its command was queued: the command was not written."""
 
 
 class NotYetConsistent(Unavailable):
@@ -161,6 +176,52 @@ def _unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[
     else:
         code, title = "unavailable", "Service Unavailable"
     return problem(503, code, title, str(error), request, headers=headers)
+
+
+def _access_denied(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """403 naming the scopes that would do (RFC 6750 ``insufficient_scope``)."""
+    assert isinstance(error, AccessDenied)
+    scopes = " ".join(error.any_of)
+    challenge = f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scopes}"'
+    return problem(
+        403,
+        "insufficient-scope",
+        _phrase(403),
+        str(error),
+        request,
+        headers={"WWW-Authenticate": challenge},
+        required_scopes=list(error.any_of),
+    )
+
+
+def _unauthenticated(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """401 with the ``WWW-Authenticate`` challenge of RFC 6750."""
+    assert isinstance(error, Unauthenticated)
+    return problem(
+        401,
+        "unauthenticated",
+        _phrase(401),
+        f"{error.reason}; send Authorization: Bearer <access token>",
+        request,
+        headers={"WWW-Authenticate": error.challenge},
+    )
+
+
+def _rate_limited(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    assert isinstance(error, RateLimited)
+    return problem(
+        429,
+        "rate-limited",
+        _phrase(429),
+        str(error),
+        request,
+        headers={"Retry-After": str(error.retry_after)},
+    )
+
+
+def _client_gone(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """Nobody reads this: the client disconnected, and its command was not written."""
+    return problem(499, "client-closed-request", "Client Closed Request", str(error), request)
 
 
 def _refused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
@@ -257,6 +318,10 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     Conflict: _conflict,
     Unavailable: _unavailable,
     OperatorRefusal: _refused,
+    AccessDenied: _access_denied,
+    Unauthenticated: _unauthenticated,
+    RateLimited: _rate_limited,
+    ClientGone: _client_gone,
     # The server's environment needs its operator, or a reader let a bad event through: a 500,
     # logged with its traceback (the client can do nothing about either).
     EnvironmentProblem: _unexpected,

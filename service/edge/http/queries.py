@@ -13,17 +13,20 @@ from typing import Annotated, Any
 import asyncpg
 import msgspec
 import sqlalchemy as sa
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import HeaderParameter, PathParameter, QueryParameter, SkipValidation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
 from projections.schema import customer_summaries, daily_sales, order_history, orders
+from service.edge.http.auth import requires
 from service.edge.http.commands import IDENTIFIER_PATTERN
 from service.edge.http.problems import NotYetConsistent, QueryProblem, problem_responses
 from service.infra.database import driver_of, reading
+from service.kernel.access import Caller, Scope
 from service.kernel.domain import OrderStatus
+from service.kernel.errors import AccessDenied
 
 MAX_PAGE_SIZE = 200
 DEFAULT_PAGE_SIZE = 50
@@ -257,6 +260,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 CustomerId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
+_READ = requires(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
 _ONE_PROBLEMS = problem_responses(400, 404, 503)  # one resource: it may not exist
 _MANY_PROBLEMS = problem_responses(400, 503)  # a list or report: empty rather than missing
 Reads = NamedDependency[SkipValidation[ReadSide]]  # ours: not validated per request
@@ -298,11 +302,13 @@ _DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields_
 @get(
     "/orders",
     operation_id="listOrders",
+    guards=_READ,
     tags=["queries"],
     summary="List orders, oldest first, a page at a time",
     responses=_MANY_PROBLEMS,
 )
 async def list_orders(
+    request: Request[Caller, Any, Any],
     reads: Reads,
     customer_id: Annotated[
         str | None, QueryParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)
@@ -321,6 +327,10 @@ async def list_orders(
     ] = None,
     consistency_token: ConsistencyToken = None,
 ) -> OrderPage:
+    own = request.user.customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+    if own is not None and customer_id != own:
+        # orders:read lists only the caller's own orders, and says so rather than filter.
+        raise AccessDenied((Scope.ORDERS_READ_ANY,))
     created_from = _in_utc("created_from", created_from)
     created_to = _in_utc("created_to", created_to)
     if created_from is not None and created_to is not None and created_from > created_to:
@@ -360,18 +370,22 @@ class OrderQueries(Controller):
     @get(
         "/{order_id:str}",
         operation_id="getOrder",
+        guards=_READ,
         summary="One order; its version is the ETag",
         responses=_ONE_PROBLEMS,
     )
     async def get_order(
         self,
+        request: Request[Caller, Any, Any],
         reads: Reads,
         order_id: OrderId,
         consistency_token: ConsistencyToken = None,
     ) -> Response[OrderView]:
         await _await_consistency(reads, "orders", consistency_token)
         record = await reads.orders.get(order_id)
-        if record is None:
+        own = request.user.customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+        if record is None or (own is not None and record["customer_id"] != own):
+            # Another customer's order is answered exactly like a missing one.
             raise QueryProblem(404, "order-not-found", f"no order {order_id!r}")
         view = msgspec.convert(dict(record), OrderView)  # jsonb decoded by the pool's codec
         return Response(view, headers={"ETag": f'"{view.version}"'})
@@ -379,6 +393,7 @@ class OrderQueries(Controller):
     @get(
         "/{order_id:str}/history",
         operation_id="getOrderHistory",
+        guards=_READ,
         summary="Every event of an order, in version order",
         responses=_ONE_PROBLEMS,
     )
@@ -408,15 +423,20 @@ class CustomerQueries(Controller):
     @get(
         "/{customer_id:str}/summary",
         operation_id="getCustomerSummary",
+        guards=_READ,
         summary="A customer's order counts and lifetime value per currency",
         responses=_ONE_PROBLEMS,
     )
     async def get_summary(
         self,
+        request: Request[Caller, Any, Any],
         reads: Reads,
         customer_id: CustomerId,
         consistency_token: ConsistencyToken = None,
     ) -> CustomerSummaryView:
+        own = request.user.customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+        if own is not None and customer_id != own:
+            raise QueryProblem(404, "customer-not-found", f"no customer {customer_id!r}")
         await _await_consistency(reads, "customer_summary", consistency_token)
         query = sa.select(
             customer_summaries.c.customer_id,
@@ -438,6 +458,7 @@ class ReportQueries(Controller):
     @get(
         "/daily-sales",
         operation_id="getDailySales",
+        guards=requires(Scope.REPORTS_READ),
         summary="Sales per UTC day and currency over an inclusive range of at most 366 days",
         responses=_MANY_PROBLEMS,
     )
