@@ -84,11 +84,18 @@ def identity_folder(data_dir: Path | None) -> Path:
 
 
 def _print_tokens(issuer: DevelopmentIssuer, settings: Settings) -> None:
-    assert settings.jwt_issuer is not None and settings.jwt_audience is not None
+    issuer_name = settings.jwt_issuer or DEVELOPMENT_ISSUER
+    audience = settings.jwt_audience or DEVELOPMENT_AUDIENCE
     print("  tokens (12 h; more with `orders token --sub ID --scope ...`):")
     for label, sub, scopes in DEV_CALLERS:
-        token = issuer.mint(sub, scopes, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        token = issuer.mint(sub, scopes, issuer=issuer_name, audience=audience)
         print(f"    {label:<16} ({scopes})\n      {token}")
+
+
+def _auth_summary(settings: Settings) -> str:
+    if not settings.auth:
+        return "OFF (ORDERS_AUTH=off): anyone may do anything; local work only"
+    return f"tokens checked against {settings.jwks_url or settings.jwks_file}"
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -130,9 +137,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             if issuer is not None:
                 _print_tokens(issuer, settings)
             else:
-                print(
-                    f"  auth        {'on: tokens from ' + (settings.jwks_url or str(settings.jwks_file)) if settings.auth else 'OFF (ORDERS_AUTH=off): local work only'}"
-                )
+                print(f"  auth        {_auth_summary(settings)}")
             print(
                 f"ready in {time.monotonic() - started:.1f}s; Ctrl-C stops everything", flush=True
             )
