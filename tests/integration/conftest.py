@@ -13,6 +13,7 @@ from service.edge.http.app import Resources, create_app
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.projection_harness import Api, clear_read_models
 
 PARTITIONS = 4
@@ -57,6 +58,6 @@ async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
 @pytest.fixture
 async def api(writer: Writer, db: AsyncEngine, topic: str) -> AsyncIterator[Api]:
     """The command and query endpoints, over the ASGI app, remembering accepted commands."""
-    app = create_app(Resources(writer=writer, engine=db, topic=topic))
+    app = create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
     async with serve(app) as client:
         yield Api(client)

@@ -20,7 +20,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.edge.http.app import Resources, create_app
 from service.kernel import domain
 from service.kernel.settings import Settings
+from tests.support.http import client as http_client
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.served import Service, served, service_settings
 
 BODY_LIMIT = 4096
@@ -43,7 +45,7 @@ def service(bootstrap: str, database_url: str) -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def client(service: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=service.base_url, timeout=30) as client:
+    with http_client(service.base_url) as client:
         yield client
 
 
@@ -527,7 +529,7 @@ def test_a_bad_report_query_is_400(client: httpx.Client, query: str) -> None:
 async def app_without_a_database() -> AsyncIterator[httpx.AsyncClient]:
     """Queries on an engine pointed at a port where nothing listens: Postgres is down."""
     engine = create_async_engine("postgresql+asyncpg://orders@127.0.0.1:9/orders")
-    async with serve(create_app(Resources(engine=engine))) as client:
+    async with serve(create_app(Resources(engine=engine), access=access())) as client:
         yield client
     await engine.dispose()
 

@@ -44,6 +44,7 @@ from service.write.contract import WriterConfig
 from service.write.recovery import OpenTransactionInLog
 from service.write.writer import Writer, WriterState
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.log import LoggedEvent, by_order, folded_orders, read_topic
 
 pytestmark = pytest.mark.chaos
@@ -128,7 +129,7 @@ async def writer(broker: Broker, topic: str) -> AsyncIterator[Writer]:
 
 @pytest.fixture
 async def client(writer: Writer) -> AsyncIterator[Client]:
-    async with serve(create_app(Resources(writer=writer))) as client:
+    async with serve(create_app(Resources(writer=writer), access=access())) as client:
         yield client
 
 
@@ -513,7 +514,7 @@ async def test_a_writer_stopped_mid_batch_tells_its_callers_and_leaves_nothing_o
         await asyncio.Event().wait()  # until cancelled
 
     producer.commit_transaction = commit_that_hangs  # type: ignore[method-assign]
-    async with serve(create_app(Resources(writer=writer))) as client:
+    async with serve(create_app(Resources(writer=writer), access=access())) as client:
         command = asyncio.create_task(_create(client))
         async with asyncio.timeout(RESPONSE_BOUND):
             await committing.wait()  # the batch's records are delivered, the commit "hangs"

@@ -20,6 +20,7 @@ from service.write import staging
 from service.write.contract import WriterConfig
 from service.write.writer import Writer, WriterState
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.log import by_order, folded_orders, read_topic
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
@@ -52,7 +53,7 @@ async def writer(bootstrap: str, topic: str, transactional_id: str) -> AsyncIter
 
 @pytest.fixture
 async def client(writer: Writer) -> AsyncIterator[Client]:
-    async with serve(create_app(Resources(writer=writer))) as client:
+    async with serve(create_app(Resources(writer=writer), access=access())) as client:
         yield client
 
 
@@ -324,14 +325,14 @@ async def test_idempotency_survives_a_restart_of_the_service(
     body = {"customer_id": "c", "currency": "EUR"}
     first_writer = Writer(_config(bootstrap, topic, transactional_id))
     await first_writer.start()
-    async with serve(create_app(Resources(writer=first_writer))) as client:
+    async with serve(create_app(Resources(writer=first_writer), access=access())) as client:
         first = await client.post("/orders", json=body, headers={"Idempotency-Key": "k-9"})
     await first_writer.stop()
 
     second_writer = Writer(_config(bootstrap, topic, transactional_id))
     await second_writer.start()
     try:
-        async with serve(create_app(Resources(writer=second_writer))) as client:
+        async with serve(create_app(Resources(writer=second_writer), access=access())) as client:
             again = await client.post("/orders", json=body, headers={"Idempotency-Key": "k-9"})
             other = await client.post(
                 "/orders", json={**body, "customer_id": "d"}, headers={"Idempotency-Key": "k-9"}
@@ -461,7 +462,7 @@ async def test_a_writer_recovering_when_a_second_took_over_is_fenced_and_leaves_
             await asyncio.sleep(0.05)  # polling the first writer's recovery, bounded
         assert writer.state is WriterState.FENCED
         _problem(await _add(client, order_id, "TEA"), 503, "unavailable")
-        async with serve(create_app(Resources(writer=second))) as second_client:
+        async with serve(create_app(Resources(writer=second), access=access())) as second_client:
             added = await _add(second_client, order_id, "CUP")
         assert added.status_code == 200, added.text
         assert added.json()["version"] == 2
@@ -476,7 +477,7 @@ async def test_commands_wait_for_the_writer_to_load_and_readiness_says_so(
     transactional_id: str,
 ) -> None:
     writer = Writer(_config(bootstrap, topic, transactional_id))
-    async with serve(create_app(Resources(writer=writer))) as client:
+    async with serve(create_app(Resources(writer=writer), access=access())) as client:
         assert (await client.get("/health/ready")).status_code == 503
         refused = await client.post("/orders", json={"customer_id": "c", "currency": "EUR"})
         _problem(refused, 503, "unavailable")

@@ -39,6 +39,7 @@ from projections.versions import create_building, live_targets, switch
 from service.edge.http.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.poison import not_json, unknown_type
 from tests.support.projection_harness import Api, Done, eventually, running
 
@@ -59,7 +60,7 @@ async def ops(
     resources = Resources(
         engine=db, kafka_bootstrap=bootstrap, topic=topic, projection_group_prefix=group_prefix
     )
-    app = create_app(resources)
+    app = create_app(resources, access=access())
     async with serve(app) as client:
         yield client
 
@@ -490,7 +491,7 @@ async def test_the_status_endpoint_answers_503_when_kafka_cannot_be_reached(
     resources = Resources(
         engine=db, kafka_bootstrap="127.0.0.1:9", topic=topic, projection_group_prefix=group_prefix
     )
-    async with serve(create_app(resources)) as client:
+    async with serve(create_app(resources, access=access())) as client:
         response = await client.get("/ops/projections")
     assert response.status_code == 503, response.text
     assert response.headers["content-type"].startswith("application/problem+json")

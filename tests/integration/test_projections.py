@@ -47,6 +47,7 @@ from service.kernel import envelope
 from service.kernel.events import ItemAdded, OrderPaid
 from service.write.writer import Writer
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.log import read_topic
 from tests.support.poison import envelope_json
 from tests.support.projection_harness import (
@@ -80,7 +81,8 @@ CONSISTENCY_WAIT_MS = 15_000
 @pytest.fixture
 async def client(writer: Writer, db: AsyncEngine, topic: str) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(
-        Resources(writer=writer, engine=db, topic=topic, consistency_wait_ms=CONSISTENCY_WAIT_MS)
+        Resources(writer=writer, engine=db, topic=topic, consistency_wait_ms=CONSISTENCY_WAIT_MS),
+        access=access(),
     )
     async with serve(app) as client:
         yield client

@@ -33,6 +33,7 @@ from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.database import reset_read_side
 from tests.support.http import serve
+from tests.support.identity import access
 
 TOPIC = "t"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -144,7 +145,8 @@ def app_on(
             topic=TOPIC,
             partitions=partitions,
             consistency_wait_ms=wait_ms,
-        )
+        ),
+        access=access(),
     )
 
 

@@ -50,6 +50,7 @@ from service.edge.http.app import Resources, create_app
 from service.write.contract import Accepted
 from service.write.writer import Writer
 from tests.support.http import serve
+from tests.support.identity import access
 from tests.support.lifecycles import write_orders
 from tests.support.projection_harness import (
     assert_tables_equal_oracle,
@@ -228,7 +229,7 @@ async def test_a_rebuild_while_commands_flow_never_shows_a_partial_read_model(
     new = {name: version + 1 for name, version in old.items()}
     old_indexes = await index_definitions(db, old)
     assert all(old_indexes.values())
-    app = create_app(Resources(engine=db, topic=topic, consistency_wait_ms=30_000))
+    app = create_app(Resources(engine=db, topic=topic, consistency_wait_ms=30_000), access=access())
     progress: list[Progress] = []
     async with (
         running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run,

@@ -21,6 +21,7 @@ from aiokafka import TopicPartition
 
 from service.infra.embedded import free_port, log_tail, spawn, stop_process
 from service.infra.eventlog import committed_reader
+from tests.support import identity
 
 POLL_S = 0.1
 
@@ -44,6 +45,7 @@ def service_env(
         "ORDERS_TRANSACTIONAL_ID": f"writer-{name}",
         "ORDERS_GROUP_PREFIX": f"group-{name}",
         "ORDERS_PROJECTOR_INSTANCE_ID": f"projector-{name}",
+        **identity.environment(),
         **(extra or {}),
     }
 

@@ -21,7 +21,9 @@ import httpx
 
 from service.edge.bootstrap import ApiOptions, serve
 from service.infra.database import create_engine, migrate
+from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER
 from service.kernel.settings import Settings
+from tests.support.identity import ISSUER
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0
@@ -44,6 +46,9 @@ def service_settings(kafka: str, database_url: str, **overrides: Any) -> Setting
         transactional_id=f"served-writer-{suffix}",
         projection_group_prefix=f"served-projection-{suffix}",
         consistency_wait_ms=10_000,
+        jwks_file=str(ISSUER.jwks_path),
+        jwt_issuer=DEVELOPMENT_ISSUER,
+        jwt_audience=DEVELOPMENT_AUDIENCE,
     )
     return replace(settings, **overrides)
 

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import wait_for_checkpoint
 from projections.projection import Applied
+from tests.support.identity import BACK_OFFICE, bearer
 from tests.support.projection_harness import assert_tables_equal_oracle
 
 # What ``projection_harness.read_records`` returns: each partition's records in offset order.
@@ -192,7 +193,7 @@ class Workload:
         limits = httpx.Limits(max_connections=self.config.clients * 2)
         timeout = httpx.Timeout(self.config.request_timeout_s, connect=5.0)
         async with httpx.AsyncClient(
-            base_url=self.base_url, limits=limits, timeout=timeout
+            base_url=self.base_url, limits=limits, timeout=timeout, headers=bearer(BACK_OFFICE)
         ) as http:
             await asyncio.gather(
                 *(self._client(http, index, stop) for index in range(self.config.clients))
@@ -237,9 +238,14 @@ class Workload:
     def _if_match(self, rng: random.Random, view: OrderView) -> int | None:
         return view.version if rng.random() < self.config.if_match_share else None
 
+    @staticmethod
+    def _key(rng: random.Random) -> str:
+        return uuid.UUID(int=rng.getrandbits(128)).hex
+
     def _create(self, rng: random.Random) -> Request:
+        # Always keyed: the API refuses a create without one (a retry must not make two).
         body = {"customer_id": f"c-{rng.randrange(40)}", "currency": rng.choice(["EUR", "USD"])}
-        return Request("create", "valid", "POST", "/orders", body, idempotency_key=self._keyed(rng))
+        return Request("create", "valid", "POST", "/orders", body, idempotency_key=self._key(rng))
 
     def _valid(self, rng: random.Random, view: OrderView) -> Request:
         path = f"/orders/{view.order_id}"
@@ -330,6 +336,7 @@ class Workload:
             return Request("add", kind, "POST", f"{path}/items", body, idempotency_key=key)
         if kind == "unknown-field":
             body = {"customer_id": "c-1", "currency": "EUR", "discount": 5}
+            key = key or self._key(rng)
             return Request("create", kind, "POST", "/orders", body, idempotency_key=key)
         if kind == "unknown-order":
             unknown = uuid.UUID(int=rng.getrandbits(128))

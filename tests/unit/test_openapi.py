@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.edge.http.app import Resources, create_app
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
+from tests.support.identity import access
 
 
 def _spec() -> dict[str, Any]:
@@ -17,7 +18,7 @@ def _spec() -> dict[str, Any]:
         writer=Writer(WriterConfig(bootstrap_servers="127.0.0.1:1", topic="t")),
         engine=create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none"),
     )
-    spec: dict[str, Any] = create_app(resources).openapi_schema.to_schema()
+    spec: dict[str, Any] = create_app(resources, access=access()).openapi_schema.to_schema()
     return spec
 
 
@@ -46,6 +47,7 @@ def test_every_command_with_a_body_documents_an_example() -> None:
 
 
 COMMAND_HEADERS = {"Idempotency-Key", "X-Correlation-Id"}
+ACCESS = {"401", "403", "429"}  # every route that needs a token
 # operationId -> (path parameters, whether it takes If-Match, problem statuses documented)
 COMMANDS = {
     "createOrder": (set(), False, {"400", "413", "415", "422", "503"}),
@@ -73,9 +75,14 @@ def test_every_command_documents_its_headers_path_parameters_and_problems() -> N
         assert parameters == {("header", h) for h in headers} | {("path", p) for p in path}, (
             operation_id
         )
-        assert all(not p["required"] for p in operation["parameters"] if p["in"] == "header")
+        required = {p["name"] for p in operation["parameters"] if p["required"]}
+        # Only a create must carry its Idempotency-Key: a retry must not make a second order.
+        creates = operation_id == "createOrder"
+        assert required - {p for _, p in parameters if p in path} == (
+            {"Idempotency-Key"} if creates else set()
+        ), operation_id
         documented = {status for status in operation["responses"] if status >= "400"}
-        assert documented == problems, operation_id
+        assert documented == problems | ACCESS, operation_id
         for status in problems:
             content = operation["responses"][status]["content"]
             assert set(content) == {"application/problem+json"}, (operation_id, status)

@@ -10,6 +10,7 @@ from litestar import Litestar, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
@@ -89,7 +90,14 @@ def create_app(
         assert read_side is not None, "this process has no database"
         return read_side
 
-    @get("/health", operation_id="health", tags=["operations"], summary="Liveness", opt=_PUBLIC)
+    @get(
+        "/health",
+        operation_id="health",
+        tags=["operations"],
+        summary="Liveness",
+        opt=_PUBLIC,
+        security=[{}],
+    )
     async def health() -> Health:
         writer = resources.writer
         return Health("ok", writer.state.value if writer else None, auth)
@@ -100,6 +108,7 @@ def create_app(
         tags=["operations"],
         summary="Readiness: 200 once the writer has rebuilt its state from the log",
         opt=_PUBLIC,
+        security=[{}],
     )
     async def ready() -> Response[Health]:
         writer = resources.writer
@@ -118,6 +127,7 @@ def create_app(
             tags=["operations"],
             summary="The development issuer's token signing keys (orders dev only)",
             opt=_PUBLIC,
+            security=[{}],
         )
         async def jwks() -> dict[str, Any]:
             return published_jwks
@@ -150,6 +160,18 @@ def create_app(
             "Postgres projections.",
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        bearer_format="JWT",
+                        description="An access token of the identity provider (RFC 9068); "
+                        "each operation names the scopes it needs in its description",
+                    )
+                }
+            ),
+            security=[{"bearer": []}],
         ),
         logging_config=None,
         debug=debug,

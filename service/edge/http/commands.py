@@ -19,7 +19,7 @@ from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 from litestar.types import Receive
 
 from service.edge.http.auth import requires
-from service.edge.http.problems import ClientGone, QueryProblem, problem_responses
+from service.edge.http.problems import ClientGone, problem_responses
 from service.kernel import domain
 from service.kernel.access import Caller, Scope
 from service.kernel.errors import AccessDenied
@@ -117,6 +117,18 @@ IdempotencyKey = Annotated[
         max_length=128,
         pattern=HEADER_TOKEN_PATTERN,
         description="Retries with the same key and body return the original response",
+    ),
+]
+CreationIdempotencyKey = Annotated[
+    str,
+    HeaderParameter(
+        name="Idempotency-Key",
+        required=True,
+        min_length=1,
+        max_length=128,
+        pattern=HEADER_TOKEN_PATTERN,
+        description="Required to create an order: a create retried after a timeout with the "
+        "same key and body returns the original order instead of making a second one",
     ),
 ]
 CorrelationId = Annotated[
@@ -273,18 +285,11 @@ Context = NamedDependency[SkipValidation[CommandContext]]
 async def provide_creation(
     request: Request[Caller, Any, Any],
     writer: WriterDependency,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: CreationIdempotencyKey,
     correlation_id: CorrelationId = None,
 ) -> CommandContext:
     """The context of a command that creates an order: it can have no If-Match, and needs an
     Idempotency-Key (a create retried after a timeout must not make a second order)."""
-    if idempotency_key is None:
-        raise QueryProblem(
-            400,
-            "idempotency-key-required",
-            "POST /orders needs an Idempotency-Key header (any unique string, e.g. a UUID), "
-            "so that retrying it after a timeout cannot create a second order",
-        )
     return CommandContext(request, writer, datetime.now(UTC), idempotency_key, correlation_id)
 
 
