@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -24,13 +25,30 @@ def _wait_for(url: str, process: subprocess.Popen[str], deadline: float) -> http
     raise AssertionError(f"{url} did not answer in time")
 
 
-def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm() -> None:
+ORDERS = [sys.executable, "-m", "service.edge.cli.main"]
+
+
+def _mint(data_dir: Path, sub: str, scope: str) -> str:
+    """`orders token`, as a user runs it beside `orders dev`."""
+    minted = subprocess.run(
+        [*ORDERS, "token", "--data-dir", str(data_dir), "--sub", sub, "--scope", scope],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return minted.stdout.strip()
+
+
+def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
+    tmp_path: Path,
+) -> None:
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.edge.cli.main", "dev", "--port", str(port)],
+        [*ORDERS, "dev", "--port", str(port), "--data-dir", str(tmp_path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -49,11 +67,18 @@ def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
         while httpx.get(f"{base}/health/ready").status_code != 200:
             assert time.monotonic() < deadline, "the writer never became ready"
             time.sleep(0.1)  # pacing between readiness polls
-        created = httpx.post(f"{base}/orders", json={"customer_id": "c-1", "currency": "EUR"})
-        assert created.status_code == 201
+        anonymous = httpx.post(f"{base}/orders", json={"customer_id": "c-1", "currency": "EUR"})
+        assert anonymous.status_code == 401
+        customer = {"Authorization": "Bearer " + _mint(tmp_path, "c-1", "orders:read orders:write")}
+        created = httpx.post(
+            f"{base}/orders",
+            json={"customer_id": "c-1", "currency": "EUR"},
+            headers={**customer, "Idempotency-Key": "first-order"},
+        )
+        assert created.status_code == 201, created.text
         order = httpx.get(
             base + created.headers["location"],
-            headers={"X-Consistency-Token": created.headers["x-consistency-token"]},
+            headers={**customer, "X-Consistency-Token": created.headers["x-consistency-token"]},
             timeout=10,
         )
         assert order.status_code == 200, order.text
@@ -61,10 +86,14 @@ def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
         # The composition root tells the read side how many partitions the topic has.
         foreign = httpx.get(
             base + created.headers["location"],
-            headers={"X-Consistency-Token": "999999:0"},
+            headers={**customer, "X-Consistency-Token": "999999:0"},
             timeout=10,
         )
         assert foreign.status_code == 400, foreign.text
+        # The development issuer's keys are published; the key stays for the next run.
+        keys = httpx.get(f"{base}/.well-known/jwks.json").json()["keys"]
+        assert [key["alg"] for key in keys] == ["ES256"]
+        assert (tmp_path / "identity" / "token-signing-key.pem").stat().st_mode & 0o077 == 0
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -75,5 +104,6 @@ def test_orders_dev_serves_commands_and_queries_and_stops_everything_on_sigterm(
     assert process.returncode == 0, output
     assert "Kafka" in output
     assert "API" in output
+    assert "back office" in output  # the ready-to-use tokens
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
