@@ -1,0 +1,102 @@
+"""Pure parts of access control: the caller's scopes and customer, the token buckets, and the
+settings that configure them."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.edge.bootstrap import access_for
+from service.edge.http.limits import TokenBuckets
+from service.kernel.access import UNAUTHENTICATED, Actor, Caller, Scope
+from service.kernel.errors import AccessDenied, EnvironmentProblem
+from service.kernel.settings import Settings, parse_duration
+
+
+def _caller(*scopes: Scope) -> Caller:
+    return Caller(Actor(sub="c-1"), frozenset(scopes))
+
+
+def test_a_plain_scope_acts_for_the_callers_own_customer_and_any_for_every_one() -> None:
+    assert (
+        _caller(Scope.ORDERS_READ).customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY) == "c-1"
+    )
+    both = _caller(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+    assert both.customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY) is None
+    with pytest.raises(AccessDenied) as refused:
+        _caller(Scope.REPORTS_READ).customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+    assert refused.value.any_of == (Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+
+
+def test_require_names_the_scopes_that_would_do() -> None:
+    _caller(Scope.PAYMENTS_WRITE).require(Scope.PAYMENTS_WRITE)
+    with pytest.raises(AccessDenied, match="'payments:write'"):
+        _caller(Scope.ORDERS_WRITE_ANY).require(Scope.PAYMENTS_WRITE)
+
+
+def test_without_authentication_every_scope_acts_for_every_customer() -> None:
+    assert UNAUTHENTICATED.customer_limit(Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY) is None
+    assert UNAUTHENTICATED.sub is None
+
+
+def test_a_bucket_gives_its_burst_then_its_rate() -> None:
+    buckets = TokenBuckets(rate=2.0, burst=3)
+    assert [buckets.take("a", 10.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert buckets.take("a", 10.0) == pytest.approx(0.5)  # empty: one token back in 0.5 s
+    assert buckets.take("a", 10.5) == 0.0
+    assert buckets.take("b", 10.5) == 0.0  # every caller its own bucket
+    assert buckets.take("a", 10.5) > 0
+    assert buckets.take("a", 20.0) == 0.0  # refilled, but never past the burst
+    assert [buckets.take("a", 20.0) for _ in range(3)][-1] > 0
+
+
+def test_a_refused_request_spends_nothing() -> None:
+    buckets = TokenBuckets(rate=1.0, burst=1)
+    assert buckets.take("a", 0.0) == 0.0
+    for _ in range(100):  # hammering an empty bucket does not push the next token away
+        assert buckets.take("a", 0.5) > 0
+    assert buckets.take("a", 1.0) == 0.0
+
+
+def test_buckets_of_quiet_callers_are_forgotten() -> None:
+    buckets = TokenBuckets(rate=10.0, burst=10)  # full again after 1 s of quiet
+    for n in range(1000):
+        buckets.take(f"caller-{n}", 0.0)
+    assert len(buckets) == 1000
+    buckets.take("late", 5.0)
+    assert len(buckets) == 1
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert TokenBuckets.retry_after(0.01) == 1
+    assert TokenBuckets.retry_after(1.2) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("7d", 604800)]
+)
+def test_durations(raw: str, seconds: int) -> None:
+    assert parse_duration(raw) == seconds
+
+
+@pytest.mark.parametrize("raw", ["", "h", "1.5h", "-3s", "3w", "ten"])
+def test_a_bad_duration_is_refused(raw: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(raw)
+
+
+def test_authentication_on_without_an_identity_provider_refuses_to_start() -> None:
+    with pytest.raises(EnvironmentProblem, match=r"ORDERS_JWT_ISSUER.*ORDERS_AUTH=off"):
+        access_for(Settings())
+    with pytest.raises(EnvironmentProblem, match="not both"):
+        access_for(
+            Settings(jwks_url="http://idp/jwks", jwks_file="/x", jwt_issuer="i", jwt_audience="a")
+        )
+
+
+def test_authentication_off_is_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env().auth is True
+    monkeypatch.setenv("ORDERS_AUTH", "off")
+    assert access_for(Settings.from_env()).enabled is False
+    monkeypatch.setenv("ORDERS_AUTH", "maybe")
+    with pytest.raises(SystemExit, match="on or off"):
+        Settings.from_env()
