@@ -217,12 +217,12 @@ def _request_hash(
     return digest.hexdigest()[:32]
 
 
-async def _cancel_when_gone(receive: Receive, submitting: asyncio.Future[Accepted]) -> None:
-    """Cancel ``submitting`` once the client disconnects (the writer then drops the command
-    if it is still queued). Runs while the command waits; its body has been read."""
+async def _cancel_when_gone(receive: Receive, waiting: asyncio.Task[Any]) -> None:
+    """Cancel ``waiting`` once the client disconnects: the writer then drops its command if
+    it is still queued. Runs while the command waits; the body has been read by then."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    submitting.cancel()
+    waiting.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,13 +266,15 @@ class CommandContext:
             actor=self.caller.actor,
             owner=owner,
         )
-        submitting = asyncio.ensure_future(self.writer.submit(request))
-        watcher = asyncio.ensure_future(_cancel_when_gone(self.request.receive, submitting))
+        waiting = asyncio.current_task()
+        assert waiting is not None
+        watcher = asyncio.ensure_future(_cancel_when_gone(self.request.receive, waiting))
         try:
-            return await submitting
+            return await self.writer.submit(request)
         except asyncio.CancelledError:
-            if submitting.cancelled() and watcher.done() and not watcher.cancelled():
-                raise ClientGone("the client disconnected") from None
+            # Ours alone (the watcher's) means: the client left. Any other is passed on.
+            if watcher.done() and not watcher.cancelled() and waiting.uncancel() == 0:
+                raise ClientGone("the client disconnected before its command was decided") from None
             raise
         finally:
             watcher.cancel()
