@@ -93,6 +93,31 @@ async def ensure_topic(
         await admin.close()
 
 
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The partition ids of ``topic``; ``TopicMissing`` if there is no such topic.
+
+    Lists the topics first: asking for one by name would let a broker that auto-creates topics
+    create it, with the wrong retention.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        if topic not in await admin.list_topics():
+            raise TopicMissing(
+                f"no topic {topic} at {bootstrap}; is the API running (it creates the topic) "
+                "and ORDERS_TOPIC right?"
+            )
+        described = (await admin.describe_topics([topic]))[0]
+        if described["error_code"] != 0:
+            raise EnvironmentProblem(
+                f"cannot describe topic {topic} at {bootstrap}: Kafka error "
+                f"{described['error_code']}; check the broker's log"
+            )
+        return sorted(int(p["partition"]) for p in described["partitions"])
+    finally:
+        await admin.close()
+
+
 async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int | None:
     described = (await admin.describe_topics([topic]))[0]
     if described["error_code"] == _UNKNOWN_TOPIC:

@@ -13,10 +13,11 @@ from tests.support.identity import access
 
 
 def _spec() -> dict[str, Any]:
-    # Nothing connects: the writer is never started and the engine never used.
+    # Nothing connects: the writer is never started, the engine never used, Kafka never asked.
     resources = Resources(
         writer=Writer(WriterConfig(bootstrap_servers="127.0.0.1:1", topic="t")),
         engine=create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none"),
+        kafka_bootstrap="127.0.0.1:1",
     )
     spec: dict[str, Any] = create_app(resources, access=access()).openapi_schema.to_schema()
     return spec
@@ -24,7 +25,7 @@ def _spec() -> dict[str, Any]:
 
 def test_every_route_has_an_operation_id() -> None:
     operations = [op for ops in _spec()["paths"].values() for op in ops.values()]
-    assert len(operations) >= 16
+    assert len(operations) >= 21
     assert all(op.get("operationId") for op in operations)
 
 
@@ -42,6 +43,9 @@ def test_every_command_with_a_body_documents_an_example() -> None:
         "payOrder",
         "shipOrder",
         "cancelOrder",
+        "parkHaltedEvent",
+        "retryParkedEvents",
+        "skipParkedEvent",
     }
     assert all(content["schema"].get("examples") for content in with_body.values())
 
@@ -86,3 +90,25 @@ def test_every_command_documents_its_headers_path_parameters_and_problems() -> N
         for status in problems:
             content = operation["responses"][status]["content"]
             assert set(content) == {"application/problem+json"}, (operation_id, status)
+
+
+# operationId -> the scope its description names
+OPERATOR_ACTIONS = {
+    "parkHaltedEvent": "ops:write",
+    "retryParkedEvents": "ops:write",
+    "skipParkedEvent": "ops:write",
+}
+
+
+def test_every_operator_action_documents_its_scope_path_and_problems() -> None:
+    operations = {op["operationId"]: op for ops in _spec()["paths"].values() for op in ops.values()}
+    for operation_id, scope in OPERATOR_ACTIONS.items():
+        operation = operations[operation_id]
+        assert f"`{scope}`" in operation["description"], operation_id
+        assert {(p["in"], p["name"]) for p in operation["parameters"]} == {("path", "name")}
+        documented = {status for status in operation["responses"] if status >= "400"}
+        # 409: the refusals the CLI gives too (not halted there, nothing parked ...).
+        assert documented == {"400", "404", "409", "413", "415", "503"} | ACCESS, operation_id
+    listing = operations["listParkedEvents"]
+    assert "`ops:read`" in listing["description"]
+    assert {(p["in"], p["name"]) for p in listing["parameters"]} == {("query", "projection")}

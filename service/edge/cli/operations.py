@@ -25,7 +25,7 @@ from projections.status import render, status
 from service.edge.bootstrap import DatabaseUse, database
 from service.edge.cli.advice import EXIT_INTERRUPTED
 from service.edge.cli.process import configured, run
-from service.edge.cli.tail import topic_partitions
+from service.infra.eventlog import topic_partitions
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings

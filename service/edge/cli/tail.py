@@ -17,12 +17,10 @@ from typing import Any, TextIO, TypeAlias
 
 import msgspec
 from aiokafka import ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from service.infra.eventlog import TopicMissing, committed_reader, read_to_end
+from service.infra.eventlog import committed_reader, read_to_end, topic_partitions
 from service.kernel import envelope
-from service.kernel.errors import EnvironmentProblem
 
 _log = logging.getLogger(__name__)
 
@@ -59,31 +57,6 @@ def partition_for(order_id: str, partitions: Sequence[int]) -> int:
     """
     ordered = sorted(partitions)
     return int(DefaultPartitioner()(order_id.encode(), ordered, ordered))
-
-
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    """The partition ids of ``topic``; ``TopicMissing`` if there is no such topic.
-
-    Lists the topics first: asking for one by name would let a broker that auto-creates topics
-    create it, with the wrong retention.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
-    try:
-        if topic not in await admin.list_topics():
-            raise TopicMissing(
-                f"no topic {topic} at {bootstrap}; is the API running (it creates the topic) "
-                "and ORDERS_TOPIC right?"
-            )
-        described = (await admin.describe_topics([topic]))[0]
-        if described["error_code"] != 0:
-            raise EnvironmentProblem(
-                f"cannot describe topic {topic} at {bootstrap}: Kafka error "
-                f"{described['error_code']}; check the broker's log"
-            )
-        return sorted(int(p["partition"]) for p in described["partitions"])
-    finally:
-        await admin.close()
 
 
 async def tail(

@@ -63,8 +63,9 @@ _PROBLEM_DESCRIPTIONS = {
     400: "Malformed request: invalid JSON, unknown fields, values out of range, bad headers",
     401: "No valid bearer token: missing, malformed, expired, or not for this service",
     403: "The token lacks a scope this request needs (or names another customer)",
-    404: "No such order (or customer)",
-    409: "The command is not allowed in the order's current state",
+    404: "No such order, customer or projection",
+    409: "The command is not allowed in the order's current state (or the operator's action "
+    "would do harm: see the detail)",
     412: "If-Match names a version the order is not at",
     413: "The request body is larger than the configured limit",
     415: "The request body is not application/json",
@@ -93,8 +94,9 @@ def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
 
 
 class QueryProblem(DomainError):
-    """A query the caller must change: a filter, cursor or consistency token the API cannot
-    take (400), or an id it knows nothing of (404). ``code`` is the problem type."""
+    """A request the caller must change: a filter, cursor, consistency token or partition the
+    API cannot take (400), or an id or name it knows nothing of (404). ``code`` is the problem
+    type."""
 
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(detail)
@@ -225,7 +227,8 @@ def _client_gone(request: Request[Any, Any, Any], error: Exception) -> Response[
 
 
 def _refused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    """409: an operator's command that would do harm (no route runs one today)."""
+    """409: an operator's action that would do harm, or clash with one running (the same
+    refusal as the CLI's); nothing was done."""
     return problem(409, "refused", _phrase(409), str(error), request)
 
 
