@@ -183,6 +183,10 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, set[Scope]]] = [
         {Scope.REPORTS_READ},
     ),
     ("GET", "/ops/projections", None, {Scope.OPS_READ}),
+    ("GET", "/ops/projections/parked", None, {Scope.OPS_READ}),
+    ("POST", "/ops/projections/orders/park", {"partition": 0, "offset": 0}, {Scope.OPS_WRITE}),
+    ("POST", "/ops/projections/orders/retry", {}, {Scope.OPS_WRITE}),
+    ("POST", "/ops/projections/orders/skip", {"partition": 0, "offset": 0}, {Scope.OPS_WRITE}),
 ]
 
 
