@@ -28,6 +28,7 @@ import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -76,7 +77,7 @@ class Writer:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.state = WriterState.STARTING
-        self._committed = Committed()
+        self._committed = Committed(idempotency_ttl=config.idempotency_ttl)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._appender = Appender(config)
         self._task: asyncio.Task[None] | None = None
@@ -161,7 +162,7 @@ class Writer:
         await recovery.check_no_open_transaction(
             self.config, self.partition_count, self._appender.abort_left_open
         )
-        loaded = await recovery.read_state(self.config, self.partition_count)
+        loaded = await recovery.read_state(self.config, self.partition_count, now=datetime.now(UTC))
         self._committed = loaded.state
         self.loaded_events, self.load_seconds = loaded.events, loaded.seconds
 
