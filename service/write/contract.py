@@ -26,6 +26,9 @@ class WriterConfig:
     max_batch: int = 500
     commit_timeout: float = 15.0
     idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL
+    # The longest a command waits in the queue for its batch to begin (seconds): one that would
+    # wait longer is refused at once, one that did is refused then (WriterOverloaded).
+    max_queue_delay: float = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,17 @@ class WriterUnavailable(Unavailable):
     def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class WriterOverloaded(WriterUnavailable):
+    """More commands are waiting than the writer decides within ``max_queue_delay``: this one
+    was refused before it was decided, so nothing of it is in the log."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the writer is at capacity: the command was not recorded; retry shortly",
+            retry_after=1,
+        )
 
 
 class VersionMismatch(Conflict):
