@@ -75,12 +75,12 @@ class WriterState(enum.StrEnum):
 
 @dataclass(slots=True)
 class _Pending:
-    """A submitted command. Its caller cancels ``reply`` to withdraw it while it is queued;
-    ``taken`` once its batch has begun, after which it completes whatever the caller does."""
+    """A submitted command. Answered (``reply`` done) while queued, it is not decided: its
+    caller withdrew it, or its deadline passed. ``taken`` once its batch has begun; from then
+    on it completes whatever the caller does."""
 
     request: CommandRequest
     reply: asyncio.Future[Accepted]
-    deadline: float  # loop time by which its batch must have begun
     taken: bool = False
 
 
@@ -166,21 +166,22 @@ class Writer:
         now = loop.time()
         if self._expected_wait(now) > self.config.max_queue_delay:
             raise WriterOverloaded()
-        pending = _Pending(request, loop.create_future(), now + self.config.max_queue_delay)
+        pending = _Pending(request, loop.create_future())
         self._queue.put_nowait(pending)
+        loop.call_at(now + self.config.max_queue_delay, self._expire, pending)
         try:
-            async with asyncio.timeout_at(pending.deadline):
-                # Shielded: cancelling the caller cancels only its wait, never the command.
-                return await asyncio.shield(pending.reply)
-        except TimeoutError:
-            if not pending.taken and not pending.reply.done():
-                pending.reply.cancel()  # withdrawn: its batch will skip it
-                raise WriterOverloaded() from None
-            return await asyncio.shield(pending.reply)  # its batch began in time
+            # Shielded: cancelling the caller cancels only its wait, never a command taken.
+            return await asyncio.shield(pending.reply)
         except asyncio.CancelledError:
             if not pending.taken:
-                pending.reply.cancel()
+                pending.reply.cancel()  # withdrawn: its batch will skip it
             raise
+
+    @staticmethod
+    def _expire(pending: _Pending) -> None:
+        """At a command's deadline: refuse it if its batch has not begun (its batch skips it)."""
+        if not pending.taken and not pending.reply.done():
+            pending.reply.set_exception(WriterOverloaded())
 
     def _expected_wait(self, now: float) -> float:
         """Seconds until a command queued now is taken into a batch (``Pace.expected_wait``)."""
@@ -253,7 +254,7 @@ class Writer:
     @staticmethod
     def _take(batch: list[_Pending]) -> list[_Pending]:
         """The commands of ``batch`` to decide now that it begins, each marked taken: not those
-        withdrawn while queued (their caller stopped waiting, or their deadline passed)."""
+        answered while queued (withdrawn by their caller, or refused at their deadline)."""
         taken = [pending for pending in batch if not pending.reply.done()]
         for pending in taken:
             pending.taken = True
