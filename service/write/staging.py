@@ -241,7 +241,8 @@ class Committed:
     ) -> Accepted | SameAs | _Sealed:
         command = request.command
         # Ownership first: another customer's order is as missing for every check that follows,
-        # the If-Match comparison and a replayed answer included.
+        # the If-Match comparison and a replayed answer included. Events still follow the real
+        # version: only a CreateOrder is decided on a missing order, and it is never withheld.
         current = order_seen_by(request.owner, command, self._current(command.order_id, batch))
         key = receipt_key(request.actor, request.idempotency_key)
         if key is not None:
