@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from service.kernel.domain import Command, CreateOrder, Order
 from service.kernel.errors import AccessDenied
 
 
@@ -69,3 +70,28 @@ class Caller:
 
 # Authentication off (local work only): every scope, no known actor.
 UNAUTHENTICATED = Caller(actor=None, scopes=ALL_SCOPES)
+
+
+def owns(owner: str | None, order: Order) -> bool:
+    """Whether a caller that may act only for the customer ``owner`` (None: for every customer)
+    may act on ``order``."""
+    return owner is None or order.customer_id == owner
+
+
+def order_seen_by(owner: str | None, command: Command, order: Order | None) -> Order | None:
+    """The state of its order that ``command`` is decided on, for a caller that may act only for
+    the customer ``owner`` (None: for every customer).
+
+    Another customer's order is withheld: the command is decided as if the order did not exist,
+    so it is refused exactly as on a missing order (the same ``OrderNotFound``, and an If-Match
+    compared with version 0). A customer never learns that another customer's order exists.
+    A ``CreateOrder`` for another customer is refused (``AccessDenied``); one for the caller's
+    own customer sees the order as it is, since the service, not the client, picks order ids.
+    """
+    if isinstance(command, CreateOrder):
+        if owner is not None and command.customer_id != owner:
+            raise AccessDenied((Scope.ORDERS_WRITE_ANY,))
+        return order
+    if order is None or owns(owner, order):
+        return order
+    return None

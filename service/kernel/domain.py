@@ -38,6 +38,10 @@ MAX_TEXT_LENGTH: Final = 500
 # The largest total an order can reach (9e15) stays below 2**53, so totals survive JSON
 # consumers that read numbers as doubles (JavaScript) and Postgres BIGINT columns unchanged.
 MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
+# Draft changes stop at this version; the lifecycle commands still run, so an order never has
+# more than MAX_ORDER_EVENTS + 4 events (placed, paid, shipped, delivered) and the writer's cost
+# of keeping one, and a reader's of folding it, stays bounded.
+MAX_ORDER_EVENTS: Final = 1_000
 
 
 # --- Errors -------------------------------------------------------------------------
@@ -122,6 +126,16 @@ class TooManyItems(DomainError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"an order holds at most {limit} items")
+        self.limit = limit
+
+
+class TooManyEvents(DomainError):
+    code = "order-event-limit"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"an order takes at most {limit} events of changes while draft: place it or cancel it"
+        )
         self.limit = limit
 
 
@@ -282,7 +296,7 @@ def _add_item(command: AddItem, state: Order | None) -> list[DomainEvent]:
     _require_text("name", command.name)
     _require_int("quantity", command.quantity, 1, MAX_QUANTITY)
     _require_int("unit_price", command.unit_price, 0, MAX_UNIT_PRICE)
-    order = _require_status(command, state, OrderStatus.DRAFT)
+    order = _require_draft_change(command, state)
     if _index_of(order.items, command.sku) is not None:
         raise DuplicateItem(command.sku)
     if len(order.items) >= MAX_ITEMS:
@@ -300,7 +314,7 @@ def _add_item(command: AddItem, state: Order | None) -> list[DomainEvent]:
 def _change_item_quantity(command: ChangeItemQuantity, state: Order | None) -> list[DomainEvent]:
     _require_text("sku", command.sku)
     _require_int("quantity", command.quantity, 1, MAX_QUANTITY)
-    order = _require_status(command, state, OrderStatus.DRAFT)
+    order = _require_draft_change(command, state)
     if _index_of(order.items, command.sku) is None:
         raise ItemNotFound(command.sku)
     return [ItemQuantityChanged(sku=command.sku, quantity=command.quantity)]
@@ -308,7 +322,7 @@ def _change_item_quantity(command: ChangeItemQuantity, state: Order | None) -> l
 
 def _remove_item(command: RemoveItem, state: Order | None) -> list[DomainEvent]:
     _require_text("sku", command.sku)
-    order = _require_status(command, state, OrderStatus.DRAFT)
+    order = _require_draft_change(command, state)
     if _index_of(order.items, command.sku) is None:
         raise ItemNotFound(command.sku)
     return [ItemRemoved(sku=command.sku)]
@@ -367,6 +381,14 @@ def _require_status(command: Command, state: Order | None, *allowed: OrderStatus
     if state.status not in allowed:
         raise InvalidTransition(state.status, type(command).__name__)
     return state
+
+
+def _require_draft_change(command: Command, state: Order | None) -> Order:
+    """A draft that can take one more change of its items."""
+    order = _require_status(command, state, OrderStatus.DRAFT)
+    if order.version >= MAX_ORDER_EVENTS:
+        raise TooManyEvents(MAX_ORDER_EVENTS)
+    return order
 
 
 def _require_text(field: str, value: str) -> None:

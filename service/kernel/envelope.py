@@ -32,6 +32,7 @@ CURRENT_SCHEMA_VERSION: dict[str, int] = dict.fromkeys(EVENT_TYPES, 1)
 UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 _EVENT_ID_NAMESPACE = uuid.UUID("6f1c2d8e-35a7-4c55-9d1e-0b9a3c7e5f21")
+_CALLER_EVENT_ID_NAMESPACE = uuid.UUID("b3e0c5a4-7d2f-4e61-8a9b-2c4d6e8f0a13")
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars only: no cycles
@@ -67,9 +68,22 @@ _data_decoders: dict[str, msgspec.json.Decoder[Any]] = {
 
 
 def event_id_for(idempotency_key: str | None, command_id: str, index: int) -> str:
-    """Deterministic for a command with an idempotency key: a replayed command has the same ids."""
+    """The id of the ``index``-th event of a command without a key, or with a key but no known
+    caller (authentication off): deterministic with an idempotency key, so a command decided
+    again has the same ids. Built as it always was (``caller_event_id`` is for known callers)."""
     seed = f"{idempotency_key or command_id}:{index}"
     return str(uuid.uuid5(_EVENT_ID_NAMESPACE, seed))
+
+
+def caller_event_id(caller: str, idempotency_key: str, order_id: str, version: int) -> str:
+    """The id of an event of a command with an idempotency key from a known caller (``Actor.sub``).
+
+    Deterministic: the same decision (the same caller, key, order and version) has the same id.
+    Each caller's keys are its own, so two callers' same key give different ids; and an
+    order's version is never written twice, so a key used again once its receipt has expired
+    (a new request) gives new ids too."""
+    seed = _encoder.encode([caller, idempotency_key, order_id, version]).decode()
+    return str(uuid.uuid5(_CALLER_EVENT_ID_NAMESPACE, seed))
 
 
 def seal(event: DomainEvent, **fields: Any) -> Envelope:

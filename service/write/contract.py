@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from service.kernel.access import Actor
 from service.kernel.domain import Command
 from service.kernel.errors import Conflict, Unavailable
+
+# How long a command's idempotency key stays taken: a request with the same key later than that
+# is a new request (a retry is expected within minutes, not days).
+DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +25,10 @@ class WriterConfig:
     allow_deleting_topic: bool = False
     max_batch: int = 500
     commit_timeout: float = 15.0
+    idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL
+    # The longest a command waits in the queue for its batch to begin (seconds): one that would
+    # wait longer is refused at once, one that did is refused then (WriterOverloaded).
+    max_queue_delay: float = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +40,12 @@ class CommandRequest:
     idempotency_key: str | None = None
     request_hash: str | None = None
     correlation_id: str | None = None
-    # Who sends it, recorded in its events; None when authentication is off.
+    # Who sends it, recorded in its events; None when authentication is off. Its idempotency
+    # keys are its own: another caller's same key is another key.
     actor: Actor | None = None
     # Set for a caller that may act only for one customer: the order must be that customer's
-    # (one of another customer's is "not found", never a hint that it exists).
+    # (one of another customer's is "not found", never a hint that it exists;
+    # ``service.kernel.access.order_seen_by``).
     owner: str | None = None
     command_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
@@ -64,6 +75,17 @@ class WriterUnavailable(Unavailable):
     def __init__(self, reason: str, *, retry_after: int | None = 1) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+class WriterOverloaded(WriterUnavailable):
+    """More commands are waiting than the writer decides within ``max_queue_delay``: this one
+    was refused before it was decided, so nothing of it is in the log."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the writer is at capacity: the command was not recorded; retry shortly",
+            retry_after=1,
+        )
 
 
 class VersionMismatch(Conflict):

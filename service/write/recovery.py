@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from aiokafka import TopicPartition
 
@@ -106,12 +107,13 @@ async def open_transactions(
         await asyncio.sleep(0.2)  # pacing between checks while markers are written
 
 
-async def read_state(config: WriterConfig, partition_count: int) -> Loaded:
-    """Fold every event of the topic's partitions into order states and receipts.
+async def read_state(config: WriterConfig, partition_count: int, now: datetime) -> Loaded:
+    """Fold every event of the topic's partitions into order states and receipts; receipts
+    that expired before ``now`` (the wall-clock time of the reading) are not kept.
 
     Raises ``TopicRepartitioned`` when orders no longer sit where their key goes."""
     started = time.monotonic()
-    state = Committed()
+    state = Committed(idempotency_ttl=config.idempotency_ttl)
     count = 0
     # The first orders created in each partition, placed as the key would be now.
     unchecked = [_PLACEMENT_CHECKS] * partition_count
@@ -121,13 +123,14 @@ async def read_state(config: WriterConfig, partition_count: int) -> Loaded:
             if sealed.version == 1 and unchecked[record.partition]:
                 unchecked[record.partition] -= 1
                 _check_placement(config.topic, sealed.order_id, record.partition, partition_count)
-            state.fold(sealed, event, record.partition, record.offset)
+            state.fold(sealed, event, record.partition, record.offset, now=now)
             count += 1
     loaded = Loaded(state, count, time.monotonic() - started)
     _log.info(
-        "writer state rebuilt from %d events (%d orders) in %.2fs",
+        "writer state rebuilt from %d events (%d orders, %d idempotency receipts) in %.2fs",
         count,
         len(state.orders),
+        len(state.receipts),
         loaded.seconds,
     )
     return loaded

@@ -6,23 +6,50 @@ log yet: two commands are never decided on the same version (design.md 3). What 
 is staged beside the committed state, which takes it over (``Committed.commit``) only once the
 batch's Kafka transaction has committed; a batch whose transaction failed is simply dropped.
 
-No I/O here: the writer (``service.write.writer``) runs the queue and the transaction.
+Idempotency keys are each caller's own: a receipt is found by the caller's subject and the key
+(``ReceiptKey``), and it lasts ``idempotency_ttl`` from the time of its command; after that the
+same key is a new request. Expired receipts are pruned as batches commit, and skipped when the
+state is rebuilt from the log, so the receipts kept grow with the traffic of one TTL, not with
+the log's history.
+
+No I/O and no clock here: the writer (``service.write.writer``) runs the queue and the
+transaction; time comes with each command (``at``) or from the writer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TypeAlias
 
 from service.kernel import envelope
+from service.kernel.access import Actor, order_seen_by, owns
 from service.kernel.domain import Order, decide, evolve
-from service.kernel.errors import DomainError
+from service.kernel.errors import AccessDenied, DomainError
 from service.kernel.events import DomainEvent
-from service.write.contract import Accepted, CommandRequest, IdempotencyKeyReused, VersionMismatch
+from service.write.contract import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    Accepted,
+    CommandRequest,
+    IdempotencyKeyReused,
+    VersionMismatch,
+)
 
 _log = logging.getLogger(__name__)
+
+# Whose key it is (the actor's subject; None when authentication was off) and the key.
+ReceiptKey: TypeAlias = tuple[str | None, str]
+
+
+def receipt_key(actor: Actor | None, idempotency_key: str | None) -> ReceiptKey | None:
+    """Where the receipt of a command with ``idempotency_key`` from ``actor`` is kept (None:
+    a command without a key has none)."""
+    if idempotency_key is None:
+        return None
+    return (actor.sub if actor is not None else None, idempotency_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +61,23 @@ class Receipt:
     version: int
     partition: int
     offset: int
+    occurred_at: datetime  # the command's time: the receipt's TTL runs from there
 
     @classmethod
     def of(cls, sealed: envelope.Envelope, partition: int, offset: int) -> Receipt:
         """The receipt of a command whose last event is ``sealed``, at ``partition``, ``offset``."""
-        return cls(sealed.request_hash, sealed.order_id, sealed.version, partition, offset)
+        return cls(
+            sealed.request_hash,
+            sealed.order_id,
+            sealed.version,
+            partition,
+            offset,
+            sealed.occurred_at,
+        )
+
+    def expired(self, at: datetime, ttl: timedelta) -> bool:
+        """Whether a command at ``at`` no longer finds this receipt: older than ``ttl`` then."""
+        return at - self.occurred_at > ttl
 
     def replayed(self) -> Accepted:
         """The answer to the same request sent again."""
@@ -111,30 +150,48 @@ class StagedBatch:
 
 @dataclass(slots=True)
 class Committed:
-    """The order states and idempotency receipts in the log, up to the last committed batch."""
+    """The order states and idempotency receipts in the log, up to the last committed batch.
+
+    ``receipts`` is kept oldest first (by the time each was committed), so expired ones are
+    pruned from its front.
+    """
 
     orders: dict[str, Order] = field(default_factory=dict)
-    receipts: dict[str, Receipt] = field(default_factory=dict)
+    receipts: OrderedDict[ReceiptKey, Receipt] = field(default_factory=OrderedDict)
+    idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL
 
     def fold(
-        self, sealed: envelope.Envelope, event: DomainEvent, partition: int, offset: int
+        self,
+        sealed: envelope.Envelope,
+        event: DomainEvent,
+        partition: int,
+        offset: int,
+        *,
+        now: datetime | None = None,
     ) -> None:
-        """Take in one event read from the log (at ``partition`` and ``offset``)."""
+        """Take in one event read from the log (at ``partition`` and ``offset``). ``now``: the
+        time of the reading, before which the receipts that have expired are not kept."""
         self.orders[sealed.order_id] = evolve(
             self.orders.get(sealed.order_id), event, sealed.order_id
         )
-        if sealed.idempotency_key is not None:
-            self.receipts[sealed.idempotency_key] = Receipt.of(sealed, partition, offset)
+        key = receipt_key(sealed.actor, sealed.idempotency_key)
+        if key is None:
+            return
+        receipt = Receipt.of(sealed, partition, offset)
+        if now is not None and receipt.expired(now, self.idempotency_ttl):
+            self.receipts.pop(key, None)  # an older receipt of the same key is older still
+        else:
+            self._keep(key, receipt)
 
     def stage(self, requests: Iterable[CommandRequest]) -> StagedBatch:
         """Decide each command on the state the ones before it left; change nothing here."""
         batch = StagedBatch(decisions=[], orders={}, appends=[])
-        staged_keys: dict[str, int] = {}  # idempotency key -> index of the command that used it
+        staged_keys: dict[ReceiptKey, int] = {}  # receipt key -> index of the command using it
         for request in requests:
             decision: Decision | _Sealed
             try:
                 decision = self._decide(request, batch, staged_keys)
-            except (DomainError, VersionMismatch, IdempotencyKeyReused) as error:
+            except (DomainError, AccessDenied, VersionMismatch, IdempotencyKeyReused) as error:
                 decision = error
             except Exception as error:
                 # A bug with this command (a 500 for it alone): nothing of it is staged, and
@@ -144,8 +201,8 @@ class Committed:
             if isinstance(decision, _Sealed):
                 if decision.order_state is not None:
                     batch.orders[request.command.order_id] = decision.order_state
-                if request.idempotency_key is not None:
-                    staged_keys[request.idempotency_key] = len(batch.decisions)
+                if (key := receipt_key(request.actor, request.idempotency_key)) is not None:
+                    staged_keys[key] = len(batch.decisions)
                 decision = decision.decided
                 batch.appends.append(decision)
             batch.decisions.append(decision)
@@ -154,36 +211,71 @@ class Committed:
     def commit(self, batch: StagedBatch, positions: Sequence[tuple[int, int]]) -> list[Answer]:
         """Take over what ``batch`` staged, now that its transaction committed, and return every
         command's answer. ``positions``: the partition and offset of each appended command's
-        last event, in the order of ``batch.appends``."""
+        last event, in the order of ``batch.appends``. Receipts that expired before the
+        earliest command of the batch are pruned."""
         answers = batch.answers_after_commit(positions)
         self.orders.update(batch.orders)
         for decided, (partition, offset) in zip(batch.appends, positions, strict=True):
-            if (key := decided.request.idempotency_key) is not None:
-                self.receipts[key] = Receipt.of(decided.events[-1], partition, offset)
+            request = decided.request
+            if (key := receipt_key(request.actor, request.idempotency_key)) is not None:
+                self._keep(key, Receipt.of(decided.events[-1], partition, offset))
+        if batch.appends:
+            self.prune_receipts(min(decided.request.command.at for decided in batch.appends))
         return answers
 
+    def prune_receipts(self, now: datetime) -> None:
+        """Forget the receipts that have expired by ``now``, oldest first: cheap, since it stops
+        at the first one still valid (one out of time order waits for those before it)."""
+        while self.receipts:
+            oldest = next(iter(self.receipts.values()))
+            if not oldest.expired(now, self.idempotency_ttl):
+                return
+            self.receipts.popitem(last=False)
+
+    def _keep(self, key: ReceiptKey, receipt: Receipt) -> None:
+        self.receipts[key] = receipt
+        self.receipts.move_to_end(key)  # a key used again is as new as its new receipt
+
     def _decide(
-        self, request: CommandRequest, batch: StagedBatch, staged_keys: dict[str, int]
+        self, request: CommandRequest, batch: StagedBatch, staged_keys: dict[ReceiptKey, int]
     ) -> Accepted | SameAs | _Sealed:
-        key = request.idempotency_key
+        command = request.command
+        # Ownership first: another customer's order is as missing for every check that follows,
+        # the If-Match comparison and a replayed answer included. Events still follow the real
+        # version: only a CreateOrder is decided on a missing order, and it is never withheld.
+        current = order_seen_by(request.owner, command, self._current(command.order_id, batch))
+        key = receipt_key(request.actor, request.idempotency_key)
         if key is not None:
             receipt = self.receipts.get(key)
-            if receipt is not None:
+            if (
+                receipt is not None
+                and not receipt.expired(command.at, self.idempotency_ttl)
+                and self._owned(request.owner, receipt.order_id, batch)
+            ):
                 _check_same_request(receipt.request_hash, request)
                 return receipt.replayed()
             earlier = staged_keys.get(key)
             if earlier is not None:
                 original = batch.decisions[earlier]
                 assert isinstance(original, Decided)  # only decided commands are in staged_keys
-                _check_same_request(original.request.request_hash, request)
-                return SameAs(earlier)
-        order_id = request.command.order_id
-        current = batch.orders.get(order_id) or self.orders.get(order_id)
+                if self._owned(request.owner, original.request.command.order_id, batch):
+                    _check_same_request(original.request.request_hash, request)
+                    return SameAs(earlier)
         if request.expected_version is not None:
             actual = current.version if current else 0
             if actual != request.expected_version:
                 raise VersionMismatch(request.expected_version, actual)
-        return _seal(request, current, decide(request.command, current))
+        return _seal(request, current, decide(command, current))
+
+    def _current(self, order_id: str, batch: StagedBatch) -> Order | None:
+        """The order as the batch left it so far, or as committed."""
+        return batch.orders.get(order_id) or self.orders.get(order_id)
+
+    def _owned(self, owner: str | None, order_id: str, batch: StagedBatch) -> bool:
+        """Whether an earlier answer about ``order_id`` may be given to a caller limited to the
+        customer ``owner``: never one about another customer's order."""
+        order = self._current(order_id, batch)
+        return order is None or owns(owner, order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +296,7 @@ def _seal(request: CommandRequest, current: Order | None, events: list[DomainEve
         sealed.append(
             envelope.seal(
                 event,
-                event_id=envelope.event_id_for(key, request.command_id, index),
+                event_id=_event_id(request, state.version, index),
                 order_id=order_id,
                 version=state.version,
                 occurred_at=request.command.at,
@@ -213,9 +305,17 @@ def _seal(request: CommandRequest, current: Order | None, events: list[DomainEve
                 causation_id=request.command_id,
                 idempotency_key=key,
                 request_hash=request.request_hash,
+                actor=request.actor,
             )
         )
     return _Sealed(Decided(request, sealed), state)
+
+
+def _event_id(request: CommandRequest, version: int, index: int) -> str:
+    key = request.idempotency_key
+    if key is not None and request.actor is not None:
+        return envelope.caller_event_id(request.actor.sub, key, request.command.order_id, version)
+    return envelope.event_id_for(key, request.command_id, index)
 
 
 def _check_same_request(recorded_hash: str | None, request: CommandRequest) -> None:

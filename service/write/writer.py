@@ -18,6 +18,12 @@ Invariants (design.md 3-5); this module is the I/O shell that holds them togethe
   and rebuild the whole state from the log (read_committed, up to the last stable offset,
   ``service.write.recovery``) before deciding anything again. The state never comes from a
   read model.
+* Overload is refused fast, never queued without bound (design.md 9): a command that would
+  wait longer than ``max_queue_delay`` for its batch to begin (``service.write.pacing``) is
+  refused at once, and one whose deadline passes while queued is refused then
+  (``WriterOverloaded``); neither is decided. A command is decided only if it was still wanted
+  when its batch began: one whose caller stopped waiting while it was queued is dropped, but
+  once its batch has begun it completes whatever the caller does.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -44,8 +51,10 @@ from service.write.contract import (
     Accepted,
     CommandRequest,
     WriterConfig,
+    WriterOverloaded,
     WriterUnavailable,
 )
+from service.write.pacing import Pace
 from service.write.recovery import OpenTransactionInLog
 from service.write.staging import Answer, Committed, StagedBatch
 
@@ -66,8 +75,13 @@ class WriterState(enum.StrEnum):
 
 @dataclass(slots=True)
 class _Pending:
+    """A submitted command. Answered (``reply`` done) while queued, it is not decided: its
+    caller withdrew it, or its deadline passed. ``taken`` once its batch has begun; from then
+    on it completes whatever the caller does."""
+
     request: CommandRequest
     reply: asyncio.Future[Accepted]
+    taken: bool = False
 
 
 class Writer:
@@ -76,11 +90,14 @@ class Writer:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.state = WriterState.STARTING
-        self._committed = Committed()
+        self._committed = Committed(idempotency_ttl=config.idempotency_ttl)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._appender = Appender(config)
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
+        self._pace = Pace()
+        # The batch being decided and appended: how many commands, since when (loop time).
+        self._in_flight: tuple[int, float] = (0, 0.0)
         self.partition_count = 0
         self.loaded_events = 0
         self.load_seconds = 0.0
@@ -137,13 +154,44 @@ class Writer:
 
     async def submit(self, request: CommandRequest) -> Accepted:
         """Decide and append one command; returns once its events are committed to the log
-        and visible to read_committed readers."""
+        and visible to read_committed readers.
+
+        ``WriterOverloaded`` (nothing decided): at once when the commands ahead would keep this
+        one queued longer than ``max_queue_delay``, or once it has been queued that long.
+        Cancelling the caller withdraws a command still queued; once its batch has begun, the
+        command completes (and is in the log if it committed) whatever the caller does."""
         if self.state is not WriterState.READY:
             raise self._unavailable()
-        reply: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(request, reply))
-        # Shielded: a client that hangs up does not cancel a command already on its way.
-        return await asyncio.shield(reply)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._expected_wait(now) > self.config.max_queue_delay:
+            raise WriterOverloaded()
+        pending = _Pending(request, loop.create_future())
+        self._queue.put_nowait(pending)
+        loop.call_at(now + self.config.max_queue_delay, self._expire, pending)
+        try:
+            # Shielded: cancelling the caller cancels only its wait, never a command taken.
+            return await asyncio.shield(pending.reply)
+        except asyncio.CancelledError:
+            if not pending.taken:
+                pending.reply.cancel()  # withdrawn: its batch will skip it
+            raise
+
+    @staticmethod
+    def _expire(pending: _Pending) -> None:
+        """At a command's deadline: refuse it if its batch has not begun (its batch skips it)."""
+        if not pending.taken and not pending.reply.done():
+            pending.reply.set_exception(WriterOverloaded())
+
+    def _expected_wait(self, now: float) -> float:
+        """Seconds until a command queued now is taken into a batch (``Pace.expected_wait``)."""
+        in_flight, since = self._in_flight
+        return self._pace.expected_wait(
+            queued=self._queue.qsize(),
+            max_batch=self.config.max_batch,
+            in_flight=in_flight,
+            in_flight_for=now - since,
+        )
 
     def _unavailable(self) -> WriterUnavailable:
         if self.state is WriterState.FENCED:
@@ -161,21 +209,28 @@ class Writer:
         await recovery.check_no_open_transaction(
             self.config, self.partition_count, self._appender.abort_left_open
         )
-        loaded = await recovery.read_state(self.config, self.partition_count)
+        loaded = await recovery.read_state(self.config, self.partition_count, now=datetime.now(UTC))
         self._committed = loaded.state
         self.loaded_events, self.load_seconds = loaded.events, loaded.seconds
 
     # -- the decision loop --------------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             first = await self._queue.get()
             batch = [first]
             while len(batch) < self.config.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             async with self._busy:
+                batch = self._take(batch)
+                if not batch:
+                    continue
+                started = loop.time()
+                self._in_flight = (len(batch), started)
                 try:
-                    await self._process(batch)
+                    if await self._process(batch):
+                        self._pace.observe(len(batch), loop.time() - started)
                 except asyncio.CancelledError:
                     # ``stop`` gave up waiting for this batch: its commit may have been
                     # requested, so its outcome is unknown. Its callers must hear that.
@@ -193,21 +248,33 @@ class Writer:
                     # rather than leave every later command waiting on a loop that is gone.
                     _log.exception("a batch of commands failed")
                     self._fail(batch, error)
+                finally:
+                    self._in_flight = (0, 0.0)
 
-    async def _process(self, batch: list[_Pending]) -> None:
+    @staticmethod
+    def _take(batch: list[_Pending]) -> list[_Pending]:
+        """The commands of ``batch`` to decide now that it begins, each marked taken: not those
+        answered while queued (withdrawn by their caller, or refused at their deadline)."""
+        taken = [pending for pending in batch if not pending.reply.done()]
+        for pending in taken:
+            pending.taken = True
+        return taken
+
+    async def _process(self, batch: list[_Pending]) -> bool:
         """Decide the batch, answer at once the commands replayed from the log or refused, and
-        append the rest in one transaction."""
+        append the rest in one transaction. False if the append failed."""
         staged = self._committed.stage(pending.request for pending in batch)
         for pending, decision in zip(batch, staged.decisions, strict=True):
             if isinstance(decision, Accepted | Exception):
                 self._answer(pending, decision)
         if staged.appends:
-            await self._append(batch, staged)
+            return await self._append(batch, staged)
+        return True
 
-    async def _append(self, batch: list[_Pending], staged: StagedBatch) -> None:
+    async def _append(self, batch: list[_Pending], staged: StagedBatch) -> bool:
         """Append the staged batch in one transaction and answer its commands; the staged state
-        is committed only if the transaction commits. After a failure, also fail the queued
-        commands and (unless fenced) rebuild the state from the log."""
+        is committed only if the transaction commits (True). After a failure, also fail the
+        queued commands and (unless fenced) rebuild the state from the log."""
         try:
             positions = await asyncio.wait_for(
                 self._appender.append(
@@ -220,7 +287,7 @@ class Writer:
             self._answer_all(batch, staged.answers_after_failure(self._unavailable()))
             self._fail_queued(self._unavailable())
             self._appender.discard()
-            return
+            return False
         except Exception as error:
             # Not only KafkaError/TimeoutError: whatever the producer raises, the batch's
             # callers must hear back and the loop must go on, or every later command hangs.
@@ -244,8 +311,9 @@ class Writer:
                 await self._recover()
             else:
                 self._appender.discard()
-            return
+            return False
         self._answer_all(batch, self._committed.commit(staged, positions))
+        return True
 
     async def _recover(self) -> None:
         """Reopen the producer and reload the log, retrying until the broker is back."""

@@ -13,6 +13,7 @@ from msgspec.structs import replace
 
 from service.kernel.domain import (
     MAX_ITEMS,
+    MAX_ORDER_EVENTS,
     MAX_ORDER_TOTAL,
     MAX_QUANTITY,
     MAX_UNIT_PRICE,
@@ -38,6 +39,7 @@ from service.kernel.domain import (
     PlaceOrder,
     RemoveItem,
     ShipOrder,
+    TooManyEvents,
     TooManyItems,
     decide,
     evolve,
@@ -304,6 +306,44 @@ def test_adding_an_item_beyond_the_maximum_is_rejected() -> None:
     assert error.limit == MAX_ITEMS
 
 
+def _draft_at_version(version: int) -> tuple[DomainEvent, ...]:
+    """A draft with one item (widget) whose quantity changed until the order is at ``version``."""
+    changes = (ItemQuantityChanged(sku="widget", quantity=1 + n % 5) for n in range(version - 2))
+    return (CREATED, WIDGET_ADDED, *changes)
+
+
+DRAFT_CHANGES = [add_item(), change_item_quantity(), remove_item()]
+
+
+@pytest.mark.parametrize("command", DRAFT_CHANGES, ids=lambda command: type(command).__name__)
+def test_a_draft_takes_changes_up_to_the_event_limit(command: Command) -> None:
+    history = _draft_at_version(MAX_ORDER_EVENTS - 1)
+    [event] = decide(command, fold(ORDER_ID, history))
+    assert evolve(fold(ORDER_ID, history), event, ORDER_ID).version == MAX_ORDER_EVENTS
+
+
+@pytest.mark.parametrize("command", DRAFT_CHANGES, ids=lambda command: type(command).__name__)
+def test_a_draft_change_beyond_the_event_limit_is_rejected(command: Command) -> None:
+    error = given(*_draft_at_version(MAX_ORDER_EVENTS)).when(command).raises(TooManyEvents)
+    assert error.limit == MAX_ORDER_EVENTS
+    assert "place it or cancel it" in error.message
+
+
+def test_an_order_at_the_event_limit_can_still_be_finished_or_cancelled() -> None:
+    at_limit = _draft_at_version(MAX_ORDER_EVENTS)
+    draft = fold(ORDER_ID, at_limit)
+    assert draft is not None
+    lifecycle = [place_order(), pay_order(amount=draft.total), ship_order(), deliver_order()]
+    history = at_limit
+    for command in lifecycle:
+        history = (*history, *decide(command, fold(ORDER_ID, history)))
+    order = fold(ORDER_ID, history)
+    assert order is not None
+    assert (order.status, order.version) == (OrderStatus.DELIVERED, MAX_ORDER_EVENTS + 4)
+    cancelled = given(*at_limit).when(cancel_order()).then(CANCELLED)
+    assert cancelled.status is OrderStatus.CANCELLED
+
+
 def test_changing_an_items_quantity_updates_the_total() -> None:
     order = (
         given(CREATED, WIDGET_ADDED)
@@ -557,6 +597,7 @@ def test_every_domain_error_has_a_stable_code() -> None:
         "PaymentMismatch": "payment-mismatch",
         "InvalidCommand": "invalid-command",
         "TooManyItems": "too-many-items",
+        "TooManyEvents": "order-event-limit",
     }
 
 

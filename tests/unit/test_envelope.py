@@ -169,6 +169,30 @@ def test_event_ids_are_built_as_they_always_were() -> None:
     # Literal vectors: a new namespace or seed would give a replayed command new event ids.
     assert envelope.event_id_for("key-1", "cmd-1", 0) == "278f82c0-b8b5-5289-85ab-54d86bf741c5"
     assert envelope.event_id_for(None, "cmd-1", 1) == "0bcbb2d0-195a-5c22-95f5-e3e3bc6da858"
+    assert (
+        envelope.caller_event_id("user-1", "key-1", "o-1", 2)
+        == "84d391d9-6641-5764-983e-35db4b50a727"
+    )
+
+
+def test_a_known_callers_keys_are_its_own_in_event_ids() -> None:
+    ids = {
+        envelope.caller_event_id("user-1", "k", "o-1", 2),
+        envelope.caller_event_id("user-2", "k", "o-1", 2),  # another caller's same key
+        envelope.event_id_for("k", "cmd-a", 0),  # the same key without a known caller
+    }
+    assert len(ids) == 3
+    # The parts cannot run into each other ("a:b" + "c" is not "a" + "b:c").
+    assert envelope.caller_event_id("a:b", "c", "o", 1) != envelope.caller_event_id(
+        "a", "b:c", "o", 1
+    )
+
+
+def test_a_known_callers_event_ids_are_deterministic_and_new_at_each_version() -> None:
+    first = envelope.caller_event_id("user-1", "k", "o-1", 2)
+    assert envelope.caller_event_id("user-1", "k", "o-1", 2) == first
+    # The same key again after its receipt expired: decided anew, at another version.
+    assert envelope.caller_event_id("user-1", "k", "o-1", 5) != first
 
 
 @pytest.mark.parametrize(

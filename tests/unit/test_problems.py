@@ -13,7 +13,7 @@ from projections.parking import ParkingRefused
 from projections.projection import ProjectionBug
 from service.edge.http.problems import EXCEPTION_HANDLERS, NotYetConsistent, QueryProblem
 from service.infra.eventlog import TopicMissing
-from service.kernel.domain import InvalidCommand, OrderNotFound, PaymentMismatch
+from service.kernel.domain import InvalidCommand, OrderNotFound, PaymentMismatch, TooManyEvents
 from service.kernel.errors import Conflict
 from service.write.contract import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
 
@@ -33,6 +33,7 @@ def _answer_to(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
     ("error", "status", "code", "title"),
     [
         (OrderNotFound("o-1"), 404, "order-not-found", "Order not found"),
+        (TooManyEvents(1000), 409, "order-event-limit", "Order event limit"),
         (InvalidCommand("quantity", "must be positive"), 422, "invalid-command", "Invalid command"),
         (
             PaymentMismatch(

@@ -44,6 +44,7 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     domain.DuplicateItem: 409,
     domain.EmptyOrder: 409,
     domain.TooManyItems: 409,
+    domain.TooManyEvents: 409,
     domain.PaymentMismatch: 422,
     domain.InvalidCommand: 422,
 }
