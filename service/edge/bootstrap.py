@@ -8,6 +8,7 @@ import enum
 import logging
 from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,8 @@ def writer_config(settings: Settings) -> WriterConfig:
         transactional_id=settings.transactional_id,
         allow_deleting_topic=settings.allow_deleting_topic,
         max_batch=settings.group_commit_max_events,
+        idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_s),
+        max_queue_delay=settings.max_queue_delay_ms / 1000,
     )
 
 

@@ -271,14 +271,20 @@ async def test_another_customers_order_cannot_be_changed_and_looks_missing(
         order_id, _ = await _created(alice, "alice")
         item = {"sku": "S-1", "name": "Cup", "quantity": 1, "unit_price": 100}
         assert (await alice.post(f"/orders/{order_id}/items", json=item)).status_code == 200
-        missing = await mallory.post(f"/orders/{uuid.uuid4()}/place")
+        unknown = uuid.uuid4()
+        missing = await mallory.post(f"/orders/{unknown}/place")
+        # With If-Match: what a missing order answers (412, at version 0), never the real
+        # version of the order.
+        missing_at = await mallory.post(f"/orders/{unknown}/place", headers={"If-Match": '"7"'})
+        theirs_at = await mallory.post(f"/orders/{order_id}/place", headers={"If-Match": '"7"'})
+        assert missing_at.status_code == theirs_at.status_code == 412
+        assert theirs_at.headers["etag"] == missing_at.headers["etag"] == '"0"'
+        assert theirs_at.json()["current_version"] == 0
         attempts = [
             await mallory.post(f"/orders/{order_id}/items", json={**item, "sku": "S-2"}),
             await mallory.patch(f"/orders/{order_id}/items/S-1", json={"quantity": 5}),
             await mallory.delete(f"/orders/{order_id}/items/S-1"),
             await mallory.post(f"/orders/{order_id}/place"),
-            # With If-Match: never a 412 that would give the order's version away.
-            await mallory.post(f"/orders/{order_id}/place", headers={"If-Match": '"7"'}),
             await mallory.post(f"/orders/{order_id}/cancel", json={"reason": "mine now"}),
         ]
         assert missing.status_code == 404
