@@ -3,16 +3,18 @@
 How to run (no Makefile needed), from the repository root with the project installed
 (``python3 -m venv .venv && .venv/bin/pip install -e '.[test,bench]'``)::
 
-    .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~15 minutes
-    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~3 minutes
+    .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~18 minutes
+    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~5 minutes
     .venv/bin/python -m benchmarks.run --only projector_throughput --events 200000
 
 It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_SERVERS`` /
 ``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
 (raw produce, raw consume, raw COPY and upserts, a bare HTTP endpoint), then the service:
 (a) projector throughput, (b) rebuild, (c) command API, (d) command-to-queryable latency,
-(e) memory, and a naive tutorial-style projector as a peer. It prints a table and writes, in
-``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
+(e) memory, and a naive tutorial-style projector as a peer; (c) and (d) also with
+authentication off, alternating, for what access control costs. The HTTP loads act as many
+customers, each with its own bearer token (``benchmarks.callers``). It prints a table and
+writes, in ``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
 ``latency.png``, ``README-section.md`` (a ready-to-paste README section) and process logs.
 Every phase is bounded in time, a failed phase is reported and the next one still runs, and
 every process started here is stopped on the way out.
@@ -30,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from benchmarks.callers import callers
 from benchmarks.context import RESULTS, Context, Plan
 from benchmarks.outputs import environment, write_plots
 from benchmarks.phases.bench_rebuild import bench_rebuild
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~5 minutes")
     parser.add_argument(
         "--only",
         metavar="PHASE,...",
@@ -166,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"environment": environment(args.quick), "plan": plan.__dict__}
     started = time.perf_counter()
     _log.info("starting Kafka and PostgreSQL")
-    with infrastructure() as infra:
+    with infrastructure() as infra, callers(plan.customers) as who:
         results["infrastructure_start_seconds"] = time.perf_counter() - started
-        ctx = Context(infra, plan, results)
+        ctx = Context(infra, plan, results, who)
         _run(run_all(ctx, time.perf_counter(), phases))
     results["environment"]["load_average_at_end"] = os.getloadavg()
     results["total_seconds"] = time.perf_counter() - started
