@@ -43,6 +43,8 @@ class Plan:
     auth_runs: int  # counted runs of each auth on/off comparison, both sides together
     auth_seconds: float  # each auth on/off run of (c)
     auth_open_rate: int  # the open loop of (c)'s auth on/off comparison: well below capacity
+    overload_seconds: float  # arrivals at twice the sustained rate
+    overload_connections: int  # at most, as many independent clients
     # Phases that would start later than this after the broker and database are up are
     # skipped (reported as such), and none may run past it by more than OVERRUN_S: a run on
     # a busy machine stays bounded.
@@ -74,6 +76,8 @@ class Plan:
             auth_runs=4 if quick else 8,
             auth_seconds=3.0 if quick else 6.0,
             auth_open_rate=500,
+            overload_seconds=10.0 if quick else 20.0,
+            overload_connections=4096,
             budget_seconds=300 if quick else 960,
         )
 

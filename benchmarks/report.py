@@ -143,6 +143,12 @@ What each figure means:
   its `X-Consistency-Token` answers 200, with the projector in its own process; an API and
   projector with auth on and another pair with auth off take turns as in (c), and (d) is the
   runs with auth on.
+- **(f) Overload**: once (c) has measured the sustained rate, commands are offered at twice
+  that rate for 10 s (20 s in a full run), open loop with independent arrivals: each command
+  leaves when due, on a new connection when none is free (at most 4,096), so the API, not the
+  load generator, holds the backlog. The API runs as deployed (auth on, the default rate limit
+  and queue limits). Accepted (2xx), refused with 503 (which must carry Retry-After), 429,
+  other statuses: their shares and latencies from the due time.
 - **(e) Memory**: writer RSS growth per order after rebuilding its state from the log, and the
   projector process's RSS after run (a).
 """

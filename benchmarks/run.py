@@ -11,10 +11,10 @@ It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_
 ``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
 (raw produce, raw consume, raw COPY and upserts, a bare HTTP endpoint), then the service:
 (a) projector throughput, (b) rebuild, (c) command API, (d) command-to-queryable latency,
-(e) memory, and a naive tutorial-style projector as a peer; (c) and (d) also with
-authentication off, alternating, for what access control costs. The HTTP loads act as many
-customers, each with its own bearer token (``benchmarks.callers``). It prints a table and
-writes, in ``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
+(e) memory, (f) overload, and a naive tutorial-style projector as a peer; (c) and (d) also
+with authentication off, alternating, for what access control costs. The HTTP loads act as
+many customers, each with its own bearer token (``benchmarks.callers``). It prints a table
+and writes, in ``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
 ``latency.png``, ``README-section.md`` (a ready-to-paste README section) and process logs.
 Every phase is bounded in time, a failed phase is reported and the next one still runs, and
 every process started here is stopped on the way out.
@@ -37,6 +37,7 @@ from benchmarks.context import RESULTS, Context, Plan
 from benchmarks.outputs import environment, write_plots
 from benchmarks.phases.bench_rebuild import bench_rebuild
 from benchmarks.phases.command_api import command_api
+from benchmarks.phases.command_overload import command_overload
 from benchmarks.phases.command_to_queryable import command_to_queryable
 from benchmarks.phases.http_ceiling import http_ceiling
 from benchmarks.phases.limits_kafka import limits_kafka
@@ -54,7 +55,8 @@ OVERRUN_S = 90.0
 _log = logging.getLogger("benchmarks")
 
 
-# Limits first (the ratios need them), the long projector run early, (d) last.
+# Limits first (the ratios need them), the long projector run early, then (d), and the
+# overload (f) last: its backlog must not weigh on another phase.
 PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     limits_kafka,
     limits_postgres,
@@ -66,18 +68,21 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     writer_memory,
     command_api,
     command_to_queryable,
+    command_overload,
 )
 
 
 # What a phase needs from earlier ones: the N-event topic and the limits come from
-# limits_kafka, the rebuild replays the read models of projector_throughput, and the
-# command API's ratios use the HTTP ceiling.
+# limits_kafka, the rebuild replays the read models of projector_throughput, the command
+# API's ratios use the HTTP ceiling, and the overload offers twice the command API's
+# sustained rate.
 NEEDS: dict[str, tuple[str, ...]] = {
     "projector_throughput": ("limits_kafka",),
     "bench_rebuild": ("limits_kafka", "projector_throughput"),
     "naive_peer": ("limits_kafka",),
     "projector_scale_out": ("limits_kafka",),
     "command_api": ("http_ceiling",),
+    "command_overload": ("http_ceiling", "command_api"),
 }
 
 
