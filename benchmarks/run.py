@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         help="events in the projector's topic (default 1,000,000; 30,000 with --quick)",
     )
     parser.add_argument(
+        "--auth-runs",
+        type=int,
+        metavar="N",
+        help="counted runs of each auth on/off comparison, both sides together, an even "
+        "number (default 8; 4 with --quick)",
+    )
+    parser.add_argument(
         "--render",
         action="store_true",
         help="measure nothing: write latest.md and README-section.md again from latest.json",
@@ -170,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan.make(args.quick)
     if args.events:
         plan = replace(plan, events=args.events)
+    if args.auth_runs is not None:
+        if args.auth_runs < 2 or args.auth_runs % 2:
+            parser.error("--auth-runs takes an even number, at least 2")
+        plan = replace(plan, auth_runs=args.auth_runs)
     phases = select_phases(args.only, parser)
     results: dict[str, Any] = {"environment": environment(args.quick), "plan": plan.__dict__}
     started = time.perf_counter()
