@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import events, httpload, naive_projector, projector, queryable
+from benchmarks.callers import Callers
 from benchmarks.report import Row, Target
 from service.infra.embedded.stack import Infrastructure
 
@@ -38,6 +39,12 @@ class Plan:
     closed_clients: tuple[int, ...]
     queryable_rate: int
     queryable_seconds: float
+    customers: int  # simulated customers, one bearer token each
+    auth_runs: int  # counted runs of each auth on/off comparison, both sides together
+    auth_seconds: float  # each auth on/off run of (c)
+    auth_open_rate: int  # the open loop of (c)'s auth on/off comparison: well below capacity
+    overload_seconds: float  # arrivals at twice the sustained rate
+    overload_connections: int  # at most, as many independent clients
     # Phases that would start later than this after the broker and database are up are
     # skipped (reported as such), and none may run past it by more than OVERRUN_S: a run on
     # a busy machine stays bounded.
@@ -65,7 +72,13 @@ class Plan:
             closed_clients=(64,) if quick else (16, 64, 256),
             queryable_rate=500,
             queryable_seconds=3.0 if quick else 10.0,
-            budget_seconds=200 if quick else 780,
+            customers=2_000 if quick else 5_000,
+            auth_runs=4 if quick else 8,
+            auth_seconds=3.0 if quick else 6.0,
+            auth_open_rate=500,
+            overload_seconds=10.0 if quick else 20.0,
+            overload_connections=4096,
+            budget_seconds=300 if quick else 960,
         )
 
 
@@ -76,6 +89,7 @@ class Context:
     infra: Infrastructure
     plan: Plan
     results: dict[str, Any]
+    callers: Callers  # who the HTTP loads act as
     rows: list[Row] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     topic: str = ""  # the N-event topic

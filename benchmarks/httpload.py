@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
 import msgspec
 
+from benchmarks.callers import Customer
 from service.infra.embedded import free_port, spawn, stop_process
 
 _REQUEST_TIMEOUT_S = 30.0
@@ -58,6 +61,13 @@ class Connection:
         self, method: str, path: str, body: bytes | None = None, headers: bytes = b""
     ) -> tuple[int, bytes]:
         """One request; ``headers`` are extra header lines, each ending in CRLF."""
+        status, _, payload = await self.exchange(method, path, body, headers)
+        return status, payload
+
+    async def exchange(
+        self, method: str, path: str, body: bytes | None = None, headers: bytes = b""
+    ) -> tuple[int, bytes, bytes]:
+        """One request: status, the response head (lower case) and the body."""
         if self._writer is None or self._reader is None:
             await self.open()
         assert self._writer is not None
@@ -79,45 +89,75 @@ class Connection:
             payload = await self._reader.readexactly(int(answer[start + 17 : end]))
             if b"\r\nconnection: close" in answer:
                 self.close()
-            return status, payload
+            return status, answer, payload
         except BaseException:
             self.close()  # the stream is in an unknown state
             raise
 
 
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One request of the workload, as its customer sends it."""
+
+    kind: str  # "create" or "add"
+    method: str
+    path: str
+    body: bytes
+    headers: bytes  # the customer's Authorization line; a create's Idempotency-Key too
+    customer: Customer
+
+
 class Workload:
     """Commands of the benchmark: one ``POST /orders`` to two ``POST /orders/{id}/items``.
 
-    Item requests go to orders the API has already created (ids from its answers).
+    Each command is sent by a customer with its own token: a create by a customer picked at
+    random, for itself, with an Idempotency-Key never used before; an item by the customer
+    whose order it goes to (ids from the API's answers).
     """
 
-    def __init__(self, seed: int = 5) -> None:
+    def __init__(self, customers: Sequence[Customer], seed: int = 5) -> None:
+        if not customers:
+            raise ValueError("a workload needs customers")
         self._rng = random.Random(seed)
-        self._orders: list[str] = []
+        self._customers = customers
+        self._orders: list[tuple[str, Customer]] = []
         self._items: dict[str, int] = {}
         self._sku = 0
+        self._keys = itertools.count()
+        # Keys are the caller's: unique per workload, so no two workloads ever share one.
+        self._key_prefix = uuid.uuid4().hex[:16].encode()
 
-    def next(self) -> tuple[str, str, str, bytes]:
-        """(kind, method, path, body) of the next command."""
+    def create(self, customer: Customer) -> Command:
+        """``customer`` creates an order for itself."""
+        key = b"Idempotency-Key: %s-%d\r\n" % (self._key_prefix, next(self._keys))
+        body = b'{"customer_id":"%s","currency":"EUR"}' % customer.customer_id.encode()
+        return Command("create", "POST", "/orders", body, customer.authorization + key, customer)
+
+    def introductions(self) -> list[Command]:
+        """Each customer's first order, in turn: a warm-up after which every token has been
+        seen (and verified) once, as in a steady state where one token serves many requests."""
+        return [self.create(customer) for customer in self._customers]
+
+    def next(self) -> Command:
+        """The next command."""
         rng = self._rng
         if not self._orders or rng.random() < 1 / 3:
-            customer = f"c-{rng.randrange(50_000):05d}"
-            body = b'{"customer_id":"%s","currency":"EUR"}' % customer.encode()
-            return "create", "POST", "/orders", body
+            return self.create(self._customers[rng.randrange(len(self._customers))])
         index = rng.randrange(len(self._orders))
-        order_id = self._orders[index]
+        order_id, customer = self._orders[index]
         self._items[order_id] += 1
         if self._items[order_id] >= _MAX_ITEMS_PER_ORDER:  # stay below the domain's 100 items
             self._orders[index] = self._orders[-1]
             self._orders.pop()
         self._sku += 1
         body = b'{"sku":"SKU-%d","name":"Mug","quantity":2,"unit_price":1250}' % self._sku
-        return "add", "POST", f"/orders/{order_id}/items", body
+        path = f"/orders/{order_id}/items"
+        return Command("add", "POST", path, body, customer.authorization, customer)
 
-    def answered(self, kind: str, status: int, payload: bytes) -> None:
-        if kind == "create" and status == 201:
+    def answered(self, command: Command, status: int, payload: bytes) -> None:
+        if command.kind == "create" and status == 201:
             order_id = msgspec.json.decode(payload)["order_id"]
-            self._orders.append(order_id)
+            self._orders.append((order_id, command.customer))
             self._items[order_id] = 0
 
 
@@ -191,14 +231,45 @@ class LoadResult:
         }
 
 
+def pooled(loads: Sequence[LoadResult]) -> LoadResult:
+    """Runs of one load as one: counts, errors and latencies together, durations summed, CPU
+    weighted by duration (no completions: gaps between runs are not stalls)."""
+    first = loads[0]
+    result = LoadResult(first.mode, first.offered_per_second, first.connections, 0.0)
+    for load in loads:
+        result.duration += load.duration
+        result.sent += load.sent
+        result.ok += load.ok
+        result.errors.update(load.errors)
+        result.latencies.extend(load.latencies)
+        result.elapsed += load.elapsed
+    if result.elapsed > 0:
+        names = {name for load in loads for name in load.cpu}
+        result.cpu = {
+            name: round(
+                sum(load.cpu.get(name, 0.0) * load.elapsed for load in loads) / result.elapsed, 1
+            )
+            for name in sorted(names)
+        }
+    pauses = [load.loadgen_gc_longest_s for load in loads if load.loadgen_gc_longest_s is not None]
+    result.loadgen_gc_longest_s = max(pauses, default=None)
+    return result
+
+
 async def _one(
-    connection: Connection, workload: Workload, result: LoadResult, since: float
+    connection: Connection,
+    workload: Workload,
+    result: LoadResult,
+    since: float,
+    command: Command | None = None,
 ) -> float:
-    kind, method, path, body = workload.next()
+    """Send ``command`` (else the workload's next) and record its answer; returns when."""
+    command = command or workload.next()
     result.sent += 1
     try:
         status, payload = await asyncio.wait_for(
-            connection.request(method, path, body), _REQUEST_TIMEOUT_S
+            connection.request(command.method, command.path, command.body, command.headers),
+            _REQUEST_TIMEOUT_S,
         )
     except (OSError, asyncio.IncompleteReadError, HttpError, TimeoutError) as error:
         result.errors[type(error).__name__] += 1
@@ -206,7 +277,7 @@ async def _one(
     done = time.perf_counter()
     if status in (200, 201):
         result.record(since, done)
-        workload.answered(kind, status, payload)
+        workload.answered(command, status, payload)
     else:
         result.errors[f"HTTP {status}"] += 1
     return done
@@ -302,6 +373,38 @@ async def closed_loop(
     return result
 
 
+async def introduce(
+    host: str, port: int, workload: Workload, *, clients: int, timeout: float
+) -> LoadResult:
+    """Every customer's first order (``Workload.introductions``), ``clients`` at a time.
+
+    Raises when one is refused: a load whose commands all fail measures nothing.
+    """
+    commands = workload.introductions()
+    result = LoadResult("introductions", None, clients, timeout)
+    pool = await open_connections(host, port, clients)
+    started = time.perf_counter()
+    last_done = started
+
+    async def client(connection: Connection) -> None:
+        nonlocal last_done
+        while commands:
+            command = commands.pop()
+            done = await _one(connection, workload, result, time.perf_counter(), command)
+            last_done = max(last_done, done)
+
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(client(c) for c in pool))
+    finally:
+        for connection in pool:
+            connection.close()
+    result.elapsed = last_done - started
+    if result.errors:
+        raise RuntimeError(f"customers' first orders refused or failed: {dict(result.errors)}")
+    return result
+
+
 # -- the API as a subprocess --------------------------------------------------------------------
 
 
@@ -327,12 +430,20 @@ def bare_process(*, log_file: Path) -> Iterator[ApiProcess]:
 
 @contextlib.contextmanager
 def api_process(
-    *, bootstrap: str, database_url: str, topic: str, log_file: Path
+    *,
+    bootstrap: str,
+    database_url: str,
+    topic: str,
+    log_file: Path,
+    settings: Mapping[str, str],
 ) -> Iterator[ApiProcess]:
-    """``orders api`` on a free port against the given infrastructure; stopped on exit."""
+    """``orders api`` on a free port against the given infrastructure, with ``settings``
+    (environment variables: its identity provider, auth on or off, rate limits) on top of
+    this process's environment; stopped on exit."""
     port = free_port()
     env = {
         **os.environ,
+        **settings,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "ORDERS_TOPIC": topic,

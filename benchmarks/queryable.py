@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from benchmarks.httpload import Connection, HttpError, LoadResult, Workload, open_connections
+from benchmarks.callers import Customer
+from benchmarks.httpload import (
+    Connection,
+    HttpError,
+    LoadResult,
+    Workload,
+    open_connections,
+    pooled,
+)
 
 _GIVE_UP_S = 30.0
 
@@ -25,6 +33,10 @@ _GIVE_UP_S = 30.0
 class _Answer(msgspec.Struct):
     order_id: str
     consistency_token: str
+
+
+# A command's answer, who sent it (the query goes with its token), when it was acknowledged.
+_Sent = tuple[_Answer, Customer, float]
 
 
 @dataclass
@@ -40,6 +52,16 @@ class QueryableResult:
         ordered = sorted(self.visible)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
+    @classmethod
+    def pooled(cls, results: list[QueryableResult]) -> QueryableResult:
+        """Runs of one load as one: commands pooled, every query's latency together."""
+        result = cls(pooled([r.commands for r in results]))
+        for r in results:
+            result.visible.extend(r.visible)
+            result.retries += r.retries
+            result.failures.update(r.failures)
+        return result
+
     def summary(self) -> dict[str, object]:
         return {
             "commands": self.commands.summary(),
@@ -54,9 +76,15 @@ class QueryableResult:
 
 
 async def _until_visible(
-    connection: Connection, answer: _Answer, acknowledged: float, result: QueryableResult
+    connection: Connection,
+    answer: _Answer,
+    customer: Customer,
+    acknowledged: float,
+    result: QueryableResult,
 ) -> None:
-    headers = f"X-Consistency-Token: {answer.consistency_token}\r\n".encode()
+    headers = (
+        f"X-Consistency-Token: {answer.consistency_token}\r\n".encode() + customer.authorization
+    )
     path = f"/orders/{answer.order_id}"
     while time.perf_counter() - acknowledged < _GIVE_UP_S:
         try:
@@ -78,12 +106,15 @@ async def _until_visible(
 
 async def _command(
     connection: Connection, workload: Workload, commands: LoadResult, due: float
-) -> tuple[_Answer, float] | None:
-    """Send the next command; its answer and acknowledgement time, or None if it failed."""
-    kind, method, path, body = workload.next()
+) -> _Sent | None:
+    """Send the next command; its answer, sender and acknowledgement time, or None if it
+    failed."""
+    command = workload.next()
     commands.sent += 1
     try:
-        status, payload = await asyncio.wait_for(connection.request(method, path, body), 30)
+        status, payload = await asyncio.wait_for(
+            connection.request(command.method, command.path, command.body, command.headers), 30
+        )
     except (OSError, asyncio.IncompleteReadError, HttpError, TimeoutError) as error:
         commands.errors[type(error).__name__] += 1
         return None
@@ -92,8 +123,8 @@ async def _command(
         commands.errors[f"HTTP {status}"] += 1
         return None
     commands.record(due, acknowledged)
-    workload.answered(kind, status, payload)
-    return msgspec.json.decode(payload, type=_Answer), acknowledged
+    workload.answered(command, status, payload)
+    return msgspec.json.decode(payload, type=_Answer), command.customer, acknowledged
 
 
 async def warm_up(host: str, port: int, workload: Workload, *, timeout: float) -> int:
@@ -125,7 +156,7 @@ async def open_loop(
     command_pool = await open_connections(host, port, connections)
     query_pool = await open_connections(host, port, connections)
     due: asyncio.Queue[float] = asyncio.Queue()
-    acknowledged: asyncio.Queue[tuple[_Answer, float]] = asyncio.Queue()
+    acknowledged: asyncio.Queue[_Sent] = asyncio.Queue()
     last_command = 0.0
 
     async def commander(connection: Connection) -> None:
@@ -142,9 +173,9 @@ async def open_loop(
 
     async def querier(connection: Connection) -> None:
         while True:
-            answer, at = await acknowledged.get()
+            answer, customer, at = await acknowledged.get()
             try:
-                await _until_visible(connection, answer, at, result)
+                await _until_visible(connection, answer, customer, at, result)
             finally:
                 acknowledged.task_done()
 

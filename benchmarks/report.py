@@ -127,8 +127,28 @@ What each figure means:
   clients to keep the API's core busy measure what the API can sustain, and their latency
   is mostly queueing. Every command is acknowledged after its Kafka transaction committed
   (acks=all).
+- **Callers**: every HTTP load acts as many customers (2,000 in a quick run, 5,000 in a full
+  one), each with its own bearer token from a development issuer, minted before any load;
+  each customer creates its own orders (with an Idempotency-Key) and adds items to them.
+- **(c) Auth on / off**: what access control costs. An `orders api` with auth on and one with
+  `ORDERS_AUTH=off` run side by side and get the same warm-up (every customer's first order,
+  so every token is in the verified-token cache; that first order's cost is its own row), one
+  run each not counted, then the same loads in turn: on, off, off, on (then off, on, on, off
+  in a full run). Each side pools its runs; the ratio is on / off. Both get the very same
+  requests, tokens included, and the same per-caller rate limit, set so high that it never
+  refuses (with auth off every request counts against one caller, the client's address).
+  The closed loop (as many clients as the sustained figure) gives commands/s; the open loop
+  at 500/s, well below capacity, gives the latency auth adds.
 - **(d) Command-to-queryable**: from a command's acknowledgement until `GET /orders/{id}` with
-  its `X-Consistency-Token` answers 200, with the projector in its own process.
+  its `X-Consistency-Token` answers 200, with the projector in its own process; an API and
+  projector with auth on and another pair with auth off take turns as in (c), and (d) is the
+  runs with auth on.
+- **(f) Overload**: once (c) has measured the sustained rate, commands are offered at twice
+  that rate for 10 s (20 s in a full run), open loop with independent arrivals: each command
+  leaves when due, on a new connection when none is free (at most 4,096), so the API, not the
+  load generator, holds the backlog. The API runs as deployed (auth on, the default rate limit
+  and queue limits). Accepted (2xx), refused with 503 (which must carry Retry-After), 429,
+  other statuses: their shares and latencies from the due time.
 - **(e) Memory**: writer RSS growth per order after rebuilding its state from the log, and the
   projector process's RSS after run (a).
 """

@@ -3,16 +3,18 @@
 How to run (no Makefile needed), from the repository root with the project installed
 (``python3 -m venv .venv && .venv/bin/pip install -e '.[test,bench]'``)::
 
-    .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~15 minutes
-    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~3 minutes
+    .venv/bin/python -m benchmarks.run            # full run: 1,000,000 events, <= ~18 minutes
+    .venv/bin/python -m benchmarks.run --quick    # smaller sizes, <= ~5 minutes
     .venv/bin/python -m benchmarks.run --only projector_throughput --events 200000
 
 It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_SERVERS`` /
 ``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
 (raw produce, raw consume, raw COPY and upserts, a bare HTTP endpoint), then the service:
 (a) projector throughput, (b) rebuild, (c) command API, (d) command-to-queryable latency,
-(e) memory, and a naive tutorial-style projector as a peer. It prints a table and writes, in
-``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
+(e) memory, (f) overload, and a naive tutorial-style projector as a peer; (c) and (d) also
+with authentication off, alternating, for what access control costs. The HTTP loads act as
+many customers, each with its own bearer token (``benchmarks.callers``). It prints a table
+and writes, in ``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
 ``latency.png``, ``README-section.md`` (a ready-to-paste README section) and process logs.
 Every phase is bounded in time, a failed phase is reported and the next one still runs, and
 every process started here is stopped on the way out.
@@ -30,10 +32,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from benchmarks.callers import callers
 from benchmarks.context import RESULTS, Context, Plan
 from benchmarks.outputs import environment, write_plots
 from benchmarks.phases.bench_rebuild import bench_rebuild
 from benchmarks.phases.command_api import command_api
+from benchmarks.phases.command_overload import command_overload
 from benchmarks.phases.command_to_queryable import command_to_queryable
 from benchmarks.phases.http_ceiling import http_ceiling
 from benchmarks.phases.limits_kafka import limits_kafka
@@ -51,7 +55,8 @@ OVERRUN_S = 90.0
 _log = logging.getLogger("benchmarks")
 
 
-# Limits first (the ratios need them), the long projector run early, (d) last.
+# Limits first (the ratios need them), the long projector run early, then (d), and the
+# overload (f) last: its backlog must not weigh on another phase.
 PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     limits_kafka,
     limits_postgres,
@@ -63,18 +68,21 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     writer_memory,
     command_api,
     command_to_queryable,
+    command_overload,
 )
 
 
 # What a phase needs from earlier ones: the N-event topic and the limits come from
-# limits_kafka, the rebuild replays the read models of projector_throughput, and the
-# command API's ratios use the HTTP ceiling.
+# limits_kafka, the rebuild replays the read models of projector_throughput, the command
+# API's ratios use the HTTP ceiling, and the overload offers twice the command API's
+# sustained rate.
 NEEDS: dict[str, tuple[str, ...]] = {
     "projector_throughput": ("limits_kafka",),
     "bench_rebuild": ("limits_kafka", "projector_throughput"),
     "naive_peer": ("limits_kafka",),
     "projector_scale_out": ("limits_kafka",),
     "command_api": ("http_ceiling",),
+    "command_overload": ("http_ceiling", "command_api"),
 }
 
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~3 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, <= ~5 minutes")
     parser.add_argument(
         "--only",
         metavar="PHASE,...",
@@ -142,6 +150,13 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         metavar="N",
         help="events in the projector's topic (default 1,000,000; 30,000 with --quick)",
+    )
+    parser.add_argument(
+        "--auth-runs",
+        type=int,
+        metavar="N",
+        help="counted runs of each auth on/off comparison, both sides together, an even "
+        "number (default 8; 4 with --quick)",
     )
     parser.add_argument(
         "--render",
@@ -162,13 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     plan = Plan.make(args.quick)
     if args.events:
         plan = replace(plan, events=args.events)
+    if args.auth_runs is not None:
+        if args.auth_runs < 2 or args.auth_runs % 2:
+            parser.error("--auth-runs takes an even number, at least 2")
+        plan = replace(plan, auth_runs=args.auth_runs)
     phases = select_phases(args.only, parser)
     results: dict[str, Any] = {"environment": environment(args.quick), "plan": plan.__dict__}
     started = time.perf_counter()
     _log.info("starting Kafka and PostgreSQL")
-    with infrastructure() as infra:
+    with infrastructure() as infra, callers(plan.customers) as who:
         results["infrastructure_start_seconds"] = time.perf_counter() - started
-        ctx = Context(infra, plan, results)
+        ctx = Context(infra, plan, results, who)
         _run(run_all(ctx, time.perf_counter(), phases))
     results["environment"]["load_average_at_end"] = os.getloadavg()
     results["total_seconds"] = time.perf_counter() - started

@@ -19,7 +19,7 @@ async def http_ceiling(ctx: Context) -> None:
     plan = ctx.plan
     with httpload.bare_process(log_file=empty_log_file("bare-http")) as bare:
         await httpload.wait_ready(bare, timeout=60)
-        workload = httpload.Workload()
+        workload = httpload.Workload(ctx.callers.customers)
         meter = CpuMeter({"bare http": bare.process.pid, "loadgen": os.getpid()})
         await httpload.open_loop(HOST, bare.port, workload, rate=200, duration=1.0, connections=32)
         runs = []

@@ -138,6 +138,8 @@ class KeyCache:
         self._reading: asyncio.Task[None] | None = None
 
     async def get(self, kid: str | None) -> jwt.PyJWK | None:
+        if self._reading is not None and not self._reading.done():
+            await self.refresh()  # a read in flight (the first one): wait for its keys
         now = time.monotonic()
         if self._read_at is None or now - self._read_at > self.max_age_s:
             await self.refresh()
