@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import random
 import subprocess
@@ -28,6 +29,8 @@ import msgspec
 
 from benchmarks.callers import Customer
 from service.infra.embedded import free_port, spawn, stop_process
+
+_log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT_S = 30.0
 _MAX_ITEMS_PER_ORDER = 50
@@ -175,6 +178,7 @@ class LoadResult:
     elapsed: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     loadgen_gc_longest_s: float | None = None  # the load generator's longest GC pause
+    retried: int = 0  # 503s sent again after their Retry-After (introductions only)
 
     def record(self, since: float, done: float) -> None:
         """A successful command, from ``since`` (sent or due) to ``done``."""
@@ -373,12 +377,17 @@ async def closed_loop(
     return result
 
 
+_INTRODUCTION_ATTEMPTS = 5
+
+
 async def introduce(
     host: str, port: int, workload: Workload, *, clients: int, timeout: float
 ) -> LoadResult:
     """Every customer's first order (``Workload.introductions``), ``clients`` at a time.
 
-    Raises when one is refused: a load whose commands all fail measures nothing.
+    A 503 (a cold writer refusing what would wait too long) is retried after its Retry-After,
+    as a well-behaved client does, a few times. Raises when one is still refused: a load whose
+    commands all fail measures nothing.
     """
     commands = workload.introductions()
     result = LoadResult("introductions", None, clients, timeout)
@@ -390,8 +399,17 @@ async def introduce(
         nonlocal last_done
         while commands:
             command = commands.pop()
-            done = await _one(connection, workload, result, time.perf_counter(), command)
-            last_done = max(last_done, done)
+            for _attempt in range(_INTRODUCTION_ATTEMPTS):
+                refused = result.errors["HTTP 503"]
+                done = await _one(connection, workload, result, time.perf_counter(), command)
+                last_done = max(last_done, done)
+                if result.errors["HTTP 503"] == refused:
+                    break
+                result.errors["HTTP 503"] -= 1  # retried, not failed (yet)
+                result.retried += 1
+                await asyncio.sleep(1.0)  # the Retry-After the writer answers with
+            else:
+                result.errors["HTTP 503"] += 1
 
     try:
         async with asyncio.timeout(timeout):
@@ -400,8 +418,11 @@ async def introduce(
         for connection in pool:
             connection.close()
     result.elapsed = last_done - started
+    result.errors = +result.errors  # without the 503s that a retry answered
     if result.errors:
         raise RuntimeError(f"customers' first orders refused or failed: {dict(result.errors)}")
+    if result.retried:
+        _log.info("%d first orders were refused with 503 once and retried", result.retried)
     return result
 
 
