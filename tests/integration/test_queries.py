@@ -77,8 +77,12 @@ def order_row(
     }
 
 
-def history_row(order_id: str, version: int, event_type: str) -> dict[str, Any]:
+def history_row(
+    order_id: str, version: int, event_type: str, *, actor: tuple[str, str | None] | None = None
+) -> dict[str, Any]:
     return {
+        "actor_sub": actor[0] if actor is not None else None,
+        "actor_client_id": actor[1] if actor is not None else None,
         "order_id": order_id,
         "version": version,
         "event_id": f"{order_id}-e{version}",
@@ -259,7 +263,10 @@ async def test_history_lists_the_orders_events_in_version_order(
     response = await client.get("/orders/o-1/history")
 
     assert response.status_code == 200, response.text
-    entries = response.json()
+    body = response.json()
+    assert set(body) == {"items", "next_cursor"}
+    assert body["next_cursor"] is None
+    entries = body["items"]
     assert [(e["version"], e["type"]) for e in entries] == [
         (1, "OrderCreated"),
         (2, "ItemAdded"),
@@ -268,10 +275,102 @@ async def test_history_lists_the_orders_events_in_version_order(
     first = entries[0]
     assert set(first) == {
         "version", "event_id", "type", "schema_version", "occurred_at", "command_id",
-        "correlation_id", "data",
+        "correlation_id", "data", "actor",
     }  # fmt: skip
     assert (first["event_id"], first["command_id"], first["data"]) == ("o-1-e1", "cmd-1", {"n": 1})
     assert datetime.fromisoformat(first["occurred_at"]) == T0 + timedelta(minutes=1)
+
+
+async def test_history_says_who_sent_each_command_or_null_when_the_event_names_nobody(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(
+        db,
+        order_history,
+        [
+            history_row("o-1", 1, "OrderCreated", actor=("alice", "shop-web")),
+            history_row("o-1", 2, "ItemAdded", actor=("svc-stock", None)),
+            history_row("o-1", 3, "OrderPlaced"),
+        ],
+    )
+
+    entries = (await client.get("/orders/o-1/history")).json()["items"]
+
+    assert [e["actor"] for e in entries] == [
+        {"sub": "alice", "client_id": "shop-web"},
+        {"sub": "svc-stock", "client_id": None},
+        None,
+    ]
+
+
+async def walk_history(client: httpx.AsyncClient, order_id: str, limit: int) -> list[list[int]]:
+    """Follow an order's history from the first page to the last; the versions of each page."""
+    pages: list[list[int]] = []
+    cursor: str | None = None
+    while True:
+        url = f"/orders/{order_id}/history?limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        response = await client.get(url)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append([entry["version"] for entry in body["items"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not end"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 6, 7, 200])
+async def test_history_pages_visit_every_event_once_in_version_order(
+    db: AsyncEngine, client: httpx.AsyncClient, limit: int
+) -> None:
+    rows = [history_row("o-1", version, "ItemAdded") for version in range(1, 13)]
+    rows += [history_row("o-2", version, "ItemAdded") for version in range(1, 4)]
+    random.Random(3).shuffle(rows)
+    await insert(db, order_history, rows)
+
+    pages = await walk_history(client, "o-1", limit)
+
+    assert len(pages) == math.ceil(12 / limit)  # no empty trailing page
+    assert all(len(page) == limit for page in pages[:-1])
+    assert [version for page in pages for version in page] == list(range(1, 13))
+
+
+async def test_history_pages_by_default_fifty_events_at_a_time(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", v, "ItemAdded") for v in range(1, 52)])
+
+    first = (await client.get("/orders/o-1/history")).json()
+    second = (await client.get(f"/orders/o-1/history?cursor={first['next_cursor']}")).json()
+
+    assert [e["version"] for e in first["items"]] == list(range(1, 51))
+    assert ([e["version"] for e in second["items"]], second["next_cursor"]) == ([51], None)
+
+
+async def test_a_history_cursor_is_a_version_so_later_events_join_the_next_page(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", v, "ItemAdded") for v in (1, 2, 3)])
+    first = (await client.get("/orders/o-1/history?limit=2")).json()
+    await insert(db, order_history, [history_row("o-1", 4, "OrderPlaced")])
+
+    second = (await client.get(f"/orders/o-1/history?limit=2&cursor={first['next_cursor']}")).json()
+
+    assert [e["version"] for e in first["items"]] == [1, 2]
+    assert [e["version"] for e in second["items"]] == [3, 4]
+    assert second["next_cursor"] is None
+
+
+async def test_a_history_page_past_the_last_event_is_empty_not_missing(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", 1, "OrderCreated")])
+    past_the_end = queries.encode_history_cursor(1)
+
+    response = await client.get(f"/orders/o-1/history?cursor={past_the_end}")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"items": [], "next_cursor": None}
 
 
 async def test_a_customer_summary_has_counts_and_value_per_currency(
@@ -488,6 +587,9 @@ _NAIVE_CURSOR = b64(b'["2025-03-01T12:00:00","o-1"]')
         "/orders?customer_id=" + "c" * 65,
         "/orders/" + "o" * 65,
         "/orders/" + "o" * 65 + "/history",
+        "/orders/o-1/history?limit=0",
+        "/orders/o-1/history?limit=201",
+        "/orders/o-1/history?cursor=" + "A" * 300,
         "/customers/" + "c" * 65 + "/summary",
         "/reports/daily-sales",
         "/reports/daily-sales?from=2025-03-01",
@@ -504,6 +606,29 @@ async def test_a_bad_request_is_a_400_problem(
     await insert(db, orders, [order_row("o-1")])
 
     assert_problem(await client.get(path), 400)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "%21%21%21",
+        b64(b"not json"),
+        b64(b"[]"),
+        b64(b"[0]"),
+        b64(b"[-3]"),
+        b64(b'["1"]'),
+        b64(b"[1.5]"),
+        b64(b"[1, 2]"),
+        b64(b"[2147483648]"),  # beyond the int4 a version is kept in: never issued
+        b64(b'["2025-03-01T12:00:00Z","o-1"]'),  # a cursor of GET /orders
+    ],
+)
+async def test_a_history_cursor_this_api_did_not_issue_is_a_400_problem(
+    db: AsyncEngine, client: httpx.AsyncClient, cursor: str
+) -> None:
+    await insert(db, order_history, [history_row("o-1", 1, "OrderCreated")])
+
+    assert_problem(await client.get(f"/orders/o-1/history?cursor={cursor}"), 400, "invalid-cursor")
 
 
 @pytest.mark.parametrize(
