@@ -46,6 +46,8 @@ class Settings:
     projector_instance_id: str | None = None
     group_commit_max_events: int = 500
     consistency_wait_ms: int = 5000
+    # Queries waiting for a consistency token at once; past it a query is a 503 at once.
+    max_waiting_queries: int = 1000
     max_body_bytes: int = 64 * 1024
 
     @classmethod
@@ -62,6 +64,7 @@ class Settings:
             projector_instance_id=os.environ.get("ORDERS_PROJECTOR_INSTANCE_ID") or None,
             group_commit_max_events=_int("ORDERS_GROUP_COMMIT_MAX_EVENTS", 500),
             consistency_wait_ms=_int("ORDERS_CONSISTENCY_WAIT_MS", 5000),
+            max_waiting_queries=_int("ORDERS_MAX_WAITING_QUERIES", 1000),
             max_body_bytes=_int("ORDERS_MAX_BODY_BYTES", 64 * 1024),
         )
 

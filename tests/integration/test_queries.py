@@ -33,6 +33,7 @@ from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.database import reset_read_side
 from tests.support.http import serve
+from tests.support.projection_harness import eventually
 
 TOPIC = "t"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -140,6 +141,7 @@ def app_on(
     wait_ms: int = 300,
     writer: Writer | None = None,
     partitions: int | None = None,
+    max_waiting: int = 1000,
 ) -> Litestar:
     return create_app(
         Resources(
@@ -148,8 +150,16 @@ def app_on(
             topic=TOPIC,
             partitions=partitions,
             consistency_wait_ms=wait_ms,
+            max_waiting_queries=max_waiting,
         )
     )
+
+
+def read_side_of(app: Litestar) -> queries.ReadSide:
+    """What the app's queries read through."""
+    reads = app.dependencies["reads"].dependency()
+    assert isinstance(reads, queries.ReadSide)
+    return reads
 
 
 @pytest.fixture
@@ -872,6 +882,52 @@ async def test_a_query_waits_for_the_projection_to_apply_the_token_and_sees_the_
     assert response.status_code == 200, response.text
     assert (response.json()["status"], response.json()["version"]) == ("paid", 2)
     assert response.headers["etag"] == '"2"'
+
+
+# -- how many queries may wait ---------------------------------------------------------------------
+
+
+async def test_past_the_cap_a_query_that_would_wait_is_refused_at_once(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 5)  # offset 7 is not applied: queries for it wait
+    app = app_on(db, wait_ms=60_000, max_waiting=2)
+    watcher = read_side_of(app).watcher
+    token = {"X-Consistency-Token": "0:7"}
+
+    async with serve(app) as client, asyncio.timeout(30):
+        waiting = [asyncio.create_task(client.get("/orders/o-1", headers=token)) for _ in range(2)]
+
+        async def both_wait() -> tuple[bool, Any]:
+            return watcher.waiting == 2, watcher.waiting
+
+        await eventually(both_wait, "two queries waiting for their token")
+        refused = await client.get("/orders/o-1/history", headers=token)
+        untokened = await client.get("/orders/o-1")  # waits for nothing: served
+        await set_checkpoint(db, "orders", 8)
+        served = await asyncio.gather(*waiting)
+        after = await client.get("/orders/o-1", headers=token)
+
+    assert_problem(refused, 503, "too-many-waiting-queries")
+    assert refused.headers["retry-after"] == "1"
+    assert untokened.status_code == 200, untokened.text
+    assert [response.status_code for response in served] == [200, 200]
+    assert watcher.waiting == 0
+    assert after.status_code == 200, after.text
+
+
+async def test_a_query_that_waited_out_its_budget_frees_its_place(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 5)
+    app = app_on(db, wait_ms=100, max_waiting=1)
+    token = {"X-Consistency-Token": "0:7"}
+
+    async with serve(app) as client:
+        first = await client.get("/orders/o-1", headers=token)
+        second = await client.get("/orders/o-1", headers=token)
+
+    assert_problem(first, 503, "not-yet-consistent")
+    assert_problem(second, 503, "not-yet-consistent")  # not too-many-waiting-queries
+    assert read_side_of(app).watcher.waiting == 0
 
 
 async def test_wait_for_checkpoint_is_strictly_past_the_offset(db: AsyncEngine) -> None:

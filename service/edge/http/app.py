@@ -29,6 +29,8 @@ class Resources:
     topic: str = "orders.events"
     partitions: int | None = None  # the topic's: a consistency token naming another is a 400
     consistency_wait_ms: int = 5000
+    # Queries waiting for their consistency tokens at once; the next one is a 503 at once.
+    max_waiting_queries: int = 1000
     kafka_bootstrap: str | None = None  # for operations (projection status)
     projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
 
@@ -65,7 +67,9 @@ def create_app(
         ReadSide(
             resources.engine,
             resources.consistency_wait_ms / 1000,
-            CheckpointWatcher(resources.engine, resources.topic),
+            CheckpointWatcher(
+                resources.engine, resources.topic, max_waiting=resources.max_waiting_queries
+            ),
             OrderReader(resources.engine),
             resources.partitions,
         )
