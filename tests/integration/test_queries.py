@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import random
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
 from litestar import Litestar
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,6 +31,7 @@ from projections.schema import (
 from service.edge.http import queries
 from service.edge.http.app import Resources, create_app
 from service.infra.database import create_engine
+from service.infra.eventlog import ensure_topic
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.database import reset_read_side
@@ -142,21 +145,24 @@ def app_on(
     writer: Writer | None = None,
     partitions: int | None = None,
     max_waiting: int = 1000,
+    kafka: str | None = None,
+    topic: str = TOPIC,
 ) -> Litestar:
     return create_app(
         Resources(
             engine=engine,
             writer=writer,
-            topic=TOPIC,
+            topic=topic,
             partitions=partitions,
             consistency_wait_ms=wait_ms,
             max_waiting_queries=max_waiting,
+            kafka_bootstrap=kafka,
         )
     )
 
 
 def read_side_of(app: Litestar) -> queries.ReadSide:
-    """What the app's queries read through."""
+    """What the app's queries read through (the command handlers ``note`` their writes on it)."""
     reads = app.dependencies["reads"].dependency()
     assert isinstance(reads, queries.ReadSide)
     return reads
@@ -884,6 +890,156 @@ async def test_a_query_waits_for_the_projection_to_apply_the_token_and_sees_the_
     assert response.headers["etag"] == '"2"'
 
 
+# -- tokens beyond the end of the log -------------------------------------------------------------
+
+UNREACHABLE_KAFKA = "127.0.0.1:9"  # nothing listens: connections are refused at once
+
+
+async def produce(bootstrap: str, topic: str, partition: int, count: int) -> list[int]:
+    """``count`` records written straight to ``partition`` (no transaction): their offsets."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [
+            await producer.send_and_wait(topic, value=b"{}", partition=partition)
+            for _ in range(count)
+        ]
+    finally:
+        await producer.stop()
+    return [metadata.offset for metadata in sent]
+
+
+@contextlib.asynccontextmanager
+async def served_app(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """``serve``, then what the app's shutdown would close (ASGITransport sends no lifespan)."""
+    try:
+        async with serve(app) as client:
+            yield client
+    finally:
+        reads = read_side_of(app)
+        await reads.log_ends.close()
+        await reads.watcher.close()
+
+
+@pytest.fixture
+async def log(bootstrap: str, topic: str) -> str:
+    """The test's topic, two partitions: records at offsets 0-2 of partition 0, none in 1."""
+    await ensure_topic(bootstrap, topic, partitions=2)
+    assert await produce(bootstrap, topic, 0, 3) == [0, 1, 2]
+    return topic
+
+
+async def test_a_token_beyond_the_end_of_its_partitions_log_is_a_400_problem_at_once(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+    # A minute of budget: a query that waited for a checkpoint that can never come would blow
+    # the 10 s bound below.
+    app = app_on(db, kafka=bootstrap, topic=log, partitions=2, wait_ms=60_000)
+    async with served_app(app) as client, asyncio.timeout(10):
+        for route, path in ROUTES.items():
+            for token in ("0:3", "0:999999", "1:0"):
+                response = await client.get(path, headers={"X-Consistency-Token": token})
+
+                assert_problem(response, 400, "invalid-consistency-token")
+                partition = token.split(":")[0]
+                detail = response.json()["detail"]
+                assert f"beyond the end of partition {partition}'s log" in detail, route
+
+
+async def test_a_token_within_the_log_is_waited_for_until_the_projection_applies_it(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 2, topic=log)
+
+    async with served_app(app_on(db, kafka=bootstrap, topic=log, wait_ms=300)) as client:
+        not_yet = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:2"})
+        await set_checkpoint(db, "orders", 3, topic=log)
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:2"})
+
+    assert_problem(not_yet, 503, "not-yet-consistent")
+    assert applied.status_code == 200, applied.text
+
+
+async def test_a_record_written_after_a_token_was_refused_makes_that_token_good(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+
+    async with served_app(app_on(db, kafka=bootstrap, topic=log, wait_ms=300)) as client:
+        before = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:3"})
+        assert await produce(bootstrap, log, 0, 1) == [3]
+        after = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:3"})
+
+    assert_problem(before, 400, "invalid-consistency-token")
+    assert_problem(after, 503, "not-yet-consistent")  # in the log now: waited for
+
+
+async def test_a_commit_marker_is_in_the_log_and_the_offset_after_it_is_not(
+    db: AsyncEngine, bootstrap: str, topic: str, writer: Writer
+) -> None:
+    app = app_on(db, writer=writer, kafka=bootstrap, topic=topic, partitions=4, wait_ms=300)
+    async with served_app(app) as client:
+        created = await client.post("/orders", json={"customer_id": "c-1", "currency": "EUR"})
+        assert created.status_code == 201, created.text
+        order_id = created.json()["order_id"]
+        partition, offset = map(int, created.headers["x-consistency-token"].split(":"))
+        answers = [
+            await client.get(
+                f"/orders/{order_id}", headers={"X-Consistency-Token": f"{partition}:{at}"}
+            )
+            for at in (offset, offset + 1, offset + 2)
+        ]
+
+    # No projector runs: what the log holds is waited for (the event, then its commit marker).
+    assert_problem(answers[0], 503, "not-yet-consistent")
+    assert_problem(answers[1], 503, "not-yet-consistent")
+    assert_problem(answers[2], 400, "invalid-consistency-token")
+
+
+async def test_a_token_beyond_what_is_known_while_kafka_is_away_is_a_503_with_retry_after(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=60_000)
+    async with served_app(app) as client, asyncio.timeout(10):
+        response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:5"})
+
+    assert_problem(response, 503, "unavailable")
+    assert response.headers["retry-after"] == "1"
+    assert "event log" in response.json()["detail"]
+
+
+async def test_a_token_the_projection_passed_or_the_writer_noted_needs_no_kafka(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 11)
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=300)
+    read_side_of(app).log_ends.note(0, 20)  # as the command handlers do for each write
+
+    async with served_app(app) as client:
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:10"})
+        noted = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:20"})
+
+    assert applied.status_code == 200, applied.text
+    assert_problem(noted, 503, "not-yet-consistent")  # waited for, not "unavailable"
+    assert read_side_of(app).log_ends.refreshes == 0
+
+
+async def test_without_kafka_a_token_beyond_what_was_noted_is_waited_for_as_any(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+
+    async with served_app(app_on(db, wait_ms=300)) as client:
+        response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:99"})
+
+    assert_problem(response, 503, "not-yet-consistent")
+
+
 # -- how many queries may wait ---------------------------------------------------------------------
 
 
@@ -894,7 +1050,7 @@ async def test_past_the_cap_a_query_that_would_wait_is_refused_at_once(db: Async
     watcher = read_side_of(app).watcher
     token = {"X-Consistency-Token": "0:7"}
 
-    async with serve(app) as client, asyncio.timeout(30):
+    async with served_app(app) as client, asyncio.timeout(30):
         waiting = [asyncio.create_task(client.get("/orders/o-1", headers=token)) for _ in range(2)]
 
         async def both_wait() -> tuple[bool, Any]:
@@ -921,7 +1077,7 @@ async def test_a_query_that_waited_out_its_budget_frees_its_place(db: AsyncEngin
     app = app_on(db, wait_ms=100, max_waiting=1)
     token = {"X-Consistency-Token": "0:7"}
 
-    async with serve(app) as client:
+    async with served_app(app) as client:
         first = await client.get("/orders/o-1", headers=token)
         second = await client.get("/orders/o-1", headers=token)
 

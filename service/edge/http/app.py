@@ -13,10 +13,12 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
+from projections.log_ends import LogEnds
 from service.edge.http.commands import OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.infra.eventlog import HighWatermarks
 from service.write.writer import Writer
 
 
@@ -31,7 +33,8 @@ class Resources:
     consistency_wait_ms: int = 5000
     # Queries waiting for their consistency tokens at once; the next one is a 503 at once.
     max_waiting_queries: int = 1000
-    kafka_bootstrap: str | None = None  # for operations (projection status)
+    # For operations (projection status) and the log ends consistency tokens are checked against.
+    kafka_bootstrap: str | None = None
     projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
 
 
@@ -72,6 +75,11 @@ def create_app(
             ),
             OrderReader(resources.engine),
             resources.partitions,
+            LogEnds(
+                HighWatermarks(resources.kafka_bootstrap, resources.topic)
+                if resources.kafka_bootstrap is not None
+                else None
+            ),
         )
         if resources.engine
         else None
@@ -117,7 +125,7 @@ def create_app(
             "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        on_shutdown=[read_side.watcher.close] if read_side is not None else [],
+        on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Orders",

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
@@ -19,6 +19,7 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter, Skip
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
+from projections.log_ends import LogEnds
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.edge.http.commands import IDENTIFIER_PATTERN
 from service.edge.http.problems import NotYetConsistent, QueryProblem, problem_responses
@@ -192,6 +193,10 @@ class ReadSide:
     # The topic's partition count as the composition root found it at start-up (what
     # ensure_topic answers); None when it did not ask, and then tokens are not checked against it.
     partitions: int | None = None
+    # How far each partition's log reaches: a token beyond it is a 400. The command handlers
+    # ``note`` every record the in-process writer committed; without Kafka to ask, a token
+    # beyond what was noted is waited for.
+    log_ends: LogEnds = field(default_factory=lambda: LogEnds(None))
 
 
 _TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
@@ -205,8 +210,9 @@ ConsistencyToken = Annotated[
         # Documented, not enforced here: parse_consistency_token answers with its own problem.
         schema_extra={"pattern": _TOKEN_PATTERN},
         description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
-        "waits (bounded) until the read model has applied that event, else 503. A token that "
-        "is malformed or names a partition the topic does not have is a 400",
+        "waits (bounded) until the read model has applied that event, else 503 (also when too "
+        "many queries wait already). A token that is malformed, names a partition the topic "
+        "does not have or an offset beyond the end of its partition's log is a 400",
     ),
 ]
 
@@ -236,10 +242,28 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
             f"partitions 0-{reads.partitions - 1}; send the token a command of this service "
             "answered with, or none",
         )
+    # What the projection applied is in the log: only a token past both the checkpoint and the
+    # log end this process knows (every record its writer committed) is checked against Kafka.
+    if reads.watcher.applied(projection, partition, offset):
+        return
+    if reads.log_ends.reader is not None and not reads.log_ends.knows(partition, offset):
+        if await reads.watcher.wait(projection, partition, offset, 0):  # one poll, no wait
+            reads.log_ends.note(partition, offset)
+            return
+        if await reads.log_ends.reaches(partition, offset) is False:
+            # Waiting would end in a 503, and its client would retry forever.
+            raise QueryProblem(
+                400,
+                "invalid-consistency-token",
+                f"X-Consistency-Token {token!r} names offset {offset}, beyond the end of "
+                f"partition {partition}'s log: it was not issued by this service's event log; "
+                "send the token a command of this service answered with, or none",
+            )
     if not await reads.watcher.wait(projection, partition, offset, reads.timeout_s):
         raise NotYetConsistent(
             f"the {projection} read model has not yet applied the event at {token}; retry"
         )
+    reads.log_ends.note(partition, offset)  # applied, so in the log: the next one is free
 
 
 # -- list cursors -----------------------------------------------------------------------------
