@@ -20,6 +20,7 @@ from litestar import Litestar
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections import checkpoints
 from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import (
     customer_summaries,
@@ -1012,21 +1013,40 @@ async def test_a_token_beyond_what_is_known_while_kafka_is_away_is_a_503_with_re
     assert "event log" in response.json()["detail"]
 
 
-async def test_a_token_the_projection_passed_or_the_writer_noted_needs_no_kafka(
-    db: AsyncEngine,
+async def test_a_token_the_projection_passed_needs_no_kafka(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 11)
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=300)
+
+    async with served_app(app) as client:
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:10"})
+
+    assert applied.status_code == 200, applied.text  # not "unavailable"
+    assert read_side_of(app).log_ends.refreshes == 0
+
+
+async def test_a_token_the_writer_noted_goes_straight_to_the_wait(
+    db: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _seed_every_read_model(db)
     await set_checkpoint(db, "orders", 11)
     app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=300)
     read_side_of(app).log_ends.note(0, 20)  # as the command handlers do for each write
+    checks: list[int] = []
+    one_poll = checkpoints.wait_for_checkpoint
+
+    async def counted(*args: Any, **kwargs: Any) -> bool:
+        checks.append(args[4])
+        return await one_poll(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "wait_for_checkpoint", counted)
 
     async with served_app(app) as client:
-        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:10"})
         noted = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:20"})
 
-    assert applied.status_code == 200, applied.text
     assert_problem(noted, 503, "not-yet-consistent")  # waited for, not "unavailable"
     assert read_side_of(app).log_ends.refreshes == 0
+    assert checks == []  # nor an extra poll of the checkpoint first
 
 
 async def test_without_kafka_a_token_beyond_what_was_noted_is_waited_for_as_any(

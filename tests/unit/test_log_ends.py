@@ -185,7 +185,8 @@ async def test_kafka_not_answering_in_time_is_unknown_not_beyond() -> None:
     ends = LogEnds(reader, timeout_s=0.05)
 
     with pytest.raises(LogEndUnknown):
-        await ends.reaches(0, 5)
+        async with asyncio.timeout(DEADLINE_S):  # (a TimeoutError here would fail the test)
+            await ends.reaches(0, 5)
 
 
 async def test_a_query_that_goes_away_leaves_the_request_to_the_others() -> None:
