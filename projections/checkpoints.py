@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.schema import projection_checkpoints, projection_versions
 from service.infra.database import driver_of, reading
+from service.kernel.errors import Unavailable
 
 POLL_INTERVAL_S = 0.005
 
@@ -72,6 +73,12 @@ async def wait_for_checkpoint(
             await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
 
 
+class TooManyWaitingQueries(Unavailable):
+    """As many queries as allowed already wait for their consistency tokens: retry shortly."""
+
+    code = "too-many-waiting-queries"
+
+
 class CheckpointWatcher:
     """Waits for checkpoints on behalf of every query of a process, with ONE poller.
 
@@ -80,6 +87,8 @@ class CheckpointWatcher:
     connections would take the CPU and the pool from everything else. The poller sends one
     statement per poll through the raw driver, in autocommit (no BEGIN and ROLLBACK), and a
     token that the latest poll, at most one interval old, shows applied is answered at once.
+    At most ``max_waiting`` queries wait at a time; the next is refused at once
+    (``TooManyWaitingQueries``) rather than queued without bound.
     """
 
     def __init__(
@@ -89,11 +98,14 @@ class CheckpointWatcher:
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        max_waiting: int | None = None,
     ) -> None:
         self.engine = engine
         self.topic = topic
         self.poll_interval_s = poll_interval_s
         self.clock = clock
+        self.max_waiting = max_waiting  # None: no limit
+        self.waiting = 0  # queries waiting now
         self.polls = 0
         compiled = sa.select(live_checkpoints(topic)).compile(dialect=engine.dialect)
         self._sql = str(compiled)
@@ -114,16 +126,24 @@ class CheckpointWatcher:
         return fresh and self._applied.get((projection, partition), -1) > offset
 
     async def wait(self, projection: str, partition: int, offset: int, timeout_s: float) -> bool:
-        """Like ``wait_for_checkpoint``: True once the event at ``offset`` is applied."""
+        """Like ``wait_for_checkpoint``: True once the event at ``offset`` is applied.
+
+        Raises ``TooManyWaitingQueries`` if it would wait while ``max_waiting`` queries do."""
         if self.applied(projection, partition, offset):
             return True
         if timeout_s <= 0:
             return await wait_for_checkpoint(
                 self.engine, projection, self.topic, partition, offset, 0
             )
+        if self.max_waiting is not None and self.waiting >= self.max_waiting:
+            raise TooManyWaitingQueries(
+                f"{self.waiting} queries already wait for their consistency tokens, the most "
+                "this server lets wait; retry shortly"
+            )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiting.setdefault((projection, partition), [])
         waiters.append((offset, future))
+        self.waiting += 1
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name="checkpoint-watcher")
         try:
@@ -133,6 +153,7 @@ class CheckpointWatcher:
         except TimeoutError:
             return False
         finally:
+            self.waiting -= 1
             if (offset, future) in waiters:
                 waiters.remove((offset, future))
             if not waiters and self._waiting.get((projection, partition)) is waiters:

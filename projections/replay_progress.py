@@ -18,8 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.bookkeeping.checkpoints import read_checkpoints
 from projections.projection import Target, begin
 from projections.runner import RunnerConfig
-from projections.status import stable_offsets
-from service.infra.eventlog import TopicMissing, committed_reader
+from service.infra.eventlog import TopicMissing, committed_reader, topic_end_offsets
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class Tracker:
         await self.consumer.stop()
 
     async def ends(self) -> dict[int, int]:
-        ends = await stable_offsets(self.consumer, self.config.topic)
+        ends = await topic_end_offsets(self.consumer, self.config.topic)
         if ends is None:
             raise TopicMissing(
                 f"no topic {self.config.topic} at {self.config.bootstrap_servers}: nothing to "

@@ -200,6 +200,11 @@ order_history = append_only(
         sa.Column("data", JSONB, nullable=False),
         sa.Column("partition", sa.Integer, nullable=False),
         sa.Column("offset", sa.BigInteger, nullable=False),
+        # Who sent the command (the envelope's actor): NULL when the event names nobody
+        # (authentication off, or written before callers were recorded). Last, as migration
+        # 0004 added them to the tables of every version.
+        sa.Column("actor_sub", sa.Text),
+        sa.Column("actor_client_id", sa.Text),
     )
 )
 

@@ -22,7 +22,7 @@ from projections.bookkeeping.parked import parked_counts
 from projections.bookkeeping.registry import version_states
 from projections.models import catalog
 from projections.projection import begin
-from service.infra.eventlog import committed_reader
+from service.infra.eventlog import committed_reader, topic_end_offsets
 
 # Partition and projection states, worst first.
 HALTED = "halted"
@@ -65,19 +65,6 @@ class TopicStatus(msgspec.Struct, frozen=True, kw_only=True):
     topic: str
     partitions: int | None
     projections: list[VersionStatus]
-
-
-async def stable_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int] | None:
-    """partition -> last stable offset, with a read_committed ``consumer``; None: no topic."""
-    partitions = consumer.partitions_for_topic(topic)
-    if not partitions:
-        # What ``consumer.topics()`` does, keeping the partitions it learns.
-        cluster = await consumer._client.fetch_all_metadata()
-        partitions = cluster.partitions_for_topic(topic)
-    if not partitions:
-        return None
-    ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-    return {tp.partition: offset for tp, offset in ends.items()}
 
 
 # Counting the events behind the checkpoints reads them: at most this many per partition.
@@ -204,7 +191,7 @@ async def status(
     consumer = committed_reader(bootstrap)
     try:
         await consumer.start()
-        stable = await stable_offsets(consumer, topic)
+        stable = await topic_end_offsets(consumer, topic)  # read_committed: stable
         events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:

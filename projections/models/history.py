@@ -21,6 +21,7 @@ class OrderHistoryProjection:
 
     def fold(self, state: State, applied: Applied) -> None:
         envelope = applied.envelope
+        actor = envelope.actor
         state["order_history"].put(
             {
                 "order_id": envelope.order_id,
@@ -36,5 +37,7 @@ class OrderHistoryProjection:
                 "data": envelope.data,
                 "partition": applied.partition,
                 "offset": applied.offset,
+                "actor_sub": actor.sub if actor is not None else None,
+                "actor_client_id": actor.client_id if actor is not None else None,
             }
         )

@@ -247,6 +247,7 @@ async def _serve_with(
                     topic=settings.topic,
                     partitions=partitions,
                     consistency_wait_ms=settings.consistency_wait_ms,
+                    max_waiting_queries=settings.max_waiting_queries,
                     kafka_bootstrap=settings.require_kafka(),
                     projection_group_prefix=settings.projection_group_prefix,
                 ),

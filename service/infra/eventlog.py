@@ -198,6 +198,58 @@ def committed_reader(bootstrap: str, **overrides: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**options)
 
 
+async def topic_end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int] | None:
+    """partition -> end offset of every partition of ``topic`` (the last stable offsets for a
+    read_committed ``consumer``, the high watermarks for a read_uncommitted one); None: no
+    such topic. Only partitions the metadata lists are asked for: aiokafka waits forever for
+    the end of one that does not exist."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        # What ``consumer.topics()`` does, keeping the partitions it learns.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(topic)
+    if not partitions:
+        return None
+    ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    return {tp.partition: offset for tp, offset in ends.items()}
+
+
+class HighWatermarks:
+    """Reads the high watermark of every partition of a topic (``service.kernel.log_ends``
+    says why that is a partition's end), through one group-less consumer kept open between
+    reads and opened again after a failed start."""
+
+    def __init__(self, bootstrap: str, topic: str, *, request_timeout_ms: int = 5000) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.request_timeout_ms = request_timeout_ms
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def read(self) -> dict[int, int]:
+        """partition -> high watermark; ``TopicMissing`` if the broker has no such topic."""
+        if self._consumer is None:
+            consumer = committed_reader(
+                self.bootstrap,
+                isolation_level="read_uncommitted",
+                request_timeout_ms=self.request_timeout_ms,
+            )
+            try:
+                await consumer.start()
+            except BaseException:
+                await consumer.stop()  # a failed start leaves its connections open
+                raise
+            self._consumer = consumer
+        ends = await topic_end_offsets(self._consumer, self.topic)
+        if ends is None:
+            raise TopicMissing(f"no topic {self.topic} at {self.bootstrap}")
+        return ends
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+
 async def read_to_end(
     bootstrap: str,
     topic: str,

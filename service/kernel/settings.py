@@ -91,6 +91,8 @@ class Settings:
     projector_instance_id: str | None = None
     group_commit_max_events: int = 500
     consistency_wait_ms: int = 5000
+    # Queries waiting for a consistency token at once; past it a query is a 503 at once.
+    max_waiting_queries: int = 1000
     max_body_bytes: int = 64 * 1024
     # Access control (docs/security.md). Off only for local work.
     auth: bool = True
@@ -120,6 +122,7 @@ class Settings:
             projector_instance_id=os.environ.get("ORDERS_PROJECTOR_INSTANCE_ID") or None,
             group_commit_max_events=_int("ORDERS_GROUP_COMMIT_MAX_EVENTS", 500),
             consistency_wait_ms=_int("ORDERS_CONSISTENCY_WAIT_MS", 5000),
+            max_waiting_queries=_int("ORDERS_MAX_WAITING_QUERIES", 1000),
             max_body_bytes=_int("ORDERS_MAX_BODY_BYTES", 64 * 1024),
             auth=_switch("ORDERS_AUTH", True),
             jwks_url=os.environ.get("ORDERS_JWKS_URL") or None,

@@ -210,7 +210,7 @@ def test_after_the_fuzzing_an_order_is_still_taken_and_read_back(service: Servic
         2500,
         2,
     )
-    assert [entry["version"] for entry in history][:1] == [1]
+    assert [entry["version"] for entry in history["items"]][:1] == [1]
 
 
 def _read_when_consistent(client: httpx.Client, path: str, token: str) -> Any:

@@ -44,7 +44,8 @@ from projections.schema import (
 from projections.schema import orders as orders_table
 from service.edge.http.app import Resources, create_app
 from service.kernel import envelope
-from service.kernel.events import ItemAdded, OrderPaid
+from service.kernel.access import Actor
+from service.kernel.events import ItemAdded, OrderCreated, OrderPaid, OrderPlaced
 from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access
@@ -376,7 +377,9 @@ async def test_order_history_projection_end_to_end(
 ) -> None:
     story = await told(api, db, bootstrap, topic, group_prefix, "order_history", suffix)
 
-    history = (await get_ok(client, f"/orders/{story.delivered}/history")).json()
+    page = (await get_ok(client, f"/orders/{story.delivered}/history")).json()
+    assert page["next_cursor"] is None
+    history = page["items"]
     assert [(e["version"], e["type"]) for e in history] == list(
         enumerate(
             [
@@ -401,13 +404,58 @@ async def test_order_history_projection_end_to_end(
     occurred = [e["occurred_at"] for e in history]
     assert occurred == sorted(occurred)
 
-    refunded = (await get_ok(client, f"/orders/{story.refunded}/history")).json()
+    refunded = (await get_ok(client, f"/orders/{story.refunded}/history")).json()["items"]
     assert [e["type"] for e in refunded][-1] == "OrderCancelled"
     assert refunded[-1]["data"] == {"reason": "changed mind", "refunded_amount": 999}
-    dropped = (await get_ok(client, f"/orders/{story.dropped}/history")).json()
+    dropped = (await get_ok(client, f"/orders/{story.dropped}/history")).json()["items"]
     assert [e["version"] for e in dropped] == [1, 2, 3]
     assert dropped[-1]["data"] == {"reason": "duplicate", "refunded_amount": 0}
     assert (await client.get("/orders/no-such-order/history")).status_code == 404
+
+
+async def test_order_history_shows_the_actor_each_event_names_and_null_for_none(
+    client: httpx.AsyncClient,
+    db: AsyncEngine,
+    bootstrap: str,
+    topic: str,
+    group_prefix: str,
+    suffix: str,
+) -> None:
+    order_id = f"actors-{suffix}"
+    sealed = [
+        (
+            OrderCreated(customer_id=f"c-{suffix}", currency="EUR"),
+            Actor(sub="alice", client_id="web"),
+        ),
+        (ItemAdded(sku="MUG", name="Mug", quantity=1, unit_price=100), Actor(sub="svc-stock")),
+        (OrderPlaced(total=100, item_count=1), None),  # authentication off, or written before
+    ]
+    offsets = []
+    for version, (event, actor) in enumerate(sealed, start=1):
+        command_id = str(uuid.uuid4())
+        value = envelope.encode(
+            envelope.seal(
+                event,
+                event_id=str(uuid.uuid4()),
+                order_id=order_id,
+                version=version,
+                occurred_at=datetime.now(UTC),
+                command_id=command_id,
+                correlation_id=command_id,
+                actor=actor,
+            )
+        )
+        offsets.append(await produce(bootstrap, topic, 1, value, order_id.encode()))
+
+    async with running(db, bootstrap, topic, group_prefix, ["order_history"]) as run:
+        await wait_caught_up(db, topic, ["order_history"], {1: offsets[-1] + 1}, alive=run)
+
+    history = (await get_ok(client, f"/orders/{order_id}/history")).json()["items"]
+    assert [(e["version"], e["actor"]) for e in history] == [
+        (1, {"sub": "alice", "client_id": "web"}),
+        (2, {"sub": "svc-stock", "client_id": None}),
+        (3, None),
+    ]
 
 
 async def test_customer_summary_projection_end_to_end(
@@ -514,7 +562,7 @@ async def test_a_query_with_the_consistency_token_sees_its_command(
         order = await get_ok(client, f"/orders/{done.order_id}", token)
         assert order.headers["etag"] == f'"{done.version}"', event_type
         assert order.json()["version"] == done.version
-        history = (await get_ok(client, f"/orders/{done.order_id}/history", token)).json()
+        history = (await get_ok(client, f"/orders/{done.order_id}/history", token)).json()["items"]
         assert [e["version"] for e in history] == list(range(1, done.version + 1))
         assert history[-1]["type"] == event_type
         listed = (await get_ok(client, f"/orders?customer_id={customer_id}", token)).json()

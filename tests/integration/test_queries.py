@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
 import random
 from collections.abc import AsyncIterator
@@ -14,10 +15,12 @@ import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
 from litestar import Litestar
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections import checkpoints
 from projections.checkpoints import CheckpointWatcher, wait_for_checkpoint
 from projections.schema import (
     customer_summaries,
@@ -29,11 +32,13 @@ from projections.schema import (
 from service.edge.http import queries
 from service.edge.http.app import Resources, create_app
 from service.infra.database import create_engine
+from service.infra.eventlog import ensure_topic
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.database import reset_read_side
 from tests.support.http import serve
 from tests.support.identity import access
+from tests.support.projection_harness import eventually
 
 TOPIC = "t"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -78,8 +83,12 @@ def order_row(
     }
 
 
-def history_row(order_id: str, version: int, event_type: str) -> dict[str, Any]:
+def history_row(
+    order_id: str, version: int, event_type: str, *, actor: tuple[str, str | None] | None = None
+) -> dict[str, Any]:
     return {
+        "actor_sub": actor[0] if actor is not None else None,
+        "actor_client_id": actor[1] if actor is not None else None,
         "order_id": order_id,
         "version": version,
         "event_id": f"{order_id}-e{version}",
@@ -137,17 +146,29 @@ def app_on(
     wait_ms: int = 300,
     writer: Writer | None = None,
     partitions: int | None = None,
+    max_waiting: int = 1000,
+    kafka: str | None = None,
+    topic: str = TOPIC,
 ) -> Litestar:
     return create_app(
         Resources(
             engine=engine,
             writer=writer,
-            topic=TOPIC,
+            topic=topic,
             partitions=partitions,
             consistency_wait_ms=wait_ms,
+            max_waiting_queries=max_waiting,
+            kafka_bootstrap=kafka,
         ),
         access=access(),
     )
+
+
+def read_side_of(app: Litestar) -> queries.ReadSide:
+    """What the app's queries read through (the command handlers ``note`` their writes on it)."""
+    reads = app.dependencies["reads"].dependency()
+    assert isinstance(reads, queries.ReadSide)
+    return reads
 
 
 @pytest.fixture
@@ -261,7 +282,10 @@ async def test_history_lists_the_orders_events_in_version_order(
     response = await client.get("/orders/o-1/history")
 
     assert response.status_code == 200, response.text
-    entries = response.json()
+    body = response.json()
+    assert set(body) == {"items", "next_cursor"}
+    assert body["next_cursor"] is None
+    entries = body["items"]
     assert [(e["version"], e["type"]) for e in entries] == [
         (1, "OrderCreated"),
         (2, "ItemAdded"),
@@ -270,10 +294,102 @@ async def test_history_lists_the_orders_events_in_version_order(
     first = entries[0]
     assert set(first) == {
         "version", "event_id", "type", "schema_version", "occurred_at", "command_id",
-        "correlation_id", "data",
+        "correlation_id", "data", "actor",
     }  # fmt: skip
     assert (first["event_id"], first["command_id"], first["data"]) == ("o-1-e1", "cmd-1", {"n": 1})
     assert datetime.fromisoformat(first["occurred_at"]) == T0 + timedelta(minutes=1)
+
+
+async def test_history_says_who_sent_each_command_or_null_when_the_event_names_nobody(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(
+        db,
+        order_history,
+        [
+            history_row("o-1", 1, "OrderCreated", actor=("alice", "shop-web")),
+            history_row("o-1", 2, "ItemAdded", actor=("svc-stock", None)),
+            history_row("o-1", 3, "OrderPlaced"),
+        ],
+    )
+
+    entries = (await client.get("/orders/o-1/history")).json()["items"]
+
+    assert [e["actor"] for e in entries] == [
+        {"sub": "alice", "client_id": "shop-web"},
+        {"sub": "svc-stock", "client_id": None},
+        None,
+    ]
+
+
+async def walk_history(client: httpx.AsyncClient, order_id: str, limit: int) -> list[list[int]]:
+    """Follow an order's history from the first page to the last; the versions of each page."""
+    pages: list[list[int]] = []
+    cursor: str | None = None
+    while True:
+        url = f"/orders/{order_id}/history?limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+        response = await client.get(url)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        pages.append([entry["version"] for entry in body["items"]])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+        assert len(pages) < 100, "pagination does not end"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 6, 7, 200])
+async def test_history_pages_visit_every_event_once_in_version_order(
+    db: AsyncEngine, client: httpx.AsyncClient, limit: int
+) -> None:
+    rows = [history_row("o-1", version, "ItemAdded") for version in range(1, 13)]
+    rows += [history_row("o-2", version, "ItemAdded") for version in range(1, 4)]
+    random.Random(3).shuffle(rows)
+    await insert(db, order_history, rows)
+
+    pages = await walk_history(client, "o-1", limit)
+
+    assert len(pages) == math.ceil(12 / limit)  # no empty trailing page
+    assert all(len(page) == limit for page in pages[:-1])
+    assert [version for page in pages for version in page] == list(range(1, 13))
+
+
+async def test_history_pages_by_default_fifty_events_at_a_time(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", v, "ItemAdded") for v in range(1, 52)])
+
+    first = (await client.get("/orders/o-1/history")).json()
+    second = (await client.get(f"/orders/o-1/history?cursor={first['next_cursor']}")).json()
+
+    assert [e["version"] for e in first["items"]] == list(range(1, 51))
+    assert ([e["version"] for e in second["items"]], second["next_cursor"]) == ([51], None)
+
+
+async def test_a_history_cursor_is_a_version_so_later_events_join_the_next_page(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", v, "ItemAdded") for v in (1, 2, 3)])
+    first = (await client.get("/orders/o-1/history?limit=2")).json()
+    await insert(db, order_history, [history_row("o-1", 4, "OrderPlaced")])
+
+    second = (await client.get(f"/orders/o-1/history?limit=2&cursor={first['next_cursor']}")).json()
+
+    assert [e["version"] for e in first["items"]] == [1, 2]
+    assert [e["version"] for e in second["items"]] == [3, 4]
+    assert second["next_cursor"] is None
+
+
+async def test_a_history_page_past_the_last_event_is_empty_not_missing(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    await insert(db, order_history, [history_row("o-1", 1, "OrderCreated")])
+    past_the_end = queries.encode_history_cursor(1)
+
+    response = await client.get(f"/orders/o-1/history?cursor={past_the_end}")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"items": [], "next_cursor": None}
 
 
 async def test_a_customer_summary_has_counts_and_value_per_currency(
@@ -490,6 +606,9 @@ _NAIVE_CURSOR = b64(b'["2025-03-01T12:00:00","o-1"]')
         "/orders?customer_id=" + "c" * 65,
         "/orders/" + "o" * 65,
         "/orders/" + "o" * 65 + "/history",
+        "/orders/o-1/history?limit=0",
+        "/orders/o-1/history?limit=201",
+        "/orders/o-1/history?cursor=" + "A" * 300,
         "/customers/" + "c" * 65 + "/summary",
         "/reports/daily-sales",
         "/reports/daily-sales?from=2025-03-01",
@@ -506,6 +625,29 @@ async def test_a_bad_request_is_a_400_problem(
     await insert(db, orders, [order_row("o-1")])
 
     assert_problem(await client.get(path), 400)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "%21%21%21",
+        b64(b"not json"),
+        b64(b"[]"),
+        b64(b"[0]"),
+        b64(b"[-3]"),
+        b64(b'["1"]'),
+        b64(b"[1.5]"),
+        b64(b"[1, 2]"),
+        b64(b"[2147483648]"),  # beyond the int4 a version is kept in: never issued
+        b64(b'["2025-03-01T12:00:00Z","o-1"]'),  # a cursor of GET /orders
+    ],
+)
+async def test_a_history_cursor_this_api_did_not_issue_is_a_400_problem(
+    db: AsyncEngine, client: httpx.AsyncClient, cursor: str
+) -> None:
+    await insert(db, order_history, [history_row("o-1", 1, "OrderCreated")])
+
+    assert_problem(await client.get(f"/orders/o-1/history?cursor={cursor}"), 400, "invalid-cursor")
 
 
 @pytest.mark.parametrize(
@@ -749,6 +891,221 @@ async def test_a_query_waits_for_the_projection_to_apply_the_token_and_sees_the_
     assert response.status_code == 200, response.text
     assert (response.json()["status"], response.json()["version"]) == ("paid", 2)
     assert response.headers["etag"] == '"2"'
+
+
+# -- tokens beyond the end of the log -------------------------------------------------------------
+
+UNREACHABLE_KAFKA = "127.0.0.1:9"  # nothing listens: connections are refused at once
+
+
+async def produce(bootstrap: str, topic: str, partition: int, count: int) -> list[int]:
+    """``count`` records written straight to ``partition`` (no transaction): their offsets."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = [
+            await producer.send_and_wait(topic, value=b"{}", partition=partition)
+            for _ in range(count)
+        ]
+    finally:
+        await producer.stop()
+    return [metadata.offset for metadata in sent]
+
+
+@contextlib.asynccontextmanager
+async def served_app(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """``serve``, then what the app's shutdown would close (ASGITransport sends no lifespan)."""
+    try:
+        async with serve(app) as client:
+            yield client
+    finally:
+        reads = read_side_of(app)
+        await reads.log_ends.close()
+        await reads.watcher.close()
+
+
+@pytest.fixture
+async def log(bootstrap: str, topic: str) -> str:
+    """The test's topic, two partitions: records at offsets 0-2 of partition 0, none in 1."""
+    await ensure_topic(bootstrap, topic, partitions=2)
+    assert await produce(bootstrap, topic, 0, 3) == [0, 1, 2]
+    return topic
+
+
+async def test_a_token_beyond_the_end_of_its_partitions_log_is_a_400_problem_at_once(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+    # A minute of budget: a query that waited for a checkpoint that can never come would blow
+    # the 10 s bound below.
+    app = app_on(db, kafka=bootstrap, topic=log, partitions=2, wait_ms=60_000)
+    async with served_app(app) as client, asyncio.timeout(10):
+        for route, path in ROUTES.items():
+            for token in ("0:3", "0:999999", "1:0"):
+                response = await client.get(path, headers={"X-Consistency-Token": token})
+
+                assert_problem(response, 400, "invalid-consistency-token")
+                partition = token.split(":")[0]
+                detail = response.json()["detail"]
+                assert f"beyond the end of partition {partition}'s log" in detail, route
+
+
+async def test_a_token_within_the_log_is_waited_for_until_the_projection_applies_it(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 2, topic=log)
+
+    async with served_app(app_on(db, kafka=bootstrap, topic=log, wait_ms=300)) as client:
+        not_yet = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:2"})
+        await set_checkpoint(db, "orders", 3, topic=log)
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:2"})
+
+    assert_problem(not_yet, 503, "not-yet-consistent")
+    assert applied.status_code == 200, applied.text
+
+
+async def test_a_record_written_after_a_token_was_refused_makes_that_token_good(
+    db: AsyncEngine, bootstrap: str, log: str
+) -> None:
+    await _seed_every_read_model(db)
+
+    async with served_app(app_on(db, kafka=bootstrap, topic=log, wait_ms=300)) as client:
+        before = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:3"})
+        assert await produce(bootstrap, log, 0, 1) == [3]
+        after = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:3"})
+
+    assert_problem(before, 400, "invalid-consistency-token")
+    assert_problem(after, 503, "not-yet-consistent")  # in the log now: waited for
+
+
+async def test_a_commit_marker_is_in_the_log_and_the_offset_after_it_is_not(
+    db: AsyncEngine, bootstrap: str, topic: str, writer: Writer
+) -> None:
+    app = app_on(db, writer=writer, kafka=bootstrap, topic=topic, partitions=4, wait_ms=300)
+    async with served_app(app) as client:
+        created = await client.post("/orders", json={"customer_id": "c-1", "currency": "EUR"})
+        assert created.status_code == 201, created.text
+        order_id = created.json()["order_id"]
+        partition, offset = map(int, created.headers["x-consistency-token"].split(":"))
+        answers = [
+            await client.get(
+                f"/orders/{order_id}", headers={"X-Consistency-Token": f"{partition}:{at}"}
+            )
+            for at in (offset, offset + 1, offset + 2)
+        ]
+
+    # No projector runs: what the log holds is waited for (the event, then its commit marker).
+    assert_problem(answers[0], 503, "not-yet-consistent")
+    assert_problem(answers[1], 503, "not-yet-consistent")
+    assert_problem(answers[2], 400, "invalid-consistency-token")
+
+
+async def test_a_token_beyond_what_is_known_while_kafka_is_away_is_a_503_with_retry_after(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=60_000)
+    async with served_app(app) as client, asyncio.timeout(10):
+        response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:5"})
+
+    assert_problem(response, 503, "unavailable")
+    assert response.headers["retry-after"] == "1"
+    assert "event log" in response.json()["detail"]
+
+
+async def test_a_token_the_projection_passed_needs_no_kafka(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 11)
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=300)
+
+    async with served_app(app) as client:
+        applied = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:10"})
+
+    assert applied.status_code == 200, applied.text  # not "unavailable"
+    assert read_side_of(app).log_ends.refreshes == 0
+
+
+async def test_a_token_the_writer_noted_goes_straight_to_the_wait(
+    db: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 11)
+    app = app_on(db, kafka=UNREACHABLE_KAFKA, wait_ms=300)
+    read_side_of(app).log_ends.note(0, 20)  # as the command handlers do for each write
+    checks: list[int] = []
+    one_poll = checkpoints.wait_for_checkpoint
+
+    async def counted(*args: Any, **kwargs: Any) -> bool:
+        checks.append(args[4])
+        return await one_poll(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "wait_for_checkpoint", counted)
+
+    async with served_app(app) as client:
+        noted = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:20"})
+
+    assert_problem(noted, 503, "not-yet-consistent")  # waited for, not "unavailable"
+    assert read_side_of(app).log_ends.refreshes == 0
+    assert checks == []  # nor an extra poll of the checkpoint first
+
+
+async def test_without_kafka_a_token_beyond_what_was_noted_is_waited_for_as_any(
+    db: AsyncEngine,
+) -> None:
+    await _seed_every_read_model(db)
+
+    async with served_app(app_on(db, wait_ms=300)) as client:
+        response = await client.get("/orders/o-1", headers={"X-Consistency-Token": "0:99"})
+
+    assert_problem(response, 503, "not-yet-consistent")
+
+
+# -- how many queries may wait ---------------------------------------------------------------------
+
+
+async def test_past_the_cap_a_query_that_would_wait_is_refused_at_once(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 5)  # offset 7 is not applied: queries for it wait
+    app = app_on(db, wait_ms=60_000, max_waiting=2)
+    watcher = read_side_of(app).watcher
+    token = {"X-Consistency-Token": "0:7"}
+
+    async with served_app(app) as client, asyncio.timeout(30):
+        waiting = [asyncio.create_task(client.get("/orders/o-1", headers=token)) for _ in range(2)]
+
+        async def both_wait() -> tuple[bool, Any]:
+            return watcher.waiting == 2, watcher.waiting
+
+        await eventually(both_wait, "two queries waiting for their token")
+        refused = await client.get("/orders/o-1/history", headers=token)
+        untokened = await client.get("/orders/o-1")  # waits for nothing: served
+        await set_checkpoint(db, "orders", 8)
+        served = await asyncio.gather(*waiting)
+        after = await client.get("/orders/o-1", headers=token)
+
+    assert_problem(refused, 503, "too-many-waiting-queries")
+    assert refused.headers["retry-after"] == "1"
+    assert untokened.status_code == 200, untokened.text
+    assert [response.status_code for response in served] == [200, 200]
+    assert watcher.waiting == 0
+    assert after.status_code == 200, after.text
+
+
+async def test_a_query_that_waited_out_its_budget_frees_its_place(db: AsyncEngine) -> None:
+    await _seed_every_read_model(db)
+    await set_checkpoint(db, "orders", 5)
+    app = app_on(db, wait_ms=100, max_waiting=1)
+    token = {"X-Consistency-Token": "0:7"}
+
+    async with served_app(app) as client:
+        first = await client.get("/orders/o-1", headers=token)
+        second = await client.get("/orders/o-1", headers=token)
+
+    assert_problem(first, 503, "not-yet-consistent")
+    assert_problem(second, 503, "not-yet-consistent")  # not too-many-waiting-queries
+    assert read_side_of(app).watcher.waiting == 0
 
 
 async def test_wait_for_checkpoint_is_strictly_past_the_offset(db: AsyncEngine) -> None:

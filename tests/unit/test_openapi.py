@@ -112,3 +112,22 @@ def test_every_operator_action_documents_its_scope_path_and_problems() -> None:
     listing = operations["listParkedEvents"]
     assert "`ops:read`" in listing["description"]
     assert {(p["in"], p["name"]) for p in listing["parameters"]} == {("query", "projection")}
+
+
+def test_the_history_is_documented_as_pages_of_entries_with_their_actor() -> None:
+    spec = _spec()
+    operation = spec["paths"]["/orders/{order_id}/history"]["get"]
+    schemas = spec["components"]["schemas"]
+
+    query = {p["name"]: p["schema"] for p in operation["parameters"] if p["in"] == "query"}
+    assert set(query) == {"limit", "cursor"}
+    assert (query["limit"]["minimum"], query["limit"]["maximum"], query["limit"]["default"]) == (
+        1,
+        200,
+        50,
+    )
+    page = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert schemas[page.rsplit("/", 1)[-1]]["required"] == ["items", "next_cursor"]
+    actor = schemas["HistoryEntry"]["properties"]["actor"]["oneOf"]
+    assert {"type": "null"} in actor
+    assert schemas["ActorView"]["properties"].keys() == {"sub", "client_id"}

@@ -14,11 +14,13 @@ from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
+from projections.log_ends import LogEnds
 from service.edge.http.auth import PUBLIC, Access
 from service.edge.http.commands import OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.infra.eventlog import HighWatermarks
 from service.write.writer import Writer
 
 _PUBLIC = {PUBLIC: True}  # served without a token
@@ -33,7 +35,10 @@ class Resources:
     topic: str = "orders.events"
     partitions: int | None = None  # the topic's: a consistency token naming another is a 400
     consistency_wait_ms: int = 5000
-    kafka_bootstrap: str | None = None  # for operations (projection status)
+    # Queries waiting for their consistency tokens at once; the next one is a 503 at once.
+    max_waiting_queries: int = 1000
+    # For operations (projection status) and the log ends consistency tokens are checked against.
+    kafka_bootstrap: str | None = None
     projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
 
 
@@ -78,9 +83,16 @@ def create_app(
         ReadSide(
             resources.engine,
             resources.consistency_wait_ms / 1000,
-            CheckpointWatcher(resources.engine, resources.topic),
+            CheckpointWatcher(
+                resources.engine, resources.topic, max_waiting=resources.max_waiting_queries
+            ),
             OrderReader(resources.engine),
             resources.partitions,
+            LogEnds(
+                HighWatermarks(resources.kafka_bootstrap, resources.topic)
+                if resources.kafka_bootstrap is not None
+                else None
+            ),
         )
         if resources.engine
         else None
@@ -151,7 +163,7 @@ def create_app(
         },
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[access.middleware()],
-        on_shutdown=[read_side.watcher.close] if read_side is not None else [],
+        on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Orders",

@@ -15,6 +15,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from sqlalchemy import exc as sa_exc
 
+from projections.checkpoints import TooManyWaitingQueries
 from service.edge.http.auth import REALM, RateLimited, Unauthenticated
 from service.infra.database import connection_lost
 from service.kernel import domain
@@ -72,7 +73,8 @@ _PROBLEM_DESCRIPTIONS = {
     415: "The request body is not application/json",
     422: "A business rule refused the command, or the Idempotency-Key was reused",
     429: "This caller's rate limit is spent; see Retry-After",
-    503: "Temporarily unavailable (event log, writer start-up, database); see Retry-After",
+    503: "Temporarily unavailable (event log, writer start-up or at capacity, database, too "
+    "many queries waiting for their consistency tokens); see Retry-After",
 }
 
 
@@ -171,10 +173,11 @@ def _conflict(request: Request[Any, Any, Any], error: Exception) -> Response[Any
 
 
 def _unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
-    """503 with Retry-After; a read model that is not yet consistent says so."""
+    """503 with Retry-After; a read model not yet consistent, or too many queries waiting for
+    theirs, say so."""
     assert isinstance(error, Unavailable)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    if isinstance(error, NotYetConsistent):
+    if isinstance(error, NotYetConsistent | TooManyWaitingQueries):
         code, title = error.code, _titled(error.code)
     else:
         code, title = "unavailable", "Service Unavailable"

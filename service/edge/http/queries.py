@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
@@ -19,6 +19,7 @@ from litestar.params import HeaderParameter, PathParameter, QueryParameter, Skip
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
+from projections.log_ends import LogEnds
 from projections.schema import customer_summaries, daily_sales, order_history, orders
 from service.edge.http.auth import requires
 from service.edge.http.commands import IDENTIFIER_PATTERN
@@ -85,6 +86,13 @@ class OrderPage(msgspec.Struct, frozen=True):
     next_cursor: str | None
 
 
+class ActorView(msgspec.Struct, frozen=True, kw_only=True):
+    """Who sent the command an event came from: the access token's subject and OAuth client."""
+
+    sub: str
+    client_id: str | None
+
+
 class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     version: int
     event_id: str
@@ -94,6 +102,13 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     command_id: str
     correlation_id: str
     data: dict[str, Any]
+    # None: the event names nobody (authentication off, or written before callers were recorded)
+    actor: ActorView | None
+
+
+class HistoryPage(msgspec.Struct, frozen=True):
+    items: list[HistoryEntry]
+    next_cursor: str | None
 
 
 class CustomerSummaryView(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,6 +196,10 @@ class ReadSide:
     # The topic's partition count as the composition root found it at start-up (what
     # ensure_topic answers); None when it did not ask, and then tokens are not checked against it.
     partitions: int | None = None
+    # How far each partition's log reaches: a token beyond it is a 400. The command handlers
+    # ``note`` every record the in-process writer committed; without Kafka to ask, a token
+    # beyond what was noted is waited for.
+    log_ends: LogEnds = field(default_factory=lambda: LogEnds(None))
 
 
 _TOKEN_PATTERN = r"^(\d{1,9}):(\d{1,18})$"
@@ -194,8 +213,9 @@ ConsistencyToken = Annotated[
         # Documented, not enforced here: parse_consistency_token answers with its own problem.
         schema_extra={"pattern": _TOKEN_PATTERN},
         description='Read your writes: a command\'s token ("<partition>:<offset>"); the query '
-        "waits (bounded) until the read model has applied that event, else 503. A token that "
-        "is malformed or names a partition the topic does not have is a 400",
+        "waits (bounded) until the read model has applied that event, else 503 (also when too "
+        "many queries wait already). A token that is malformed, names a partition the topic "
+        "does not have or an offset beyond the end of its partition's log is a 400",
     ),
 ]
 
@@ -225,10 +245,28 @@ async def _await_consistency(reads: ReadSide, projection: str, token: str | None
             f"partitions 0-{reads.partitions - 1}; send the token a command of this service "
             "answered with, or none",
         )
+    # What the projection applied is in the log: only a token past both the checkpoint and the
+    # log end this process knows (every record its writer committed) is checked against Kafka.
+    if reads.watcher.applied(projection, partition, offset):
+        return
+    if reads.log_ends.reader is not None and not reads.log_ends.knows(partition, offset):
+        if await reads.watcher.wait(projection, partition, offset, 0):  # one poll, no wait
+            reads.log_ends.note(partition, offset)
+            return
+        if await reads.log_ends.reaches(partition, offset) is False:
+            # Waiting would end in a 503, and its client would retry forever.
+            raise QueryProblem(
+                400,
+                "invalid-consistency-token",
+                f"X-Consistency-Token {token!r} names offset {offset}, beyond the end of "
+                f"partition {partition}'s log: it was not issued by this service's event log; "
+                "send the token a command of this service answered with, or none",
+            )
     if not await reads.watcher.wait(projection, partition, offset, reads.timeout_s):
         raise NotYetConsistent(
             f"the {projection} read model has not yet applied the event at {token}; retry"
         )
+    reads.log_ends.note(partition, offset)  # applied, so in the log: the next one is free
 
 
 # -- list cursors -----------------------------------------------------------------------------
@@ -238,22 +276,54 @@ _CursorOrderId = Annotated[str, msgspec.Meta(max_length=64, pattern=IDENTIFIER_P
 _CursorKey = tuple[_AwareDatetime, _CursorOrderId]
 
 
+# An event's version, as order_history keeps it (int4): a larger one was never issued.
+_CursorVersion = tuple[Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]]
+
+
+def _encode_position(key: tuple[Any, ...]) -> str:
+    """An opaque cursor: base64url (unpadded) of the JSON array ``key``."""
+    return base64.urlsafe_b64encode(msgspec.json.encode(key)).rstrip(b"=").decode("ascii")
+
+
+def _not_issued() -> QueryProblem:
+    return QueryProblem(400, "invalid-cursor", "cursor is not one this API issued")
+
+
+def _position(cursor: str) -> bytes:
+    """The JSON ``_encode_position`` wrapped, if ``cursor`` is base64url; else a 400."""
+    try:
+        return base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise _not_issued() from error
+
+
 def encode_cursor(created_at: datetime, order_id: str) -> str:
-    """The opaque position after an order: base64url (unpadded) of ``[created_at, order_id]``."""
-    raw = msgspec.json.encode((created_at, order_id))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    """The opaque position after an order: ``[created_at, order_id]``."""
+    return _encode_position((created_at, order_id))
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """The position ``encode_cursor`` made, its instant in UTC; anything else is a 400."""
     try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        created_at, order_id = msgspec.json.decode(raw, type=_CursorKey)
+        created_at, order_id = msgspec.json.decode(_position(cursor), type=_CursorKey)
         # OverflowError: an instant whose UTC falls outside years 1-9999 (never one we issued).
-        created_at = created_at.astimezone(UTC)
-    except (binascii.Error, ValueError, OverflowError, msgspec.DecodeError) as error:
-        raise QueryProblem(400, "invalid-cursor", "cursor is not one this API issued") from error
-    return created_at, order_id
+        return created_at.astimezone(UTC), order_id
+    except (OverflowError, msgspec.DecodeError) as error:
+        raise _not_issued() from error
+
+
+def encode_history_cursor(version: int) -> str:
+    """The opaque position after an event of an order's history: ``[version]``."""
+    return _encode_position((version,))
+
+
+def decode_history_cursor(cursor: str) -> int:
+    """The version ``encode_history_cursor`` made; anything else is a 400."""
+    try:
+        key: tuple[int] = msgspec.json.decode(_position(cursor), type=_CursorVersion)
+    except msgspec.DecodeError as error:
+        raise _not_issued() from error
+    return key[0]
 
 
 # -- parameters -------------------------------------------------------------------------------
@@ -292,8 +362,20 @@ _SUMMARY_COLUMNS = [orders.c[name] for name in OrderSummaryView.__struct_fields_
 # once per connection: SQLAlchemy building, caching and processing it cost more than the query.
 _ORDER_NAMES = ", ".join(f'"{name}"' for name in OrderView.__struct_fields__)
 _ORDERS_BY_ID = f'SELECT {_ORDER_NAMES} FROM "{orders.name}" WHERE order_id = ANY($1::text[])'
-_HISTORY_COLUMNS = [order_history.c[name] for name in HistoryEntry.__struct_fields__]
+_HISTORY_FIELDS = [name for name in HistoryEntry.__struct_fields__ if name != "actor"]
+_HISTORY_COLUMNS = [
+    *(order_history.c[name] for name in _HISTORY_FIELDS),
+    order_history.c.actor_sub,
+    order_history.c.actor_client_id,
+]
 _DAILY_COLUMNS = [daily_sales.c[name] for name in DailySalesRow.__struct_fields__]
+
+
+def _history_entry(row: sa.Row[Any]) -> HistoryEntry:
+    values = row._mapping
+    sub = values["actor_sub"]
+    actor = None if sub is None else ActorView(sub=sub, client_id=values["actor_client_id"])
+    return HistoryEntry(**{name: values[name] for name in _HISTORY_FIELDS}, actor=actor)
 
 
 # Not in OrderQueries: in Litestar 2 two controllers that share a path (OrderCommands answers
@@ -394,26 +476,33 @@ class OrderQueries(Controller):
         "/{order_id:str}/history",
         operation_id="getOrderHistory",
         guards=_READ,
-        summary="Every event of an order, in version order",
+        summary="Every event of an order, in version order, a page at a time",
         responses=_ONE_PROBLEMS,
     )
     async def get_history(
         self,
         reads: Reads,
         order_id: OrderId,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+        cursor: Annotated[
+            str | None,
+            QueryParameter(max_length=256, description="next_cursor of the previous page"),
+        ] = None,
         consistency_token: ConsistencyToken = None,
-    ) -> list[HistoryEntry]:
+    ) -> HistoryPage:
+        after = decode_history_cursor(cursor) if cursor is not None else None
         await _await_consistency(reads, "order_history", consistency_token)
-        query = (
-            sa.select(*_HISTORY_COLUMNS)
-            .where(order_history.c.order_id == order_id)
-            .order_by(order_history.c.version)
-        )
+        query = sa.select(*_HISTORY_COLUMNS).where(order_history.c.order_id == order_id)
+        if after is not None:
+            query = query.where(order_history.c.version > after)  # keyset: the primary key
+        query = query.order_by(order_history.c.version).limit(limit + 1)
         async with reading(reads.engine) as connection:
             rows = (await connection.execute(query)).all()
-        if not rows:
+        if not rows and after is None:
             raise QueryProblem(404, "order-not-found", f"no history for order {order_id!r}")
-        return [msgspec.convert(row, HistoryEntry, from_attributes=True) for row in rows]
+        page = [_history_entry(row) for row in rows[:limit]]
+        next_cursor = encode_history_cursor(page[-1].version) if len(rows) > limit else None
+        return HistoryPage(page, next_cursor)
 
 
 class CustomerQueries(Controller):
