@@ -43,7 +43,7 @@ async def test_the_api_gets_the_cap_on_waiting_queries_from_the_settings(
 
     monkeypatch.setattr(bootstrap, "check_topic", topic_with_partitions)
     monkeypatch.setattr(bootstrap, "create_app", app_of)
-    settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", max_waiting_queries=7)
+    settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", max_waiting_queries=7, auth=False)
     engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")  # never used
 
     with pytest.raises(_Built):

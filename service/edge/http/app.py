@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.checkpoints import CheckpointWatcher
 from projections.log_ends import LogEnds
 from service.edge.http.auth import PUBLIC, Access
-from service.edge.http.commands import OrderCommands
+from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
@@ -61,9 +61,9 @@ def create_app(
     ``/.well-known/jwks.json`` (the development issuer's)."""
     auth = "on" if access.enabled else "off"
 
-    def provide_writer() -> Writer:
-        assert resources.writer is not None, "this process runs no writer"
-        return resources.writer
+    def provide_writer() -> CommandSink:
+        assert sink is not None, "this process runs no writer"
+        return sink
 
     def provide_engine() -> AsyncEngine:
         assert resources.engine is not None, "this process has no database"
@@ -95,6 +95,12 @@ def create_app(
             ),
         )
         if resources.engine
+        else None
+    )
+
+    sink = (
+        CommandSink(resources.writer, read_side.log_ends if read_side is not None else None)
+        if resources.writer is not None
         else None
     )
 

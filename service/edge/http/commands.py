@@ -18,6 +18,7 @@ from litestar.openapi.spec import Example
 from litestar.params import Body, HeaderParameter, PathParameter, SkipValidation
 from litestar.types import Receive
 
+from projections.log_ends import LogEnds
 from service.edge.http.auth import requires
 from service.edge.http.problems import ClientGone, problem_responses
 from service.kernel import domain
@@ -144,7 +145,24 @@ CorrelationId = Annotated[
 OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 Sku = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 # Handed in by the composition root: Litestar need not validate it on every request.
-WriterDependency = NamedDependency[SkipValidation[Writer]]
+WriterDependency = NamedDependency[SkipValidation["CommandSink"]]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSink:
+    """Where the command handlers send commands: the writer, and what queries must learn
+    of each accepted one (where its last event sits, so that a consistency token up to there
+    is known to be in the log)."""
+
+    writer: Writer
+    log_ends: LogEnds | None = None
+
+    async def submit(self, request: CommandRequest) -> Accepted:
+        accepted = await self.writer.submit(request)
+        if self.log_ends is not None:
+            self.log_ends.note(accepted.partition, accepted.offset)
+        return accepted
+
 
 _JSON_MEDIA_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
 
@@ -231,7 +249,7 @@ class CommandContext:
     caller, the writer, the time the command happens at, and the headers of every command."""
 
     request: Request[Caller, Any, Any]
-    writer: Writer
+    writer: CommandSink
     at: datetime
     idempotency_key: str | None
     correlation_id: str | None

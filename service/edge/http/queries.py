@@ -481,6 +481,7 @@ class OrderQueries(Controller):
     )
     async def get_history(
         self,
+        request: Request[Caller, Any, Any],
         reads: Reads,
         order_id: OrderId,
         limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
@@ -493,6 +494,11 @@ class OrderQueries(Controller):
         after = decode_history_cursor(cursor) if cursor is not None else None
         await _await_consistency(reads, "order_history", consistency_token)
         query = sa.select(*_HISTORY_COLUMNS).where(order_history.c.order_id == order_id)
+        own = request.user.customer_limit(Scope.ORDERS_READ, Scope.ORDERS_READ_ANY)
+        if own is not None:
+            # Only the caller's own order: its first event (in this same projection, so as
+            # consistent as the rows) names its customer. Another's looks missing: a 404.
+            query = query.where(sa.exists().where(_created_for(order_id, own)))
         if after is not None:
             query = query.where(order_history.c.version > after)  # keyset: the primary key
         query = query.order_by(order_history.c.version).limit(limit + 1)
@@ -503,6 +509,16 @@ class OrderQueries(Controller):
         page = [_history_entry(row) for row in rows[:limit]]
         next_cursor = encode_history_cursor(page[-1].version) if len(rows) > limit else None
         return HistoryPage(page, next_cursor)
+
+
+def _created_for(order_id: str, customer_id: str) -> sa.ColumnElement[bool]:
+    """The order's creation event names ``customer_id``."""
+    created = order_history.alias("created")
+    return sa.and_(
+        created.c.order_id == order_id,
+        created.c.version == 1,
+        created.c.data["customer_id"].astext == customer_id,
+    )
 
 
 class CustomerQueries(Controller):
