@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from projections.runner import run_projector
 from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
-from service.edge.http.limits import TokenBuckets
+from service.edge.http.limits import Backlog, TokenBuckets
 from service.infra.database import create_engine, migrate
 from service.infra.eventlog import ensure_topic
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
@@ -253,6 +253,7 @@ async def _serve_with(
                 ),
                 access=access,
                 published_jwks=api.published_jwks,
+                backlog=Backlog(settings.max_queue_delay_ms / 1000),
                 max_body_bytes=settings.max_body_bytes,
             )
             server = _Server(server_config(app, host=api.host, port=api.port))

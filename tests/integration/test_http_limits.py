@@ -17,9 +17,11 @@ import uvicorn
 
 from service.edge.bootstrap import server_config
 from service.edge.http.app import Resources, create_app
+from service.edge.http.limits import Backlog
 from service.infra.embedded import free_port
 from service.write.contract import Accepted, CommandRequest, WriterConfig
 from service.write.writer import Writer
+from tests.support.http import serve
 from tests.support.identity import BACK_OFFICE, access, bearer
 
 DEADLINE_S = 20.0
@@ -138,3 +140,36 @@ async def test_commands_the_writer_cannot_take_in_time_are_a_fast_503_with_retry
     assert all(response.headers["retry-after"] == "1" for response in refused)
     assert all("capacity" in response.json()["detail"] for response in refused)
     assert writer.orders == {}
+
+
+async def test_commands_past_what_the_service_keeps_in_flight_are_refused_before_auth(
+    patient_writer: Writer,
+) -> None:
+    # A service answering about 10 commands a second may hold 2 for its 0.2 s.
+    backlog = Backlog(0.2, floor=2)
+    for n in range(10):
+        backlog.admit(n / 10)
+        backlog.leave((n + 1) / 10)
+    app = create_app(Resources(writer=patient_writer), access=access(), backlog=backlog)
+    async with serve(app) as client:
+
+        async def create(n: int) -> httpx.Response:
+            return await client.post("/orders", json={"customer_id": f"c-{n}", "currency": "EUR"})
+
+        async with patient_writer._busy:  # the two taken in stay in the service
+            stuck = [asyncio.create_task(create(n)) for n in range(2)]
+            await _until(lambda: backlog.in_flight == 2, "two commands in flight")
+            refused = await create(3)
+            # Refused before its token was looked at: a bad one gets the same answer.
+            async with serve(app, token="not-a-token") as stranger:
+                also_refused = await stranger.post(
+                    "/orders", json={"customer_id": "c-9", "currency": "EUR"}
+                )
+            health = await client.get("/health")  # queries and health are not commands
+        taken = await asyncio.gather(*stuck)
+    assert refused.status_code == also_refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert "capacity" in refused.json()["detail"]
+    assert health.status_code == 200
+    assert [response.status_code for response in taken] == [201, 201]
+    assert backlog.in_flight == 0

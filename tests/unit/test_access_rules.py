@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.edge.bootstrap import access_for
-from service.edge.http.limits import TokenBuckets
+from service.edge.http.limits import Backlog, TokenBuckets
 from service.kernel.access import UNAUTHENTICATED, Actor, Caller, Scope
 from service.kernel.errors import AccessDenied, EnvironmentProblem
 from service.kernel.settings import Settings, parse_duration
@@ -100,3 +100,44 @@ def test_authentication_off_is_only_when_asked_for(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("ORDERS_AUTH", "maybe")
     with pytest.raises(SystemExit, match="on or off"):
         Settings.from_env()
+
+
+def _served(backlog: Backlog, *, per_second: float, seconds: float, start: float = 0.0) -> float:
+    """Commands taken in and answered one at a time, at ``per_second``: the time after."""
+    now = start
+    for _ in range(int(per_second * seconds)):
+        assert backlog.admit(now)
+        now += 1 / per_second
+        backlog.leave(now)
+    return now
+
+
+def test_the_backlog_takes_everything_until_a_rate_is_known() -> None:
+    backlog = Backlog(0.3, floor=4)
+    assert all(backlog.admit(0.0) for _ in range(1000))
+
+
+def test_the_backlog_refuses_what_would_wait_longer_than_allowed() -> None:
+    backlog = Backlog(0.3, floor=4)
+    now = _served(backlog, per_second=100, seconds=2)
+    assert backlog.rate == pytest.approx(100, rel=0.05)
+    # 100 per second leave: 30 in flight is what 0.3 s holds; the 31st would wait longer.
+    taken = [backlog.admit(now) for _ in range(40)]
+    assert taken == [True] * 30 + [False] * 10
+    assert backlog.in_flight == 30  # refusals are not counted
+    backlog.leave(now)
+    assert backlog.admit(now)
+
+
+def test_below_the_floor_everything_is_taken() -> None:
+    backlog = Backlog(0.3, floor=32)
+    now = _served(backlog, per_second=10, seconds=2)  # 0.3 s at 10/s would hold only 3
+    assert all(backlog.admit(now) for _ in range(32))
+    assert not backlog.admit(now)
+
+
+def test_the_rate_follows_a_slower_service_within_a_second() -> None:
+    backlog = Backlog(0.3, floor=1)
+    now = _served(backlog, per_second=1000, seconds=1)
+    now = _served(backlog, per_second=100, seconds=1, start=now)
+    assert backlog.rate < 200  # from 1000: within 2x of the new rate after one second

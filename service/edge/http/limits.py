@@ -61,3 +61,52 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class Backlog:
+    """Commands in the service now, and the rate they leave it at: by Little's law a command
+    arriving now would spend about ``in_flight / rate`` seconds in the service. One that would
+    spend more than ``max_delay_s`` is refused at once (a fast 503), before it costs anything.
+
+    This sees what the writer's own queue cannot: when the process's CPU is the bottleneck,
+    requests wait for their turn in the event loop before they ever reach the writer. Pure:
+    the time comes in with each call. Below ``floor`` commands in flight everything is taken
+    (a rate measured at low load says little), and so is everything before a rate is known.
+    """
+
+    def __init__(self, max_delay_s: float, *, floor: int = 32, window_s: float = 0.25) -> None:
+        self.max_delay_s = max_delay_s
+        self.floor = floor
+        self.window_s = window_s
+        self.in_flight = 0
+        self.rate = 0.0  # commands leaving per second, smoothed over recent windows
+        self._window_started: float | None = None
+        self._left_in_window = 0
+
+    def admit(self, now: float) -> bool:
+        """Take a command in (True), or refuse it (False: nothing is counted)."""
+        self._roll(now)
+        crowded = self.in_flight >= self.floor and self.rate > 0.0
+        if crowded and self.in_flight >= self.rate * self.max_delay_s:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self, now: float) -> None:
+        """A command taken in has been answered."""
+        self._roll(now)
+        self.in_flight -= 1
+        self._left_in_window += 1
+
+    def _roll(self, now: float) -> None:
+        if self._window_started is None:
+            self._window_started = now
+            return
+        elapsed = now - self._window_started
+        if elapsed < self.window_s:
+            return
+        measured = self._left_in_window / elapsed
+        # The newest window weighs half: the estimate follows a change within a second.
+        self.rate = measured if self.rate == 0.0 else (self.rate + measured) / 2
+        self._window_started = now
+        self._left_in_window = 0
