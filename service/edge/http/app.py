@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.checkpoints import CheckpointWatcher
 from projections.log_ends import LogEnds
 from service.edge.http.admission import CommandAdmission
-from service.edge.http.auth import PUBLIC, Access
+from service.edge.http.auth import BEARER, PUBLIC, Access
 from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.limits import Backlog
 from service.edge.http.ops import Operations
@@ -188,7 +188,7 @@ def create_app(
             render_plugins=[SwaggerRenderPlugin()],
             components=Components(
                 security_schemes={
-                    "bearer": SecurityScheme(
+                    BEARER: SecurityScheme(
                         type="http",
                         scheme="bearer",
                         bearer_format="JWT",
@@ -197,7 +197,7 @@ def create_app(
                     )
                 }
             ),
-            security=[{"bearer": []}],
+            security=[{BEARER: []}],
         ),
         logging_config=None,
         debug=debug,

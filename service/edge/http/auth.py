@@ -34,6 +34,7 @@ _log = logging.getLogger(__name__)
 PUBLIC = "exclude_from_auth"
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/-]+=*) *$", re.IGNORECASE)
 REALM = "orders"
+BEARER = "bearer"  # the OpenAPI security scheme
 
 
 class Unauthenticated(OrdersError):
@@ -119,14 +120,17 @@ def _client_host(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]
 
 
-def requires(*any_of: Scope) -> list[Guard]:
-    """Guards for a route that needs one of ``any_of`` (403 naming them otherwise)."""
+def requires(*any_of: Scope) -> dict[str, Any]:
+    """What a route that needs one of ``any_of`` passes to its decorator (``**requires(...)``):
+    the guard (403 naming them otherwise) and the OpenAPI security requirement saying so (in
+    OpenAPI 3.1 a bearer scheme's requirement may list roles: one requirement per scope, any
+    one of which will do)."""
 
     def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         caller: Caller = connection.user
         caller.require(*any_of)
 
-    return [guard]
+    return {"guards": [guard], "security": [{BEARER: [scope.value]} for scope in any_of]}
 
 
 def warn_if_off(access: Access) -> None:

@@ -350,7 +350,7 @@ class OrderCommands(Controller):
     @post(
         "/",
         operation_id="createOrder",
-        guards=_WRITE,
+        **_WRITE,
         status_code=201,
         summary="Create a draft order",
         responses=problem_responses(400, 413, 415, 422, 503),
@@ -383,7 +383,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/items",
         operation_id="addItem",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Add a line item to a draft order",
         responses=_BODY_PROBLEMS,
@@ -415,7 +415,7 @@ class OrderCommands(Controller):
     @patch(
         "/{order_id:str}/items/{sku:str}",
         operation_id="changeItemQuantity",
-        guards=_WRITE,
+        **_WRITE,
         summary="Change the quantity of a line item",
         responses=_BODY_PROBLEMS,
     )
@@ -436,7 +436,7 @@ class OrderCommands(Controller):
     @delete(
         "/{order_id:str}/items/{sku:str}",
         operation_id="removeItem",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Remove a line item",
         responses=_PROBLEMS,
@@ -450,7 +450,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/place",
         operation_id="placeOrder",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Place a draft order; its total is fixed",
         responses=_PROBLEMS,
@@ -462,7 +462,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/pay",
         operation_id="payOrder",
-        guards=_PAY,
+        **_PAY,
         status_code=200,
         summary="Pay a placed order: amount and currency must equal its total",
         responses=_BODY_PROBLEMS,
@@ -493,7 +493,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/ship",
         operation_id="shipOrder",
-        guards=_FULFIL,
+        **_FULFIL,
         status_code=200,
         summary="Ship a paid order",
         responses=_BODY_PROBLEMS,
@@ -522,7 +522,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/deliver",
         operation_id="deliverOrder",
-        guards=_FULFIL,
+        **_FULFIL,
         status_code=200,
         summary="Record the delivery of a shipped order",
         responses=_PROBLEMS,
@@ -534,7 +534,7 @@ class OrderCommands(Controller):
     @post(
         "/{order_id:str}/cancel",
         operation_id="cancelOrder",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Cancel an order that has not shipped; a paid order records its refund",
         responses=_BODY_PROBLEMS,

@@ -135,7 +135,7 @@ class Operations(Controller):
     @get(
         "/projections",
         operation_id="projectionStatus",
-        guards=_READ,
+        **_READ,
         summary="Projections: checkpoint, last stable offset, lag and state per partition",
         description="The same data as `orders projections status --json`. States: `caught up`, "
         "`running` (events wait), `stopped` (events wait and no projector consumes them), "
@@ -152,7 +152,7 @@ class Operations(Controller):
     @get(
         "/projections/parked",
         operation_id="listParkedEvents",
-        guards=_READ,
+        **_READ,
         summary="The parked events, by projection and position",
         description="The same as `orders projections parked`. Needs `ops:read`.",
         responses=problem_responses(400, 503),
@@ -176,7 +176,7 @@ class Operations(Controller):
     @post(
         "/projections/{name:str}/park",
         operation_id="parkHaltedEvent",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Park the event a projection is halted at; its order's later events follow it",
         description="The same as `orders projections park`. Only the event the projection is "
@@ -219,7 +219,7 @@ class Operations(Controller):
     @post(
         "/projections/{name:str}/retry",
         operation_id="retryParkedEvents",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Apply parked events again (one order's, or all) and un-park their orders",
         description="The same as `orders projections retry`. One transaction: if any event "
@@ -255,7 +255,7 @@ class Operations(Controller):
     @post(
         "/projections/{name:str}/skip",
         operation_id="skipParkedEvent",
-        guards=_WRITE,
+        **_WRITE,
         status_code=200,
         summary="Discard one parked event for good; its order stays parked until retried",
         description="The same as `orders projections skip`. Only a parked event can be "

@@ -384,7 +384,7 @@ def _history_entry(row: sa.Row[Any]) -> HistoryEntry:
 @get(
     "/orders",
     operation_id="listOrders",
-    guards=_READ,
+    **_READ,
     tags=["queries"],
     summary="List orders, oldest first, a page at a time",
     responses=_MANY_PROBLEMS,
@@ -452,7 +452,7 @@ class OrderQueries(Controller):
     @get(
         "/{order_id:str}",
         operation_id="getOrder",
-        guards=_READ,
+        **_READ,
         summary="One order; its version is the ETag",
         responses=_ONE_PROBLEMS,
     )
@@ -475,7 +475,7 @@ class OrderQueries(Controller):
     @get(
         "/{order_id:str}/history",
         operation_id="getOrderHistory",
-        guards=_READ,
+        **_READ,
         summary="Every event of an order, in version order, a page at a time",
         responses=_ONE_PROBLEMS,
     )
@@ -528,7 +528,7 @@ class CustomerQueries(Controller):
     @get(
         "/{customer_id:str}/summary",
         operation_id="getCustomerSummary",
-        guards=_READ,
+        **_READ,
         summary="A customer's order counts and lifetime value per currency",
         responses=_ONE_PROBLEMS,
     )
@@ -563,7 +563,7 @@ class ReportQueries(Controller):
     @get(
         "/daily-sales",
         operation_id="getDailySales",
-        guards=requires(Scope.REPORTS_READ),
+        **requires(Scope.REPORTS_READ),
         summary="Sales per UTC day and currency over an inclusive range of at most 366 days",
         responses=_MANY_PROBLEMS,
     )
