@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from projections.runner import run_projector
+from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
@@ -253,10 +254,11 @@ async def _serve_with(
                 ),
                 access=access,
                 published_jwks=api.published_jwks,
-                backlog=Backlog(settings.max_queue_delay_ms / 1000),
                 max_body_bytes=settings.max_body_bytes,
             )
-            server = _Server(server_config(app, host=api.host, port=api.port))
+            # Commands the service is too far behind to take are refused before the app.
+            admitted = CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000))
+            server = _Server(server_config(admitted, host=api.host, port=api.port))
             tune_gc()
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())

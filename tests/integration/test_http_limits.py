@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from service.edge.bootstrap import server_config
+from service.edge.http.admission import DETAIL, CommandAdmission
 from service.edge.http.app import Resources, create_app
 from service.edge.http.limits import Backlog
 from service.infra.embedded import free_port
@@ -150,7 +151,7 @@ async def test_commands_past_what_the_service_keeps_in_flight_are_refused_before
     for n in range(10):
         backlog.admit(n / 10)
         backlog.leave((n + 1) / 10)
-    app = create_app(Resources(writer=patient_writer), access=access(), backlog=backlog)
+    app = CommandAdmission(create_app(Resources(writer=patient_writer), access=access()), backlog)
     async with serve(app) as client:
 
         async def create(n: int) -> httpx.Response:
@@ -169,7 +170,14 @@ async def test_commands_past_what_the_service_keeps_in_flight_are_refused_before
         taken = await asyncio.gather(*stuck)
     assert refused.status_code == also_refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1"
-    assert "capacity" in refused.json()["detail"]
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json() == {
+        "type": "https://orders.example/problems/unavailable",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": DETAIL,
+        "instance": "/orders",
+    }
     assert health.status_code == 200
     assert [response.status_code for response in taken] == [201, 201]
     assert backlog.in_flight == 0

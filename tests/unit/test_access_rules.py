@@ -136,8 +136,15 @@ def test_below_the_floor_everything_is_taken() -> None:
     assert not backlog.admit(now)
 
 
-def test_the_rate_follows_a_slower_service_within_a_second() -> None:
+def test_the_rate_follows_a_slower_service_within_two_seconds() -> None:
     backlog = Backlog(0.3, floor=1)
     now = _served(backlog, per_second=1000, seconds=1)
-    now = _served(backlog, per_second=100, seconds=1, start=now)
-    assert backlog.rate < 200  # from 1000: within 2x of the new rate after one second
+    now = _served(backlog, per_second=100, seconds=2, start=now)
+    assert backlog.rate < 200  # from 1000: within 2x of the new rate
+
+
+def test_one_stalled_window_moves_the_rate_by_a_third() -> None:
+    backlog = Backlog(0.3, floor=1)
+    now = _served(backlog, per_second=1000, seconds=1)
+    assert backlog.admit(now + 0.25)  # a window without a single answer
+    assert backlog.rate == pytest.approx(1000 * 2 / 3, rel=0.05)

@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Response, get
 from litestar.di import Provide
-from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -16,10 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
 from projections.log_ends import LogEnds
-from service.edge.http.admission import CommandAdmission
 from service.edge.http.auth import BEARER, PUBLIC, Access
 from service.edge.http.commands import CommandSink, OrderCommands
-from service.edge.http.limits import Backlog
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
@@ -56,14 +53,12 @@ def create_app(
     *,
     access: Access,
     published_jwks: dict[str, Any] | None = None,
-    backlog: Backlog | None = None,
     max_body_bytes: int = 64 * 1024,
     debug: bool = False,
 ) -> Litestar:
     """Build the app around already-created resources (nothing connects here). ``access``:
     how callers are authenticated; ``published_jwks``: a key set to serve at
-    ``/.well-known/jwks.json`` (the development issuer's); ``backlog``: refuse commands the
-    service would keep longer than it allows (``limits.Backlog``)."""
+    ``/.well-known/jwks.json`` (the development issuer's)."""
     auth = "on" if access.enabled else "off"
 
     def provide_writer() -> CommandSink:
@@ -173,10 +168,7 @@ def create_app(
             "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[
-            *([DefineMiddleware(CommandAdmission, backlog=backlog)] if backlog else []),
-            access.middleware(),
-        ],
+        middleware=[access.middleware()],
         on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(

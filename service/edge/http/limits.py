@@ -106,7 +106,8 @@ class Backlog:
         if elapsed < self.window_s:
             return
         measured = self._left_in_window / elapsed
-        # The newest window weighs half: the estimate follows a change within a second.
-        self.rate = measured if self.rate == 0.0 else (self.rate + measured) / 2
+        # The newest window weighs a third: a stall of one window (a slow commit, a GC pause)
+        # moves the estimate little; a lasting change shows within a second or two.
+        self.rate = measured if self.rate == 0.0 else self.rate + (measured - self.rate) / 3
         self._window_started = now
         self._left_in_window = 0

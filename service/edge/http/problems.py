@@ -117,6 +117,11 @@ class NotYetConsistent(Unavailable):
     code = "not-yet-consistent"
 
 
+def problem_type(code: str) -> str:
+    """The URI of a problem type (RFC 9457 ``type``)."""
+    return _TYPE_BASE + code
+
+
 def problem(
     status: int,
     code: str,
@@ -129,7 +134,7 @@ def problem(
 ) -> Response[Any]:
     """An RFC 9457 problem response; ``extensions`` become extra members of the body."""
     body = {
-        "type": _TYPE_BASE + code,
+        "type": problem_type(code),
         "title": title,
         "status": status,
         "detail": detail,
