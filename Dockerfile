@@ -26,7 +26,10 @@ RUN pip install --no-cache-dir --no-deps -c constraints.txt -e /app \
 # Source stays root-owned and read-only for the runtime user.
 RUN groupadd --system --gid 10001 orders \
     && useradd --system --uid 10001 --gid orders --create-home --home-dir /home/orders \
-        --shell /usr/sbin/nologin orders
+        --shell /usr/sbin/nologin orders \
+    && install -d -o orders -g orders /identity
+# /identity: where compose's development token issuer keeps its key (a volume the new
+# directory's owner carries over to).
 USER orders
 
 EXPOSE 8000

@@ -100,7 +100,12 @@ def _auth_summary(settings: Settings) -> str:
 
 def cmd_token(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
-    issuer = DevelopmentIssuer.load(identity_folder(args.data_dir))
+    folder = identity_folder(args.data_dir)
+    # With --data-dir the key may be made here (a compose volume, a fresh folder); without it,
+    # the key is `orders dev`'s, and a missing one means dev has not run yet: say so.
+    if args.data_dir is not None and not DevelopmentIssuer.exists(folder):
+        print(f"orders token: a new development key in {folder}", file=sys.stderr)
+    issuer = DevelopmentIssuer.load(folder, create=args.data_dir is not None)
     try:
         ttl = timedelta(seconds=parse_duration(args.ttl))
     except ValueError as error:
