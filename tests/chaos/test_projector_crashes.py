@@ -99,6 +99,8 @@ async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
             topic=topic,
             partitions=PARTITIONS,
             transactional_id=f"chaos-{topic}",
+            # Not about load shedding: a slow batch on a busy machine must not refuse commands.
+            max_queue_delay=60,
         )
     )
     await writer.start()

@@ -48,6 +48,9 @@ async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
             partitions=PARTITIONS,
             transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
             commit_timeout=10,
+            # Load shedding has its own tests (test_writer_limits, test_http_limits); here a
+            # slow batch on a busy machine must not refuse commands.
+            max_queue_delay=30,
         )
     )
     await writer.start()
