@@ -446,3 +446,13 @@ def test_the_schema_documents_the_scopes_each_route_accepts(app: Any) -> None:
         security = paths[path][method.lower()]["security"]
         documented = {scope for requirement in security for scope in requirement["bearer"]}
         assert documented == {scope.value for scope in allowed}, (method, path, security)
+
+
+async def test_the_schema_can_be_kept_behind_a_token(writer: Writer) -> None:
+    private = Access(access().verifier, public_schema=False)
+    app = create_app(Resources(writer=writer), access=private)
+    async with serve(app, token=None) as anonymous:
+        assert (await anonymous.get("/schema/openapi.json")).status_code == 401
+        assert (await anonymous.get("/health")).status_code == 200
+    async with serve(app) as client:
+        assert (await client.get("/schema/openapi.json")).status_code == 200
