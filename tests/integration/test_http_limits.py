@@ -51,8 +51,8 @@ async def _served(writer: Writer) -> AsyncIterator[int]:
 
 
 @pytest.fixture
-async def base_url(writer: Writer) -> AsyncIterator[str]:
-    async with _served(writer) as port:
+async def base_url(hasty_writer: Writer) -> AsyncIterator[str]:
+    async with _served(hasty_writer) as port:
         yield f"http://127.0.0.1:{port}"
 
 
@@ -65,21 +65,36 @@ def _create(customer_id: str, key: str) -> bytes:
     ).encode() + body
 
 
-@pytest.fixture
-async def patient_writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
-    """A writer whose commands may queue for 30 s: only a client that leaves drops one."""
+@contextlib.asynccontextmanager
+async def _writer(bootstrap: str, topic: str, max_queue_delay: float) -> AsyncIterator[Writer]:
     writer = Writer(
         WriterConfig(
             bootstrap_servers=bootstrap,
             topic=topic,
             partitions=4,
             transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            max_queue_delay=30,
+            max_queue_delay=max_queue_delay,
         )
     )
     await writer.start()
-    yield writer
-    await writer.stop()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+@pytest.fixture
+async def patient_writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
+    """A writer whose commands may queue for 30 s: only a client that leaves drops one."""
+    async with _writer(bootstrap, topic, 30) as writer:
+        yield writer
+
+
+@pytest.fixture
+async def hasty_writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
+    """A writer with the default queue delay (0.3 s)."""
+    async with _writer(bootstrap, topic, WriterConfig.max_queue_delay) as writer:
+        yield writer
 
 
 async def test_a_client_that_hangs_up_while_its_command_is_queued_has_nothing_written(
@@ -121,8 +136,9 @@ async def test_a_client_that_hangs_up_while_its_command_is_queued_has_nothing_wr
 
 
 async def test_commands_the_writer_cannot_take_in_time_are_a_fast_503_with_retry_after(
-    writer: Writer, base_url: str
+    hasty_writer: Writer, base_url: str
 ) -> None:
+    writer = hasty_writer
     async with httpx.AsyncClient(
         base_url=base_url, headers=bearer(BACK_OFFICE), timeout=DEADLINE_S
     ) as client:
