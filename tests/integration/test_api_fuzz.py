@@ -4,23 +4,27 @@ The whole service runs as `orders api` + `orders projector` would (writer on the
 queries and projector on the real Postgres, uvicorn on 127.0.0.1). Every operation of the schema
 gets schema-valid and schema-violating requests (bodies, paths, queries, headers), each with a
 bearer token Hypothesis draws as part of the case: a genuine one for one of a few subjects with
-any subset of the scopes. Whatever comes in: no 500, every error is an RFC 9457 problem,
-responses match the schema, a route refuses (403) exactly the tokens without one of its scopes
-and a customer's token another customer's orders; afterwards the service still takes an order
-and serves it back.
+any subset of the scopes, or (in a second test) a bad one. Whatever comes in: no 500, every
+error is an RFC 9457 problem, responses match the schema, a route refuses (403) exactly the
+tokens without one of its scopes and a customer's token another customer's orders, and no bad
+token gets past authentication (401); afterwards the service still takes an order and serves it
+back.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 import schemathesis
+from hypothesis import settings
 from hypothesis import strategies as st
 from schemathesis import Case, CheckContext, HookContext
 from schemathesis.checks import (
@@ -35,7 +39,14 @@ from service.kernel.access import Scope
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.http import client as http_client
-from tests.support.identity import access, token
+from tests.support.identity import (
+    ISSUER,
+    access,
+    signed_by_an_impostor,
+    signed_with_the_public_key,
+    token,
+    unsigned,
+)
 from tests.support.served import Service, served, service_settings
 
 # Examples per operation and generation mode: bounds the module to about a minute on a busy
@@ -139,6 +150,24 @@ GENUINE = st.builds(
     _scopes(),
 )
 
+# Every way a token can be bad (each would grant every scope), and none at all.
+_EVERY_SCOPE = " ".join(Scope)
+BAD_AUTHORIZATIONS: dict[str, str | None] = {
+    "no token": None,
+    "forged": f"Bearer {signed_by_an_impostor(CUSTOMER, _EVERY_SCOPE)}",
+    "expired": f"Bearer {token(CUSTOMER, _EVERY_SCOPE, ttl=timedelta(minutes=-5))}",
+    "wrong audience": f"Bearer {ISSUER.mint(CUSTOMER, _EVERY_SCOPE, audience='another-api')}",
+    "wrong issuer": f"Bearer {ISSUER.mint(CUSTOMER, _EVERY_SCOPE, issuer='https://evil.example')}",
+    "alg none": f"Bearer {unsigned(CUSTOMER, _EVERY_SCOPE)}",
+    "HS256 with the public key": f"Bearer {signed_with_the_public_key(CUSTOMER, _EVERY_SCOPE)}",
+    "garbage": "Bearer not-a-token",
+    "Basic": "Basic " + base64.b64encode(f"{CUSTOMER}:secret".encode()).decode(),
+    "empty Bearer": "Bearer",
+}
+BAD = st.sampled_from(list(BAD_AUTHORIZATIONS.values()))
+BAD_TOKEN_EXAMPLES = 10  # refused before any I/O: fewer per operation, every kind over the run
+
+
 # -- what each route lets in --------------------------------------------------------------------
 
 
@@ -187,13 +216,9 @@ ROUTES: dict[str, Route] = {
 }
 
 # Answers given before a route's guard runs: the router's (no such path, or not this method),
-# the admission of commands (at capacity), and the rate limit.
-_BEFORE_THE_GUARD = {
-    (404, "not-found"),
-    (405, "method-not-allowed"),
-    (503, "unavailable"),
-    (429, "rate-limited"),
-}
+# the admission of commands (at capacity), and the rate limit (which needs a known caller).
+_BEFORE_AUTHENTICATION = {(404, "not-found"), (405, "method-not-allowed"), (503, "unavailable")}
+_BEFORE_THE_GUARD = _BEFORE_AUTHENTICATION | {(429, "rate-limited")}
 
 # Parameters that name something real, so that fuzzed commands get past "404 no such order" into
 # the domain's rules, and customers get past "not yours". The orders are ``CUSTOMER``'s, made by
@@ -341,7 +366,7 @@ def errors_are_problem_details(
     return True
 
 
-# Not registered (@schemathesis.check): schemathesis would run it in every test.
+# Not registered (@schemathesis.check): schemathesis would run them in both tests.
 def scopes_are_enforced(
     ctx: CheckContext, response: schemathesis.Response, case: AnyCase
 ) -> bool | None:
@@ -367,6 +392,29 @@ def scopes_are_enforced(
             f"{credential} refused on a route it may use: {response.text[:300]}"
         )
         _assert_insufficient_scope(response, route, credential)
+    return True
+
+
+def bad_tokens_are_refused(
+    ctx: CheckContext, response: schemathesis.Response, case: AnyCase
+) -> bool | None:
+    """Without a genuine token: 401 with a Bearer challenge on every route but the public ones,
+    which answer as they do to anyone."""
+    sent = response.request.headers.get("Authorization")
+    kind = next(name for name, value in BAD_AUTHORIZATIONS.items() if value == sent)
+    status = response.status_code
+    if not ROUTES[_operation_id(case)].any_of:
+        assert status == 200, f"a public route answered {status} to {kind}: {response.text[:300]}"
+        return True
+    if _problem(response) in _BEFORE_AUTHENTICATION:
+        return None
+    assert _problem(response) == (401, "unauthenticated"), (
+        f"{kind} answered with {status}: {response.text[:300]}"
+    )
+    challenge = _header(response, "www-authenticate")
+    assert challenge.startswith('Bearer realm="orders"'), f"{kind}: {challenge!r}"
+    if sent is not None:  # RFC 6750 3.1: an error code when there was a token
+        assert 'error="invalid_token"' in challenge, f"{kind}: {challenge!r}"
     return True
 
 
@@ -452,12 +500,27 @@ def test_no_input_breaks_the_api(case: AnyCase, service: Service) -> None:
     _call_and_validate(case, service, scopes_are_enforced)
 
 
+@schema.hooks.apply(_authorized_by(BAD), name="flatmap_headers")
+@schema.parametrize()
+@settings(max_examples=BAD_TOKEN_EXAMPLES)
+def test_no_bad_token_gets_past_authentication(case: AnyCase, service: Service) -> None:
+    _call_and_validate(case, service, bad_tokens_are_refused)
+
+
 def test_every_operation_says_which_scopes_it_takes() -> None:
     operations = [operation for path in OPENAPI["paths"].values() for operation in path.values()]
     public = {op["operationId"] for op in operations if op.get("security") == [{}]}
 
     assert {operation["operationId"] for operation in operations} == set(ROUTES)
     assert {name for name, route in ROUTES.items() if not route.any_of} == public
+
+
+def test_the_schema_is_served_whatever_the_token(service: Service) -> None:
+    # Not an operation of the schema, so not fuzzed; the health checks are.
+    for kind, authorization in BAD_AUTHORIZATIONS.items():
+        headers = {} if authorization is None else {"Authorization": authorization}
+        response = httpx.get(service.base_url + "/schema/openapi.json", headers=headers, timeout=30)
+        assert response.status_code == 200, (kind, response.text[:300])
 
 
 def test_the_fuzzed_schema_is_the_one_the_service_serves(service: Service) -> None:
