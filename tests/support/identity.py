@@ -8,9 +8,18 @@ who may do what.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import tempfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.edge.http.auth import Access
 from service.edge.http.limits import TokenBuckets
@@ -55,3 +64,45 @@ def environment() -> dict[str, str]:
         "ORDERS_JWT_ISSUER": DEVELOPMENT_ISSUER,
         "ORDERS_JWT_AUDIENCE": DEVELOPMENT_AUDIENCE,
     }
+
+
+# -- tokens the service must refuse -------------------------------------------------------------
+
+
+def _genuine_claims(sub: str, scopes: str) -> dict[str, Any]:
+    """The claims of a token of the issuer for ``sub`` with ``scopes``, to sign another way."""
+    claims: dict[str, Any] = jwt.decode(token(sub, scopes), options={"verify_signature": False})
+    return claims
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed_by_an_impostor(sub: str, scopes: str) -> str:
+    """Genuine claims signed by another key that gives the issuer's key id."""
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    return jwt.encode(
+        _genuine_claims(sub, scopes), impostor, algorithm="ES256", headers={"kid": ISSUER.kid}
+    )
+
+
+def unsigned(sub: str, scopes: str) -> str:
+    """Genuine claims with ``alg: none`` and no signature."""
+    return jwt.encode(
+        _genuine_claims(sub, scopes), None, algorithm="none", headers={"kid": ISSUER.kid}
+    )
+
+
+def signed_with_the_public_key(sub: str, scopes: str) -> str:
+    """Genuine claims "signed" with HS256 keyed by the issuer's public key (the algorithm
+    confusion attack). By hand: PyJWT refuses a PEM key as an HMAC secret."""
+    header = {"alg": "HS256", "kid": ISSUER.kid, "typ": "JWT"}
+    signed = ".".join(
+        _b64(json.dumps(part).encode()) for part in (header, _genuine_claims(sub, scopes))
+    )
+    public_pem = jwt.algorithms.ECAlgorithm.from_jwk(ISSUER.public_jwk).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signature = hmac.new(public_pem, signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{_b64(signature)}"
