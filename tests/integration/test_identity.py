@@ -4,8 +4,6 @@ a rotation of the provider's keys is followed (a JWKS served over real HTTP on 1
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import tempfile
 import threading
@@ -18,7 +16,6 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from service.infra.identity import (
@@ -32,7 +29,12 @@ from service.infra.identity import (
     TokenRejected,
     TokenVerifier,
 )
-from tests.support.identity import ISSUER
+from tests.support.identity import (
+    ISSUER,
+    signed_by_an_impostor,
+    signed_with_the_public_key,
+    unsigned,
+)
 
 
 def _verifier(source: Any, **options: Any) -> TokenVerifier:
@@ -64,12 +66,6 @@ def _claims(**overrides: Any) -> dict[str, Any]:
     return {name: value for name, value in claims.items() if value is not None}
 
 
-def _unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
-    head = _b64(json.dumps(header).encode())
-    body = _b64(json.dumps(claims).encode())
-    return f"{head}.{body}.{_b64(signature)}"
-
-
 async def test_a_token_of_the_issuer_is_accepted_with_its_subject_scopes_and_client(
     verifier: TokenVerifier,
 ) -> None:
@@ -94,24 +90,6 @@ async def test_scopes_in_an_scp_list_as_some_providers_send_them_are_read(
     assert claims.client_id == "backoffice-app"
 
 
-def _forged_with_another_key() -> str:
-    impostor = DevelopmentIssuer.load(Path(tempfile.mkdtemp(prefix="impostor-")), create=True)
-    return jwt.encode(
-        _claims(), impostor._private_key, algorithm="ES256", headers={"kid": ISSUER.kid}
-    )
-
-
-def _hmac_signed_with_the_public_key() -> str:
-    """The classic confusion attack: HS256 with the issuer's public key as the secret."""
-    header = {"alg": "HS256", "kid": ISSUER.kid, "typ": "JWT"}
-    head_and_body = _unsigned(header, _claims()).rsplit(".", 1)[0]
-    public_pem = ISSUER._private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    signature = hmac.new(public_pem, head_and_body.encode(), hashlib.sha256).digest()
-    return f"{head_and_body}.{_b64(signature)}"
-
-
 REFUSED: dict[str, Any] = {
     "expired": lambda: ISSUER.mint("c-1", "orders:read", ttl=timedelta(seconds=-120)),
     "wrong audience": lambda: ISSUER.mint("c-1", "orders:read", audience="someone-else"),
@@ -128,9 +106,9 @@ REFUSED: dict[str, Any] = {
     "no sub": lambda: jwt.encode(
         _claims(sub=None), ISSUER._private_key, algorithm="ES256", headers={"kid": ISSUER.kid}
     ),
-    "forged with another key": _forged_with_another_key,
-    "alg none": lambda: _unsigned({"alg": "none", "kid": ISSUER.kid}, _claims()),
-    "HS256 with the public key": _hmac_signed_with_the_public_key,
+    "forged with another key": lambda: signed_by_an_impostor("c-1", "orders:read"),
+    "alg none": lambda: unsigned("c-1", "orders:read"),
+    "HS256 with the public key": lambda: signed_with_the_public_key("c-1", "orders:read"),
     "unknown kid": lambda: jwt.encode(
         _claims(), ISSUER._private_key, algorithm="ES256", headers={"kid": "nobody"}
     ),
