@@ -62,6 +62,10 @@ class RateLimit:
 # refuses. With ORDERS_AUTH=off every request counts against one caller, the client's address,
 # so the limit must exceed the whole load, not one customer's share.
 NEVER_BITES = RateLimit(per_second=1_000_000, burst=1_000_000)
+# The same for load shedding: the closed loops sit at capacity on purpose, and their clients
+# send again at once instead of honouring Retry-After, so a refusal there starts a storm of
+# refusals that measures the shedding, not the service. The overload phase (f) measures it.
+NO_SHEDDING = {"ORDERS_MAX_QUEUE_DELAY_MS": "60000"}
 
 
 @dataclass

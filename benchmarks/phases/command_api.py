@@ -11,7 +11,7 @@ from typing import Any
 
 from benchmarks import events, httpload, writer_direct
 from benchmarks.auth_cost import PAUSE_S, Alternated, Compared, alternate, cpu_per_command_us, side
-from benchmarks.callers import NEVER_BITES
+from benchmarks.callers import NEVER_BITES, NO_SHEDDING
 from benchmarks.context import HOST, Context, empty_log_file
 from benchmarks.loads import latencies, measured, measured_open_loop
 from benchmarks.meters import CpuMeter
@@ -57,7 +57,8 @@ async def command_api(ctx: Context) -> None:
                     database_url=infra.database_url,
                     topic=topic if auth else f"{topic}.auth-off",
                     log_file=empty_log_file("api" if auth else "api-auth-off"),
-                    settings=ctx.callers.environment(auth=auth, rate_limit=NEVER_BITES),
+                    settings=ctx.callers.environment(auth=auth, rate_limit=NEVER_BITES)
+                    | NO_SHEDDING,
                 )
             )
             for auth in (True, False)

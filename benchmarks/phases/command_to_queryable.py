@@ -16,7 +16,7 @@ from subprocess import Popen
 
 from benchmarks import httpload, projector, queryable
 from benchmarks.auth_cost import Alternated, alternate, side
-from benchmarks.callers import NEVER_BITES
+from benchmarks.callers import NEVER_BITES, NO_SHEDDING
 from benchmarks.context import HOST, Context, empty_log_file
 from benchmarks.loads import metering
 from benchmarks.meters import CpuMeter, cpu_details
@@ -60,7 +60,8 @@ async def command_to_queryable(ctx: Context) -> None:
                     database_url=urls[auth],
                     topic=topic + suffix,
                     log_file=empty_log_file(f"api-queryable{suffix}"),
-                    settings=ctx.callers.environment(auth=auth, rate_limit=NEVER_BITES),
+                    settings=ctx.callers.environment(auth=auth, rate_limit=NEVER_BITES)
+                    | NO_SHEDDING,
                 )
             )
             await httpload.wait_ready(api, timeout=90)  # the API creates the topic
