@@ -47,6 +47,7 @@ def service_settings(kafka: str, database_url: str, **overrides: Any) -> Setting
         projection_group_prefix=f"served-projection-{suffix}",
         consistency_wait_ms=10_000,
         max_queue_delay_ms=30_000,  # not about load shedding (a busy machine stalls batches)
+        rate_limit_per_s=0,  # nor about rate limits: one token sends every request here
         jwks_file=str(ISSUER.jwks_path),
         jwt_issuer=DEVELOPMENT_ISSUER,
         jwt_audience=DEVELOPMENT_AUDIENCE,
