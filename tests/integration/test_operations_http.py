@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
 from litestar import Litestar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,7 +29,7 @@ from service.kernel.access import ALL_SCOPES, Scope
 from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access, token
-from tests.support.poison import unknown_type
+from tests.support.poison import produce, unknown_type
 from tests.support.projection_harness import Api, eventually, running, wait_caught_up
 
 PARTITIONS = 4
@@ -68,17 +67,6 @@ async def ops(
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
-    """One record written straight to ``partition`` (no writer, no transaction): its offset."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        metadata = await producer.send_and_wait(topic, value=value, key=key, partition=partition)
-    finally:
-        await producer.stop()
-    return int(metadata.offset)
 
 
 def problem_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import projections.status
@@ -40,7 +39,7 @@ from service.edge.http.app import Resources, create_app
 from tests.support.cli import OrdersCli
 from tests.support.http import serve
 from tests.support.identity import access
-from tests.support.poison import not_json, unknown_type
+from tests.support.poison import not_json, produce, unknown_type
 from tests.support.projection_harness import Api, Done, eventually, running
 
 PARTITIONS = 4
@@ -114,18 +113,6 @@ async def commands_waiting(api: Api, drafts: dict[int, str]) -> tuple[int, dict[
     await more_commands(api, busy, "a")
     await more_commands(api, busy[:1], "b")
     return idle, new_events(api.accepted, since)
-
-
-async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
-    """One record written straight to ``partition`` (no writer, no transaction): its offset."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        metadata = await producer.send_and_wait(topic, value=value, key=key, partition=partition)
-    finally:
-        await producer.stop()
-    assert metadata.partition == partition
-    return int(metadata.offset)
 
 
 POISONS: dict[str, tuple[Callable[[str], bytes], str]] = {

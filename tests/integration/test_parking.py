@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections import parking
@@ -26,7 +25,7 @@ from projections.projection import Applied, Db, Projection, State, begin
 from projections.status import HALTED, status
 from service.kernel import envelope
 from tests.support.cli import OrdersCli
-from tests.support.poison import envelope_json, not_json, unknown_type
+from tests.support.poison import envelope_json, not_json, produce, unknown_type
 from tests.support.projection_harness import (
     Api,
     Done,
@@ -249,18 +248,6 @@ async def create_on(api: Api, customer_id: str, wanted: set[int]) -> Done:
         if created.partition in wanted:
             return created
     raise AssertionError(f"no order landed in partitions {wanted}")
-
-
-async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
-    """One record written straight to ``partition`` (no writer, no transaction): its offset."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        metadata = await producer.send_and_wait(topic, value=value, key=key, partition=partition)
-    finally:
-        await producer.stop()
-    assert metadata.partition == partition
-    return int(metadata.offset)
 
 
 async def wait_halted(

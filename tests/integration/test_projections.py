@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -50,7 +50,7 @@ from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.log import read_topic
-from tests.support.poison import envelope_json
+from tests.support.poison import envelope_json, produce
 from tests.support.projection_harness import (
     Api,
     Contents,
@@ -123,18 +123,6 @@ async def placed_order(api: Api, customer_id: str, wanted: set[int] | None = Non
         created = await create_on(api, customer_id, wanted)
     await api.add(created.order_id, "SKU-1", 2, 700)
     return await api.place(created.order_id)
-
-
-async def produce(bootstrap: str, topic: str, partition: int, value: bytes, key: bytes) -> int:
-    """One record written straight to ``partition`` (no writer, no transaction): its offset."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        metadata = await producer.send_and_wait(topic, value=value, key=key, partition=partition)
-    finally:
-        await producer.stop()
-    assert metadata.partition == partition
-    return int(metadata.offset)
 
 
 async def first_offset_from(bootstrap: str, topic: str, partition: int, offset: int) -> int:
