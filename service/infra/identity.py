@@ -40,13 +40,12 @@ ALGORITHMS = ("RS256", "ES256", "EdDSA")
 
 
 class TokenRejected(Exception):
-    """The bearer token is missing, malformed, not signed by a known key, expired, or not for
+    """The bearer token is malformed, not signed by a known key, expired, or not for
     this service. ``reason`` says which, for the ``WWW-Authenticate`` error description."""
 
-    def __init__(self, reason: str, *, missing: bool = False) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.missing = missing  # no token at all (RFC 6750: then no error code)
 
 
 class KeysUnavailable(Unavailable):

@@ -145,7 +145,7 @@ CorrelationId = Annotated[
 OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 Sku = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
 # Handed in by the composition root: Litestar need not validate it on every request.
-WriterDependency = NamedDependency[SkipValidation["CommandSink"]]
+SinkDependency = NamedDependency[SkipValidation["CommandSink"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,10 +246,11 @@ async def _cancel_when_gone(receive: Receive, waiting: asyncio.Task[Any]) -> Non
 @dataclass(frozen=True, slots=True)
 class CommandContext:
     """What a command request brings besides its body, read once for every handler: the
-    caller, the writer, the time the command happens at, and the headers of every command."""
+    caller, where commands go, the time the command happens at, and the headers of every
+    command."""
 
     request: Request[Caller, Any, Any]
-    writer: CommandSink
+    sink: CommandSink
     at: datetime
     idempotency_key: str | None
     correlation_id: str | None
@@ -288,7 +289,7 @@ class CommandContext:
         assert waiting is not None
         watcher = asyncio.ensure_future(_cancel_when_gone(self.request.receive, waiting))
         try:
-            return await self.writer.submit(request)
+            return await self.sink.submit(request)
         except asyncio.CancelledError:
             # Ours alone (the watcher's) means: the client left. Any other is passed on.
             if watcher.done() and not watcher.cancelled() and waiting.uncancel() == 0:
@@ -304,7 +305,7 @@ Context = NamedDependency[SkipValidation[CommandContext]]
 
 async def provide_creation(
     request: Request[Caller, Any, Any],
-    writer: WriterDependency,
+    writer: SinkDependency,
     idempotency_key: CreationIdempotencyKey,
     correlation_id: CorrelationId = None,
 ) -> CommandContext:
@@ -315,7 +316,7 @@ async def provide_creation(
 
 async def provide_context(
     request: Request[Caller, Any, Any],
-    writer: WriterDependency,
+    writer: SinkDependency,
     idempotency_key: IdempotencyKey = None,
     correlation_id: CorrelationId = None,
     if_match: IfMatch = None,
