@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -22,6 +23,7 @@ from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
 from service.infra.database import create_engine, migrate
+from service.infra.embedded import ensure_port_free
 from service.infra.eventlog import ensure_topic
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
@@ -152,6 +154,39 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
     )
 
 
+@contextlib.asynccontextmanager
+async def metrics_endpoint(host: str, port: int | None) -> AsyncIterator[None]:
+    """Serve this process's Prometheus metrics (the client library's default registry) on
+    ``http://host:port/metrics``, without a token, while the block runs. ``port=None``: not at
+    all. A port that is taken fails here, before anything else starts."""
+    if port is None:
+        yield
+        return
+    ensure_port_free(port, "the metrics endpoint", "ORDERS_METRICS_PORT or --metrics-port")
+    config = uvicorn.Config(
+        make_asgi_app(),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(), name="metrics endpoint")
+    while not server.started:
+        if task.done():  # the address cannot be bound (uvicorn logged why)
+            raise EnvironmentProblem(f"cannot serve metrics on {host}:{port}")
+        await asyncio.sleep(0.01)  # polling uvicorn's own start flag; it has no event for it
+    _log.info("metrics on http://%s:%d/metrics", host, port)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
+
+
 class DatabaseUse(enum.Enum):
     """What a process uses its database for: that sets the engine's pool."""
 
@@ -220,7 +255,10 @@ async def serve(
     projections: list[str] | None = None,
 ) -> None:
     """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
-    async with database(settings.require_database(), DatabaseUse.SERVICE) as engine:
+    async with (
+        metrics_endpoint(settings.metrics_host, settings.metrics_port),
+        database(settings.require_database(), DatabaseUse.SERVICE) as engine,
+    ):
         await _serve_with(engine, settings, stop, api, run_projector, projections)
 
 

@@ -57,6 +57,14 @@ def _duration(name: str, default: int) -> int:
         raise SystemExit(f"{name}: {error}") from None
 
 
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when unset); anything else is refused, not guessed."""
+    raw = os.environ.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r}: use one of {', '.join(choices)}")
+    return raw
+
+
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -107,6 +115,11 @@ class Settings:
     rate_limit_burst: int = 200
     idempotency_ttl_s: int = 24 * 3600
     max_queue_delay_ms: int = 300
+    # Telemetry (docs/telemetry.md): Prometheus metrics on a port of their own (no token), and
+    # the log format: json, text, or auto (text on a terminal, JSON lines otherwise).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -136,6 +149,9 @@ class Settings:
             rate_limit_burst=_int("ORDERS_RATE_LIMIT_BURST", 200),
             idempotency_ttl_s=_duration("ORDERS_IDEMPOTENCY_TTL", 24 * 3600),
             max_queue_delay_ms=_int("ORDERS_MAX_QUEUE_DELAY_MS", 300),
+            metrics_port=_int("ORDERS_METRICS_PORT", 0) or None,
+            metrics_host=os.environ.get("ORDERS_METRICS_HOST") or "127.0.0.1",
+            log_format=_choice("ORDERS_LOG_FORMAT", ("auto", "json", "text")),
         )
 
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:

@@ -44,6 +44,16 @@ def positive(raw: str) -> int:
     return value
 
 
+def _add_metrics_port(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=positive,
+        metavar="N",
+        help="serve Prometheus metrics on http://ORDERS_METRICS_HOST:N/metrics without a token "
+        "(default: ORDERS_METRICS_PORT; docs/telemetry.md)",
+    )
+
+
 def _add_events_parser(commands: Any) -> None:
     events = commands.add_parser("events", help="look at the events topic")
     actions = events.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -174,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    _add_metrics_port(api)
     api.set_defaults(handler="serving:cmd_api")
 
     projector = commands.add_parser("projector", help="run the projections")
     projector.add_argument("names", nargs="*", help="only these projections (default: all)")
+    _add_metrics_port(projector)
     projector.set_defaults(handler="serving:cmd_projector")
 
     token = commands.add_parser(

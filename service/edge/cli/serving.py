@@ -28,14 +28,19 @@ async def _serve(settings: Settings, **options: Any) -> None:
     await serve(settings, shutdown_on_signals(), **options)
 
 
+def _with_metrics_port(settings: Settings, args: argparse.Namespace) -> Settings:
+    port = getattr(args, "metrics_port", None)
+    return replace(settings, metrics_port=port) if port is not None else settings
+
+
 def cmd_api(args: argparse.Namespace) -> None:
-    settings = configured()
+    settings = _with_metrics_port(configured(), args)
     _log.info("API on http://%s:%d (OpenAPI at /schema)", args.host, args.port)
     run(lambda: _serve(settings, api=ApiOptions(args.host, args.port)))
 
 
 def cmd_projector(args: argparse.Namespace) -> None:
-    settings = configured()
+    settings = _with_metrics_port(configured(), args)
     run(
         lambda: _serve(settings, run_projector=True, projections=args.names or None),
         BATCH_YOUNG_GENERATION_THRESHOLD,
