@@ -297,6 +297,7 @@ async def _serve_with(
                 access=access,
                 published_jwks=api.published_jwks,
                 max_body_bytes=settings.max_body_bytes,
+                telemetry=settings.telemetry,
             )
             # Commands the service is too far behind to take are refused before the app.
             admitted = CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000))

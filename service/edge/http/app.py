@@ -78,11 +78,13 @@ def create_app(
     access: Access,
     published_jwks: dict[str, Any] | None = None,
     max_body_bytes: int = 64 * 1024,
+    telemetry: bool = True,
     debug: bool = False,
 ) -> Litestar:
     """Build the app around already-created resources (nothing connects here). ``access``:
     how callers are authenticated; ``published_jwks``: a key set to serve at
-    ``/.well-known/jwks.json`` (the development issuer's)."""
+    ``/.well-known/jwks.json`` (the development issuer's); ``telemetry``: request metrics (and
+    ``/metrics``)."""
     auth = "on" if access.enabled else "off"
 
     def provide_writer() -> CommandSink:
@@ -160,7 +162,9 @@ def create_app(
         headers = None if is_ready else {"Retry-After": "1"}
         return Response(body, status_code=200 if is_ready else 503, headers=headers)
 
-    route_handlers: list[Any] = [health, ready, Metrics]
+    route_handlers: list[Any] = [health, ready]
+    if telemetry:
+        route_handlers.append(Metrics)
     if published_jwks is not None:
 
         @get(
@@ -193,7 +197,7 @@ def create_app(
         },
         exception_handlers=EXCEPTION_HANDLERS,
         # Outermost first: the request metrics also count what authentication refuses.
-        middleware=[HTTP_METRICS.middleware, access.middleware()],
+        middleware=[*([HTTP_METRICS.middleware] if telemetry else []), access.middleware()],
         on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
