@@ -50,18 +50,20 @@ def order(runs: int) -> tuple[bool, ...]:
     return tuple(bin(index).count("1") % 2 == 0 for index in range(runs))
 
 
-async def alternate(measure: Callable[[bool], Awaitable[T]], *, runs: int) -> Alternated[T]:
-    """``measure(auth)`` once on each side, not counted, then ``runs`` times in ``order``, a
-    pause between runs."""
+async def alternate(
+    measure: Callable[[bool], Awaitable[T]], *, runs: int, what: str = "auth"
+) -> Alternated[T]:
+    """``measure(on)`` once on each side, not counted, then ``runs`` times in ``order``, a
+    pause between runs. ``what`` is switched on and off (for the log)."""
     for auth in (True, False):
-        _log.info("auth %s: a run to warm up, not counted", side(auth))
+        _log.info("%s %s: a run to warm up, not counted", what, side(auth))
         await measure(auth)
         await asyncio.sleep(PAUSE_S)
     counted: list[tuple[bool, T]] = []
     for index, auth in enumerate(order(runs)):
         if index:
             await asyncio.sleep(PAUSE_S)
-        _log.info("auth %s, run %d of %d", side(auth), index + 1, runs)
+        _log.info("%s %s, run %d of %d", what, side(auth), index + 1, runs)
         counted.append((auth, await measure(auth)))
     return Alternated(counted)
 

@@ -11,8 +11,9 @@ It starts its own Kafka broker and PostgreSQL server (or uses ``KAFKA_BOOTSTRAP_
 ``DATABASE_URL`` when set); all traffic stays on 127.0.0.1. It measures the machine's limits
 (raw produce, raw consume, raw COPY and upserts, a bare HTTP endpoint), then the service:
 (a) projector throughput, (b) rebuild, (c) command API, (d) command-to-queryable latency,
-(e) memory, (f) overload, and a naive tutorial-style projector as a peer; (c) and (d) also
-with authentication off, alternating, for what access control costs. The HTTP loads act as
+(e) memory, (f) overload, (g) what telemetry costs (on and off, alternating), and a naive
+tutorial-style projector as a peer; (c) and (d) also with authentication off, alternating,
+for what access control costs. The HTTP loads act as
 many customers, each with its own bearer token (``benchmarks.callers``). It prints a table
 and writes, in ``bench-results/`` (git-ignored): ``latest.json``, ``latest.md``, ``throughput.png``,
 ``latency.png``, ``README-section.md`` (a ready-to-paste README section) and process logs.
@@ -45,6 +46,7 @@ from benchmarks.phases.limits_postgres import limits_postgres
 from benchmarks.phases.naive_peer import naive_peer
 from benchmarks.phases.projector_scale_out import projector_scale_out
 from benchmarks.phases.projector_throughput import projector_throughput
+from benchmarks.phases.telemetry_cost import telemetry_cost
 from benchmarks.phases.writer_memory import writer_memory
 from benchmarks.report import Row, Target, markdown, readme_section
 from service.infra.embedded.stack import infrastructure
@@ -68,6 +70,7 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     writer_memory,
     command_api,
     command_to_queryable,
+    telemetry_cost,
     command_overload,
 )
 
@@ -83,6 +86,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "projector_scale_out": ("limits_kafka",),
     "command_api": ("http_ceiling",),
     "command_overload": ("http_ceiling", "command_api"),
+    "telemetry_cost": ("limits_kafka",),
 }
 
 
