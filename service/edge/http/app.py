@@ -11,6 +11,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from opentelemetry.trace import TracerProvider
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.checkpoints import CheckpointWatcher
@@ -20,6 +21,7 @@ from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.edge.tracing import http_plugins
 from service.infra.eventlog import HighWatermarks
 from service.write.writer import Writer
 
@@ -55,10 +57,12 @@ def create_app(
     published_jwks: dict[str, Any] | None = None,
     max_body_bytes: int = 64 * 1024,
     debug: bool = False,
+    tracer_provider: TracerProvider | None = None,
 ) -> Litestar:
     """Build the app around already-created resources (nothing connects here). ``access``:
     how callers are authenticated; ``published_jwks``: a key set to serve at
-    ``/.well-known/jwks.json`` (the development issuer's)."""
+    ``/.well-known/jwks.json`` (the development issuer's); ``tracer_provider``: a server span
+    per request when tracing is on (``service.edge.tracing``)."""
     auth = "on" if access.enabled else "off"
 
     def provide_writer() -> CommandSink:
@@ -169,6 +173,7 @@ def create_app(
         },
         exception_handlers=EXCEPTION_HANDLERS,
         middleware=[access.middleware()],
+        plugins=http_plugins(tracer_provider),
         on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(
