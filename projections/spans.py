@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from types import TracebackType
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
 from projections.batches import Group, Traced
@@ -43,6 +44,7 @@ class TransactionSpans:
         ]
         transaction = tracer.start_span(
             f"{projection} transaction",
+            context=Context(),  # a root: whatever span the runner's task started in
             kind=SpanKind.CONSUMER,
             attributes={
                 tracing.MESSAGING_SYSTEM: "kafka",
