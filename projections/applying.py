@@ -18,7 +18,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.batches import Group, Halt, Plan, Raw, split_parked
+from projections.batches import Group, Halt, Plan, Raw, Traced, split_parked
 from projections.bookkeeping.checkpoints import (
     StaleCheckpoint,
     advance_checkpoints,
@@ -30,6 +30,7 @@ from projections.bookkeeping.registry import share_version_states
 from projections.halts import Bisection
 from projections.partitions import Partitions
 from projections.projection import Applied, Db, Projection, State, Target, begin, store
+from projections.spans import TransactionSpans
 from projections.versions import building as building_target
 from projections.versions import live_targets
 from service.infra.database import EncodingRefused, connection_lost, sqlstate
@@ -105,7 +106,9 @@ class Applier:
     stats: RunnerStats
     halt: Callable[[Halt], None]
 
-    async def apply(self, planned: Plan, *, copy: bool) -> tuple[list[int], list[BaseException]]:
+    async def apply(
+        self, planned: Plan, *, copy: bool, traced: Traced | None = None
+    ) -> tuple[list[int], list[BaseException]]:
         """Commit each projection's groups of ``planned`` in ONE transaction, side by side on
         their own connections (Postgres writes one projection's rows while this process folds
         another's). Each stands alone: its checkpoints move with its rows, and a query waits on
@@ -113,11 +116,15 @@ class Applier:
 
         Returns the errors of the projections that failed, and the partitions to seek again:
         the halts a failed projection found meanwhile are undone (its retry finds them again).
+        ``traced``: the batch's traced records, whose spans its transactions continue.
         """
         by_projection = planned.by_projection()
         halted_before = dict(self.partitions.halted)
         outcomes = await asyncio.gather(
-            *(self.commit(part, planned.raw, copy=copy) for part in by_projection.values()),
+            *(
+                self.commit(part, planned.raw, copy=copy, traced=traced)
+                for part in by_projection.values()
+            ),
             return_exceptions=True,
         )
         failed: set[str] = set()
@@ -133,13 +140,15 @@ class Applier:
             return [], []
         return self.partitions.undo_halts(halted_before, failed), errors
 
-    async def commit(self, groups: list[Group], raw: Raw, *, copy: bool) -> list[Group]:
+    async def commit(
+        self, groups: list[Group], raw: Raw, *, copy: bool, traced: Traced | None = None
+    ) -> list[Group]:
         """Apply one projection's groups; returns those that committed (some perhaps cut
         short by a halt). See ``halts.Bisection`` for the order in which they are tried."""
         bisection = Bisection(groups, self.partitions.halted)
         while (part := bisection.next()) is not None:
             try:
-                await self._transaction(part, raw, copy)
+                await self._transaction(part, raw, copy, traced)
                 bisection.succeeded(part)
             except _FoldFailed as failed:
                 self.halt(bisection.fold_failed(part, failed.applied, failed.reason))
@@ -151,9 +160,12 @@ class Applier:
                     self.halt(halt)
         return bisection.committed
 
-    async def _transaction(self, groups: list[Group], raw: Raw, copy: bool) -> None:
+    async def _transaction(
+        self, groups: list[Group], raw: Raw, copy: bool, traced: Traced | None
+    ) -> None:
         targets = {g.target.name: g.target for g in groups}
-        async with begin(self.engine) as connection:
+        spans = TransactionSpans(self.topic, groups, traced)  # nothing while tracing is off
+        async with spans, begin(self.engine) as connection:
             await self.check_versions(connection, list(targets.values()))
             await advance_checkpoints(connection, self.topic, groups)
             parked = await parked_orders(

@@ -21,8 +21,10 @@ from typing import Protocol
 
 import msgspec
 from aiokafka import TopicPartition
+from opentelemetry.trace import SpanContext
 
 from projections.projection import Applied, Target, pg_text
+from service.infra import tracing
 from service.kernel import envelope
 from service.kernel.events import DomainEvent
 
@@ -36,6 +38,13 @@ class Record(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+
+
+class Consumed(Record, Protocol):
+    """A record as the consumer hands it over: with its headers."""
+
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 class Kept(msgspec.Struct, frozen=True, gc=False):
@@ -56,6 +65,8 @@ Decoded = tuple[envelope.Envelope, DomainEvent] | envelope.UndecodableEvent
 Raw = dict[tuple[int, int], bytes]
 # (projection, partition)
 HaltKey = tuple[str, int]
+# (partition, offset) -> the span a traced record's producer sent it in.
+Traced = dict[tuple[int, int], SpanContext]
 
 
 def decode(value: bytes | None) -> Decoded:
@@ -78,8 +89,11 @@ class Batch:
     generations: dict[int, int] = field(default_factory=dict)
     decoded: dict[TopicPartition, list[Decoded]] = field(default_factory=dict)
     count: int = 0
+    # (partition, offset) -> the producer span a traced record names; looked for only while
+    # tracing is on (``service.infra.tracing``).
+    traced: Traced = field(default_factory=dict)
 
-    def add(self, tp: TopicPartition, records: Sequence[Record], generation: int) -> None:
+    def add(self, tp: TopicPartition, records: Sequence[Consumed], generation: int) -> None:
         """Keep and decode a chunk of ``tp``'s records, handed over at seek ``generation``.
 
         Records of a partition sought since its earlier ones replace those."""
@@ -93,6 +107,10 @@ class Batch:
             self.decoded[tp] = decoded
             self.generations[tp.partition] = generation
         self.count += len(kept)
+        if tracing.tracer() is not None:
+            for record in records:
+                if (span_context := tracing.traced_in(record.headers)) is not None:
+                    self.traced[(tp.partition, record.offset)] = span_context
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from projections.batches import (
     Fetched,
     Halt,
     HaltKey,
+    Traced,
     plan,
     without_stale,
 )
@@ -246,7 +247,7 @@ class ProjectionRunner:
                 # The next batch is fetched and decoded while this one's transactions run.
                 pending = asyncio.ensure_future(self._fetch(consumer)) if batch.records else None
                 await self._with_retry(
-                    stop, self.apply, batch.records, batch.generations, batch.decoded
+                    stop, self.apply, batch.records, batch.generations, batch.decoded, batch.traced
                 )
                 if time.monotonic() - self._last_housekeeping >= self.config.housekeeping_every:
                     await self._with_retry(stop, self.housekeeping, pending is None)
@@ -300,6 +301,7 @@ class ProjectionRunner:
         fetched: Fetched,
         generations: Mapping[int, int] | None = None,
         decoded: Mapping[TopicPartition, Sequence[Decoded]] | None = None,
+        traced: Traced | None = None,
     ) -> None:
         """Apply one fetched batch: per projection, its rows and checkpoints in ONE transaction
         (``Applier.apply``).
@@ -308,7 +310,8 @@ class ProjectionRunner:
         batch back; its partitions are then re-read from the stored checkpoints (the other
         projections skip what they already have). ``generations`` (the seek counters when the
         records were handed over) drops partitions sought since: their records predate the seek.
-        ``decoded`` holds the records' decoded events when the fetch decoded them already.
+        ``decoded`` holds the records' decoded events when the fetch decoded them already;
+        ``traced`` the records that carry a trace (``Batch.traced``).
         """
         if not fetched:
             return
@@ -316,7 +319,9 @@ class ProjectionRunner:
             if generations is not None:
                 fetched = without_stale(fetched, generations, self.partitions.seeks)
             planned = plan(fetched, decoded or {}, self.targets, self.positions, self.halted)
-            reseek, errors = await self._applier.apply(planned, copy=self.config.copy_append_only)
+            reseek, errors = await self._applier.apply(
+                planned, copy=self.config.copy_append_only, traced=traced
+            )
             if errors:
                 for partition in reseek:
                     self._reposition(partition)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -22,6 +23,7 @@ from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
+from service.edge.tracing import traces
 from service.infra.database import create_engine, migrate
 from service.infra.embedded import ensure_port_free
 from service.infra.eventlog import ensure_topic
@@ -256,11 +258,14 @@ async def serve(
     projections: list[str] | None = None,
 ) -> None:
     """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
+    roles = [role for role, on in (("api", api is not None), ("projector", run_projector)) if on]
     async with (
+        # Traces only when the OTEL_* environment asks for them (and telemetry is on).
+        traces(f"orders-{'+'.join(roles)}", None if settings.telemetry else {}) as tracer,
         metrics_endpoint(settings.metrics_host, settings.metrics_port),
         database(settings.require_database(), DatabaseUse.SERVICE) as engine,
     ):
-        await _serve_with(engine, settings, stop, api, run_projector, projections)
+        await _serve_with(engine, settings, stop, api, run_projector, projections, tracer)
 
 
 async def _serve_with(
@@ -270,6 +275,7 @@ async def _serve_with(
     api: ApiOptions | None,
     with_projector: bool,
     projections: list[str] | None,
+    tracer: TracerProvider | None,
 ) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
@@ -298,6 +304,7 @@ async def _serve_with(
                 published_jwks=api.published_jwks,
                 max_body_bytes=settings.max_body_bytes,
                 telemetry=settings.telemetry,
+                tracer_provider=tracer,
             )
             # Commands the service is too far behind to take are refused before the app.
             admitted = CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000))

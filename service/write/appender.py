@@ -30,8 +30,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry.trace import Span, SpanContext, SpanKind
 
-from service.infra.eventlog import committed_reader
+from service.infra import tracing
+from service.infra.eventlog import committed_reader, partition_for
 from service.kernel import envelope
 from service.write import fencing, records
 from service.write.contract import WriterConfig
@@ -127,27 +129,76 @@ class Appender:
         await asyncio.gather(*pending, return_exceptions=True)
 
     async def append(
-        self, commands: Sequence[Sequence[envelope.Envelope]], partition_count: int
+        self,
+        commands: Sequence[Sequence[envelope.Envelope]],
+        partition_count: int,
+        traces: Sequence[SpanContext | None] = (),
     ) -> list[tuple[int, int]]:
         """Append the commands' events in one transaction; per command, the partition and
-        offset of its last event. Returns once read_committed readers can see them."""
+        offset of its last event. Returns once read_committed readers can see them.
+
+        ``traces``: per command, the span it was sent from when it is traced
+        (``CommandRequest.trace``). Each traced command gets a producer span, a child of that
+        one, lasting the transaction; its records carry that span's W3C context."""
         producer, stable_offsets = self.producer, self._stable_offsets
         if producer is None or stable_offsets is None:
             raise KafkaError("no producer")
-        # On any failure the caller discards the producer, which aborts what it can.
-        await producer.begin_transaction()
-        packed = records.pack(commands, partition_count, producer.create_batch)
-        sends = [
-            await producer.send_batch(batch, self.config.topic, partition=partition)
-            for partition, batch in packed.batches
-        ]
-        # Every record delivered before the commit is requested: until then the transaction
-        # can only be aborted, so a batch that fails here is certainly not in the log.
-        delivered = await asyncio.gather(*sends)
-        await producer.commit_transaction()
-        base_offsets = [metadata.offset for metadata in delivered]
-        await self._until_visible(stable_offsets, packed.ends(base_offsets))
-        return packed.positions(base_offsets)
+        spans = self._producer_spans(commands, traces, partition_count)
+        try:
+            # On any failure the caller discards the producer, which aborts what it can.
+            await producer.begin_transaction()
+            headers = {number: tracing.record_headers(span) for number, span in spans.items()}
+            packed = records.pack(commands, partition_count, producer.create_batch, headers)
+            sends = [
+                await producer.send_batch(batch, self.config.topic, partition=partition)
+                for partition, batch in packed.batches
+            ]
+            # Every record delivered before the commit is requested: until then the
+            # transaction can only be aborted, so a batch that fails here is certainly not in
+            # the log.
+            delivered = await asyncio.gather(*sends)
+            await producer.commit_transaction()
+            base_offsets = [metadata.offset for metadata in delivered]
+            await self._until_visible(stable_offsets, packed.ends(base_offsets))
+        except BaseException as error:
+            tracing.end_all(list(spans.values()), error)
+            raise
+        positions = packed.positions(base_offsets)
+        for number, span in spans.items():
+            span.set_attribute(tracing.MESSAGING_OFFSET, positions[number][1])
+            span.end()
+        return positions
+
+    def _producer_spans(
+        self,
+        commands: Sequence[Sequence[envelope.Envelope]],
+        traces: Sequence[SpanContext | None],
+        partition_count: int,
+    ) -> dict[int, Span]:
+        """By the index of each traced command, its producer span (started): none at all
+        when tracing is off."""
+        tracer = tracing.tracer()
+        if tracer is None:
+            return {}
+        topic = self.config.topic
+        spans: dict[int, Span] = {}
+        for number, caller in enumerate(traces):
+            if caller is None:
+                continue
+            events = commands[number]
+            key = events[0].order_id
+            partition = partition_for(key.encode(), partition_count)
+            attributes = tracing.kafka_attributes(topic, partition, "send")
+            attributes[tracing.MESSAGING_KEY] = key
+            attributes[tracing.MESSAGING_BATCH_COUNT] = len(events)
+            attributes["orders.transaction.commands"] = len(commands)
+            spans[number] = tracer.start_span(
+                f"send {topic}",
+                context=tracing.parent(caller),
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+            )
+        return spans
 
     async def abort_left_open(self, partitions: list[int]) -> None:
         """Close a transaction our producer id left open on ``partitions`` by aborting one.

@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from opentelemetry.trace import SpanContext
+
 from service.kernel.access import Actor
 from service.kernel.domain import Command
 from service.kernel.errors import Conflict, Unavailable
@@ -48,6 +50,9 @@ class CommandRequest:
     # ``service.kernel.access.order_seen_by``).
     owner: str | None = None
     command_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # The caller's span (its HTTP request's) when tracing is on and it is sampled: the
+    # command's producer span is its child, and its records carry the trace on.
+    trace: SpanContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ No I/O here: the record batches come from a factory (the producer's ``create_bat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -49,13 +49,21 @@ class Record:
     headers: list[tuple[str, bytes]]
 
 
-def records_of(events: Sequence[envelope.Envelope], partition_count: int) -> list[Record]:
-    """One command's events as records, all in its order's partition."""
+def records_of(
+    events: Sequence[envelope.Envelope],
+    partition_count: int,
+    trace_headers: Sequence[tuple[str, bytes]] = (),
+) -> list[Record]:
+    """One command's events as records, all in its order's partition; ``trace_headers``: the
+    W3C trace context of its producer span, when the command is traced."""
     key = events[0].order_id.encode()
     partition = partition_for(key, partition_count)
-    return [
-        Record(partition, key, envelope.encode(event), envelope.headers(event)) for event in events
-    ]
+    records = []
+    for event in events:
+        headers = envelope.headers(event)
+        headers.extend(trace_headers)
+        records.append(Record(partition, key, envelope.encode(event), headers))
+    return records
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +92,18 @@ def pack(
     commands: Iterable[Sequence[envelope.Envelope]],
     partition_count: int,
     new_batch: Callable[[], B],
+    trace_headers: Mapping[int, Sequence[tuple[str, bytes]]] | None = None,
 ) -> Packed[B]:
     """Pack each command's events (in the order given) into record batches from ``new_batch``.
+    ``trace_headers``: by the index of a traced command, the headers its records carry.
 
     Raises ``ValueError`` for an event that does not fit even in an empty batch."""
     batches: list[tuple[int, B]] = []
     filling: dict[int, int] = {}  # partition -> index in batches of the batch being filled
     last: list[tuple[int, int]] = []
-    for events in commands:
-        records = records_of(events, partition_count)
+    for number, events in enumerate(commands):
+        traced = trace_headers.get(number, ()) if trace_headers else ()
+        records = records_of(events, partition_count, traced)
         partition = records[0].partition
         index = filling.get(partition, -1)
         for record in records:

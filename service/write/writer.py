@@ -313,7 +313,9 @@ class Writer:
             with metrics.TRANSACTION_SECONDS.time():
                 positions = await asyncio.wait_for(
                     self._appender.append(
-                        [decided.events for decided in staged.appends], self.partition_count
+                        [decided.events for decided in staged.appends],
+                        self.partition_count,
+                        [decided.request.trace for decided in staged.appends],
                     ),
                     self.config.commit_timeout,
                 )

@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from opentelemetry.trace import TracerProvider
 from prometheus_client import disable_created_metrics
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,6 +23,7 @@ from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.edge.tracing import http_plugins
 from service.infra.eventlog import HighWatermarks
 from service.kernel.access import Scope
 from service.write.writer import Writer
@@ -80,11 +82,13 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     telemetry: bool = True,
     debug: bool = False,
+    tracer_provider: TracerProvider | None = None,
 ) -> Litestar:
     """Build the app around already-created resources (nothing connects here). ``access``:
     how callers are authenticated; ``published_jwks``: a key set to serve at
     ``/.well-known/jwks.json`` (the development issuer's); ``telemetry``: request metrics (and
-    ``/metrics``)."""
+    ``/metrics``); ``tracer_provider``: a server span per request when tracing is on
+    (``service.edge.tracing``)."""
     auth = "on" if access.enabled else "off"
 
     def provide_writer() -> CommandSink:
@@ -198,6 +202,7 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         # Outermost first: the request metrics also count what authentication refuses.
         middleware=[*([HTTP_METRICS.middleware] if telemetry else []), access.middleware()],
+        plugins=http_plugins(tracer_provider),
         on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -21,6 +21,7 @@ from litestar.types import Receive
 from projections.log_ends import LogEnds
 from service.edge.http.auth import requires
 from service.edge.http.problems import ClientGone, problem_responses
+from service.infra import tracing
 from service.kernel import domain
 from service.kernel.access import Caller, Scope
 from service.kernel.errors import AccessDenied
@@ -284,6 +285,7 @@ class CommandContext:
             correlation_id=self.correlation_id,
             actor=self.caller.actor,
             owner=owner,
+            trace=tracing.sampled_context(),  # the request's span, when it is traced
         )
         waiting = asyncio.current_task()
         assert waiting is not None

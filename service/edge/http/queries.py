@@ -24,6 +24,7 @@ from projections.schema import customer_summaries, daily_sales, order_history, o
 from service.edge.http.auth import requires
 from service.edge.http.commands import IDENTIFIER_PATTERN
 from service.edge.http.problems import NotYetConsistent, QueryProblem, problem_responses
+from service.infra import tracing
 from service.infra.database import driver_of, reading
 from service.kernel.access import Caller, Scope
 from service.kernel.domain import OrderStatus
@@ -233,6 +234,30 @@ def parse_consistency_token(value: str) -> tuple[int, int]:
 
 
 async def _await_consistency(reads: ReadSide, projection: str, token: str | None) -> None:
+    """Wait until ``projection`` has applied the event ``token`` names; in a span of its own
+    while tracing is on (a malformed token is refused before it)."""
+    tracer = tracing.tracer()
+    if token is None or tracer is None:
+        return await _reach_consistency(reads, projection, token)
+    partition, offset = parse_consistency_token(token)
+    attributes: dict[str, str | int] = {
+        "orders.projection": projection,
+        tracing.MESSAGING_PARTITION: str(partition),
+        tracing.MESSAGING_OFFSET: offset,
+    }
+    with tracer.start_as_current_span("wait for consistency", attributes=attributes) as span:
+        outcome = "refused"  # by the waiter limit, or a token that is no position in the log
+        try:
+            await _reach_consistency(reads, projection, token)
+            outcome = "reached"
+        except NotYetConsistent:
+            outcome = "timed_out"
+            raise
+        finally:
+            span.set_attribute("orders.consistency.outcome", outcome)
+
+
+async def _reach_consistency(reads: ReadSide, projection: str, token: str | None) -> None:
     if token is None:
         return
     partition, offset = parse_consistency_token(token)
