@@ -18,6 +18,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections import metrics
 from projections.batches import Group, Halt, Plan, Raw, Traced, split_parked
 from projections.bookkeeping.checkpoints import (
     StaleCheckpoint,
@@ -25,7 +26,7 @@ from projections.bookkeeping.checkpoints import (
     read_checkpoints,
 )
 from projections.bookkeeping.halts import clear_halts, store_halt, stored_halts
-from projections.bookkeeping.parked import parked_orders, set_aside
+from projections.bookkeeping.parked import parked_counts, parked_orders, set_aside
 from projections.bookkeeping.registry import share_version_states
 from projections.halts import Bisection
 from projections.partitions import Partitions
@@ -133,8 +134,12 @@ class Applier:
             if isinstance(outcome, BaseException):
                 failed.add(name)
                 errors.append(outcome)
+                if isinstance(outcome, StaleCheckpoint):
+                    metrics.series(name).conflicts.inc()
             else:
-                self.stats.events += self.partitions.moved(outcome)
+                applied = self.partitions.moved(outcome)
+                self.stats.events += applied
+                metrics.series(name).applied.inc(applied)
         self.stats.batches += 1
         if not errors:
             return [], []
@@ -148,7 +153,8 @@ class Applier:
         bisection = Bisection(groups, self.partitions.halted)
         while (part := bisection.next()) is not None:
             try:
-                await self._transaction(part, raw, copy, traced)
+                with metrics.transaction(part):
+                    await self._transaction(part, raw, copy, traced)
                 bisection.succeeded(part)
             except _FoldFailed as failed:
                 self.halt(bisection.fold_failed(part, failed.applied, failed.reason))
@@ -225,9 +231,17 @@ class Applier:
                 await self.check_versions(connection, list({g.target for g in moves}))
                 await advance_checkpoints(connection, self.topic, moves)
         except StaleCheckpoint:
+            for name in {g.target.name for g in moves}:
+                metrics.series(name).conflicts.inc()
             return False
         self.partitions.moved(moves)
         return True
+
+    async def parked_counts(self, targets: Sequence[Target]) -> dict[str, int]:
+        """Projection name -> how many events of its version in ``targets`` are parked."""
+        async with begin(self.engine) as connection:
+            counts = await parked_counts(connection, self.topic)
+        return {t.name: counts.get((t.name, t.version), 0) for t in targets}
 
     async def check_versions(
         self, connection: asyncpg.Connection, targets: Sequence[Target]

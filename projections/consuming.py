@@ -17,6 +17,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from projections import metrics
 from projections.batches import Batch
 from service.kernel.errors import Unavailable
 
@@ -88,10 +89,15 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
 
 
 async def fetch(
-    consumer: AIOKafkaConsumer, max_records: int, wait_ms: int, seeks: Mapping[int, int]
+    consumer: AIOKafkaConsumer,
+    max_records: int,
+    wait_ms: int,
+    seeks: Mapping[int, int],
+    times: metrics.RecordTimes | None = None,
 ) -> Batch:
     """Up to ``max_records`` records, decoded, in chunks of ``FETCH_CHUNK``; each partition's
-    records tagged with its seek counter in ``seeks`` when they were handed over."""
+    records tagged with its seek counter in ``seeks`` when they were handed over, and the
+    timestamp of each chunk's first record noted in ``times`` (for the lag in seconds)."""
     batch = Batch()
     while batch.count < max_records:
         try:
@@ -105,6 +111,8 @@ async def fetch(
         wait_ms = 0  # then only what is already buffered
         for tp, fetched in chunk.items():
             batch.add(tp, fetched, seeks.get(tp.partition, 0))
+            if times is not None and fetched:
+                times.note(tp.partition, fetched[0], fetched[-1])
     return batch
 
 
@@ -167,6 +175,7 @@ class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             )
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        metrics.REBALANCES.inc()  # every rebalance ends here, with or without partitions
         partitions = [tp.partition for tp in assigned]
         async with self.runner.applying:
             try:

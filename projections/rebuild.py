@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -37,6 +38,7 @@ from datetime import UTC
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from projections import metrics
 from projections.models import catalog
 from projections.projection import Projection, Target, begin
 from projections.replay_progress import Progress, Tracker
@@ -127,7 +129,7 @@ async def rebuild(
     projections = catalog.select(list(names))
     async with _one_rebuild_at_a_time(engine, [p.name for p in projections]):
         stop = stop or asyncio.Event()
-        report = on_progress or (lambda progress: None)
+        report = _exporting(on_progress or (lambda progress: None))
         started = time.monotonic()
         result = RebuildResult([p.name for p in projections], in_place)
         if in_place:
@@ -161,6 +163,25 @@ async def rebuild(
         result.seconds = time.monotonic() - started
         result.events = runner.stats.events
         return result
+
+
+def _exporting(report: Callable[[Progress], None]) -> Callable[[Progress], None]:
+    """``report``, after setting the rebuild's gauges from the same figures."""
+
+    def exported(progress: Progress) -> None:
+        for name, replayed in progress.projections.items():
+            done = progress.phase == "done" or replayed.position >= replayed.end
+            eta = 0.0 if done else replayed.eta_s
+            metrics.show_rebuild(
+                name,
+                replayed.position,
+                replayed.end,
+                replayed.rate,
+                math.nan if eta is None else eta,
+            )
+        report(progress)
+
+    return exported
 
 
 @contextlib.asynccontextmanager

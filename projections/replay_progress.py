@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,12 +22,26 @@ from service.infra.eventlog import TopicMissing, committed_reader, topic_end_off
 
 
 @dataclass(frozen=True)
+class Replayed:
+    """One projection's share of a replay (its figures for the rebuild's metrics)."""
+
+    position: int  # events of the topic behind its checkpoints
+    end: int
+    rate: float
+
+    @property
+    def eta_s(self) -> float | None:
+        return max(0, self.end - self.position) / self.rate if self.rate > 0 else None
+
+
+@dataclass(frozen=True)
 class Progress:
     phase: str  # replaying | indexing | switching | done
     position: int  # events of the topic behind every rebuilt projection's checkpoints
     end: int  # the topic's last stable offsets, summed
     rate: float  # events/s over the last tick
     elapsed_s: float
+    projections: dict[str, Replayed] = field(default_factory=dict)
 
     @property
     def lag(self) -> int:
@@ -49,6 +63,9 @@ class Tracker:
         self.started = time.monotonic()
         self.last: tuple[float, int] | None = None
         self.first_position: int | None = None
+        # Per target name, as of the latest ``lags``: its position, and the one a tick before.
+        self.positions: dict[str, int] = {}
+        self.last_positions: dict[str, int] = {}
 
     async def __aenter__(self) -> Tracker:
         await self.consumer.start()
@@ -138,6 +155,7 @@ class Tracker:
             t.name: sum(max(0, end - stored.get((t.name, p), 0)) for p, end in ends.items())
             for t in self.targets
         }
+        self.positions = {name: sum(ends.values()) - lag for name, lag in lags.items()}
         position = (
             sum(min(stored.get((t.name, p), 0) for t in self.targets) for p in ends)
             if self.targets
@@ -152,5 +170,15 @@ class Tracker:
         rate = 0.0
         if self.last is not None and now > self.last[0]:
             rate = (position - self.last[1]) / (now - self.last[0])
+        projections = {
+            name: Replayed(at, end, self._rate(at, self.last_positions.get(name), now))
+            for name, at in self.positions.items()
+        }
+        self.last_positions = dict(self.positions)
         self.last = (now, position)
-        return Progress(phase, position, end, max(rate, 0.0), now - self.started)
+        return Progress(phase, position, end, max(rate, 0.0), now - self.started, projections)
+
+    def _rate(self, position: int, before: int | None, now: float) -> float:
+        if self.last is None or before is None or now <= self.last[0]:
+            return 0.0
+        return max(0.0, (position - before) / (now - self.last[0]))

@@ -43,7 +43,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections import consuming
+from projections import consuming, metrics
 from projections.applying import Applier, RunnerStats, VersionsChanged, targets_of, transient
 from projections.batches import (
     Batch,
@@ -104,6 +104,7 @@ class ProjectionRunner:
     consumer: AIOKafkaConsumer | None = None
     applying: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
+    telemetry: metrics.RunnerTelemetry = field(default_factory=metrics.RunnerTelemetry)
     _last_kafka_commit: float = 0.0
     _last_housekeeping: float = 0.0
     _applier: Applier = field(init=False)
@@ -269,7 +270,7 @@ class ProjectionRunner:
         config = self.config
         seeks = self.partitions.seeks
         return await consuming.fetch(
-            consumer, config.batch_max_records, config.batch_wait_ms, seeks
+            consumer, config.batch_max_records, config.batch_wait_ms, seeks, self.telemetry.times
         )
 
     async def _with_retry(
@@ -315,6 +316,7 @@ class ProjectionRunner:
         """
         if not fetched:
             return
+        started = time.perf_counter()
         async with self.applying:
             if generations is not None:
                 fetched = without_stale(fetched, generations, self.partitions.seeks)
@@ -336,6 +338,7 @@ class ProjectionRunner:
                 return
             for halt in self.partitions.halts_to_make(planned.halts):
                 self._halt(halt)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     # -- halts ----------------------------------------------------------------------------
 
@@ -353,11 +356,15 @@ class ProjectionRunner:
                 await self._applier.sync_halts(self.targets, self._resume)
             if idle:
                 await self._past_markers()
+            self.telemetry.times.keep(self.positions)
+            if self.telemetry.parked_due():
+                self.telemetry.counted_parked(await self._applier.parked_counts(self.targets))
 
     def _resume(self, halt: Halt, checkpoint: int) -> None:
         """An operator removed ``halt`` (e.g. parked the event): go on from ``checkpoint``."""
         target = self._target(halt.projection)
         _log.info("%s: partition %d resumes at offset %d", target, halt.partition, checkpoint)
+        self.telemetry.parked_changed()
         self._reposition(halt.partition)
 
     async def _past_markers(self) -> None:
@@ -434,4 +441,5 @@ async def run_projector(
     config = runner_config(settings)
     runner = ProjectionRunner(catalog.select(only), engine, config)
     _log.info("projector running: %s on topic %s", runner.label, config.topic)
-    await runner.run(stop)
+    with metrics.exported(runner):
+        await runner.run(stop)

@@ -125,6 +125,13 @@ def _add_projections_parser(commands: Any) -> None:
         help="processes replaying the log side by side, each with its share of the partitions "
         f"(blue/green only; default {DEFAULT_REBUILD_WORKERS}: this machine's cores, at most 2)",
     )
+    rebuild_parser.add_argument(
+        "--metrics-port",
+        type=positive,
+        metavar="N",
+        help="serve its progress as Prometheus metrics on http://ORDERS_METRICS_HOST:N/metrics "
+        "while it runs (docs/telemetry.md)",
+    )
     rebuild_parser.set_defaults(handler="operations:cmd_projections_rebuild")
 
     builder = actions.add_parser("build")  # no help: started by rebuild --workers, not by hand

@@ -22,7 +22,7 @@ from projections.parking import park, parked, retry, skip
 from projections.rebuild import RebuildInterrupted, bulk, rebuild
 from projections.runner import ProjectionRunner, runner_config
 from projections.status import render, status
-from service.edge.bootstrap import DatabaseUse, database
+from service.edge.bootstrap import DatabaseUse, database, metrics_endpoint
 from service.edge.cli.advice import EXIT_INTERRUPTED
 from service.edge.cli.process import configured, run
 from service.infra.eventlog import topic_partitions
@@ -98,18 +98,19 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
     async def job(engine: AsyncEngine, settings: Settings) -> None:
         stop = shutdown_on_signals()
         try:
-            result = await rebuild(
-                engine,
-                runner_config(settings),
-                names,
-                in_place=args.in_place,
-                keep_old=args.keep_old,
-                restart=args.restart,
-                batch=args.batch,
-                workers=args.workers,
-                on_progress=_ProgressPrinter("+".join(names)),
-                stop=stop,
-            )
+            async with metrics_endpoint(settings.metrics_host, args.metrics_port):
+                result = await rebuild(
+                    engine,
+                    runner_config(settings),
+                    names,
+                    in_place=args.in_place,
+                    keep_old=args.keep_old,
+                    restart=args.restart,
+                    batch=args.batch,
+                    workers=args.workers,
+                    on_progress=_ProgressPrinter("+".join(names)),
+                    stop=stop,
+                )
         except RebuildInterrupted as interrupted:
             print(f"\norders: {interrupted}", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
