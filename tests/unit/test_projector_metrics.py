@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from projections.metrics import RecordTimes
+from service.edge.cli import main
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,11 @@ def test_records_fetched_again_after_a_seek_add_nothing() -> None:
     chunk(times, 0, 10, 19)
     assert times.oldest_waiting(0, 5) == 10.0
     assert times.oldest_waiting(0, 0) == 0.0
+
+
+def test_a_rebuild_serves_its_progress_on_the_metrics_port_it_is_given() -> None:
+    args = main.build_parser().parse_args(
+        ["projections", "rebuild", "all", "--metrics-port", "9187"]
+    )
+    assert args.metrics_port == 9187
+    assert main.build_parser().parse_args(["projections", "rebuild", "all"]).metrics_port is None
