@@ -104,6 +104,7 @@ class Halt:
     offset: int
     order_id: str | None
     reason: str
+    correlation_id: str | None = None  # of the event, when it could be decoded
 
 
 @dataclass
