@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -145,7 +146,11 @@ class CheckpointWatcher:
         waiters.append((offset, future))
         self.waiting += 1
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll(), name="checkpoint-watcher")
+            # Serves every waiting query: started outside the context (correlation id) of the
+            # request that happens to start it.
+            self._poller = asyncio.create_task(
+                self._poll(), name="checkpoint-watcher", context=contextvars.Context()
+            )
         try:
             async with asyncio.timeout(timeout_s):
                 await future
