@@ -2,11 +2,12 @@
 
 Each request gets a correlation id: its ``X-Correlation-Id`` when that is a sane token (1 to
 128 visible ASCII characters, as the command headers allow), else the trace id of its W3C
-``traceparent``, else a new one (a uuid4, in hex). The id is echoed in the response's
-``X-Correlation-Id`` (problem responses and admission's 503s too), is what a command's events
-carry, and is in ``service.edge.logs.CORRELATION_ID`` while the request runs, so every line
-logged for it carries it. When the response is done, one access line on ``orders.access``:
-method, route template, status, duration, the caller's ``sub``, correlation id, order id.
+``traceparent``, else a new one (128 random bits in hex, like a trace id). The id is echoed in
+the response's ``X-Correlation-Id`` (problem responses and admission's 503s too), is what a
+command's events carry, and is in ``service.edge.logs.CORRELATION_ID`` while the request runs,
+so every line logged for it carries it. When the response is done, one access line on
+``orders.access``: method, route template, status, duration, the caller's ``sub``,
+correlation id, order id.
 
 It wraps the whole application, outside admission control and authentication, so that
 requests they refuse (503, 401, 429) are logged and echoed as well.
@@ -15,9 +16,9 @@ requests they refuse (503, 401, 429) are logged and echoed as well.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -53,7 +54,7 @@ def correlation_id_for(headers: Any) -> str:
         match = _TRACE_CONTEXT.match(traceparent.strip())
         if match is not None and match.group(1) != _NO_TRACE.encode():
             return match.group(1).decode("ascii")
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # a uuid4's randomness at a fifth of its cost
 
 
 class CorrelatedAccessLog:
@@ -88,21 +89,21 @@ class CorrelatedAccessLog:
 
 
 def _log_access(scope: HTTPScope, status: int, duration_s: float, correlation_id: str) -> None:
+    """The access line. Made here rather than by ``Logger.info``, which would look up the
+    calling frame for every request: a few microseconds of the line's budget."""
     user = scope.get("user")
     path_params = scope.get("path_params")
-    _access.info(
-        "%s %s %d",
-        scope["method"],
-        scope["path"],
-        status,
-        extra={
-            "method": scope["method"],
-            # The route template (None when no route matched, e.g. a 404 or a 503 of admission).
-            "route": scope.get("path_template"),
-            "status": status,
-            "duration_ms": round(duration_s * 1000, 3),
-            "sub": user.sub if isinstance(user, Caller) else None,
-            "correlation_id": correlation_id,
-            "order_id": path_params.get("order_id") if path_params else None,
-        },
+    method = scope["method"]
+    record = logging.LogRecord(
+        ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %d", (method, scope["path"], status), None
     )
+    fields = record.__dict__
+    fields["method"] = method
+    # The route template (None when no route matched, e.g. a 404 or a 503 of admission).
+    fields["route"] = scope.get("path_template")
+    fields["status"] = status
+    fields["duration_ms"] = round(duration_s * 1000, 3)
+    fields["sub"] = user.sub if isinstance(user, Caller) else None
+    fields["correlation_id"] = correlation_id
+    fields["order_id"] = path_params.get("order_id") if path_params else None
+    _access.handle(record)
