@@ -171,3 +171,36 @@ async def test_a_command_without_one_carries_the_id_its_response_echoes(
         generated.headers["x-correlation-id"],
         trace_id,
     ]
+
+
+async def test_the_writers_line_about_a_fenced_batch_names_its_correlation_ids(
+    writer: Writer, db: AsyncEngine, topic: str, suffix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    correlation_id = f"fenced-{uuid.uuid4().hex[:8]}"
+    async with _client(writer, db, topic) as client:
+        created = await client.post(
+            "/orders",
+            json={"customer_id": f"c-{suffix}", "currency": "EUR"},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
+        assert created.status_code == 201, created.text
+        usurper = Writer(writer.config)  # the same transactional id: the first is fenced
+        await usurper.start()
+        try:
+            refused = await client.post(
+                f"/orders/{created.json()['order_id']}/items",
+                json={"sku": "MUG", "name": "Mug", "quantity": 1, "unit_price": 1250},
+                headers={"X-Correlation-Id": correlation_id},
+            )
+        finally:
+            await usurper.stop()
+
+    assert (refused.status_code, refused.headers["x-correlation-id"]) == (503, correlation_id)
+    [fenced] = [
+        _fields(r)
+        for r in caplog.records
+        if r.name == "service.write.writer" and "FENCED" in r.getMessage()
+    ]
+    assert (fenced["level"], fenced["commands"]) == ("ERROR", 1)
+    assert fenced["correlation_ids"] == [correlation_id]
