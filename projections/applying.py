@@ -11,6 +11,7 @@ an instance that lost the partition (a zombie) rolls back on ``StaleCheckpoint``
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ from projections.versions import building as building_target
 from projections.versions import live_targets
 from service.infra.database import EncodingRefused, connection_lost, sqlstate
 
+_log = logging.getLogger(__name__)
+
 
 def transient(error: BaseException) -> bool:
     """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
@@ -57,6 +60,17 @@ class _FoldFailed(Exception):
         super().__init__(reason)
         self.applied = applied
         self.reason = reason
+
+
+def _context(target: Target, applied: Applied) -> dict[str, object]:
+    """What a log line about one event carries: where it is, its order, its correlation id."""
+    return {
+        "projection": target.name,
+        "partition": applied.partition,
+        "offset": applied.offset,
+        "order_id": applied.envelope.order_id,
+        "correlation_id": applied.envelope.correlation_id,
+    }
 
 
 def _fold(target: Target, state: State, events: Sequence[Applied]) -> None:
@@ -193,6 +207,15 @@ class Applier:
                 keys = [(g.target, g.partition) for g in passed]
                 await clear_halts(connection, self.topic, keys)
                 self.partitions.halts_cleared(passed)
+        for target, applied in aside:
+            _log.info(
+                "%s: set aside %d/%d with its parked order %s",
+                target,
+                applied.partition,
+                applied.offset,
+                applied.envelope.order_id,
+                extra=_context(target, applied),
+            )
 
     async def sought(self, targets: Sequence[Target], partitions: Sequence[int]) -> None:
         """Read the stored checkpoints and halts of ``partitions``: the runner goes on from

@@ -122,6 +122,7 @@ class Halt:
     offset: int
     order_id: str | None
     reason: str
+    correlation_id: str | None = None  # of the event, when it could be decoded
 
 
 @dataclass

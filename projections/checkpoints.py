@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import Callable
@@ -160,7 +161,11 @@ class CheckpointWatcher:
         self.waiting += 1
         WAITERS.inc()
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll(), name="checkpoint-watcher")
+            # Serves every waiting query: started outside the context (correlation id) of the
+            # request that happens to start it.
+            self._poller = asyncio.create_task(
+                self._poll(), name="checkpoint-watcher", context=contextvars.Context()
+            )
         started = time.monotonic()
         outcome = "failed"
         try:

@@ -86,8 +86,14 @@ class Bisection:
         came before it is tried again."""
         projection = part[0].target.name
         self._pending.insert(0, cut_at(part, projection, applied.partition, applied.offset))
+        sealed = applied.envelope
         return Halt(
-            projection, applied.partition, applied.offset, applied.envelope.order_id, reason
+            projection,
+            applied.partition,
+            applied.offset,
+            sealed.order_id,
+            reason,
+            sealed.correlation_id,
         )
 
     @staticmethod
@@ -106,4 +112,12 @@ class Bisection:
         first = bad.events[0]
         if first.offset > bad.expected:  # only markers before it: move up to it
             self._pending.insert(0, [Group(bad.target, bad.partition, bad.expected, first.offset)])
-        return Halt(bad.target.name, bad.partition, first.offset, first.envelope.order_id, reason)
+        sealed = first.envelope
+        return Halt(
+            bad.target.name,
+            bad.partition,
+            first.offset,
+            sealed.order_id,
+            reason,
+            sealed.correlation_id,
+        )

@@ -9,6 +9,7 @@ turns it into a 400 at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -107,7 +108,10 @@ class LogEnds:
                 continue
             self._started += 1
             self._last_started_at = time.monotonic()
-            self._refresh = asyncio.create_task(self._read(), name="log-ends-refresh")
+            # Shared by its callers: outside the context (correlation id) of the one starting it.
+            self._refresh = asyncio.create_task(
+                self._read(), name="log-ends-refresh", context=contextvars.Context()
+            )
             # Its error is raised to those waiting; this keeps asyncio from logging it again.
             self._refresh.add_done_callback(lambda done: done.cancelled() or done.exception())
 

@@ -10,10 +10,12 @@ event, and only when asked.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
 import asyncpg
+import msgspec
 from aiokafka import TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,6 +37,25 @@ from projections.projection import Applied, Db, Target, begin, pg_text, store
 from service.infra.eventlog import committed_reader
 from service.kernel import envelope
 from service.kernel.errors import OperatorRefusal
+
+_log = logging.getLogger(__name__)
+
+
+class _Correlated(msgspec.Struct):
+    """The one envelope field a log line about an event that may not decode wants."""
+
+    correlation_id: str | None = None
+
+
+_correlated = msgspec.json.Decoder(_Correlated)
+
+
+def _correlation_id(value: bytes | None) -> str | None:
+    """The correlation id of a record, if it is JSON with one (a poison event may not be)."""
+    try:
+        return _correlated.decode(value or b"").correlation_id
+    except msgspec.DecodeError:
+        return None
 
 
 class ParkingRefused(OperatorRefusal):
@@ -121,6 +142,21 @@ async def park(
             connection, target, topic, partition, offset, order_id, value, halt.reason
         )
         await clear_halts(connection, topic, [(target, partition)])
+    _log.info(
+        "%s: parked %d/%d with order %s (%s)",
+        target,
+        partition,
+        offset,
+        order_id,
+        halt.reason,
+        extra={
+            "projection": target.name,
+            "partition": partition,
+            "offset": offset,
+            "order_id": order_id,
+            "correlation_id": _correlation_id(value),
+        },
+    )
     return parked_event
 
 
@@ -175,6 +211,21 @@ async def retry(
                 ) from None
         await store(db, state)
         await unpark(connection, target, topic, order_ids)
+    for applied in events:
+        _log.info(
+            "%s: applied parked event %d/%d of order %s",
+            target,
+            applied.partition,
+            applied.offset,
+            applied.envelope.order_id,
+            extra={
+                "projection": target.name,
+                "partition": applied.partition,
+                "offset": applied.offset,
+                "order_id": applied.envelope.order_id,
+                "correlation_id": applied.envelope.correlation_id,
+            },
+        )
     return [parked_event for parked_event, _ in parked_now]
 
 

@@ -36,7 +36,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,10 +170,10 @@ class ProjectionRunner:
         for partition in partitions:
             self._reposition(partition)
         _log.info(
-            "%s: assigned partitions %s at %s",
+            "%s: assigned partitions %s; %s",
             self.label,
-            sorted(partitions),
-            [self.positions[p] for p in sorted(partitions)],
+            _spans(partitions),
+            _checkpoint_summary({p: self.positions[p] for p in partitions}),
         )
 
     def await_seek(self, partitions: Sequence[int], error: Exception) -> None:
@@ -346,7 +346,17 @@ class ProjectionRunner:
         names = [t.name for t in self.targets]
         if self.partitions.halt(halt, names) and self.consumer is not None:
             self.consumer.pause(self._tp(halt.partition))
-        _log.error("%s", advice(halt, self._target(halt.projection)))
+        _log.error(
+            "%s",
+            advice(halt, self._target(halt.projection)),
+            extra={
+                "projection": halt.projection,
+                "partition": halt.partition,
+                "offset": halt.offset,
+                "order_id": halt.order_id,
+                "correlation_id": halt.correlation_id,
+            },
+        )
 
     async def housekeeping(self, idle: bool = True) -> None:
         """Store new halts, pick up parks, and (when ``idle``, no fetch in flight) move
@@ -401,6 +411,31 @@ class ProjectionRunner:
         # From the attempt's end: a commit that timed out does not come again at once, which
         # would hold every pass of the loop while the coordinator alone is away.
         self._last_kafka_commit = time.monotonic()
+
+
+def _spans(partitions: Iterable[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``0-2, 5, 7-8``: a log line stays short with many partitions."""
+    runs: list[list[int]] = []
+    for partition in sorted(partitions):
+        if runs and partition == runs[-1][-1] + 1:
+            runs[-1].append(partition)
+        else:
+            runs.append([partition])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _checkpoint_summary(positions: Mapping[int, Mapping[str, int]]) -> str:
+    """Each projection's checkpoints over some partitions as one range of offsets."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for checkpoints in positions.values():
+        for name, offset in checkpoints.items():
+            low, high = ranges.get(name, (offset, offset))
+            ranges[name] = (min(low, offset), max(high, offset))
+    described = [
+        f"{name} {low}" if low == high else f"{name} {low}-{high}"
+        for name, (low, high) in ranges.items()
+    ]
+    return f"checkpoint offsets: {', '.join(described)}" if described else "no checkpoints"
 
 
 async def _retrying(stop: asyncio.Event, label: str, step: Callable[[], Awaitable[None]]) -> None:

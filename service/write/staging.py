@@ -196,7 +196,14 @@ class Committed:
             except Exception as error:
                 # A bug with this command (a 500 for it alone): nothing of it is staged, and
                 # the rest of the batch goes on.
-                _log.exception("deciding command %s failed", request.command_id)
+                _log.exception(
+                    "deciding command %s failed",
+                    request.command_id,
+                    extra={
+                        "correlation_id": request.correlation_id or request.command_id,
+                        "order_id": request.command.order_id,
+                    },
+                )
                 decision = error
             if isinstance(decision, _Sealed):
                 if decision.order_state is not None:

@@ -85,6 +85,21 @@ class _Pending:
     taken: bool = False
 
 
+# A failed batch's log line names this many of its commands' correlation ids.
+_LOGGED_CORRELATION_IDS = 20
+
+
+def _batch_context(batch: Sequence[_Pending]) -> dict[str, object]:
+    """What a log line about a batch carries: its size and (the first) correlation ids."""
+    return {
+        "commands": len(batch),
+        "correlation_ids": [
+            pending.request.correlation_id or pending.request.command_id
+            for pending in batch[:_LOGGED_CORRELATION_IDS]
+        ],
+    }
+
+
 class Writer:
     """Owns the order state and the transactional producer. Use ``start``, ``submit``, ``stop``."""
 
@@ -275,7 +290,7 @@ class Writer:
                     # A bug outside any one command's decision (those fail alone, in
                     # staging): the batch's callers get it (a 500) and the loop goes on,
                     # rather than leave every later command waiting on a loop that is gone.
-                    _log.exception("a batch of commands failed")
+                    _log.exception("a batch of commands failed", extra=_batch_context(batch))
                     self._fail(batch, error)
                 finally:
                     self._in_flight = (0, 0.0)
@@ -320,7 +335,7 @@ class Writer:
                     self.config.commit_timeout,
                 )
         except _FENCING_ERRORS as error:
-            self._fenced(error)
+            self._fenced(error, batch)
             self._answer_all(batch, staged.answers_after_failure(self._unavailable()))
             self._fail_queued(self._unavailable())
             self._appender.discard()
@@ -332,6 +347,7 @@ class Writer:
                 "append failed (%r): outcome unknown, rebuilding state from the log",
                 error,
                 exc_info=not isinstance(error, _EXPECTED_OUTAGE_ERRORS),
+                extra=_batch_context(batch),
             )
             if self.state is WriterState.READY:
                 self.state = WriterState.RECOVERING
@@ -389,13 +405,15 @@ class Writer:
             _log.info("writer recovered: state rebuilt from the log")
             return
 
-    def _fenced(self, error: Exception) -> None:
-        """Another writer with our transactional id took over the log: never write again."""
+    def _fenced(self, error: Exception, batch: Sequence[_Pending] = ()) -> None:
+        """Another writer with our transactional id took over the log: never write again.
+        ``batch``: the commands whose append found out (they were not recorded)."""
         _log.error(
             "FENCED: another writer with transactional id %r took over the log (%r); this "
             "instance will never write again",
             self.config.transactional_id,
             error,
+            extra=_batch_context(batch) if batch else None,
         )
         self.state = WriterState.FENCED
 

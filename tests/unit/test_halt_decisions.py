@@ -78,7 +78,7 @@ def test_a_poison_event_in_a_batch_of_one_halts_its_partition() -> None:
     part = bisection.next()
     assert part is not None
     halt = bisection.refused(part, "the database refused it")
-    assert halt == Halt("orders", 0, 7, "order-7", "the database refused it")
+    assert halt == Halt("orders", 0, 7, "order-7", "the database refused it", "cmd")
     assert bisection.next() is None
 
 

@@ -13,27 +13,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-_NOISY_LOGGERS = ("aiokafka", "kafka", "uvicorn.error", "httpx", "alembic")
+from service.edge.logs import setup as setup_logging
+from service.kernel.settings import Settings
+
 # A rebuild replays in this many processes unless told otherwise: one per core, at most two
 # (Postgres needs the rest of the machine for the writes).
 DEFAULT_REBUILD_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 def configure_logging(verbose: bool) -> None:
-    """Log lines with their time and source; the libraries' own chatter only with ``-v``."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in _NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
+    """Log lines as ``ORDERS_LOG_FORMAT`` says (JSON lines off a terminal, text on one;
+    docs/telemetry.md); the libraries' own chatter only with ``-v``."""
+    setup_logging(Settings.from_env().log_format, verbose=verbose)
 
 
 def positive(raw: str) -> int:

@@ -103,6 +103,14 @@ def _auth_summary(settings: Settings) -> str:
     return f"tokens checked against {settings.jwks_url or settings.jwks_file}"
 
 
+def _print_server_logs(logs: list[tuple[str, Path]], *, kept: bool) -> None:
+    """Where the broker's and PostgreSQL's own logs are: in their files, not in ours."""
+    for index, (server, path) in enumerate(logs):
+        print(f"  {'logs' if index == 0 else '':<11} {server + ':':<12}{path}")
+    if logs and not kept:
+        print("              (deleted when dev stops; --data-dir keeps them)")
+
+
 def cmd_token(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     folder = identity_folder(args.data_dir)
@@ -143,6 +151,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             await migrate_database(infra.database_url)
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
             print(f"  PostgreSQL  {infra.database_url}")
+            _print_server_logs(infra.server_logs, kept=args.data_dir is not None)
             print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
             if issuer is not None:
                 _print_tokens(issuer, settings)

@@ -21,6 +21,7 @@ from litestar.types import Receive
 from projections.log_ends import LogEnds
 from service.edge.http.auth import requires
 from service.edge.http.problems import ClientGone, problem_responses
+from service.edge.logs import CORRELATION_ID
 from service.infra import tracing
 from service.kernel import domain
 from service.kernel.access import Caller, Scope
@@ -141,6 +142,8 @@ CorrelationId = Annotated[
         min_length=1,
         max_length=128,
         pattern=HEADER_TOKEN_PATTERN,
+        description="Carried by the command's events and every log line about it, and echoed "
+        "in the response; without it, the trace id of a W3C traceparent, or a new id",
     ),
 ]
 OrderId = Annotated[str, PathParameter(min_length=1, max_length=64, pattern=IDENTIFIER_PATTERN)]
@@ -313,6 +316,7 @@ async def provide_creation(
 ) -> CommandContext:
     """The context of a command that creates an order: it can have no If-Match, and needs an
     Idempotency-Key (a create retried after a timeout must not make a second order)."""
+    correlation_id = correlation_id or CORRELATION_ID.get()
     return CommandContext(request, writer, datetime.now(UTC), idempotency_key, correlation_id)
 
 
@@ -328,6 +332,7 @@ async def provide_context(
     ``dataclasses.replace``, costs microseconds on every request.)"""
     expected_version = parse_if_match(if_match)
     at = datetime.now(UTC)
+    correlation_id = correlation_id or CORRELATION_ID.get()
     return CommandContext(request, writer, at, idempotency_key, correlation_id, expected_version)
 
 

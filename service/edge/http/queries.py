@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -159,7 +160,10 @@ class OrderReader:
         future: asyncio.Future[asyncpg.Record | None] = asyncio.get_running_loop().create_future()
         self._wanted.setdefault(order_id, []).append(future)
         if self._in_flight is None or self._in_flight.done():
-            self._in_flight = asyncio.create_task(self._read(), name="order-reader")
+            # Reads for many requests: outside the context (correlation id) of the one starting it.
+            self._in_flight = asyncio.create_task(
+                self._read(), name="order-reader", context=contextvars.Context()
+            )
         return await future
 
     async def _read(self) -> None:

@@ -24,6 +24,17 @@ class Infrastructure:
     kafka: LocalKafka | None = None
     postgres: LocalPostgres | None = None
 
+    @property
+    def server_logs(self) -> list[tuple[str, Path]]:
+        """The files the servers started here write their own logs to (nothing of theirs
+        reaches this process's output)."""
+        logs = []
+        if self.kafka is not None:
+            logs.append(("Kafka", self.kafka.log_file))
+        if self.postgres is not None:
+            logs.append(("PostgreSQL", self.postgres.log_file))
+        return logs
+
 
 @contextlib.contextmanager
 def infrastructure(
