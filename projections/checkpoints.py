@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.schema import projection_checkpoints, projection_versions
@@ -16,6 +17,18 @@ from service.infra.database import driver_of, reading
 from service.kernel.errors import Unavailable
 
 POLL_INTERVAL_S = 0.005
+
+WAITS = Counter(
+    "orders_consistency_waits",
+    "Queries that waited for their consistency token, by outcome",
+    ["outcome"],
+)
+WAIT_SECONDS = Histogram(
+    "orders_consistency_wait_seconds",
+    "How long a query waited for its consistency token",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+WAITERS = Gauge("orders_consistency_waiters", "Queries waiting for their consistency token now")
 
 
 def live_checkpoints(topic: str) -> sa.Subquery:
@@ -136,6 +149,7 @@ class CheckpointWatcher:
                 self.engine, projection, self.topic, partition, offset, 0
             )
         if self.max_waiting is not None and self.waiting >= self.max_waiting:
+            WAITS.labels("refused").inc()
             raise TooManyWaitingQueries(
                 f"{self.waiting} queries already wait for their consistency tokens, the most "
                 "this server lets wait; retry shortly"
@@ -144,15 +158,23 @@ class CheckpointWatcher:
         waiters = self._waiting.setdefault((projection, partition), [])
         waiters.append((offset, future))
         self.waiting += 1
+        WAITERS.inc()
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name="checkpoint-watcher")
+        started = time.monotonic()
+        outcome = "failed"
         try:
             async with asyncio.timeout(timeout_s):
                 await future
+            outcome = "reached"
             return True
         except TimeoutError:
+            outcome = "timed_out"
             return False
         finally:
+            WAITS.labels(outcome).inc()
+            WAIT_SECONDS.observe(time.monotonic() - started)
+            WAITERS.dec()
             self.waiting -= 1
             if (offset, future) in waiters:
                 waiters.remove((offset, future))

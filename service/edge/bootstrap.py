@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from prometheus_client import make_asgi_app
+from prometheus_client import REGISTRY, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -30,6 +30,7 @@ from service.infra.runtime import tune_gc
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
+from service.write.metrics import WriterCollector
 from service.write.writer import Writer
 
 _log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ async def _serve_with(
 ) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
+    writer_metrics: WriterCollector | None = None
     server: _Server | None = None
     try:
         if api is not None:
@@ -279,6 +281,8 @@ async def _serve_with(
             warn_if_off(access)
             partitions = await check_topic(settings)
             writer = Writer(writer_config(settings))
+            writer_metrics = WriterCollector(writer)
+            REGISTRY.register(writer_metrics)
             app = create_app(
                 Resources(
                     writer=writer,
@@ -293,6 +297,7 @@ async def _serve_with(
                 access=access,
                 published_jwks=api.published_jwks,
                 max_body_bytes=settings.max_body_bytes,
+                telemetry=settings.telemetry,
             )
             # Commands the service is too far behind to take are refused before the app.
             admitted = CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000))
@@ -315,6 +320,8 @@ async def _serve_with(
                     await tasks[name]
         if writer is not None:
             await writer.stop()
+        if writer_metrics is not None:
+            REGISTRY.unregister(writer_metrics)
         start = tasks.get("writer start-up")
         if start is not None and not start.done():
             start.cancel()

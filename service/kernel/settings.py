@@ -117,6 +117,9 @@ class Settings:
     max_queue_delay_ms: int = 300
     # Telemetry (docs/telemetry.md): Prometheus metrics on a port of their own (no token), and
     # the log format: json, text, or auto (text on a terminal, JSON lines otherwise).
+    # off: no request metrics, no access log, no traces (the writer's and the projector's own
+    # counters stay: a few per batch or command).
+    telemetry: bool = True
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "auto"
@@ -149,6 +152,7 @@ class Settings:
             rate_limit_burst=_int("ORDERS_RATE_LIMIT_BURST", 200),
             idempotency_ttl_s=_duration("ORDERS_IDEMPOTENCY_TTL", 24 * 3600),
             max_queue_delay_ms=_int("ORDERS_MAX_QUEUE_DELAY_MS", 300),
+            telemetry=_switch("ORDERS_TELEMETRY", True),
             metrics_port=_int("ORDERS_METRICS_PORT", 0) or None,
             metrics_host=os.environ.get("ORDERS_METRICS_HOST") or "127.0.0.1",
             log_format=_choice("ORDERS_LOG_FORMAT", ("auto", "json", "text")),

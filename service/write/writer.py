@@ -45,7 +45,7 @@ from aiokafka.errors import (
 
 from service.infra.eventlog import ensure_topic
 from service.kernel.domain import Order
-from service.write import recovery
+from service.write import metrics, recovery
 from service.write.appender import Appender
 from service.write.contract import (
     Accepted,
@@ -81,6 +81,7 @@ class _Pending:
 
     request: CommandRequest
     reply: asyncio.Future[Accepted]
+    queued_at: float  # loop time
     taken: bool = False
 
 
@@ -152,21 +153,49 @@ class Writer:
     def ready(self) -> bool:
         return self.state is WriterState.READY
 
+    # -- what the metrics read (``service.write.metrics.WriterCollector``) -------------------
+
+    @property
+    def state_name(self) -> str:
+        return self.state.value
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def orders_held(self) -> int:
+        return len(self._committed.orders)
+
+    @property
+    def idempotency_keys_held(self) -> int:
+        return len(self._committed.receipts)
+
     async def submit(self, request: CommandRequest) -> Accepted:
         """Decide and append one command; returns once its events are committed to the log
-        and visible to read_committed readers.
+        and visible to read_committed readers (counted in ``orders_writer_commands_total``).
 
         ``WriterOverloaded`` (nothing decided): at once when the commands ahead would keep this
         one queued longer than ``max_queue_delay``, or once it has been queued that long.
         Cancelling the caller withdraws a command still queued; once its batch has begun, the
         command completes (and is in the log if it committed) whatever the caller does."""
+        command = type(request.command).__name__
+        try:
+            accepted = await self._submit(request)
+        except BaseException as error:
+            metrics.COMMANDS.labels(command, metrics.outcome_of(error)).inc()
+            raise
+        metrics.COMMANDS.labels(command, metrics.outcome_of(None, replayed=accepted.replayed)).inc()
+        return accepted
+
+    async def _submit(self, request: CommandRequest) -> Accepted:
         if self.state is not WriterState.READY:
             raise self._unavailable()
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._expected_wait(now) > self.config.max_queue_delay:
             raise WriterOverloaded()
-        pending = _Pending(request, loop.create_future())
+        pending = _Pending(request, loop.create_future(), now)
         self._queue.put_nowait(pending)
         loop.call_at(now + self.config.max_queue_delay, self._expire, pending)
         try:
@@ -256,8 +285,13 @@ class Writer:
         """The commands of ``batch`` to decide now that it begins, each marked taken: not those
         answered while queued (withdrawn by their caller, or refused at their deadline)."""
         taken = [pending for pending in batch if not pending.reply.done()]
+        if not taken:
+            return taken
+        now = asyncio.get_running_loop().time()
         for pending in taken:
             pending.taken = True
+            metrics.QUEUE_DELAY.observe(now - pending.queued_at)
+        metrics.BATCH_COMMANDS.observe(len(taken))
         return taken
 
     async def _process(self, batch: list[_Pending]) -> bool:
@@ -276,12 +310,13 @@ class Writer:
         is committed only if the transaction commits (True). After a failure, also fail the
         queued commands and (unless fenced) rebuild the state from the log."""
         try:
-            positions = await asyncio.wait_for(
-                self._appender.append(
-                    [decided.events for decided in staged.appends], self.partition_count
-                ),
-                self.config.commit_timeout,
-            )
+            with metrics.TRANSACTION_SECONDS.time():
+                positions = await asyncio.wait_for(
+                    self._appender.append(
+                        [decided.events for decided in staged.appends], self.partition_count
+                    ),
+                    self.config.commit_timeout,
+                )
         except _FENCING_ERRORS as error:
             self._fenced(error)
             self._answer_all(batch, staged.answers_after_failure(self._unavailable()))

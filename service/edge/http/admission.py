@@ -16,11 +16,13 @@ from litestar.types import (
     Scope,
     Send,
 )
+from prometheus_client import Counter
 
 from service.edge.http.limits import Backlog
 from service.edge.http.problems import PROBLEM_JSON, problem_type
 
 _COMMAND_METHODS = frozenset({"POST", "PATCH", "DELETE", "PUT"})
+SHED = Counter("orders_http_shed", "Commands refused (503) before the app by admission control")
 DETAIL = "the service is at capacity: the command was not recorded; retry shortly"
 
 
@@ -35,6 +37,7 @@ class CommandAdmission:
             return
         loop = asyncio.get_running_loop()
         if not self.backlog.admit(loop.time()):
+            SHED.inc()
             await _refuse(scope["path"], send)
             return
         try:
