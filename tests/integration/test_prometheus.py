@@ -219,7 +219,7 @@ async def test_scraped_service_gives_every_query_data_and_the_lag_alert_fires_an
         lambda: _is_inactive(prometheus, LAG_ALERT),
         timeout=STEP_TIMEOUT_S,
     )
-    print(f"{LAG_ALERT} resolved {took:.1f} s after the lock was released; load: {load.statuses}")
+    print(f"{LAG_ALERT} resolved {took:.1f} s after the load stopped; load: {load.statuses}")
     # 503s: queries whose consistency wait timed out while the projector could not commit.
     assert not [s for s in load.statuses if s >= 500 and s != 503], load.statuses
 
