@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -23,6 +22,7 @@ from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
+from service.edge.http.telemetry import RequestTelemetry
 from service.edge.tracing import traces
 from service.infra.database import create_engine, migrate
 from service.infra.embedded import ensure_port_free
@@ -261,11 +261,11 @@ async def serve(
     roles = [role for role, on in (("api", api is not None), ("projector", run_projector)) if on]
     async with (
         # Traces only when the OTEL_* environment asks for them (and telemetry is on).
-        traces(f"orders-{'+'.join(roles)}", None if settings.telemetry else {}) as tracer,
+        traces(f"orders-{'+'.join(roles)}", None if settings.telemetry else {}),
         metrics_endpoint(settings.metrics_host, settings.metrics_port),
         database(settings.require_database(), DatabaseUse.SERVICE) as engine,
     ):
-        await _serve_with(engine, settings, stop, api, run_projector, projections, tracer)
+        await _serve_with(engine, settings, stop, api, run_projector, projections)
 
 
 async def _serve_with(
@@ -275,7 +275,6 @@ async def _serve_with(
     api: ApiOptions | None,
     with_projector: bool,
     projections: list[str] | None,
-    tracer: TracerProvider | None,
 ) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
     writer: Writer | None = None
@@ -304,11 +303,14 @@ async def _serve_with(
                 published_jwks=api.published_jwks,
                 max_body_bytes=settings.max_body_bytes,
                 telemetry=settings.telemetry,
-                tracer_provider=tracer,
             )
-            # Commands the service is too far behind to take are refused before the app.
-            admitted = CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000))
-            server = _Server(server_config(admitted, host=api.host, port=api.port))
+            # Commands the service is too far behind to take are refused before the app; every
+            # request, refused or not, is counted, logged and traced.
+            served = RequestTelemetry(
+                CommandAdmission(app, Backlog(settings.max_queue_delay_ms / 1000)),
+                telemetry=settings.telemetry,
+            )
+            server = _Server(server_config(served, host=api.host, port=api.port))
             tune_gc()
             tasks["writer start-up"] = asyncio.create_task(writer.start())
             tasks["api"] = asyncio.create_task(server.serve())

@@ -7,7 +7,7 @@ On only when the environment asks for it: ``OTEL_TRACES_EXPORTER`` names an expo
 ``OTEL_TRACES_SAMPLER_ARG``; spans batched to the OTLP/HTTP exporter, which reads its endpoint,
 headers, timeout and compression from the environment itself) and installs it
 (``service.infra.tracing``) for as long as the process serves. Off, nothing is installed: no
-HTTP middleware, no spans, no record headers.
+HTTP server span, no spans, no record headers.
 
 A misconfiguration is refused at start-up (``EnvironmentProblem``), not warned about and
 ignored as the SDK would: an operator who turned tracing on wants it.
@@ -21,7 +21,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -40,7 +39,6 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import TracerProvider as AnyTracerProvider
 
 from service.infra import tracing
 from service.kernel.errors import EnvironmentProblem
@@ -153,7 +151,7 @@ async def traces(
     service_name: str, environ: Mapping[str, str] | None = None
 ) -> AsyncIterator[TracerProvider | None]:
     """Trace while the block runs, if the environment (``os.environ`` by default) turns
-    tracing on; yields the provider (for the HTTP middleware), or None. On the way out the
+    tracing on; yields the provider, or None. On the way out the
     spans still buffered are exported (in a thread: the exporter blocks)."""
     provider = provider_from(os.environ if environ is None else environ, service_name=service_name)
     if provider is None:
@@ -166,13 +164,3 @@ async def traces(
     finally:
         tracing.uninstall()
         await asyncio.to_thread(provider.shutdown)
-
-
-def http_plugins(provider: AnyTracerProvider | None) -> list[OpenTelemetryPlugin]:
-    """Litestar's OpenTelemetry plugin (a server span per request, continuing the caller's
-    ``traceparent``) when tracing is on; nothing when ``provider`` is None. Without the ASGI
-    send/receive spans: two more per request, which say nothing about this service."""
-    if provider is None:
-        return []
-    config = OpenTelemetryConfig(tracer_provider=provider, exclude_spans=["receive", "send"])
-    return [OpenTelemetryPlugin(config)]

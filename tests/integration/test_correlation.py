@@ -19,8 +19,8 @@ from projections.models import catalog
 from projections.projection import Applied, Db, Projection, State
 from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
-from service.edge.http.correlation import CorrelatedAccessLog
 from service.edge.http.limits import Backlog
+from service.edge.http.telemetry import RequestTelemetry
 from service.edge.logs import ACCESS_LOGGER, JsonFormatter
 from service.write.writer import Writer
 from tests.integration.conftest import PARTITIONS
@@ -51,7 +51,7 @@ class RefusingCorrelated:
 def _client(writer: Writer, db: AsyncEngine, topic: str) -> httpx.AsyncClient:
     """The app as ``orders api`` serves it: the access log outside admission control."""
     app = create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
-    served = CorrelatedAccessLog(CommandAdmission(app, Backlog(30.0)))
+    served = RequestTelemetry(CommandAdmission(app, Backlog(30.0)))
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=served),
         base_url="http://test",

@@ -3,7 +3,7 @@ transaction that applied it to the query that waited for its consistency token; 
 of it while tracing is off.
 
 The tracer provider is the test's own (an in-memory exporter, every span sampled), installed
-with ``service.infra.tracing.install`` and handed to the app: never OpenTelemetry's global one,
+with ``service.infra.tracing.install``: never OpenTelemetry's global one,
 which a process can set only once.
 """
 
@@ -23,6 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.edge.http.app import Resources, create_app
+from service.edge.http.telemetry import RequestTelemetry
 from service.infra import tracing
 from service.infra.eventlog import read_to_end
 from service.write.writer import Writer
@@ -74,8 +75,9 @@ async def test_one_trace_goes_from_the_command_request_to_the_query_that_waited_
     group_prefix: str,
 ) -> None:
     provider, exporter = spans
-    app = create_app(
-        Resources(writer=writer, engine=db, topic=topic), access=access(), tracer_provider=provider
+    # As the composition root serves it: the server span is RequestTelemetry's.
+    app = RequestTelemetry(
+        create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
     )
     # The client's own span: it sends the same trace with the command and with the query. Not
     # current here: the app runs in this task, where it would be the server span's parent.
@@ -109,13 +111,15 @@ async def test_one_trace_goes_from_the_command_request_to_the_query_that_waited_
     servers = [s for s in in_trace if s.kind is SpanKind.SERVER]
     assert len(servers) == 2, [(s.name, s.attributes) for s in servers]  # the command, the query
     command_span = _one(
-        [s for s in servers if s.attributes and s.attributes.get("http.method") == "POST"],
+        [s for s in servers if s.attributes and s.attributes.get("http.request.method") == "POST"],
         "the command's server span",
     )
     query_span = _one(
-        [s for s in servers if s.attributes and s.attributes.get("http.method") == "GET"],
+        [s for s in servers if s.attributes and s.attributes.get("http.request.method") == "GET"],
         "the query's server span",
     )
+    # Named by route template, never by the raw path (which holds the order id).
+    assert (command_span.name, query_span.name) == ("POST /orders", "GET /orders/{order_id}")
     produce = _one([s for s in in_trace if s.kind is SpanKind.PRODUCER], "the produce span")
     assert produce.parent is not None
     assert produce.parent.span_id == command_span.context.span_id
@@ -166,7 +170,9 @@ async def test_with_tracing_off_no_span_is_made_and_no_record_carries_a_trace(
     provider = TracerProvider(sampler=ALWAYS_ON, shutdown_on_exit=False)
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
+    app = RequestTelemetry(
+        create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
+    )
     # A caller that traces sends its traceparent all the same.
     client = provider.get_tracer("test client").start_span("client")
     async with serve(app) as http:

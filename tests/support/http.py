@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import httpx
-from litestar import Litestar
+from litestar.types import ASGIApp
 
 from tests.support.identity import BACK_OFFICE, bearer
 
@@ -30,9 +30,7 @@ def client(base_url: str, *, token: str | None = BACK_OFFICE, timeout: float = 3
     )
 
 
-def serve(
-    app: Litestar, *, token: str | None = BACK_OFFICE, raw: bool = False
-) -> httpx.AsyncClient:
+def serve(app: ASGIApp, *, token: str | None = BACK_OFFICE, raw: bool = False) -> httpx.AsyncClient:
     """A client calling the app in this event loop, with ``token`` as its bearer token (None:
     no Authorization header). Unless ``raw``, a POST /orders without an Idempotency-Key gets
     a fresh one, as a well-behaved client's does.

@@ -13,8 +13,9 @@ from litestar import Litestar, get
 from litestar.params import PathParameter
 
 from service.edge.http.admission import CommandAdmission
-from service.edge.http.correlation import CorrelatedAccessLog, correlation_id_for
+from service.edge.http.correlation import correlation_id_for
 from service.edge.http.limits import Backlog
+from service.edge.http.telemetry import RequestTelemetry
 from service.edge.logs import ACCESS_LOGGER, CORRELATION_ID
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -96,7 +97,7 @@ async def _broken() -> None:
 
 def _client() -> httpx.AsyncClient:
     app = Litestar([_order, _broken], logging_config=None)
-    wrapped = CorrelatedAccessLog(CommandAdmission(app, _Full(0.3)))
+    wrapped = RequestTelemetry(CommandAdmission(app, _Full(0.3)))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped), base_url="http://test")
 
 

@@ -11,8 +11,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from opentelemetry.trace import TracerProvider
+from litestar.plugins.prometheus import PrometheusController
 from prometheus_client import disable_created_metrics
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -23,7 +22,6 @@ from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
-from service.edge.tracing import http_plugins
 from service.infra.eventlog import HighWatermarks
 from service.kernel.access import Scope
 from service.write.writer import Writer
@@ -32,14 +30,6 @@ _PUBLIC = {PUBLIC: True}  # served without a token
 
 # No `_created` series next to each counter: nothing here reads them, and they double a scrape.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-# Request counts and durations by route template (never the raw path: no order id as a label).
-HTTP_METRICS = PrometheusConfig(
-    app_name="orders-api",
-    prefix="orders_http",
-    group_path=True,
-    buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
-)
 
 
 class Metrics(PrometheusController):
@@ -82,13 +72,11 @@ def create_app(
     max_body_bytes: int = 64 * 1024,
     telemetry: bool = True,
     debug: bool = False,
-    tracer_provider: TracerProvider | None = None,
 ) -> Litestar:
     """Build the app around already-created resources (nothing connects here). ``access``:
     how callers are authenticated; ``published_jwks``: a key set to serve at
-    ``/.well-known/jwks.json`` (the development issuer's); ``telemetry``: request metrics (and
-    ``/metrics``); ``tracer_provider``: a server span per request when tracing is on
-    (``service.edge.tracing``)."""
+    ``/.well-known/jwks.json`` (the development issuer's); ``telemetry``: ``/metrics`` (the
+    request metrics, access log and spans are ``service.edge.http.telemetry``'s)."""
     auth = "on" if access.enabled else "off"
 
     def provide_writer() -> CommandSink:
@@ -200,9 +188,7 @@ def create_app(
             "group_prefix": Provide(provide_group_prefix, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        # Outermost first: the request metrics also count what authentication refuses.
-        middleware=[*([HTTP_METRICS.middleware] if telemetry else []), access.middleware()],
-        plugins=http_plugins(tracer_provider),
+        middleware=[access.middleware()],
         on_shutdown=[read_side.watcher.close, read_side.log_ends.close] if read_side else [],
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -1,4 +1,5 @@
-"""Correlation ids and the access log: an ASGI wrapper around everything that answers HTTP.
+"""Correlation ids and the access log line (the ASGI wrapper that uses them:
+``service.edge.http.telemetry.RequestTelemetry``).
 
 Each request gets a correlation id: its ``X-Correlation-Id`` when that is a sane token (1 to
 128 visible ASCII characters, as the command headers allow), else the trace id of its W3C
@@ -18,17 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from typing import Any
 
-from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from litestar.types import HTTPScope
 
-from service.edge.logs import ACCESS_LOGGER, CORRELATION_ID
+from service.edge.logs import ACCESS_LOGGER
 from service.kernel.access import Caller
 
 HEADER = "X-Correlation-Id"
-_HEADER_NAME = b"x-correlation-id"
+HEADER_NAME = b"x-correlation-id"
 _TRACEPARENT = b"traceparent"
 # The command headers' rule (service.edge.http.commands.HEADER_TOKEN_PATTERN), at most 128.
 _SANE = re.compile(rb"[!-~]{1,128}")
@@ -44,7 +43,7 @@ def correlation_id_for(headers: Any) -> str:
     given: bytes | None = None
     traceparent: bytes | None = None
     for name, value in headers:
-        if name == _HEADER_NAME:
+        if name == HEADER_NAME:
             given = value
         elif name == _TRACEPARENT:
             traceparent = value
@@ -57,38 +56,7 @@ def correlation_id_for(headers: Any) -> str:
     return os.urandom(16).hex()  # a uuid4's randomness at a fifth of its cost
 
 
-class CorrelatedAccessLog:
-    """The ASGI wrapper: correlation id in, echoed out, one access log line per request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:  # lifespan, websockets
-            await self.app(scope, receive, send)
-            return
-        correlation_id = correlation_id_for(scope["headers"])
-        echoed = (_HEADER_NAME, correlation_id.encode("ascii"))
-        status = 500  # what the server answers when the app fails before responding
-        started = time.perf_counter()
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), echoed]
-            await send(message)
-
-        token = CORRELATION_ID.set(correlation_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            if _access.isEnabledFor(logging.INFO):
-                _log_access(scope, status, time.perf_counter() - started, correlation_id)
-            CORRELATION_ID.reset(token)
-
-
-def _log_access(scope: HTTPScope, status: int, duration_s: float, correlation_id: str) -> None:
+def log_access(scope: HTTPScope, status: int, duration_s: float, correlation_id: str) -> None:
     """The access line. Made here rather than by ``Logger.info``, which would look up the
     calling frame for every request: a few microseconds of the line's budget."""
     user = scope.get("user")
