@@ -52,29 +52,30 @@ def _telemetry(on: bool, sink: OtlpSink, service: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _scraping(port: int | None) -> AsyncIterator[list[int]]:
-    """GET /metrics on ``port`` every SCRAPE_EVERY_S while the block runs; yields the sizes."""
-    sizes: list[int] = []
+async def _scraping(port: int | None, sizes: list[int]) -> AsyncIterator[None]:
+    """GET /metrics on ``port`` every SCRAPE_EVERY_S while the block runs; each answer's size
+    is appended to ``sizes``."""
     if port is None:
-        yield sizes
+        yield
         return
 
     async def scrape() -> None:
         while True:
-            connection = httpload.Connection(HOST, port)
-            try:
-                status, body = await asyncio.wait_for(connection.request("GET", "/metrics"), 5)
-                if status == 200:
-                    sizes.append(len(body))
-            except (OSError, asyncio.IncompleteReadError, httpload.HttpError, TimeoutError):
-                pass
-            finally:
-                connection.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(5):
+                    reader, writer = await asyncio.open_connection(HOST, port)
+                    writer.write(
+                        b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+                    )
+                    answer = await reader.read()  # until the server closes
+                    writer.close()
+                    if answer.startswith(b"HTTP/1.1 200"):
+                        sizes.append(len(answer))
             await asyncio.sleep(SCRAPE_EVERY_S)  # the scrape interval
 
     task = asyncio.create_task(scrape())
     try:
-        yield sizes
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -82,9 +83,10 @@ async def _scraping(port: int | None) -> AsyncIterator[list[int]]:
 
 
 async def telemetry_cost(ctx: Context) -> None:
+    scrapes: list[int] = []
     with OtlpSink() as sink:
-        api = await _api_on_and_off(ctx, sink)
-        events = await _projector_on_and_off(ctx, sink)
+        api = await _api_on_and_off(ctx, sink, scrapes)
+        events = await _projector_on_and_off(ctx, sink, scrapes)
         spans = sink.spans
     ctx.results["telemetry_cost"] = {
         "api": api.summary(),
@@ -95,6 +97,8 @@ async def telemetry_cost(ctx: Context) -> None:
         },
         "spans_exported": spans,
         "scrape_every_s": SCRAPE_EVERY_S,
+        "scrapes": len(scrapes),
+        "scrape_bytes_max": max(scrapes, default=0),
     }
     api_ratio = api.rate_ratio()
     on_rates, off_rates = events.of(True), events.of(False)
@@ -133,7 +137,7 @@ async def telemetry_cost(ctx: Context) -> None:
     ]
 
 
-async def _api_on_and_off(ctx: Context, sink: OtlpSink) -> Compared:
+async def _api_on_and_off(ctx: Context, sink: OtlpSink, scrapes: list[int]) -> Compared:
     """Two ``orders api`` processes, telemetry on and off, the same closed loop in turn."""
     plan, infra = ctx.plan, ctx.infra
     topic = f"bench.telemetry.{uuid.uuid4().hex[:8]}"
@@ -170,7 +174,7 @@ async def _api_on_and_off(ctx: Context, sink: OtlpSink) -> Compared:
             )
 
         async def measure(on: bool) -> httpload.LoadResult:
-            async with _scraping(metrics_port if on else None):
+            async with _scraping(metrics_port if on else None, scrapes):
                 return await measured(
                     meters[on],
                     httpload.closed_loop(
@@ -211,7 +215,9 @@ def _projector(
         stop_process(process, grace_seconds=30)
 
 
-async def _projector_on_and_off(ctx: Context, sink: OtlpSink) -> Alternated[float]:
+async def _projector_on_and_off(
+    ctx: Context, sink: OtlpSink, scrapes: list[int]
+) -> Alternated[float]:
     """``orders projector`` over the N-event topic from offset 0 into a fresh database, with
     telemetry on and off in turn (on, off, off, on): events/s between 10% and 90%."""
     filled = ctx.require_topic()
@@ -240,7 +246,7 @@ async def _projector_on_and_off(ctx: Context, sink: OtlpSink) -> Alternated[floa
                 filled.events,
             )
             with _projector(env, log_file, metrics_port) as process:
-                async with _scraping(metrics_port):
+                async with _scraping(metrics_port, scrapes):
                     run = await projector.follow(
                         engine,
                         topic=ctx.topic,
