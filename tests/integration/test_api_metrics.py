@@ -95,8 +95,12 @@ def test_command_outcomes_are_counted_by_type(client: httpx.Client) -> None:
     assert counted("PayOrder", "rejected") == 1
     # Requests by route template; the order id is in no label.
     template = "/orders/{order_id}/items"
-    added = value(after, "orders_http_requests_total", path=template, status_code="200")
-    assert added - value(before, "orders_http_requests_total", path=template) >= 2
+    added = {"path": template, "status_code": "200"}
+    assert (
+        value(after, "orders_http_requests_total", **added)
+        - value(before, "orders_http_requests_total", **added)
+        == 2
+    )
     assert order_id not in text
     # The writer's state, read at scrape time.
     assert value(after, "orders_writer_state", state="ready") == 1
