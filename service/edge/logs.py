@@ -11,6 +11,7 @@ msgspec encode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -62,18 +63,25 @@ class JsonFormatter(logging.Formatter):
         self._second = -1
         self._second_text = ""
 
-    def _timestamp(self, record: logging.LogRecord) -> str:
+    def timestamp(self, created: float) -> str:
+        """``created`` (seconds since the epoch) as ISO 8601 in UTC, to the millisecond."""
         # The handler's lock serialises format(): the cached second needs no lock of its own.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return "%s.%03dZ" % (self._second_text, record.msecs)  # noqa: UP031 (the fastest)
+        return "%s.%03dZ" % (self._second_text, (created - second) * 1000)  # noqa: UP031
+
+    def encode(self, line: dict[str, Any]) -> str:
+        try:
+            return self._encoder.encode(line).decode()
+        except (TypeError, ValueError, OverflowError):  # a context value msgspec refuses
+            return self._encoder.encode({k: _plain(v) for k, v in line.items()}).decode()
 
     def format(self, record: logging.LogRecord) -> str:
         fields = record.__dict__
         line: dict[str, Any] = {
-            "ts": self._timestamp(record),
+            "ts": self.timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -91,10 +99,7 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = record.exc_text
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        try:
-            return self._encoder.encode(line).decode()
-        except (TypeError, ValueError, OverflowError):  # a context value msgspec refuses
-            return self._encoder.encode({k: _plain(v) for k, v in line.items()}).decode()
+        return self.encode(line)
 
 
 def _plain(value: Any) -> Any:
@@ -161,13 +166,57 @@ def resolved_format(log_format: str, stream: TextIO) -> str:
     return "text" if stream.isatty() else "json"
 
 
+class _Installed:
+    """The JSON handler ``setup`` installed, for ``write_straight``."""
+
+    handler: logging.StreamHandler[TextIO] | None = None
+    formatter = JsonFormatter()
+
+
+def write_straight(logger: logging.Logger, message: str, context: dict[str, Any]) -> bool:
+    """Write an INFO line of ``logger`` with ``context`` straight to the JSON log stream, the
+    line its handler would have written, but without a ``LogRecord`` and the trip through
+    ``logging``: a fifth of the cost, for the access log's line per request. False, writing
+    nothing, unless logging is as ``setup`` left it with JSON lines (text lines, a handler or
+    filter added since): then the caller logs as usual."""
+    handler = _Installed.handler
+    root = logging.root
+    if (
+        handler is None
+        or len(root.handlers) != 1
+        or root.handlers[0] is not handler
+        or logger.handlers
+        or logger.filters
+        or handler.filters
+    ):
+        return False
+    formatter = _Installed.formatter
+    created = time.time()
+    with handler.lock or contextlib.nullcontext():  # as the handler formats and writes
+        line: dict[str, Any] = {
+            "ts": formatter.timestamp(created),
+            "level": "INFO",
+            "logger": logger.name,
+            "msg": message,
+        }
+        line.update(context)
+        handler.stream.write(formatter.encode(line) + handler.terminator)
+        handler.stream.flush()
+    return True
+
+
 def setup(log_format: str, *, verbose: bool = False, stream: TextIO | None = None) -> str:
     """Send every log line to ``stream`` (stderr) in ``log_format``; the libraries' own chatter
     only with ``verbose``. Returns the format chosen (``json`` or ``text``)."""
     out = stream if stream is not None else sys.stderr
     chosen = resolved_format(log_format, out)
     handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
+    if chosen == "json":
+        handler.setFormatter(_Installed.formatter)
+        _Installed.handler = handler
+    else:
+        handler.setFormatter(TextFormatter())
+        _Installed.handler = None
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -136,6 +136,7 @@ def provider_from(environ: Mapping[str, str], *, service_name: str) -> TracerPro
     provider = TracerProvider(
         sampler=sampler_from(environ),
         resource=Resource.create({SERVICE_NAME: name}),
+        id_generator=tracing.DrawnAheadIds(),
         shutdown_on_exit=False,  # ``traces`` shuts it down, flushing what is left
     )
     for exporter in exporters_from(environ):

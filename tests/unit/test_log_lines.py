@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
 
-from service.edge.logs import CORRELATION_ID, Demote, JsonFormatter, TextFormatter, setup
+from service.edge.logs import (
+    CORRELATION_ID,
+    Demote,
+    JsonFormatter,
+    TextFormatter,
+    setup,
+    write_straight,
+)
 
 
 class _Tty(io.StringIO):
@@ -149,3 +156,34 @@ def test_a_coordinator_not_available_yet_is_no_error() -> None:
     coordinator.error("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
     assert [json.loads(line)["level"] for line in out.getvalue().splitlines()] == ["INFO"]
     assert sum(isinstance(f, Demote) for f in coordinator.filters) == 1
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_a_line_written_straight_is_the_line_the_handler_writes() -> None:
+    out = io.StringIO()
+    setup("json", stream=out)
+    logger = logging.getLogger("orders.access")
+    context = {"method": "POST", "status": 201, "sub": None, "order_id": "o-1"}
+    logger.info("POST /orders 201", extra=context)
+    assert write_straight(logger, "POST /orders 201", context)
+
+    through_logging, straight = (json.loads(line) for line in out.getvalue().splitlines())
+    assert list(straight) == list(through_logging)
+    assert {**straight, "ts": None} == {**through_logging, "ts": None}
+    assert abs(_parsed(straight["ts"]) - _parsed(through_logging["ts"])) < 5
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_nothing_is_written_straight_unless_logging_is_as_set_up() -> None:
+    logger = logging.getLogger("orders.access")
+    out = io.StringIO()
+    setup("text", stream=out)
+    assert not write_straight(logger, "text lines", {})
+    setup("json", stream=out)
+    logging.getLogger().addHandler(logging.StreamHandler(io.StringIO()))  # someone else's
+    assert not write_straight(logger, "another handler", {})
+    assert out.getvalue() == ""
+
+
+def _parsed(timestamp: str) -> float:
+    return datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()

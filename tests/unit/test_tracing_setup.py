@@ -3,11 +3,19 @@ says, and a misconfiguration is refused at start-up."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBasedTraceIdRatio
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 from service.edge import tracing as setup
 from service.infra import tracing
@@ -107,3 +115,56 @@ def test_only_a_traced_commands_records_carry_its_trace_context() -> None:
         assert carried is not None
         assert (carried.trace_id, carried.span_id) == (sent.trace_id, sent.span_id)
     span.end()
+
+
+def _sampling(sampler: Sampler) -> tuple[TracerProvider, InMemorySpanExporter]:
+    provider = TracerProvider(
+        sampler=sampler, id_generator=tracing.DrawnAheadIds(), shutdown_on_exit=False
+    )
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    return provider, exporter
+
+
+@pytest.fixture
+def uninstalled() -> Iterator[None]:
+    yield
+    tracing.uninstall()
+
+
+@pytest.mark.usefixtures("uninstalled")
+@pytest.mark.parametrize("sampler", [TraceIdRatioBased(0.25), ParentBasedTraceIdRatio(0.25)])
+def test_a_trace_id_drawn_ahead_decides_as_the_sampler_would(sampler: Sampler) -> None:
+    _, exporter = _sampling(sampler)
+    limit = TraceIdRatioBased.TRACE_ID_LIMIT
+    bound = TraceIdRatioBased.get_bound_for_rate(0.25)
+    started = [tracing.start_span("POST", SpanKind.SERVER, None) for _ in range(4000)]
+    sampled = [span for span in started if span is not None]
+    for span in sampled:
+        span.end()
+    # Every span started is one the sampler takes, about a quarter of them (5 sigma: 137).
+    assert all(s.get_span_context().trace_id & limit < bound for s in sampled)
+    assert abs(len(sampled) - 1000) < 137
+    assert len(exporter.get_finished_spans()) == len(sampled)
+    assert len({s.get_span_context().trace_id for s in sampled}) == len(sampled)
+
+
+@pytest.mark.usefixtures("uninstalled")
+def test_a_callers_sampled_trace_is_continued_and_an_unsampled_one_is_not() -> None:
+    _sampling(ParentBasedTraceIdRatio(0.0))
+    assert tracing.start_span("POST", SpanKind.SERVER, None) is None
+    for flags, continued in ((TraceFlags.SAMPLED, True), (TraceFlags.DEFAULT, False)):
+        caller = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(flags))
+        span = tracing.start_span("POST", SpanKind.SERVER, caller)
+        assert (span is not None) is continued
+        if span is not None:
+            assert span.get_span_context().trace_id == 0xABC
+
+
+@pytest.mark.usefixtures("uninstalled")
+def test_without_ids_drawn_ahead_the_sdk_decides_alone() -> None:
+    provider = TracerProvider(sampler=TraceIdRatioBased(0.5), shutdown_on_exit=False)
+    tracing.install(provider)
+    started = [tracing.start_span("GET", SpanKind.SERVER, None) for _ in range(400)]
+    assert 100 < sum(span is not None for span in started) < 300

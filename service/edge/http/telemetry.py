@@ -12,7 +12,8 @@ One wrapper rather than Litestar's Prometheus middleware and OpenTelemetry plugi
 in-process on ``GET /health`` (62 us bare), the Prometheus middleware added 68 us per request
 and the OpenTelemetry plugin 162 us, at 1% sampling (its ASGI middleware builds every
 request's attributes, sampled or not): together a third of a command's CPU. Here an unsampled
-request costs one sampling decision, and the metrics a few label look-ups (docs/telemetry.md).
+request costs a sampling decision (``service.infra.tracing.start_span``), the metrics a few
+label look-ups, the access line a JSON encode and a write (docs/telemetry.md).
 With telemetry off only the correlation id remains: the events carry it.
 """
 
@@ -120,19 +121,12 @@ class RequestTelemetry:
 def _server_span(scope: HTTPScope) -> Span | None:
     """The request's server span when tracing is on and it is sampled, else None (nothing
     else to do: the command code takes along only sampled spans)."""
-    tracer = tracing.tracer()
-    if tracer is None:
+    if tracing.tracer() is None:
         return None
     carried = [
         (_TRACE_HEADERS[name], value) for name, value in scope["headers"] if name in _TRACE_HEADERS
     ]
-    caller = tracing.traced_in(carried)
-    span = tracer.start_span(
-        scope["method"],
-        context=tracing.parent(caller) if caller is not None else None,
-        kind=SpanKind.SERVER,
-    )
-    return span if span.is_recording() else None
+    return tracing.start_span(scope["method"], SpanKind.SERVER, tracing.traced_in(carried))
 
 
 def _end(span: Span, scope: HTTPScope, status: int) -> None:
