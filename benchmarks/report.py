@@ -17,7 +17,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Target:
-    """A target of issue 7, and whether this run met it (None: not measured)."""
+    """A target an issue set, and whether this run met it (None: not measured)."""
 
     name: str
     wanted: str
@@ -61,7 +61,7 @@ def table(rows: list[Row]) -> str:
 
 
 def targets_table(targets: list[Target]) -> str:
-    lines = ["| Target (issue 7) | Wanted | This run | Met |", "|---|---|---|:-:|"]
+    lines = ["| Target | Wanted | This run | Met |", "|---|---|---|:-:|"]
     for t in targets:
         met = "n/a" if t.met is None else ("yes" if t.met else "**no**")
         lines.append(f"| {t.name} | {t.wanted} | {t.measured} | {met} |")

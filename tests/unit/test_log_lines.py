@@ -3,6 +3,7 @@ the context of the call, or readable text; the request's correlation id on every
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -183,6 +184,22 @@ def test_nothing_is_written_straight_unless_logging_is_as_set_up() -> None:
     logging.getLogger().addHandler(logging.StreamHandler(io.StringIO()))  # someone else's
     assert not write_straight(logger, "another handler", {})
     assert out.getvalue() == ""
+
+
+@pytest.mark.usefixtures("restored_logging")
+async def test_lines_written_straight_go_out_together_and_in_order() -> None:
+    out = io.StringIO()
+    setup("json", stream=out)
+    access, other = logging.getLogger("orders.access"), logging.getLogger("orders.test")
+    assert write_straight(access, "first", {})
+    assert write_straight(access, "second", {})
+    assert out.getvalue() == ""  # held until the loop has run what is ready
+    other.warning("third")  # a line logged the usual way: the held ones go first
+    assert write_straight(access, "fourth", {})
+    await asyncio.sleep(0)  # one turn of the loop: the write scheduled before it has run
+
+    lines = [json.loads(line)["msg"] for line in out.getvalue().splitlines()]
+    assert lines == ["first", "second", "third", "fourth"]
 
 
 def _parsed(timestamp: str) -> float:

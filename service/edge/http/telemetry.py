@@ -19,15 +19,25 @@ With telemetry off only the correlation id remains: the events carry it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.edge.http.correlation import HEADER_NAME, correlation_id_for, log_access
 from service.edge.logs import ACCESS_LOGGER, CORRELATION_ID
@@ -39,18 +49,63 @@ UNMATCHED = "unmatched"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _TRACE_HEADERS = {b"traceparent": tracing.TRACEPARENT, b"tracestate": tracing.TRACESTATE}
 
-REQUESTS = Counter(
-    "orders_http_requests",
-    "HTTP requests answered, by method, route template and status",
-    ["method", "path", "status_code"],
-)
-DURATION = Histogram(
-    "orders_http_request_duration_seconds",
-    "Time to answer an HTTP request, by method, route template and status",
-    ["method", "path", "status_code"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-IN_PROGRESS = Gauge("orders_http_requests_in_progress", "HTTP requests being answered now")
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestMetrics(Collector):
+    """``orders_http_requests_total``, ``orders_http_request_duration_seconds`` (by method,
+    route template and status) and ``orders_http_requests_in_progress``.
+
+    Counted in plain numbers rather than prometheus-client's ``Counter`` and ``Histogram``, and
+    exported as their metric families at scrape time: those take a lock for every increment
+    (five a request, with the gauge), which cost a tenth of a command's HTTP telemetry under
+    load. No lock is needed: requests are answered and scrapes made on the event loop's
+    thread alone (``/metrics`` and ``ORDERS_METRICS_PORT`` both)."""
+
+    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self._bounds = buckets
+        # The bounds as prometheus-client writes them in ``le`` ("0.001", "1.0", "+Inf").
+        self._le = [*map(floatToGoString, buckets), "+Inf"]
+        # Per (method, route, status): each bucket's own count, then +Inf's, then the sum.
+        self._series: dict[tuple[str, str, int], list[float]] = {}
+        self.in_progress = 0
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        counts = self._series.get(key)
+        if counts is None:
+            counts = self._series[key] = [0.0] * (len(self._bounds) + 2)
+        counts[bisect.bisect_left(self._bounds, seconds)] += 1  # the first bound >= seconds
+        counts[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["method", "path", "status_code"]
+        requests = CounterMetricFamily(
+            "orders_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            labels=labels,
+        )
+        duration = HistogramMetricFamily(
+            "orders_http_request_duration_seconds",
+            "Time to answer an HTTP request, by method, route template and status",
+            labels=labels,
+        )
+        for (method, route, status), counts in list(self._series.items()):
+            values = [method, route, str(status)]
+            cumulative = list(itertools.accumulate(counts[:-1]))
+            requests.add_metric(values, cumulative[-1])
+            duration.add_metric(values, list(zip(self._le, cumulative, strict=True)), counts[-1])
+        yield requests
+        yield duration
+        yield GaugeMetricFamily(
+            "orders_http_requests_in_progress",
+            "HTTP requests being answered now",
+            value=self.in_progress,
+        )
+
+
+REQUEST_METRICS = RequestMetrics()
+REGISTRY.register(REQUEST_METRICS)
 
 _access = logging.getLogger(ACCESS_LOGGER)
 
@@ -62,7 +117,6 @@ class RequestTelemetry:
     def __init__(self, app: ASGIApp, *, telemetry: bool = True) -> None:
         self.app = app
         self.telemetry = telemetry
-        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:  # lifespan, websockets
@@ -86,7 +140,7 @@ class RequestTelemetry:
                 return
             started = time.perf_counter()
             span = _server_span(scope)
-            IN_PROGRESS.inc()
+            REQUEST_METRICS.in_progress += 1
             try:
                 if span is None:
                     await self.app(scope, receive, respond)
@@ -97,25 +151,18 @@ class RequestTelemetry:
                     finally:
                         otel_context.detach(attached)
             finally:
-                IN_PROGRESS.dec()
+                REQUEST_METRICS.in_progress -= 1
                 elapsed = time.perf_counter() - started
-                self._count(scope, status, elapsed)
+                method = scope["method"] if scope["method"] in _METHODS else "other"
+                REQUEST_METRICS.observe(
+                    method, scope.get("path_template") or UNMATCHED, status, elapsed
+                )
                 if span is not None:
                     _end(span, scope, status)
                 if _access.isEnabledFor(logging.INFO):
                     log_access(scope, status, elapsed, correlation_id)
         finally:
             CORRELATION_ID.reset(token)
-
-    def _count(self, scope: HTTPScope, status: int, elapsed: float) -> None:
-        method = scope["method"] if scope["method"] in _METHODS else "other"
-        key = (method, scope.get("path_template") or UNMATCHED, status)
-        series = self._series.get(key)
-        if series is None:
-            labels = (key[0], key[1], str(status))
-            series = self._series[key] = (REQUESTS.labels(*labels), DURATION.labels(*labels))
-        series[0].inc()
-        series[1].observe(elapsed)
 
 
 def _server_span(scope: HTTPScope) -> Span | None:
