@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from service.infra.database import create_engine
 from service.infra.embedded import ensure_port_free
@@ -27,7 +28,9 @@ from service.infra.embedded.kafka import (
     wait_until_usable,
 )
 from service.infra.embedded.postgres import LocalPostgres, check_reachable
+from service.infra.embedded.stack import Infrastructure
 from service.kernel.errors import EnvironmentProblem
+from service.kernel.settings import sqlalchemy_url
 
 
 async def _create_topic(bootstrap: str, topic: str) -> None:
@@ -310,3 +313,50 @@ async def test_the_database_fixture_gives_each_module_its_own_database(
         await connection.close()
     assert name.startswith("t_test_infrastructure_")
     assert uuid  # the suffix is random per run
+
+
+def _embedded(infra: Infrastructure) -> LocalPostgres:
+    if infra.postgres is None:
+        pytest.skip("the embedded server's socket: not with ORDERS_TEST_DOCKER=1 containers")
+    return infra.postgres
+
+
+def test_a_unix_socket_database_url_migrates_and_connects(
+    infra: Infrastructure, database_url: str
+) -> None:
+    # The libpq form local servers and cloud SQL proxies use: the socket directory in host=.
+    postgres = _embedded(infra)
+    database = make_url(database_url).database
+    url = f"postgresql://postgres@/{database}?host={postgres.data_dir}&port={postgres.port}"
+    check_reachable(url, timeout=5)
+    migrated = _orders("migrate", env={**os.environ, "DATABASE_URL": url})
+    assert migrated.returncode == 0, migrated.stderr
+
+    async def views() -> int:
+        engine = create_engine(sqlalchemy_url(url))
+        try:
+            async with engine.connect() as connection:
+                found = await connection.scalar(
+                    text("SELECT count(*) FROM pg_views WHERE schemaname = 'public'")
+                )
+                return int(found or 0)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(views()) > 0
+
+
+def test_a_database_url_without_a_host_uses_pghost(
+    infra: Infrastructure, database_url: str
+) -> None:
+    postgres = _embedded(infra)
+    database = make_url(database_url).database
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgresql:///{database}",
+        "PGHOST": str(postgres.data_dir),
+        "PGPORT": str(postgres.port),
+        "PGUSER": "postgres",
+    }
+    migrated = _orders("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr

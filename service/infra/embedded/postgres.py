@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,18 +214,57 @@ class LocalPostgres:
         self.start(timeout=timeout)
 
 
-def check_reachable(url: str, *, timeout: float = 10.0) -> None:
-    """Fail with advice when nothing answers at the host and port of ``url``."""
+# Where libpq (and asyncpg, which follows it) looks for a server when the URL names no host.
+DEFAULT_SOCKET_DIRECTORIES = ("/run/postgresql", "/var/run/postgresql", "/tmp", "/private/tmp")
+
+
+def endpoints(url: str, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Where a client of ``url`` looks for the server, in order, as libpq and asyncpg do: the
+    URL's host, else its ``host=`` query parameter (a list, comma-separated), else ``PGHOST``,
+    else the default socket directories and then localhost; a host starting with ``/`` is a
+    Unix socket directory. Each as ``host:port`` or a socket's path."""
     from sqlalchemy.engine import make_url
 
+    env = os.environ if environ is None else environ
     parsed = make_url(url)
-    host = parsed.host or "127.0.0.1"
-    port = parsed.port or 5432
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
+    query = {
+        key: value if isinstance(value, str) else ",".join(value)
+        for key, value in parsed.query.items()
+    }
+    hosts_text = parsed.host or query.get("host") or env.get("PGHOST") or ""
+    hosts = [host for host in hosts_text.split(",") if host] or [
+        *DEFAULT_SOCKET_DIRECTORIES,
+        "localhost",
+    ]
+    port_text = str(parsed.port or "") or query.get("port") or env.get("PGPORT") or "5432"
+    ports = port_text.split(",")
+    found = []
+    for index, host in enumerate(hosts):
+        port = ports[index] if index < len(ports) else ports[-1]
+        found.append(f"{host}/.s.PGSQL.{port}" if host.startswith("/") else f"{host}:{port}")
+    return found
+
+
+def check_reachable(url: str, *, timeout: float = 10.0) -> None:
+    """Fail with advice when nothing answers where a client of ``url`` would look for the
+    server (``endpoints``): a TCP host and port, or a Unix socket."""
+    tried = endpoints(url)
+    reasons = []
+    for endpoint in tried:
+        try:
+            if endpoint.startswith("/"):
+                with socket.socket(socket.AF_UNIX) as unix:
+                    unix.settimeout(timeout)
+                    unix.connect(endpoint)
+            else:
+                host, _, port = endpoint.rpartition(":")
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                    pass
             return
-    except OSError as exc:
-        raise EnvironmentProblem(
-            f"cannot reach PostgreSQL at {host}:{port} from DATABASE_URL ({exc.strerror or exc}); "
-            "start it, fix DATABASE_URL, or unset it to use the embedded server"
-        ) from None
+        except (OSError, ValueError) as exc:
+            reasons.append(getattr(exc, "strerror", None) or str(exc))
+    where = tried[0] if len(tried) == 1 else f"any of {', '.join(tried)}"
+    raise EnvironmentProblem(
+        f"cannot reach PostgreSQL at {where} from DATABASE_URL ({reasons[-1]}); "
+        "start it, fix DATABASE_URL, or unset it to use the embedded server"
+    ) from None
