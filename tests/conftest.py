@@ -2,7 +2,8 @@
 
 They come from the same module as ``orders dev`` (``service.infra.embedded``): started here unless
 ``KAFKA_BOOTSTRAP_SERVERS`` / ``DATABASE_URL`` point at running ones, or, with
-``ORDERS_TEST_DOCKER=1`` and a Docker engine, from testcontainers. Each test module gets a
+``ORDERS_TEST_DOCKER=1``, from testcontainers (without a Docker engine the run stops at
+once, saying so). Each test module gets a
 fresh database; each test that asks for ``topic`` gets a topic name nobody else uses.
 """
 
@@ -24,14 +25,15 @@ from service.infra.embedded.stack import Infrastructure, infrastructure
 from tests.support.database import admin, reset_read_side
 
 
-def _docker_engine_available() -> bool:
+def _docker_engine_problem() -> str | None:
+    """Why no Docker engine answers, or None when one does."""
     try:
         import docker
 
         docker.from_env().ping()
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager
@@ -48,7 +50,15 @@ def _testcontainers() -> Iterator[Infrastructure]:
 
 @pytest.fixture(scope="session")
 def infra() -> Iterator[Infrastructure]:
-    if os.environ.get("ORDERS_TEST_DOCKER") == "1" and _docker_engine_available():
+    if os.environ.get("ORDERS_TEST_DOCKER") == "1":
+        # Asked for containers: never quietly run on the embedded servers instead.
+        problem = _docker_engine_problem()
+        if problem is not None:
+            pytest.exit(
+                f"ORDERS_TEST_DOCKER=1 but no Docker engine answers ({problem[:200]}); start "
+                "one, or unset ORDERS_TEST_DOCKER to test on the embedded Kafka and PostgreSQL",
+                returncode=2,
+            )
         with _testcontainers() as containers:
             yield containers
         return

@@ -360,3 +360,32 @@ def test_a_database_url_without_a_host_uses_pghost(
     }
     migrated = _orders("migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
+
+
+def test_asking_for_containers_without_a_docker_engine_stops_the_run_saying_so() -> None:
+    env = {
+        **os.environ,
+        "ORDERS_TEST_DOCKER": "1",
+        "DOCKER_HOST": "unix:///nonexistent/docker.sock",  # no engine, whatever the machine
+    }
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{__file__}::test_the_cli_says_in_one_line_when_kafka_does_not_answer",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "ORDERS_TEST_DOCKER=1 but no Docker engine answers" in result.stdout + result.stderr
+    assert "passed" not in result.stdout
