@@ -214,10 +214,11 @@ class _Installed:
 def write_straight(logger: logging.Logger, message: str, context: dict[str, Any]) -> bool:
     """Write an INFO line of ``logger`` with ``context`` as JSON, the line its handler would
     have written, but without a ``LogRecord`` and the trip through ``logging``, and together
-    with the other lines made while the event loop ran (``JsonLines``): a quarter of the
-    cost, for the access log's line per request. False, writing nothing, unless logging is as
-    ``setup`` left it with JSON lines (not with text lines, or a handler or filter added
-    since): then the caller logs as usual."""
+    with the other lines made while the event loop ran (``JsonLines``): about 6 us a line
+    instead of 13 to 20 through ``logging`` (in-process), for the access log's line per
+    request. False, writing nothing, unless logging is as ``setup`` left it with JSON lines
+    (not with text lines, or a handler or filter added since): then the caller logs as usual.
+    """
     handler = _Installed.handler
     root = logging.root
     if (

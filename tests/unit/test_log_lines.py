@@ -196,7 +196,12 @@ async def test_lines_written_straight_go_out_together_and_in_order() -> None:
     assert out.getvalue() == ""  # held until the loop has run what is ready
     other.warning("third")  # a line logged the usual way: the held ones go first
     assert write_straight(access, "fourth", {})
-    await asyncio.sleep(0)  # one turn of the loop: the write scheduled before it has run
+    # The loop runs its callbacks in the order they were scheduled: once this one has run, so
+    # has the write scheduled before it.
+    loop = asyncio.get_running_loop()
+    after_the_write = loop.create_future()
+    loop.call_soon(after_the_write.set_result, None)
+    await after_the_write
 
     lines = [json.loads(line)["msg"] for line in out.getvalue().splitlines()]
     assert lines == ["first", "second", "third", "fourth"]
