@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from service.infra.eventlog import ensure_topic
+from service.infra import topic as topics
 from service.kernel import envelope
 from service.kernel.domain import (
     AddItem,
@@ -285,7 +285,7 @@ async def create_topic(bootstrap: str, topic: str, *, timeout: float = 30) -> No
     Returns once every partition has a leader, so the first timed send does not pay for the
     leader elections of a brand-new topic (NotLeaderForPartition and a retry back-off).
     """
-    count = await ensure_topic(bootstrap, topic, partitions=PARTITIONS)
+    count = (await topics.create_topic(bootstrap, topic, partitions=PARTITIONS)).facts.partitions
     if count != PARTITIONS:
         raise RuntimeError(f"topic {topic} has {count} partitions, expected {PARTITIONS}")
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)

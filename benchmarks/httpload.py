@@ -29,6 +29,8 @@ import msgspec
 
 from benchmarks.callers import Customer
 from service.infra.embedded import free_port, spawn, stop_process
+from service.infra.embedded.kafka import run_coroutine
+from service.infra.topic import create_topic
 
 _log = logging.getLogger(__name__)
 
@@ -460,7 +462,9 @@ def api_process(
 ) -> Iterator[ApiProcess]:
     """``orders api`` on a free port against the given infrastructure, with ``settings``
     (environment variables: its identity provider, auth on or off, rate limits) on top of
-    this process's environment; stopped on exit."""
+    this process's environment; stopped on exit. Creates the topic first if it is new, as
+    an operator does (``orders topic create``)."""
+    run_coroutine(create_topic(bootstrap, topic, partitions=12))
     port = free_port()
     env = {
         **os.environ,

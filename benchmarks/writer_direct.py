@@ -35,7 +35,7 @@ async def closed_loop(
     discarded = LoadResult("warm-up", None, max(clients), warm_up)
     writer = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
             transactional_id=f"bench-writer-direct-{uuid.uuid4().hex[:8]}",
         )

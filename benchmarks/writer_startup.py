@@ -38,7 +38,7 @@ async def measure(bootstrap: str, topic: str) -> dict[str, float | int]:
     before = process.memory_info().rss
     writer = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
             transactional_id=f"bench-writer-startup-{uuid.uuid4().hex[:8]}",
         )

@@ -7,13 +7,14 @@ import contextlib
 import contextvars
 import math
 import time
+import uuid
 from collections.abc import Callable
 
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projections.schema import projection_checkpoints, projection_versions
+from projections.schema import projection_checkpoints, projection_topics, projection_versions
 from service.infra.database import driver_of, reading
 from service.kernel.errors import Unavailable
 
@@ -32,24 +33,36 @@ WAIT_SECONDS = Histogram(
 WAITERS = Gauge("orders_consistency_waiters", "Queries waiting for their consistency token now")
 
 
-def live_checkpoints(topic: str) -> sa.Subquery:
-    """(projection, partition, next_offset) of each projection's LIVE version on ``topic``.
+def live_checkpoints(topic: str, topic_id: uuid.UUID | None = None) -> sa.Subquery:
+    """(projection, partition, next_offset) of each projection's LIVE version on ``topic``;
+    with ``topic_id``, only of versions built from the topic of that id (a topic deleted and
+    created again under the same name has another: ``projections.identity``).
 
     A rebuild switches versions only once the new one has applied at least as much as the
     old, so what this answers never goes backwards.
     """
-    checkpoints, versions = projection_checkpoints, projection_versions
-    return (
-        sa.select(checkpoints.c.projection, checkpoints.c.partition, checkpoints.c.next_offset)
-        .join(
-            versions,
+    checkpoints, versions, topics = projection_checkpoints, projection_versions, projection_topics
+    query = sa.select(
+        checkpoints.c.projection, checkpoints.c.partition, checkpoints.c.next_offset
+    ).join(
+        versions,
+        sa.and_(
+            versions.c.projection == checkpoints.c.projection,
+            versions.c.version == checkpoints.c.version,
+        ),
+    )
+    if topic_id is not None:
+        query = query.join(
+            topics,
             sa.and_(
-                versions.c.projection == checkpoints.c.projection,
-                versions.c.version == checkpoints.c.version,
+                topics.c.projection == checkpoints.c.projection,
+                topics.c.version == checkpoints.c.version,
+                topics.c.topic == checkpoints.c.topic,
+                topics.c.topic_id == topic_id,
             ),
         )
-        .where(versions.c.state == "live", checkpoints.c.topic == topic)
-        .subquery("live_checkpoints")
+    return query.where(versions.c.state == "live", checkpoints.c.topic == topic).subquery(
+        "live_checkpoints"
     )
 
 
@@ -60,6 +73,7 @@ async def wait_for_checkpoint(
     partition: int,
     offset: int,
     timeout_s: float,
+    topic_id: uuid.UUID | None = None,
 ) -> bool:
     """Wait until ``projection`` has applied the event at ``offset`` of ``topic``/``partition``.
 
@@ -68,7 +82,7 @@ async def wait_for_checkpoint(
     that holds, False if ``timeout_s`` passes first (or at once, with ``timeout_s <= 0``,
     when it does not hold yet). A missing checkpoint row means nothing is applied yet.
     """
-    live = live_checkpoints(topic)
+    live = live_checkpoints(topic, topic_id)
     query = sa.select(live.c.next_offset).where(
         live.c.projection == projection, live.c.partition == partition
     )
@@ -110,18 +124,20 @@ class CheckpointWatcher:
         engine: AsyncEngine,
         topic: str,
         *,
+        topic_id: uuid.UUID | None = None,
         poll_interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         max_waiting: int | None = None,
     ) -> None:
         self.engine = engine
         self.topic = topic
+        self.topic_id = topic_id
         self.poll_interval_s = poll_interval_s
         self.clock = clock
         self.max_waiting = max_waiting  # None: no limit
         self.waiting = 0  # queries waiting now
         self.polls = 0
-        compiled = sa.select(live_checkpoints(topic)).compile(dialect=engine.dialect)
+        compiled = sa.select(live_checkpoints(topic, topic_id)).compile(dialect=engine.dialect)
         self._sql = str(compiled)
         self._parameters = [compiled.params[name] for name in compiled.positiontup or ()]
         self._waiting: dict[tuple[str, int], list[tuple[int, asyncio.Future[None]]]] = {}
@@ -147,7 +163,7 @@ class CheckpointWatcher:
             return True
         if timeout_s <= 0:
             return await wait_for_checkpoint(
-                self.engine, projection, self.topic, partition, offset, 0
+                self.engine, projection, self.topic, partition, offset, 0, self.topic_id
             )
         if self.max_waiting is not None and self.waiting >= self.max_waiting:
             WAITS.labels("refused").inc()

@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaError
 
 from projections import metrics
 from projections.batches import Batch
+from service.infra.kafka_clients import KafkaTarget, client_options
 from service.kernel.errors import Unavailable
 
 _log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class ConsumerBroken(Unavailable):
 
 
 def new_consumer(
-    bootstrap_servers: str,
+    kafka: KafkaTarget,
     group_id: str,
     *,
     instance_id: str | None,
@@ -41,7 +42,7 @@ def new_consumer(
 ) -> AIOKafkaConsumer:
     """A consumer of ``group_id`` that reads committed events and never commits on its own."""
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
+        **client_options(kafka),
         group_id=group_id,
         group_instance_id=f"{instance_id}.{group_id}" if instance_id else None,
         isolation_level="read_committed",

@@ -35,6 +35,7 @@ from projections.bookkeeping.registry import version_states
 from projections.models import catalog
 from projections.projection import Applied, Db, Target, begin, pg_text, store
 from service.infra.eventlog import committed_reader
+from service.infra.kafka_clients import KafkaTarget
 from service.kernel import envelope
 from service.kernel.errors import OperatorRefusal
 
@@ -76,7 +77,7 @@ async def _target(connection: asyncpg.Connection, name: str, version: int | None
 
 
 async def record_at(
-    bootstrap: str, topic: str, partition: int, offset: int, *, timeout_s: float = 15.0
+    bootstrap: KafkaTarget, topic: str, partition: int, offset: int, *, timeout_s: float = 15.0
 ) -> tuple[bytes | None, bytes]:
     """(key, value) of the committed record at ``partition``/``offset``."""
     consumer = committed_reader(bootstrap)
@@ -106,7 +107,7 @@ async def record_at(
 
 async def park(
     engine: AsyncEngine,
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     name: str,
     partition: int,

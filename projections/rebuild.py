@@ -233,7 +233,7 @@ async def _builders(
     batch after the switch would find its version live and change nothing."""
     env = {
         **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": config.bootstrap_servers,
+        "KAFKA_BOOTSTRAP_SERVERS": str(config.kafka),
         "DATABASE_URL": engine.url.render_as_string(hide_password=False),
         "ORDERS_TOPIC": config.topic,
         "ORDERS_GROUP_PREFIX": config.group_prefix,

@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from projections.bookkeeping.checkpoints import read_checkpoints
 from projections.projection import Target, begin
 from projections.runner import RunnerConfig
-from service.infra.eventlog import TopicMissing, committed_reader, topic_end_offsets
+from service.infra.eventlog import committed_reader, topic_end_offsets
+from service.infra.topic import TopicMissing
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Tracker:
         self.engine = engine
         self.config = config
         self.targets = list(targets)
-        self.consumer = committed_reader(config.bootstrap_servers)
+        self.consumer = committed_reader(config.kafka)
         self.started = time.monotonic()
         self.last: tuple[float, int] | None = None
         self.first_position: int | None = None
@@ -78,7 +79,7 @@ class Tracker:
         ends = await topic_end_offsets(self.consumer, self.config.topic)
         if ends is None:
             raise TopicMissing(
-                f"no topic {self.config.topic} at {self.config.bootstrap_servers}: nothing to "
+                f"no topic {self.config.topic} at {self.config.kafka}: nothing to "
                 "rebuild from (is ORDERS_TOPIC right?)"
             )
         return ends

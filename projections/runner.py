@@ -56,10 +56,15 @@ from projections.batches import (
     without_stale,
 )
 from projections.bookkeeping.checkpoints import StaleCheckpoint
+from projections.bookkeeping.topics import checkpoint_reach, record_topic
 from projections.halts import advice
+from projections.identity import replaced
 from projections.models import catalog
 from projections.partitions import Partitions
-from projections.projection import Projection, Target
+from projections.projection import Projection, Target, begin
+from service.infra.eventlog import topic_end_offsets
+from service.infra.kafka_clients import KafkaTarget, admin_client
+from service.infra.topic import describe_topic
 from service.kernel.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -67,7 +72,7 @@ _log = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class RunnerConfig:
-    bootstrap_servers: str
+    kafka: KafkaTarget
     topic: str
     group_prefix: str = "orders-projection"
     instance_id: str | None = None
@@ -202,6 +207,27 @@ class ProjectionRunner:
             await asyncio.sleep(delay)  # back-off while the database is away
             delay = min(delay * 2, 5.0)
 
+    async def _check_topic_identity(self, consumer: AIOKafkaConsumer) -> None:
+        """Refuse checkpoints taken on another topic of the same name (``projections.identity``);
+        a version that has no topic id yet gets this topic's."""
+        topic = self.config.topic
+        admin = admin_client(self.config.kafka)
+        await admin.start()
+        try:
+            description = await describe_topic(admin, topic)
+        finally:
+            await admin.close()
+        if description is None:  # deleted since the consumer saw it: the next start checks
+            return
+        ends = await topic_end_offsets(consumer, topic) or {}
+        async with begin(self.engine) as connection:
+            recorded = await record_topic(connection, self.targets, topic, description.topic_id)
+            reach = await checkpoint_reach(connection, self.targets, topic)
+        problem = replaced(topic, description.topic_id, recorded, reach, ends)
+        if problem is not None:
+            _log.error("%s: %s", self.label, problem)
+            raise problem
+
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -228,13 +254,18 @@ class ProjectionRunner:
 
     async def _consume(self, stop: asyncio.Event) -> None:
         consumer = consuming.new_consumer(
-            self.config.bootstrap_servers,
+            self.config.kafka,
             self.group_id,
             instance_id=self.config.instance_id,
             max_partition_fetch_bytes=self.config.max_partition_fetch_bytes,
         )
         await consuming.start(consumer, self.config.topic, stop, self.label)
         self.consumer = consumer
+        try:
+            await self._check_topic_identity(consumer)
+        except BaseException:
+            await consuming.stop_consumer(consumer)
+            raise
         # Subscribing before the topic exists would join the group with no partitions, and a
         # static member (instance id) keeps that empty assignment when it rejoins.
         consumer.subscribe([self.config.topic], listener=consuming.Listener(self))
@@ -462,7 +493,7 @@ async def _retrying(stop: asyncio.Event, label: str, step: Callable[[], Awaitabl
 def runner_config(settings: Settings) -> RunnerConfig:
     """The runner's settings from the service's."""
     return RunnerConfig(
-        bootstrap_servers=settings.require_kafka(),
+        kafka=settings.require_kafka(),
         topic=settings.topic,
         group_prefix=settings.projection_group_prefix,
         instance_id=settings.projector_instance_id,

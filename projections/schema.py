@@ -97,8 +97,23 @@ parked_events = sa.Table(
     ),
 )
 
+# The topic each version was built from, by the id Kafka gave it: one deleted and created again
+# under the same name is another topic, and checkpoints of the old one mean nothing there.
+projection_topics = sa.Table(
+    "projection_topics",
+    metadata,
+    sa.Column("projection", sa.Text, primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("topic_id", sa.Uuid, nullable=False),
+    sa.Column(
+        "recorded_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
 BOOKKEEPING = (
     projection_versions,
+    projection_topics,
     projection_checkpoints,
     projection_halts,
     parked_orders,

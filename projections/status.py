@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.bookkeeping.checkpoints import StoredCheckpoint, topic_checkpoints
@@ -23,6 +22,7 @@ from projections.bookkeeping.registry import version_states
 from projections.models import catalog
 from projections.projection import begin
 from service.infra.eventlog import committed_reader, topic_end_offsets
+from service.infra.kafka_clients import KafkaTarget, admin_client
 
 # Partition and projection states, worst first.
 HALTED = "halted"
@@ -134,11 +134,11 @@ def _segments(starts: set[int], end: int) -> list[tuple[int, int]]:
     return list(zip(bounds[-2::-1], bounds[:0:-1], strict=True))
 
 
-async def consumers(bootstrap: str, group_prefix: str) -> dict[str, int | None]:
+async def consumers(bootstrap: KafkaTarget, group_prefix: str) -> dict[str, int | None]:
     """Projection name -> members of the live projector groups that apply it (see
     ``members_per_projection``). A stopped projector leaves its group at once; a static member
     (ORDERS_PROJECTOR_INSTANCE_ID) only when its session times out."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = admin_client(bootstrap)
     try:
         await admin.start()
         prefix = f"{group_prefix}."
@@ -170,7 +170,7 @@ def members_per_projection(
 
 async def status(
     engine: AsyncEngine,
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     names: Sequence[str] | None = None,
     *,

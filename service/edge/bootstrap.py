@@ -26,9 +26,9 @@ from service.edge.http.telemetry import RequestTelemetry
 from service.edge.tracing import traces
 from service.infra.database import create_engine, migrate
 from service.infra.embedded import ensure_port_free
-from service.infra.eventlog import ensure_topic
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
+from service.infra.topic import TopicFacts, check_topic
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
@@ -228,24 +228,25 @@ async def migrate_database(url: str, *, revision: str = "head", action: str = "u
 
 def writer_config(settings: Settings) -> WriterConfig:
     return WriterConfig(
-        bootstrap_servers=settings.require_kafka(),
+        kafka=settings.require_kafka(),
         topic=settings.topic,
-        partitions=settings.partitions,
         transactional_id=settings.transactional_id,
         allow_deleting_topic=settings.allow_deleting_topic,
+        allow_undurable_topic=settings.allow_undurable_topic,
         max_batch=settings.group_commit_max_events,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_s),
         max_queue_delay=settings.max_queue_delay_ms / 1000,
     )
 
 
-async def check_topic(settings: Settings) -> int:
-    """Fail fast, before serving, on a topic that would lose history. Returns its partitions."""
-    return await ensure_topic(
+async def topic_of(settings: Settings) -> TopicFacts:
+    """Fail fast, before serving, on a topic that is missing (it is never created here), would
+    lose history, or keeps too few copies."""
+    return await check_topic(
         settings.require_kafka(),
         settings.topic,
-        partitions=settings.partitions,
         allow_deleting=settings.allow_deleting_topic,
+        allow_undurable=settings.allow_undurable_topic,
     )
 
 
@@ -281,10 +282,11 @@ async def _serve_with(
     writer_metrics: WriterCollector | None = None
     server: _Server | None = None
     try:
+        # The topic must exist (it is never created here) and keep its history.
+        topic = await topic_of(settings)
         if api is not None:
             access = access_for(settings)
             warn_if_off(access)
-            partitions = await check_topic(settings)
             writer = Writer(writer_config(settings))
             writer_metrics = WriterCollector(writer)
             REGISTRY.register(writer_metrics)
@@ -293,7 +295,8 @@ async def _serve_with(
                     writer=writer,
                     engine=engine,
                     topic=settings.topic,
-                    partitions=partitions,
+                    partitions=topic.partitions,
+                    topic_id=topic.topic_id,
                     consistency_wait_ms=settings.consistency_wait_ms,
                     max_waiting_queries=settings.max_waiting_queries,
                     kafka_bootstrap=settings.require_kafka(),

@@ -1,34 +1,21 @@
-"""The events topic on Kafka: creating and checking it, and reading it to the last stable offset."""
+"""Reading the events topic: to the last stable offset, and where each partition ends.
+
+``service.infra.topic`` creates and checks the topic itself."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from service.infra.kafka_clients import KafkaTarget, client_options
+from service.infra.topic import TopicMissing
 from service.kernel.errors import EnvironmentProblem
 
 _log = logging.getLogger(__name__)
-
-# The log is the truth: it must never delete or compact history.
-REQUIRED_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
-_TOPIC_ALREADY_EXISTS = 36
-_UNKNOWN_TOPIC = 3
-
-
-class TopicWouldLoseHistory(EnvironmentProblem):
-    """The events topic is configured to delete or compact events."""
-
-
-class TopicMissing(EnvironmentProblem):
-    """The events topic does not exist on the broker."""
 
 
 class TopicRepartitioned(EnvironmentProblem):
@@ -44,112 +31,6 @@ class TopicRepartitioned(EnvironmentProblem):
             "this topic: point ORDERS_TOPIC at a topic with the partition count its orders "
             "were written with"
         )
-
-
-async def ensure_topic(
-    bootstrap: str, topic: str, *, partitions: int, allow_deleting: bool = False
-) -> int:
-    """Create the events topic with infinite retention, or check an existing one.
-
-    Returns its partition count. Raises ``TopicWouldLoseHistory`` for a topic that would delete
-    or compact history, unless ``allow_deleting`` overrides it (then it only warns).
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
-    try:
-        count = await _partition_count(admin, topic)
-        if count is None:
-            brokers = len((await admin.describe_cluster())["brokers"])
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        topic,
-                        num_partitions=partitions,
-                        replication_factor=min(3, brokers),
-                        topic_configs=REQUIRED_TOPIC_CONFIG,
-                    )
-                ]
-            )
-            error = response.to_object()["topic_errors"][0]
-            if error["error_code"] not in (0, _TOPIC_ALREADY_EXISTS):
-                raise RuntimeError(f"could not create topic {topic}: {error['error_message']}")
-            _log.info(
-                "created topic %s with %d partitions and infinite retention", topic, partitions
-            )
-            count = await _wait_for_partitions(admin, topic)
-        problems = await _history_problems(admin, topic)
-        if problems:
-            message = (
-                f"topic {topic} would lose history ({', '.join(problems)}); the events topic is "
-                "the source of truth and needs retention.ms=-1, retention.bytes=-1 and "
-                "cleanup.policy=delete. Fix it with kafka-configs.sh --alter, or set "
-                "ORDERS_ALLOW_DELETING_TOPIC=1 to start anyway"
-            )
-            if not allow_deleting:
-                raise TopicWouldLoseHistory(message)
-            _log.warning("starting despite an unsafe topic: %s", message)
-        return count
-    finally:
-        await admin.close()
-
-
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    """The partition ids of ``topic``; ``TopicMissing`` if there is no such topic.
-
-    Lists the topics first: asking for one by name would let a broker that auto-creates topics
-    create it, with the wrong retention.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    await admin.start()
-    try:
-        if topic not in await admin.list_topics():
-            raise TopicMissing(
-                f"no topic {topic} at {bootstrap}; is the API running (it creates the topic) "
-                "and ORDERS_TOPIC right?"
-            )
-        described = (await admin.describe_topics([topic]))[0]
-        if described["error_code"] != 0:
-            raise EnvironmentProblem(
-                f"cannot describe topic {topic} at {bootstrap}: Kafka error "
-                f"{described['error_code']}; check the broker's log"
-            )
-        return sorted(int(p["partition"]) for p in described["partitions"])
-    finally:
-        await admin.close()
-
-
-async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int | None:
-    described = (await admin.describe_topics([topic]))[0]
-    if described["error_code"] == _UNKNOWN_TOPIC:
-        return None
-    if described["error_code"] != 0:
-        raise RuntimeError(f"cannot describe topic {topic}: error {described['error_code']}")
-    return len(described["partitions"])
-
-
-async def _wait_for_partitions(admin: AIOKafkaAdminClient, topic: str) -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        count = await _partition_count(admin, topic)
-        if count:
-            return count
-        await asyncio.sleep(0.1)  # pacing between metadata polls
-    raise RuntimeError(f"topic {topic} was created but its partitions never appeared")
-
-
-async def _history_problems(admin: AIOKafkaAdminClient, topic: str) -> list[str]:
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    entries = responses[0].to_object()["resources"][0]["config_entries"]
-    config = {entry["config_names"]: entry["config_value"] for entry in entries}
-    problems = []
-    for name, required in REQUIRED_TOPIC_CONFIG.items():
-        actual = config.get(name)
-        if name == "cleanup.policy":
-            if actual is not None and "compact" in actual:
-                problems.append(f"cleanup.policy={actual}")
-        elif actual is not None and actual != required:
-            problems.append(f"{name}={actual}")
-    return problems
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -184,10 +65,10 @@ def _murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-def committed_reader(bootstrap: str, **overrides: Any) -> AIOKafkaConsumer:
+def committed_reader(kafka: KafkaTarget, **overrides: Any) -> AIOKafkaConsumer:
     """A group-less consumer that sees committed transactions only."""
     options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
+        **client_options(kafka),
         "isolation_level": "read_committed",
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -219,8 +100,8 @@ class HighWatermarks:
     says why that is a partition's end), through one group-less consumer kept open between
     reads and opened again after a failed start."""
 
-    def __init__(self, bootstrap: str, topic: str, *, request_timeout_ms: int = 5000) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, kafka: KafkaTarget, topic: str, *, request_timeout_ms: int = 5000) -> None:
+        self.kafka = kafka
         self.topic = topic
         self.request_timeout_ms = request_timeout_ms
         self._consumer: AIOKafkaConsumer | None = None
@@ -229,7 +110,7 @@ class HighWatermarks:
         """partition -> high watermark; ``TopicMissing`` if the broker has no such topic."""
         if self._consumer is None:
             consumer = committed_reader(
-                self.bootstrap,
+                self.kafka,
                 isolation_level="read_uncommitted",
                 request_timeout_ms=self.request_timeout_ms,
             )
@@ -241,7 +122,7 @@ class HighWatermarks:
             self._consumer = consumer
         ends = await topic_end_offsets(self._consumer, self.topic)
         if ends is None:
-            raise TopicMissing(f"no topic {self.topic} at {self.bootstrap}")
+            raise TopicMissing(f"no topic {self.topic} at {self.kafka}")
         return ends
 
     async def close(self) -> None:
@@ -251,7 +132,7 @@ class HighWatermarks:
 
 
 async def read_to_end(
-    bootstrap: str,
+    kafka: KafkaTarget,
     topic: str,
     partitions: Sequence[int],
     *,
@@ -261,7 +142,7 @@ async def read_to_end(
 
     The end is taken once, at the start: what is committed later is not read.
     """
-    consumer = committed_reader(bootstrap)
+    consumer = committed_reader(kafka)
     await consumer.start()
     try:
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]

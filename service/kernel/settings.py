@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 DEFAULT_TOPIC = "orders.events"
 
@@ -83,15 +84,124 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KafkaSecurity:
+    """How every Kafka client of the service authenticates and encrypts, in the names Kafka's
+    own clients use. The password never shows in a repr, a log line or an error."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    @classmethod
+    def from_env(cls) -> KafkaSecurity:
+        protocol = (os.environ.get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").strip().upper()
+        if protocol not in SECURITY_PROTOCOLS:
+            raise SystemExit(
+                f"KAFKA_SECURITY_PROTOCOL={protocol!r}: use one of {', '.join(SECURITY_PROTOCOLS)}"
+            )
+        security = cls(
+            protocol=protocol,
+            sasl_mechanism=(os.environ.get("KAFKA_SASL_MECHANISM") or "").strip().upper() or None,
+            sasl_username=os.environ.get("KAFKA_SASL_USERNAME") or None,
+            sasl_password=_secret("KAFKA_SASL_PASSWORD"),
+            ssl_cafile=_readable_file("KAFKA_SSL_CAFILE"),
+            ssl_certfile=_readable_file("KAFKA_SSL_CERTFILE"),
+            ssl_keyfile=_readable_file("KAFKA_SSL_KEYFILE"),
+        )
+        security.check()
+        return security
+
+    def check(self) -> None:
+        """Refuse settings that cannot work together, saying what to set."""
+        if self.uses_sasl:
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise SystemExit(
+                    f"KAFKA_SECURITY_PROTOCOL={self.protocol} needs KAFKA_SASL_MECHANISM, one "
+                    f"of {', '.join(SASL_MECHANISMS)} (got {self.sasl_mechanism or 'nothing'})"
+                )
+            if not self.sasl_username or self.sasl_password is None:
+                raise SystemExit(
+                    f"KAFKA_SASL_MECHANISM={self.sasl_mechanism} needs KAFKA_SASL_USERNAME and "
+                    "KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)"
+                )
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password is not None:
+            raise SystemExit(
+                "KAFKA_SASL_* is set but KAFKA_SECURITY_PROTOCOL is "
+                f"{self.protocol}: set it to SASL_SSL (or SASL_PLAINTEXT), or unset KAFKA_SASL_*"
+            )
+        files = (self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile)
+        if not self.uses_tls and any(files):
+            raise SystemExit(
+                f"KAFKA_SSL_* is set but KAFKA_SECURITY_PROTOCOL is {self.protocol}: set it to "
+                "SSL or SASL_SSL, or unset KAFKA_SSL_*"
+            )
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise SystemExit(
+                "a client certificate needs both KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE"
+            )
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where the brokers are and how to talk to them. Prints as the bootstrap servers only."""
+
+    bootstrap_servers: str
+    security: KafkaSecurity = KafkaSecurity()
+
+    def __str__(self) -> str:
+        return self.bootstrap_servers
+
+
+def _secret(name: str) -> str | None:
+    """``NAME``, or the content of the file ``NAME_FILE`` names (one trailing newline
+    dropped), never both."""
+    value = os.environ.get(name)
+    path = os.environ.get(f"{name}_FILE")
+    if value and path:
+        raise SystemExit(f"set {name} or {name}_FILE, not both")
+    if not path:
+        return value or None
+    try:
+        return Path(path).read_text().removesuffix("\n")
+    except OSError as error:
+        raise SystemExit(f"{name}_FILE={path}: cannot read it ({error.strerror})") from None
+
+
+def _readable_file(name: str) -> str | None:
+    path = os.environ.get(name) or None
+    if path is not None and not os.access(path, os.R_OK):
+        raise SystemExit(f"{name}={path}: no such file, or not readable by this process")
+    return path
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the service can be told. ``None`` for Kafka or Postgres means: not configured."""
 
     kafka_bootstrap_servers: str | None = None
+    kafka_security: KafkaSecurity = KafkaSecurity()
     database_url: str | None = None
     topic: str = DEFAULT_TOPIC
     partitions: int = 12
     allow_deleting_topic: bool = False
+    allow_undurable_topic: bool = False
     transactional_id: str = "orders-writer"
     projection_group_prefix: str = "orders-projection"
     # Kafka static membership (KIP-345): a restarted projector with the same instance id takes
@@ -129,10 +239,12 @@ class Settings:
         database_url = os.environ.get("DATABASE_URL") or None
         return cls(
             kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+            kafka_security=KafkaSecurity.from_env(),
             database_url=sqlalchemy_url(database_url) if database_url else None,
             topic=os.environ.get("ORDERS_TOPIC") or DEFAULT_TOPIC,
             partitions=_int("ORDERS_PARTITIONS", 12),
             allow_deleting_topic=_flag("ORDERS_ALLOW_DELETING_TOPIC"),
+            allow_undurable_topic=_flag("ORDERS_ALLOW_UNDURABLE_TOPIC"),
             transactional_id=os.environ.get("ORDERS_TRANSACTIONAL_ID") or "orders-writer",
             projection_group_prefix=os.environ.get("ORDERS_GROUP_PREFIX") or "orders-projection",
             projector_instance_id=os.environ.get("ORDERS_PROJECTOR_INSTANCE_ID") or None,
@@ -161,13 +273,13 @@ class Settings:
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:
         return replace(self, kafka_bootstrap_servers=kafka, database_url=database_url)
 
-    def require_kafka(self) -> str:
+    def require_kafka(self) -> KafkaConnection:
         if not self.kafka_bootstrap_servers:
             raise SystemExit(
                 "KAFKA_BOOTSTRAP_SERVERS is not set: point it at a broker, or run `orders dev`, "
                 "which starts one for you"
             )
-        return self.kafka_bootstrap_servers
+        return KafkaConnection(self.kafka_bootstrap_servers, self.kafka_security)
 
     def require_database(self) -> str:
         if not self.database_url:

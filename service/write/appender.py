@@ -34,6 +34,7 @@ from opentelemetry.trace import Span, SpanContext, SpanKind
 
 from service.infra import tracing
 from service.infra.eventlog import committed_reader, partition_for
+from service.infra.kafka_clients import client_options
 from service.kernel import envelope
 from service.write import fencing, records
 from service.write.contract import WriterConfig
@@ -59,7 +60,7 @@ class Appender:
         other writer keeps the log.
         """
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.config.bootstrap_servers,
+            **client_options(self.config.kafka),
             transactional_id=self.config.transactional_id,
             enable_idempotence=True,
             acks="all",
@@ -69,7 +70,7 @@ class Appender:
         )
         if resume and self._held is not None:
             fencing.resume(producer, self._held)
-        stable_offsets = committed_reader(self.config.bootstrap_servers)
+        stable_offsets = committed_reader(self.config.kafka)
         try:
             # start() runs init_transactions: this fences any older producer with our id and
             # aborts its open transaction before we read the log.

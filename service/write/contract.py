@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from opentelemetry.trace import SpanContext
 
+from service.infra.kafka_clients import KafkaTarget
 from service.kernel.access import Actor
 from service.kernel.domain import Command
 from service.kernel.errors import Conflict, Unavailable
@@ -20,11 +21,11 @@ DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 
 @dataclass(frozen=True, kw_only=True)
 class WriterConfig:
-    bootstrap_servers: str
+    kafka: KafkaTarget
     topic: str
-    partitions: int = 12
     transactional_id: str = "orders-writer"
     allow_deleting_topic: bool = False
+    allow_undurable_topic: bool = False
     max_batch: int = 500
     commit_timeout: float = 15.0
     idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL

@@ -117,7 +117,7 @@ async def read_state(config: WriterConfig, partition_count: int, now: datetime) 
     count = 0
     # The first orders created in each partition, placed as the key would be now.
     unchecked = [_PLACEMENT_CHECKS] * partition_count
-    async for batch in read_to_end(config.bootstrap_servers, config.topic, range(partition_count)):
+    async for batch in read_to_end(config.kafka, config.topic, range(partition_count)):
         for record in batch:
             sealed, event = envelope.decode(record.value)
             if sealed.version == 1 and unchecked[record.partition]:
@@ -151,7 +151,7 @@ def _check_placement(topic: str, order_id: str, partition: int, partition_count:
 async def _end_offsets(
     config: WriterConfig, partitions: list[TopicPartition], isolation_level: str
 ) -> dict[TopicPartition, int]:
-    consumer = committed_reader(config.bootstrap_servers, isolation_level=isolation_level)
+    consumer = committed_reader(config.kafka, isolation_level=isolation_level)
     await consumer.start()
     try:
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)

@@ -43,7 +43,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service.infra.eventlog import ensure_topic
+from service.infra.topic import check_topic
 from service.kernel.domain import Order
 from service.write import metrics, recovery
 from service.write.appender import Appender
@@ -127,12 +127,13 @@ class Writer:
 
     async def start(self) -> None:
         """Check the topic, fence older writers, rebuild state from the log, then take commands."""
-        self.partition_count = await ensure_topic(
-            self.config.bootstrap_servers,
+        topic = await check_topic(
+            self.config.kafka,
             self.config.topic,
-            partitions=self.config.partitions,
             allow_deleting=self.config.allow_deleting_topic,
+            allow_undurable=self.config.allow_undurable_topic,
         )
+        self.partition_count = topic.partitions
         await self._appender.open()
         try:
             await self._load()

@@ -58,6 +58,7 @@ from tests.support.processes import (
     wait_no_open_transaction,
 )
 from tests.support.projection_harness import decoded, eventually, read_records
+from tests.support.topics import new_topic
 from tests.support.workload import (
     Audit,
     Ledger,
@@ -434,9 +435,8 @@ async def test_a_stop_during_a_broker_outage_ends_the_projector_without_the_brok
     await migrate(engine)
     bootstrap = servers.kafka.bootstrap_servers
     topic = f"outage.{os.urandom(4).hex()}"
-    writer = Writer(
-        WriterConfig(bootstrap_servers=bootstrap, topic=topic, partitions=2, transactional_id=topic)
-    )
+    await new_topic(bootstrap, topic, 2)
+    writer = Writer(WriterConfig(kafka=bootstrap, topic=topic, transactional_id=topic))
     await writer.start()
     order_ids = [f"outage-{topic}-{n}" for n in range(5)]
     try:
@@ -447,7 +447,7 @@ async def test_a_stop_during_a_broker_outage_ends_the_projector_without_the_brok
             await writer.submit(CommandRequest(command=create))
     finally:
         await writer.stop()
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=topic)
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix=topic)
     runner = ProjectionRunner([catalog.PROJECTIONS["orders"]], engine, config)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))

@@ -34,6 +34,7 @@ from tests.support.projection_harness import (
     table_contents,
     wait_caught_up,
 )
+from tests.support.topics import new_topic
 
 pytestmark = pytest.mark.chaos
 
@@ -93,11 +94,11 @@ def _env(
 
 @pytest.fixture
 async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
+    await new_topic(bootstrap, topic, PARTITIONS)
     writer = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
-            partitions=PARTITIONS,
             transactional_id=f"chaos-{topic}",
             # Not about load shedding: a slow batch on a busy machine must not refuse commands.
             max_queue_delay=60,

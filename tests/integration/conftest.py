@@ -15,6 +15,7 @@ from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.projection_harness import Api, clear_read_models
+from tests.support.topics import new_topic
 
 PARTITIONS = 4
 
@@ -41,11 +42,11 @@ def suffix() -> str:
 @pytest.fixture
 async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
     """The single writer on the test's topic, four partitions."""
+    await new_topic(bootstrap, topic, PARTITIONS)
     writer = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
-            partitions=PARTITIONS,
             transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
             commit_timeout=10,
             # Load shedding has its own tests (test_writer_limits, test_http_limits); here a

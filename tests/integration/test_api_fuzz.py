@@ -69,7 +69,7 @@ def _schema_of_the_app() -> dict[str, Any]:
     Loaded at import time because schemathesis makes one test per operation at collection;
     ``test_the_fuzzed_schema_is_the_one_the_service_serves`` checks it against the served one.
     """
-    writer = Writer(WriterConfig(bootstrap_servers="127.0.0.1:9", topic="unused"))
+    writer = Writer(WriterConfig(kafka="127.0.0.1:9", topic="unused"))
     engine = create_async_engine("postgresql+asyncpg://unused@127.0.0.1:9/unused")
     schema: dict[str, Any] = create_app(
         Resources(writer=writer, engine=engine, kafka_bootstrap="127.0.0.1:9"),

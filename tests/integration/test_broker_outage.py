@@ -46,6 +46,7 @@ from service.write.writer import Writer, WriterState
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.log import LoggedEvent, by_order, folded_orders, read_topic
+from tests.support.topics import new_topic
 
 pytestmark = pytest.mark.chaos
 
@@ -107,12 +108,21 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 def _config(broker: Broker, topic: str) -> WriterConfig:
     """A writer of its own (a fresh transactional id) on the module's broker."""
     return WriterConfig(
-        bootstrap_servers=broker.bootstrap_servers,
+        kafka=broker.bootstrap_servers,
         topic=topic,
-        partitions=PARTITIONS,
         transactional_id=f"outage-{uuid.uuid4().hex[:8]}",
         commit_timeout=COMMIT_TIMEOUT,
     )
+
+
+@pytest.fixture
+async def topic(broker: Broker) -> str:
+    """The test's events topic on the module's broker, created."""
+    if not broker.alive:  # an earlier test failed while the broker was down
+        await broker.restart()
+    name = f"test.outage.{uuid.uuid4().hex[:12]}"
+    await new_topic(broker.bootstrap_servers, name, PARTITIONS)
+    return name
 
 
 @pytest.fixture

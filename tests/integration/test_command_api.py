@@ -15,13 +15,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError
 
 from service.edge.http.app import Resources, create_app
-from service.infra.eventlog import TopicRepartitioned, TopicWouldLoseHistory
+from service.infra.eventlog import TopicRepartitioned
+from service.infra.topic import TopicWouldLoseHistory
 from service.write import staging
 from service.write.contract import WriterConfig
 from service.write.writer import Writer, WriterState
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.log import by_order, folded_orders, read_topic
+from tests.support.topics import new_topic
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
 PARTITIONS = 4
@@ -30,13 +32,20 @@ Client = httpx.AsyncClient
 
 def _config(bootstrap: str, topic: str, transactional_id: str) -> WriterConfig:
     return WriterConfig(
-        bootstrap_servers=bootstrap,
+        kafka=bootstrap,
         topic=topic,
-        partitions=PARTITIONS,
         transactional_id=transactional_id,
         commit_timeout=10,
         max_queue_delay=30,  # load shedding has its own tests; a busy machine stalls batches
     )
+
+
+@pytest.fixture
+async def topic(bootstrap: str) -> str:
+    """The test's events topic, created as an operator does."""
+    name = f"test.orders.{uuid.uuid4().hex[:12]}"
+    await new_topic(bootstrap, name, PARTITIONS)
+    return name
 
 
 @pytest.fixture
@@ -524,10 +533,10 @@ async def test_the_writer_refuses_a_topic_whose_partitions_were_added_after_orde
 )
 async def test_the_writer_refuses_a_topic_that_would_lose_history(
     bootstrap: str,
-    topic: str,
     transactional_id: str,
     config: dict[str, str],
 ) -> None:
+    topic = f"test.lossy.{uuid.uuid4().hex[:12]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -540,7 +549,7 @@ async def test_the_writer_refuses_a_topic_that_would_lose_history(
         await Writer(_config(bootstrap, topic, transactional_id)).start()
     overridden = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
             transactional_id=transactional_id,
             allow_deleting_topic=True,

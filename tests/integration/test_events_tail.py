@@ -25,7 +25,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from service.edge.cli.tail import TailOptions, partition_for, tail
-from service.infra.eventlog import TopicMissing
+from service.infra.topic import TopicMissing
 from service.kernel import domain
 from service.write.contract import Accepted, CommandRequest
 from service.write.writer import Writer

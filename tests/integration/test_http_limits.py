@@ -24,6 +24,7 @@ from service.write.contract import Accepted, CommandRequest, WriterConfig
 from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import BACK_OFFICE, access, bearer
+from tests.support.topics import new_topic
 
 DEADLINE_S = 20.0
 
@@ -67,11 +68,11 @@ def _create(customer_id: str, key: str) -> bytes:
 
 @contextlib.asynccontextmanager
 async def _writer(bootstrap: str, topic: str, max_queue_delay: float) -> AsyncIterator[Writer]:
+    await new_topic(bootstrap, topic, 4)
     writer = Writer(
         WriterConfig(
-            bootstrap_servers=bootstrap,
+            kafka=bootstrap,
             topic=topic,
-            partitions=4,
             transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
             max_queue_delay=max_queue_delay,
         )

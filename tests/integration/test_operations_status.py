@@ -560,7 +560,7 @@ async def test_a_version_far_behind_leaves_the_live_lag_exact(
     async with running(db, bootstrap, topic, group_prefix, ALL, assigned=PARTITIONS) as run:
         await status_when(db, bootstrap, topic, group_prefix, all_caught_up, "caught up", run)
 
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix=group_prefix)
     async with begin(db) as connection:
         (old,) = await live_targets(connection, [catalog.PROJECTIONS["orders"]])
         new = await create_building(connection, old)

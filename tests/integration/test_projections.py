@@ -839,7 +839,7 @@ async def test_a_stale_instance_whose_checkpoint_moved_writes_nothing(
     fetched = await read_records(bootstrap, topic, PARTITIONS)
     assert len(fetched) >= 2, "the workload should span several partitions"
     projection = catalog.PROJECTIONS[name]
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix="unused")
     everything = list(range(PARTITIONS))
 
     # Both instances (each a runner of this one projection) believe they own every partition
@@ -1155,7 +1155,7 @@ async def test_the_events_before_a_poison_in_the_same_batch_are_applied(
 
     tp = TopicPartition(topic, poisoned)
     batch = {tp: (await read_records(bootstrap, topic, PARTITIONS))[tp]}
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix="unused")
     runner = ProjectionRunner([catalog.PROJECTIONS[name] for name in ALL], db, config)
     await runner.load_targets()
     runner.positions = await stored_positions(runner, topic, [poisoned])
@@ -1208,7 +1208,7 @@ async def test_a_projection_whose_transaction_fails_is_retried_alone(
 
     failing = FailingOnce(catalog.PROJECTIONS["customer_summary"])
     others = [Counting(catalog.PROJECTIONS[name]) for name in ALL if name != failing.name]
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix="unused")
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix="unused")
     runner = ProjectionRunner([*others, failing], db, config)
     await runner.load_targets()
     runner.positions = await stored_positions(runner, topic, [partition])
@@ -1323,7 +1323,7 @@ async def commit_group_offsets(
 
 def group_id_of(names: Sequence[str], db: AsyncEngine, topic: str, group_prefix: str) -> str:
     """The consumer group of a runner of the named projections."""
-    config = RunnerConfig(bootstrap_servers="unused", topic=topic, group_prefix=group_prefix)
+    config = RunnerConfig(kafka="unused", topic=topic, group_prefix=group_prefix)
     return ProjectionRunner([catalog.PROJECTIONS[n] for n in names], db, config).group_id
 
 

@@ -270,7 +270,7 @@ async def test_a_rebuild_exports_its_progress(
     db: AsyncEngine, writer: Writer, bootstrap: str, topic: str, group_prefix: str
 ) -> None:
     await write_orders(writer, [f"r-{n}" for n in range(20)])
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix=group_prefix)
     await rebuild(db, config, ["orders"], in_place=True, tick_s=0.05)
     # Offsets, as on the terminal: transaction markers take some (docs/telemetry.md).
     target = sample("orders_rebuild_events_target", projection="orders")

@@ -32,7 +32,7 @@ from projections.schema import (
 from service.edge.http import queries
 from service.edge.http.app import Resources, create_app
 from service.infra.database import create_engine
-from service.infra.eventlog import ensure_topic
+from service.infra.topic import create_topic
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.database import reset_read_side
@@ -927,7 +927,7 @@ async def served_app(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 async def log(bootstrap: str, topic: str) -> str:
     """The test's topic, two partitions: records at offsets 0-2 of partition 0, none in 1."""
-    await ensure_topic(bootstrap, topic, partitions=2)
+    await create_topic(bootstrap, topic, partitions=2)
     assert await produce(bootstrap, topic, 0, 3) == [0, 1, 2]
     return topic
 
@@ -1236,7 +1236,7 @@ async def test_the_watcher_polls_again_once_its_latest_poll_is_older_than_an_int
 
 
 async def test_queries_and_commands_share_the_orders_path(db: AsyncEngine) -> None:
-    writer = Writer(WriterConfig(bootstrap_servers="127.0.0.1:9", topic=TOPIC))  # never started
+    writer = Writer(WriterConfig(kafka="127.0.0.1:9", topic=TOPIC))  # never started
     await insert(db, orders, [order_row("o-1")])
 
     async with serve(app_on(db, writer=writer)) as client:

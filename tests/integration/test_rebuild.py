@@ -71,7 +71,7 @@ REBUILD_UNDER_LOAD_S = 30.0
 
 
 def config_for(bootstrap: str, topic: str, group_prefix: str) -> RunnerConfig:
-    return RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
+    return RunnerConfig(kafka=bootstrap, topic=topic, group_prefix=group_prefix)
 
 
 def ends(accepted: list[Accepted]) -> dict[int, int]:

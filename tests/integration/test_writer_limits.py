@@ -17,6 +17,7 @@ from service.kernel.domain import CreateOrder
 from service.write.contract import Accepted, CommandRequest, WriterConfig, WriterOverloaded
 from service.write.writer import Writer
 from tests.support.log import LoggedEvent, folded_orders, read_topic
+from tests.support.topics import new_topic
 
 PARTITIONS = 4
 ALICE = Actor(sub="alice", client_id="shop-web")
@@ -30,11 +31,11 @@ async def start_writer(bootstrap: str, topic: str) -> AsyncIterator[StartWriter]
     started: list[Writer] = []
 
     async def start(**config: Any) -> Writer:
+        await new_topic(bootstrap, topic, PARTITIONS)
         writer = Writer(
             WriterConfig(
-                bootstrap_servers=bootstrap,
+                kafka=bootstrap,
                 topic=topic,
-                partitions=PARTITIONS,
                 transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
                 commit_timeout=10,
                 **config,

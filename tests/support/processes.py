@@ -22,6 +22,7 @@ from aiokafka import TopicPartition
 from service.infra.embedded import free_port, log_tail, spawn, stop_process
 from service.infra.eventlog import committed_reader
 from tests.support import identity
+from tests.support.topics import new_topic_now
 
 POLL_S = 0.1
 
@@ -35,7 +36,9 @@ def service_env(
     name: str,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of an ``orders`` process: its broker, database, topic and names."""
+    """The environment of an ``orders`` process: its broker, database, topic (created here, as
+    an operator would before the first start) and names."""
+    new_topic_now(bootstrap, topic, partitions)
     return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,

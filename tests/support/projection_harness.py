@@ -160,7 +160,7 @@ def runner_for(
     wrap: Callable[[Projection], Projection] | None = None,
 ) -> ProjectionRunner:
     """One runner (one consumer) applying the named projections (each ``wrap``ped if given)."""
-    config = RunnerConfig(bootstrap_servers=bootstrap, topic=topic, group_prefix=group_prefix)
+    config = RunnerConfig(kafka=bootstrap, topic=topic, group_prefix=group_prefix)
     projections: list[Projection] = [catalog.PROJECTIONS[name] for name in names]
     if lag_s:
         projections = [Lagging(projection, lag_s) for projection in projections]

@@ -24,6 +24,7 @@ from service.infra.database import create_engine, migrate
 from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER
 from service.kernel.settings import Settings
 from tests.support.identity import ISSUER
+from tests.support.topics import new_topic
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 60.0
@@ -88,6 +89,9 @@ class _Runner:
             await migrate(engine)
         finally:
             await engine.dispose()
+        await new_topic(
+            self.settings.require_kafka(), self.settings.topic, self.settings.partitions
+        )
         await serve(
             self.settings,
             self.stop_event,

@@ -10,7 +10,8 @@ from projections.projection import ProjectionBug
 from projections.rebuild import RebuildAlreadyRunning
 from projections.versions import NoLiveVersion, NotCaughtUp, VersionIsLive
 from service.edge.cli.advice import EXIT_ENVIRONMENT, EXIT_REFUSED, Advice, advice_for
-from service.infra.eventlog import TopicMissing, TopicRepartitioned, TopicWouldLoseHistory
+from service.infra.eventlog import TopicRepartitioned
+from service.infra.topic import TopicMissing, TopicWouldLoseHistory
 from service.kernel.domain import OrderNotFound
 from service.kernel.envelope import UndecodableEvent
 from service.kernel.errors import OrdersError

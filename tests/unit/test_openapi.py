@@ -15,7 +15,7 @@ from tests.support.identity import access
 def _spec() -> dict[str, Any]:
     # Nothing connects: the writer is never started, the engine never used, Kafka never asked.
     resources = Resources(
-        writer=Writer(WriterConfig(bootstrap_servers="127.0.0.1:1", topic="t")),
+        writer=Writer(WriterConfig(kafka="127.0.0.1:1", topic="t")),
         engine=create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none"),
         kafka_bootstrap="127.0.0.1:1",
     )

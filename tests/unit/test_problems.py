@@ -12,7 +12,7 @@ from litestar.testing import create_test_client
 from projections.parking import ParkingRefused
 from projections.projection import ProjectionBug
 from service.edge.http.problems import EXCEPTION_HANDLERS, NotYetConsistent, QueryProblem
-from service.infra.eventlog import TopicMissing
+from service.infra.topic import TopicMissing
 from service.kernel.domain import InvalidCommand, OrderNotFound, PaymentMismatch, TooManyEvents
 from service.kernel.errors import Conflict
 from service.write.contract import IdempotencyKeyReused, VersionMismatch, WriterUnavailable

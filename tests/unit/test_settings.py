@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.edge import bootstrap
 from service.edge.http.app import Resources
+from service.infra.topic import TopicFacts
 from service.kernel.settings import Settings
 
 
@@ -34,14 +36,21 @@ async def test_the_api_gets_the_cap_on_waiting_queries_from_the_settings(
 ) -> None:
     built: list[Resources] = []
 
-    async def topic_with_partitions(settings: Settings) -> int:
-        return 3
+    async def topic_with_partitions(settings: Settings) -> TopicFacts:
+        return TopicFacts(
+            name=settings.topic,
+            topic_id=uuid.uuid4(),
+            partitions=3,
+            replication_factor=1,
+            min_in_sync=1,
+            brokers=1,
+        )
 
     def app_of(resources: Resources, **_: Any) -> Any:
         built.append(resources)
         raise _Built
 
-    monkeypatch.setattr(bootstrap, "check_topic", topic_with_partitions)
+    monkeypatch.setattr(bootstrap, "topic_of", topic_with_partitions)
     monkeypatch.setattr(bootstrap, "create_app", app_of)
     settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", max_waiting_queries=7, auth=False)
     engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")  # never used

@@ -4,6 +4,7 @@ orders dev          Kafka + Postgres started for you, migrations, API and projec
 orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
 orders projector    the projections runner
 orders migrate      alembic upgrade head (or --downgrade REV)
+orders topic create create the events topic (or check the one there)
 orders token        mint a development access token (the key `orders dev` made)
 orders events tail  print the events on the topic, decoded (needs Kafka only)
 orders projections  status | rebuild | park | parked | retry | skip: operate the read models
@@ -48,6 +49,31 @@ def _add_metrics_port(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics on http://ORDERS_METRICS_HOST:N/metrics without a token "
         "(default: ORDERS_METRICS_PORT; docs/telemetry.md)",
     )
+
+
+def _add_topic_parser(commands: Any) -> None:
+    topic = commands.add_parser("topic", help="create or check the events topic")
+    actions = topic.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        help="create ORDERS_TOPIC (or check the one there): infinite retention, durable",
+        description="Create ORDERS_TOPIC with infinite retention, the replication factor asked "
+        "for (default: as many brokers as the cluster has, up to 3) and min.insync.replicas 2 "
+        "when it has 3 copies or more. An existing topic is checked the way the API and the "
+        "projector check it at start, and left as it is. Run it once per cluster, before the "
+        "first `orders api`; neither the API nor the projector ever creates the topic.",
+    )
+    create.add_argument(
+        "--partitions",
+        type=positive,
+        metavar="N",
+        help="partitions of a new topic (default: ORDERS_PARTITIONS, else 12); fixed once "
+        "orders are written",
+    )
+    create.add_argument(
+        "--replication-factor", type=positive, metavar="N", help="copies of each event"
+    )
+    create.set_defaults(handler="serving:cmd_topic_create")
 
 
 def _add_events_parser(commands: Any) -> None:
@@ -219,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
     migrate.set_defaults(handler="serving:cmd_migrate")
 
+    _add_topic_parser(commands)
     _add_events_parser(commands)
     _add_projections_parser(commands)
     return parser

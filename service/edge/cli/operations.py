@@ -25,8 +25,9 @@ from projections.status import render, status
 from service.edge.bootstrap import DatabaseUse, database, metrics_endpoint
 from service.edge.cli.advice import EXIT_INTERRUPTED
 from service.edge.cli.process import configured, run
-from service.infra.eventlog import topic_partitions
+from service.infra.kafka_clients import KafkaTarget
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
+from service.infra.topic import topic_partitions
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 
@@ -143,7 +144,7 @@ def cmd_projections_build(args: argparse.Namespace) -> None:
     database_job(job)
 
 
-async def _require_partition(bootstrap: str, topic: str, partition: int) -> None:
+async def _require_partition(bootstrap: KafkaTarget, topic: str, partition: int) -> None:
     """Fail at once, with advice, when ``topic`` or its ``partition`` does not exist (reading a
     record there would wait for the broker's 40 s timeout)."""
     partitions = await topic_partitions(bootstrap, topic)  # TopicMissing says what to check

@@ -19,6 +19,7 @@ from service.infra.embedded import cache_dir, ensure_port_free
 from service.infra.embedded.stack import infrastructure
 from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER, DevelopmentIssuer
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
+from service.infra.topic import TopicCreation, create_topic, describe_facts
 from service.kernel.settings import Settings, parse_duration
 
 _log = logging.getLogger("orders")
@@ -55,6 +56,42 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     else:
         run(lambda: migrate_database(url, revision=args.revision))
     print(f"database migrated to {args.downgrade or args.revision}")
+
+
+async def create_events_topic(
+    settings: Settings, *, partitions: int | None = None, replication_factor: int | None = None
+) -> TopicCreation:
+    creation = await create_topic(
+        settings.require_kafka(),
+        settings.topic,
+        partitions=partitions or settings.partitions,
+        replication_factor=replication_factor,
+        allow_deleting=settings.allow_deleting_topic,
+        allow_undurable=settings.allow_undurable_topic,
+    )
+    facts = creation.facts
+    print(
+        f"{'created' if creation.created else 'checked'} topic {facts.name}: "
+        + describe_facts(facts)
+    )
+    return creation
+
+
+def cmd_topic_create(args: argparse.Namespace) -> None:
+    settings = configured(database=False)
+    asked = args.partitions
+
+    async def main() -> None:
+        creation = await create_events_topic(
+            settings, partitions=asked, replication_factor=args.replication_factor
+        )
+        if not creation.created and asked and creation.facts.partitions != asked:
+            print(
+                f"note: the topic existed already with {creation.facts.partitions} partitions, "
+                f"not {asked}: a topic's partitions stay as they are once orders are written"
+            )
+
+    run(main)
 
 
 # The callers `orders dev` prints a token for: who, and what each may do.
@@ -149,6 +186,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
         async def main() -> None:
             await migrate_database(infra.database_url)
+            await create_topic(
+                settings.require_kafka(), settings.topic, partitions=settings.partitions
+            )
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
             print(f"  PostgreSQL  {infra.database_url}")
             _print_server_logs(infra.server_logs, kept=args.data_dir is not None)

@@ -19,7 +19,9 @@ import msgspec
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from service.infra.eventlog import committed_reader, read_to_end, topic_partitions
+from service.infra.eventlog import committed_reader, read_to_end
+from service.infra.kafka_clients import KafkaTarget
+from service.infra.topic import topic_partitions
 from service.kernel import envelope
 
 _log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ def partition_for(order_id: str, partitions: Sequence[int]) -> int:
 
 
 async def tail(
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     out: TextIO,
     options: TailOptions,
@@ -108,7 +110,7 @@ async def tail(
 
 
 async def _follow(
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     partitions: Sequence[int],
     from_beginning: bool,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
 from service.infra.eventlog import HighWatermarks
+from service.infra.kafka_clients import KafkaTarget
 from service.kernel.access import Scope
 from service.write.writer import Writer
 
@@ -50,11 +52,14 @@ class Resources:
     engine: AsyncEngine | None = None
     topic: str = "orders.events"
     partitions: int | None = None  # the topic's: a consistency token naming another is a 400
+    # The topic's id: checkpoints of read models built from another topic of the same name
+    # (deleted and created again) prove nothing. None: not checked.
+    topic_id: uuid.UUID | None = None
     consistency_wait_ms: int = 5000
     # Queries waiting for their consistency tokens at once; the next one is a 503 at once.
     max_waiting_queries: int = 1000
     # For operations (projection status) and the log ends consistency tokens are checked against.
-    kafka_bootstrap: str | None = None
+    kafka_bootstrap: KafkaTarget | None = None
     projection_group_prefix: str = "orders-projection"  # whose consumers the status counts
 
 
@@ -87,7 +92,7 @@ def create_app(
         assert resources.engine is not None, "this process has no database"
         return resources.engine
 
-    def provide_kafka_bootstrap() -> str:
+    def provide_kafka_bootstrap() -> KafkaTarget:
         assert resources.kafka_bootstrap is not None, "this process has no Kafka address"
         return resources.kafka_bootstrap
 
@@ -102,7 +107,10 @@ def create_app(
             resources.engine,
             resources.consistency_wait_ms / 1000,
             CheckpointWatcher(
-                resources.engine, resources.topic, max_waiting=resources.max_waiting_queries
+                resources.engine,
+                resources.topic,
+                topic_id=resources.topic_id,
+                max_waiting=resources.max_waiting_queries,
             ),
             OrderReader(resources.engine),
             resources.partitions,

@@ -12,7 +12,7 @@ import msgspec
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.spec import Example
-from litestar.params import Body, PathParameter, QueryParameter
+from litestar.params import Body, PathParameter, QueryParameter, SkipValidation
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.bookkeeping.parked import ParkedEvent
@@ -22,7 +22,8 @@ from projections.status import TopicStatus, status
 from service.edge.http.auth import requires
 from service.edge.http.commands import IDENTIFIER_PATTERN, StrictJsonRequest
 from service.edge.http.problems import QueryProblem, problem_responses
-from service.infra.eventlog import topic_partitions
+from service.infra.kafka_clients import KafkaTarget
+from service.infra.topic import topic_partitions
 from service.kernel.access import Caller, Scope
 from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN
 
@@ -30,6 +31,7 @@ _log = logging.getLogger(__name__)
 
 Engine = NamedDependency[AsyncEngine]
 Text = NamedDependency[str]
+Kafka = NamedDependency[SkipValidation[KafkaTarget]]  # ours: not validated per request
 
 # What the columns of parked_events hold (integer, bigint): a larger number is a 400, never
 # a value the database refuses.
@@ -102,7 +104,7 @@ def _require_projection(name: str) -> None:
         raise QueryProblem(404, "projection-not-found", f"no projection {name!r}; known: {known}")
 
 
-async def _require_partition(bootstrap: str, topic: str, partition: int) -> None:
+async def _require_partition(bootstrap: KafkaTarget, topic: str, partition: int) -> None:
     """A 400, at once, for a partition the topic lacks (reading a record there would wait for
     the broker's 40 s timeout); the CLI's check of ``--partition``."""
     partitions = await topic_partitions(bootstrap, topic)
@@ -145,7 +147,7 @@ class Operations(Controller):
         responses=problem_responses(503),
     )
     async def projections(
-        self, engine: Engine, kafka_bootstrap: Text, topic: Text, group_prefix: Text
+        self, engine: Engine, kafka_bootstrap: Kafka, topic: Text, group_prefix: Text
     ) -> TopicStatus:
         return await status(engine, kafka_bootstrap, topic, group_prefix=group_prefix)
 
@@ -188,7 +190,7 @@ class Operations(Controller):
         self,
         request: Request[Caller, Any, Any],
         engine: Engine,
-        kafka_bootstrap: Text,
+        kafka_bootstrap: Kafka,
         topic: Text,
         name: ProjectionName,
         data: Annotated[PositionBody, Body(examples=_position_example("The halted event"))],

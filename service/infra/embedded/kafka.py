@@ -35,6 +35,7 @@ from service.infra.embedded import (
     spawn,
     stop_process,
 )
+from service.infra.kafka_clients import KafkaTarget, admin_client, client_options, connection
 from service.kernel.errors import EnvironmentProblem
 
 KAFKA_VERSION = "4.4.0"
@@ -191,15 +192,13 @@ def run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     return outcome.get("value")
 
 
-async def answers_metadata(bootstrap: str, *, timeout: float) -> None:
+async def answers_metadata(bootstrap: KafkaTarget, *, timeout: float) -> None:
     """Ask the cluster for its brokers; raise unless it names at least one in time.
 
     Enough to know an external cluster answers, and it needs no right to create or write a
     topic, which a cluster may withhold (or allow only with more replicas than a probe knows).
     """
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = admin_client(bootstrap, request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
         cluster = await asyncio.wait_for(admin.describe_cluster(), timeout)
@@ -209,14 +208,14 @@ async def answers_metadata(bootstrap: str, *, timeout: float) -> None:
         raise RuntimeError("the cluster's metadata names no broker")
 
 
-async def round_trip(bootstrap: str, *, timeout: float) -> None:
+async def round_trip(bootstrap: KafkaTarget, *, timeout: float) -> None:
     """Produce one record to a probe topic and consume it back; raise if that fails in time."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin import NewTopic
     from aiokafka.errors import TopicAlreadyExistsError, for_code
 
     topic = "__orders_probe"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = admin_client(bootstrap, request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
         created = await admin.create_topics(
@@ -230,7 +229,7 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
         if code not in (0, TopicAlreadyExistsError.errno):
             raise for_code(code)(f"creating the probe topic {topic}")
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", request_timeout_ms=int(timeout * 1000)
+        **client_options(bootstrap), acks="all", request_timeout_ms=int(timeout * 1000)
     )
     await producer.start()
     try:
@@ -238,7 +237,7 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
         meta = await producer.send_and_wait(topic, marker)
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client_options(bootstrap), enable_auto_commit=False)
     await consumer.start()
     try:
         partition = TopicPartition(topic, meta.partition)
@@ -252,7 +251,7 @@ async def round_trip(bootstrap: str, *, timeout: float) -> None:
 
 
 def wait_until_usable(
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     *,
     deadline: float,
     process: subprocess.Popen[bytes] | None,
@@ -290,9 +289,9 @@ def wait_until_usable(
     )
 
 
-def accepts_connections(bootstrap: str, *, timeout: float = 1.0) -> bool:
+def accepts_connections(bootstrap: KafkaTarget, *, timeout: float = 1.0) -> bool:
     """Whether the first bootstrap server accepts TCP connections within ``timeout``."""
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    host, _, port = connection(bootstrap).bootstrap_servers.split(",")[0].rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
         try:
