@@ -311,6 +311,9 @@ class LocalKafka:
     data_dir: Path | None = None
     heap: str = "768m"
     controller_port: int = 0
+    # A broker as shipped (``auto.create.topics.enable=true``, 7-day retention by default):
+    # what a user's own broker is, unless its operators changed that.
+    stock: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _owns_data_dir: bool = field(default=False, init=False)
 
@@ -411,8 +414,7 @@ class LocalKafka:
                 "share.coordinator.state.topic.replication.factor=1",
                 "share.coordinator.state.topic.min.isr=1",
                 "group.initial.rebalance.delay.ms=0",
-                "auto.create.topics.enable=false",
-                "num.partitions=1",
+                *([] if self.stock else ["auto.create.topics.enable=false", "num.partitions=1"]),
                 "",
             ]
         )
