@@ -22,6 +22,7 @@ from projections.bookkeeping.registry import (
     set_version_state,
     version_states,
 )
+from projections.bookkeeping.topics import topic_ids
 from projections.projection import Projection, Target
 from projections.schema import is_append_only
 from service.kernel.errors import EnvironmentProblem, OperatorRefusal
@@ -134,7 +135,11 @@ async def switch(connection: asyncpg.Connection, live: Target, new: Target, topi
     found = await lock_version_states(connection, live.name, [live.version, new.version])
     if found != {live.version: "live", new.version: "building"}:
         raise NotCaughtUp(f"{new} cannot switch: versions are now {found}")
-    lagging = await behind(connection, live, new, topic)
+    ids = await topic_ids(connection, [live, new], topic)
+    # A live version built from an earlier topic of this name is no measure (a rebuild after
+    # the topic was deleted and created again is how it is left behind).
+    replaced = live in ids and new in ids and ids[live] != ids[new]
+    lagging = {} if replaced else await behind(connection, live, new, topic)
     if lagging:
         raise NotCaughtUp(f"{new} is behind {live} in partitions {sorted(lagging)}")
     # Old first: the unique index on a projection's live version is checked row by row, so one

@@ -28,16 +28,23 @@ async def record_topic(
         topic,
         topic_id,
     )
+    return await topic_ids(connection, targets, topic)
+
+
+async def topic_ids(
+    connection: asyncpg.Connection, targets: Sequence[Target], topic: str
+) -> dict[Target, uuid.UUID]:
+    """The topic id recorded for each of ``targets`` that has one."""
     rows = await connection.fetch(
         "SELECT projection, version, topic_id FROM projection_topics "
         "WHERE topic = $3 AND (projection, version) IN "
         "(SELECT * FROM unnest($1::text[], $2::int[]))",
-        names,
-        versions,
+        [t.name for t in targets],
+        [t.version for t in targets],
         topic,
     )
     recorded = {(row["projection"], row["version"]): row["topic_id"] for row in rows}
-    return {t: recorded[(t.name, t.version)] for t in targets}
+    return {t: recorded[(t.name, t.version)] for t in targets if (t.name, t.version) in recorded}
 
 
 async def checkpoint_reach(
