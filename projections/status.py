@@ -6,6 +6,7 @@ Shared by ``orders projections status`` and ``GET /ops/projections``.
 from __future__ import annotations
 
 import time
+import uuid
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -19,12 +20,17 @@ from projections.bookkeeping.checkpoints import StoredCheckpoint, topic_checkpoi
 from projections.bookkeeping.halts import topic_halts
 from projections.bookkeeping.parked import parked_counts
 from projections.bookkeeping.registry import version_states
+from projections.bookkeeping.topics import topic_ids
 from projections.models import catalog
-from projections.projection import begin
+from projections.projection import Target, begin
 from service.infra.eventlog import committed_reader, topic_end_offsets
 from service.infra.kafka_clients import KafkaTarget, admin_client
+from service.infra.topic import describe_topic
 
 # Partition and projection states, worst first.
+TOPIC_REPLACED = (
+    "topic replaced"  # checkpoints of another topic of that name (projections.identity)
+)
 HALTED = "halted"
 REBUILDING = "rebuilding"
 RUNNING = "running"
@@ -66,6 +72,11 @@ class TopicStatus(msgspec.Struct, frozen=True, kw_only=True):
     partitions: int | None
     projections: list[VersionStatus]
 
+
+REPLACED_REASON = (
+    "built from another topic of this name (deleted and created again, or truncated): "
+    "rebuild the projections: orders projections rebuild all"
+)
 
 # Counting the events behind the checkpoints reads them: at most this many per partition.
 COUNT_CAP = 50_000
@@ -185,9 +196,19 @@ async def status(
         stored = await topic_checkpoints(connection, topic)
         halted = await topic_halts(connection, topic)
         parked = await parked_counts(connection, topic)
+        targets = [
+            Target(catalog.PROJECTIONS[name], version)
+            for name in sorted(states)
+            for version in states[name]
+        ]
+        recorded = await topic_ids(connection, targets, topic)
     versions = [
         (name, version, role) for name in sorted(states) for version, role in states[name].items()
     ]
+    topic_id = await _topic_id(bootstrap, topic)
+    other_topic = {
+        (t.name, t.version) for t, known in recorded.items() if topic_id and known != topic_id
+    }
     consumer = committed_reader(bootstrap)
     try:
         await consumer.start()
@@ -212,7 +233,11 @@ async def status(
             lag_offsets = max(0, end - next_offset) if end is not None else None
             lag = 0 if lag_offsets == 0 else events.count(partition, next_offset)
             halt = halted.get((name, version, partition))
-            if halt is not None:
+            reason = halt.reason if halt else None
+            if (name, version) in other_topic or (end is not None and next_offset > end):
+                state = TOPIC_REPLACED
+                reason = REPLACED_REASON
+            elif halt is not None:
                 state = HALTED
             elif role == "building":
                 state = REBUILDING
@@ -234,7 +259,7 @@ async def status(
                     state=state,
                     halted_at_offset=halt.offset if halt else None,
                     halted_order_id=halt.order_id if halt else None,
-                    reason=halt.reason if halt else None,
+                    reason=reason,
                 )
             )
         lags = [r.lag_events for r in rows]
@@ -283,7 +308,19 @@ def _lag_seconds(lag: int | None, last_event_at: datetime | None, now: datetime)
     return max(0.0, (now - last_event_at).total_seconds())
 
 
+async def _topic_id(bootstrap: KafkaTarget, topic: str) -> uuid.UUID | None:
+    admin = admin_client(bootstrap)
+    try:
+        await admin.start()
+        description = await describe_topic(admin, topic)
+    finally:
+        await admin.close()
+    return description.topic_id if description else None
+
+
 def _overall(role: str, states: Sequence[str]) -> str:
+    if TOPIC_REPLACED in states:
+        return TOPIC_REPLACED
     if HALTED in states:
         return HALTED
     if role == "building":
@@ -325,6 +362,8 @@ def render(report: TopicStatus) -> str:
                     f"projections park {version.projection} --partition {row.partition} "
                     f"--offset {row.halted_at_offset}"
                 )
+            elif row.state == TOPIC_REPLACED:
+                lines.append(f"{'':<18} {'':<12} {'':>4}   {row.reason}")
         summary = f"{version.projection} v{version.version}: {version.state}"
         if version.consumers == 0:
             summary += ", no projector consuming it (start one: orders projector)"

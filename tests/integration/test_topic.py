@@ -10,6 +10,7 @@ be resumed from nor count as proof that an event of the new one was applied.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -266,8 +267,16 @@ async def test_a_topic_deleted_and_created_again_is_noticed_and_a_rebuild_recove
     with pytest.raises(TopicReplaced, match=r"deleted and recreated, or truncated: rebuild"):
         await asyncio.wait_for(runner.run(asyncio.Event()), 60)
 
-    # The documented way out.
+    # The status says so, and what to do.
     cli = OrdersCli(bootstrap, database_url, topic, group_prefix)
+    code, out, err = await cli.run("projections", "status", "--json")
+    assert code == 0, err
+    states = {v["projection"]: v["state"] for v in json.loads(out)["projections"]}
+    assert states == dict.fromkeys(ALL, "topic replaced")
+    code, out, err = await cli.run("projections", "status")
+    assert "orders projections rebuild all" in out
+
+    # The documented way out.
     code, out, err = await cli.run("projections", "rebuild", "all")
     assert code == 0, out + err
 
