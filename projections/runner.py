@@ -58,7 +58,7 @@ from projections.batches import (
 from projections.bookkeeping.checkpoints import StaleCheckpoint
 from projections.bookkeeping.topics import checkpoint_reach, record_topic
 from projections.halts import advice
-from projections.identity import replaced
+from projections.identity import TopicReplaced, replaced
 from projections.models import catalog
 from projections.partitions import Partitions
 from projections.projection import Projection, Target, begin
@@ -207,6 +207,29 @@ class ProjectionRunner:
             await asyncio.sleep(delay)  # back-off while the database is away
             delay = min(delay * 2, 5.0)
 
+    async def _check_topic_identity_until_done(
+        self, consumer: AIOKafkaConsumer, stop: asyncio.Event
+    ) -> None:
+        """``_check_topic_identity``, again after a back-off while the database or the broker
+        cannot answer (like the checkpoint reads of an assignment)."""
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                return await self._check_topic_identity(consumer)
+            except TopicReplaced:
+                raise
+            except Exception as error:
+                _log.warning(
+                    "%s: could not read the checkpoints to check the topic against (%r); "
+                    "retrying in %.1fs",
+                    self.label,
+                    error,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)  # back-off, ended early by a stop
+            delay = min(delay * 2, 5.0)
+
     async def _check_topic_identity(self, consumer: AIOKafkaConsumer) -> None:
         """Refuse checkpoints taken on another topic of the same name (``projections.identity``);
         a version that has no topic id yet gets this topic's."""
@@ -262,7 +285,7 @@ class ProjectionRunner:
         await consuming.start(consumer, self.config.topic, stop, self.label)
         self.consumer = consumer
         try:
-            await self._check_topic_identity(consumer)
+            await self._check_topic_identity_until_done(consumer, stop)
         except BaseException:
             await consuming.stop_consumer(consumer)
             raise

@@ -8,12 +8,34 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
 
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import KafkaConnection, KafkaSecurity
 
 # A plain bootstrap string (tests, tools) or a connection with its security settings.
 KafkaTarget = KafkaConnection | str
+
+
+def _never_ask_for_auto_creation() -> None:
+    """Make aiokafka's metadata requests say ``allow_auto_topic_creation=false`` unless told
+    otherwise. It says true, always: a producer or consumer refreshing the metadata of a topic
+    that was deleted would then have a stock broker (``auto.create.topics.enable=true``)
+    create it again, with 7-day retention. aiokafka has no option for it, and builds its
+    requests inside its clients, so the default of the request class is changed, once."""
+    original = MetadataRequest.__init__
+
+    def without_auto_creation(
+        self: MetadataRequest,
+        topics: list[str] | None = None,
+        allow_auto_topic_creation: bool | None = None,
+    ) -> None:
+        original(self, topics, bool(allow_auto_topic_creation))
+
+    MetadataRequest.__init__ = without_auto_creation
+
+
+_never_ask_for_auto_creation()
 
 
 def connection(kafka: KafkaTarget) -> KafkaConnection:

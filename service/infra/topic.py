@@ -21,6 +21,7 @@ from io import BytesIO
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import IncompatibleBrokerVersion
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     AbstractType,
@@ -183,7 +184,13 @@ class TopicDescription:
 async def describe_topic(admin: AIOKafkaAdminClient, topic: str) -> TopicDescription | None:
     """``topic`` as the cluster describes it, or None if it has no such topic."""
     # The admin client's own sender: it picks a broker and negotiates the version.
-    response = await admin._send_request(_TopicMetadataRequest(topic))
+    try:
+        response = await admin._send_request(_TopicMetadataRequest(topic))
+    except (NotImplementedError, IncompatibleBrokerVersion):
+        raise EnvironmentProblem(
+            "the Kafka cluster does not answer Metadata requests of version 12 (topic ids, "
+            "no auto-creation): it is older than Kafka 3.1; this service needs Kafka 3.1 or newer"
+        ) from None
     answer = response.to_object()
     (found,) = answer["topics"]
     code = found["error_code"]

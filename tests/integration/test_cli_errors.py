@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from service.infra.embedded.stack import Infrastructure
 from tests.support.cli import OrdersCli
 from tests.support.database import admin
+from tests.support.topics import new_topic
 
 
 def the_one_error(result: tuple[int, str, str]) -> str:
@@ -83,8 +84,9 @@ async def fresh_database(infra: Infrastructure) -> AsyncIterator[str]:
     ids=" ".join,
 )
 async def test_a_command_on_an_unmigrated_database_says_to_run_migrate(
-    cli: OrdersCli, database_url: str, command: list[str]
+    cli: OrdersCli, bootstrap: str, topic: str, database_url: str, command: list[str]
 ) -> None:
+    await new_topic(bootstrap, topic, 2)  # the projector checks it first
     message = the_one_error(await cli.run(*command))
 
     assert message.startswith(f"orders: the database {location(database_url)} is not migrated")
@@ -137,8 +139,9 @@ async def test_parking_on_a_missing_topic_names_the_topic_and_the_broker(
 
     # Asked before reading: without that check the read waits 40 s for the broker's timeout.
     assert message == (
-        f"orders: no topic {topic} at {bootstrap}; is the API running (it creates the topic) "
-        "and ORDERS_TOPIC right?"
+        f"orders: no topic {topic} at {bootstrap}: create it with `orders topic create` "
+        f"(ORDERS_TOPIC={topic}), or fix ORDERS_TOPIC or KAFKA_BOOTSTRAP_SERVERS if it exists "
+        "elsewhere"
     )
 
 

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.metadata import MetadataRequest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projections.identity import TopicReplaced
@@ -82,6 +83,34 @@ async def _topic_names(bootstrap: str) -> list[str]:
         await admin.close()
 
 
+async def _metadata_request(
+    bootstrap: str, topic: str, *, allow_auto_topic_creation: bool | None = None
+) -> None:
+    """The metadata request of a Kafka client that names ``topic`` (what any producer sends
+    before its first record), with the flag as given; aiokafka's own says true."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        await client.send(
+            client.get_random_node(), MetadataRequest([topic], allow_auto_topic_creation)
+        )
+    finally:
+        await client.close()
+
+
+async def _auto_created(bootstrap: str, topic: str) -> None:
+    """Wait until the broker has finished creating ``topic`` (its configuration readable)."""
+
+    async def configured() -> tuple[bool, Any]:
+        try:
+            config = await _topic_config(bootstrap, topic)
+        except Exception as error:  # not there yet
+            return False, repr(error)
+        return "retention.ms" in config, config
+
+    await eventually(configured, f"the broker to create {topic}")
+
+
 def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
@@ -125,12 +154,8 @@ async def test_a_topic_the_broker_created_by_itself_is_refused_not_taken_for_our
 ) -> None:
     """What a client of a stock broker gets when it produces to a topic nobody created."""
     topic = f"stock.auto.{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=stock.bootstrap_servers)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, b"not an order event")
-    finally:
-        await producer.stop()
+    await _metadata_request(stock.bootstrap_servers, topic, allow_auto_topic_creation=True)
+    await _auto_created(stock.bootstrap_servers, topic)
     assert (await _topic_config(stock.bootstrap_servers, topic))["retention.ms"] == "604800000"
     cli = OrdersCli(stock.bootstrap_servers, database_url, topic)
 
@@ -177,6 +202,22 @@ async def test_a_topic_that_appears_between_the_look_and_the_create_is_checked_n
     monkeypatch.setattr(topics, "describe_topic", first_look_finds_nothing)
     again = await create_topic(stock.bootstrap_servers, fine, partitions=1)
     assert not again.created
+
+
+async def test_the_service_s_kafka_clients_never_ask_a_stock_broker_to_create_a_topic(
+    stock: LocalKafka,
+) -> None:
+    """A producer or consumer refreshing the metadata of a topic that was deleted asks for it
+    by name; aiokafka asks with auto-creation allowed, unless the service says otherwise."""
+    topic = f"stock.refresh.{uuid.uuid4().hex[:8]}"
+    await _metadata_request(stock.bootstrap_servers, topic)  # as the service's clients ask
+    # The broker creates topics asynchronously: one asked for later, with auto-creation
+    # allowed, shows when the first would have been created.
+    control = f"{topic}.control"
+    await _metadata_request(stock.bootstrap_servers, control, allow_auto_topic_creation=True)
+    await _auto_created(stock.bootstrap_servers, control)
+
+    assert topic not in await _topic_names(stock.bootstrap_servers)
 
 
 # -- a topic deleted and created again ---------------------------------------------------------
