@@ -21,6 +21,9 @@ from service.infra.database import EncodingRefused, connection_lost
         ),
         asyncpg.AdminShutdownError("terminating connection due to administrator command"),
         asyncpg.DeadlockDetectedError("deadlock detected"),
+        # The database refuses the work, not the event: the environment must change.
+        asyncpg.InsufficientPrivilegeError("permission denied for table orders"),
+        asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     ],
 )
 def test_errors_of_an_unavailable_database_are_retried(error: BaseException) -> None:

@@ -3,7 +3,7 @@
 orders dev          Kafka + Postgres started for you, migrations, API and projector
 orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
 orders projector    the projections runner
-orders migrate      alembic upgrade head (or --downgrade REV)
+orders migrate      alembic upgrade head (or --downgrade REV; --create-roles)
 orders token        mint a development access token (the key `orders dev` made)
 orders events tail  print the events on the topic, decoded (needs Kafka only)
 orders projections  status | rebuild | park | parked | retry | skip: operate the read models
@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
+    migrate.add_argument(
+        "--create-roles",
+        action="store_true",
+        help="first create the roles orders_migrator, orders_projector, orders_api and their "
+        "grants (as a superuser; running it again changes nothing; docs/security.md)",
+    )
     migrate.set_defaults(handler="serving:cmd_migrate")
 
     _add_events_parser(commands)
