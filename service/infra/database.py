@@ -16,6 +16,8 @@ from sqlalchemy import Connection, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from service.kernel.settings import sqlalchemy_url
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # The database roles of least privilege (``projections.roles`` grants them; docs/security.md):
@@ -95,7 +97,8 @@ def create_engine(
     as_owner: bool = False,
 ) -> AsyncEngine:
     """An asyncpg-backed engine; nothing connects until first use. Its connections come from
-    ``connector`` (libpq's URL forms; ``as_owner``: DDL as the owner role).
+    ``connector`` (libpq's URL forms, ``postgresql://`` or ``postgresql+asyncpg://``;
+    ``as_owner``: DDL as the owner role).
 
     ``autocommit``: SQLAlchemy opens no transaction of its own, so a single statement costs one
     round trip, not BEGIN, statement, ROLLBACK. For processes that only read one statement at
@@ -110,7 +113,7 @@ def create_engine(
     projector batch loads and every order a query reads.
     """
     engine = create_async_engine(
-        url,
+        sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=pool_size if overflow else 0,
         isolation_level="AUTOCOMMIT" if autocommit else None,
