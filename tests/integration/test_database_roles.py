@@ -25,6 +25,7 @@ from projections.projection import Target, begin
 from projections.roles import ROLES
 from projections.versions import create_building, drop, live_targets, switch
 from service.edge.bootstrap import DatabaseUse, database, migrate_database
+from service.edge.http.app import Resources, create_app
 from service.infra.database import (
     API_ROLE,
     OWNER_ROLE,
@@ -33,8 +34,10 @@ from service.infra.database import (
     driver_dsn,
 )
 from service.infra.embedded.kafka import run_coroutine
+from service.write.writer import Writer
 from tests.support.database import admin
-from tests.support.identity import BACK_OFFICE, bearer
+from tests.support.http import serve
+from tests.support.identity import BACK_OFFICE, access, bearer
 from tests.support.processes import ApiProcess, projector_process, service_env
 from tests.support.projection_harness import Api, eventually, running
 
@@ -192,6 +195,28 @@ async def test_a_rebuild_creates_versions_the_owner_owns_the_projector_writes_an
     finally:
         await api.close()
     assert await _live_schema(db, "daily_sales") == Target(projection, new.version).schema
+
+
+async def test_an_operators_write_through_the_api_on_its_read_only_login_is_a_clear_503(
+    logins: dict[str, str], writer: Writer, bootstrap: str, topic: str
+) -> None:
+    engine = create_engine(logins[API_ROLE], pool_size=2, autocommit=True)
+    resources = Resources(writer=writer, engine=engine, topic=topic, kafka_bootstrap=bootstrap)
+    app = create_app(resources, access=access())
+    try:
+        async with serve(app) as client:
+            listed = await client.get("/ops/projections/parked")
+            refused = await client.post("/ops/projections/orders/retry", json={})
+    finally:
+        await engine.dispose()
+
+    assert listed.status_code == 200, listed.text  # reading is its job
+    assert refused.status_code == 503, refused.text
+    problem = refused.json()
+    assert problem["type"].endswith("/database-refused")
+    assert "SQLSTATE 42501" in problem["detail"]
+    assert "orders projections" in problem["detail"]
+    assert "retry-after" not in refused.headers
 
 
 def _refusals(state: str) -> float:
