@@ -9,6 +9,8 @@ Against the real Postgres and broker; waiting is polling with a deadline.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,7 @@ from service.infra.database import (
     driver_dsn,
 )
 from service.infra.embedded.kafka import run_coroutine
+from service.infra.embedded.postgres import postgres_bin_dir
 from service.write.writer import Writer
 from tests.support.database import admin
 from tests.support.http import serve
@@ -42,6 +45,7 @@ from tests.support.processes import ApiProcess, projector_process, service_env
 from tests.support.projection_harness import Api, eventually, running
 
 DENIED = asyncpg.InsufficientPrivilegeError  # SQLSTATE 42501
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +351,56 @@ async def test_the_api_and_the_projector_each_run_on_their_own_database_url(
         for process in (api, projector):
             if process.alive:
                 process.terminate()
+
+
+def test_the_compose_init_script_makes_a_login_in_each_role_that_migrate_then_equips(
+    database_url: str, tmp_path: Path
+) -> None:
+    """deploy/postgres/initdb, run as the postgres image runs it (bash, psql, the secrets'
+    files), then ``orders migrate --create-roles``: the api's login reads, the projector's
+    writes its rows, neither can drop a table."""
+    parsed = make_url(database_url)
+    secrets = {}
+    for name in ("api", "projector"):
+        secrets[name] = tmp_path / f"orders_{name}_password"
+        secrets[name].write_text(f"pw-{uuid.uuid4().hex}\n")
+    env = {
+        **os.environ,
+        "PATH": f"{postgres_bin_dir()}{os.pathsep}{os.environ['PATH']}",
+        "PGHOST": parsed.host or "127.0.0.1",
+        "PGPORT": str(parsed.port),
+        "POSTGRES_USER": parsed.username or "postgres",
+        "POSTGRES_DB": parsed.database or "",
+        "ORDERS_API_PASSWORD_FILE": str(secrets["api"]),
+        "ORDERS_PROJECTOR_PASSWORD_FILE": str(secrets["projector"]),
+    }
+    script = PROJECT / "deploy" / "postgres" / "initdb" / "10-orders-logins.sh"
+    try:
+        done = subprocess.run(
+            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        run_coroutine(migrate_database(database_url, create_roles=True))
+
+        async def check() -> tuple[int, bool, bool]:
+            api = await _connect(parsed.set(username="orders_api_login").render_as_string(False))
+            projector = await _connect(
+                parsed.set(username="orders_projector_login").render_as_string(False)
+            )
+            try:
+                return (
+                    await api.fetchval("SELECT count(*) FROM projection_checkpoints"),
+                    await _refused(api, "DELETE FROM projection_checkpoints"),
+                    await _refused(projector, "DROP TABLE projection_checkpoints"),
+                )
+            finally:
+                await api.close()
+                await projector.close()
+
+        counted, api_refused, projector_refused = run_coroutine(check())
+        assert counted >= 0, "the api's login reads"
+        assert api_refused, "the api's login writes nothing"
+        assert projector_refused, "the projector's login drops nothing"
+    finally:
+        for login in ("orders_api_login", "orders_projector_login"):
+            run_coroutine(admin(database_url, f'DROP ROLE IF EXISTS "{login}"'))
