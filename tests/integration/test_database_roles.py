@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,25 @@ def logins(database_url: str) -> Iterator[dict[str, str]]:
         run_coroutine(
             admin(database_url, f'ALTER ROLE "t_{role}" IN DATABASE "{database}" RESET ALL')
         )
+
+
+def test_creating_roles_without_the_privilege_to_ends_with_one_line(
+    logins: dict[str, str],
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service.edge.cli.main", "migrate", "--create-roles"],
+        cwd=PROJECT,
+        env={**os.environ, "DATABASE_URL": logins[API_ROLE]},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "permission denied" in line
+    assert "needs a superuser" in line
 
 
 async def _connect(url: str) -> asyncpg.Connection:

@@ -103,6 +103,7 @@ def _database_advice(error: BaseException, settings: Settings) -> str | None:
         return None
     where = _database_location(settings)
     state = failure.sqlstate or ""
+    headline = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     if state == "42P01":  # undefined_table
         return (
             f"the database {where} is not migrated ({failure}): run `orders migrate` with the "
@@ -118,6 +119,17 @@ def _database_advice(error: BaseException, settings: Settings) -> str | None:
                 "file>, in DATABASE_URL"
             )
         return f"PostgreSQL at {where} refused the login: {failure}; fix DATABASE_URL"
+    if state == "42501":  # insufficient_privilege
+        return (
+            f"PostgreSQL at {where} refused it: {headline}; `orders migrate --create-roles` "
+            "needs a superuser, migrations and operators' commands a login in the "
+            "orders_migrator role (docs/security.md)"
+        )
+    if state.startswith("25"):  # read-only transaction: a standby, or read-only by default
+        return (
+            f"PostgreSQL at {where} is read-only here ({headline}): point DATABASE_URL at the "
+            "primary, or turn default_transaction_read_only off"
+        )
     if state.startswith(("08", "57P")):  # connection lost; server shut down
         return (
             f"lost the connection to PostgreSQL at {where} ({failure}): check that it is up "
