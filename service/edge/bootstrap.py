@@ -26,7 +26,7 @@ from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
 from service.edge.http.telemetry import RequestTelemetry
 from service.edge.tracing import traces
-from service.infra.database import connector, create_engine, migrate
+from service.infra.database import connector, create_engine, migrate, with_password
 from service.infra.embedded import ensure_port_free
 from service.infra.eventlog import ensure_topic
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
@@ -206,9 +206,12 @@ class DatabaseUse(enum.Enum):
 
 
 @contextlib.asynccontextmanager
-async def database(url: str, use: DatabaseUse) -> AsyncIterator[AsyncEngine]:
-    """The engine of the database at ``url``, pooled for ``use``, disposed on the way out.
-    Every engine of the service is built here."""
+async def database(
+    url: str, use: DatabaseUse, password: str | None = None
+) -> AsyncIterator[AsyncEngine]:
+    """The engine of the database at ``url`` (with ``password`` unless it names one), pooled
+    for ``use``, disposed on the way out. Every engine of the service is built here."""
+    url = with_password(url, password)
     match use:
         case DatabaseUse.SERVICE:
             engine = create_engine(url, pool_size=20, overflow=False, autocommit=True)
@@ -223,7 +226,12 @@ async def database(url: str, use: DatabaseUse) -> AsyncIterator[AsyncEngine]:
 
 
 async def migrate_database(
-    url: str, *, revision: str = "head", action: str = "upgrade", create_roles: bool = False
+    url: str,
+    *,
+    revision: str = "head",
+    action: str = "upgrade",
+    create_roles: bool = False,
+    password: str | None = None,
 ) -> None:
     """Upgrade (or downgrade, ``action="downgrade"``) the schema of the database at ``url``.
 
@@ -231,6 +239,7 @@ async def migrate_database(
     (``projections.roles``). Where they are set up, the migration runs as the owner role and
     each role's grants are put right afterwards.
     """
+    url = with_password(url, password)
     if create_roles:
         connection = await connector(url)()
         try:
@@ -291,7 +300,9 @@ async def serve(
             metrics_endpoint(settings.metrics_host, settings.metrics_port)
         )
         by_url = {
-            url: await stack.enter_async_context(database(url, DatabaseUse.SERVICE))
+            url: await stack.enter_async_context(
+                database(url, DatabaseUse.SERVICE, settings.database_password)
+            )
             for url in dict.fromkeys(urls.values())
         }
         engines = {process: by_url[url] for process, url in urls.items()}

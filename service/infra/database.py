@@ -16,6 +16,7 @@ from sqlalchemy import Connection, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import sqlalchemy_url
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,20 @@ def driver_dsn(url: str) -> str:
     ``host=``, no host at all, ``sslmode``, ``passfile`` all mean what they mean to libpq.
     """
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def with_password(url: str, password: str | None) -> str:
+    """``url`` with ``password`` (from ``ORDERS_DATABASE_PASSWORD_FILE``) unless it names one
+    itself, or names no user for it."""
+    parsed = make_url(url)
+    if password is None or parsed.password is not None:
+        return url
+    if not parsed.username:
+        raise EnvironmentProblem(
+            f"{shown_url(url)} names no user for the password of ORDERS_DATABASE_PASSWORD_FILE: "
+            "write postgresql://USER@host/db"
+        )
+    return parsed.set(password=password).render_as_string(hide_password=False)
 
 
 def shown_url(url: str) -> str:

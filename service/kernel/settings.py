@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import quote
 
 DEFAULT_TOPIC = "orders.events"
 
@@ -85,55 +84,12 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
-def _database_url(name: str, password: str | None) -> str | None:
-    """``name``'s URL with the asyncpg driver, and ``password`` (from
-    ``ORDERS_DATABASE_PASSWORD_FILE``) in it unless it names one itself."""
-    raw = os.environ.get(name) or None
-    if raw is None:
-        return None
-    url = sqlalchemy_url(raw)
-    if password is None:
-        return url
-    scheme, found, rest = url.partition("://")
-    userinfo, at, location = rest.rpartition("@")
-    if not found or not at or not userinfo or userinfo.startswith(":"):
-        raise SystemExit(
-            f"{name} names no user: write postgresql://USER@host/db to use the password of "
-            "ORDERS_DATABASE_PASSWORD_FILE"
-        )
-    if ":" in userinfo:
-        return url  # the URL's own password wins
-    return f"{scheme}://{userinfo}:{quote(password, safe='')}@{location}"
-
-
-def _password_file(name: str) -> str | None:
-    """The password in the file ``name`` points at (a Docker or Kubernetes secret): its first
-    line, without the line break."""
-    path = os.environ.get(name) or None
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(
-            f"{name}={path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
-            "point it at a readable file that holds the database password"
-        ) from None
-    password = text.splitlines()[0] if text.strip() else ""
-    if not password:
-        raise SystemExit(f"{name}={path} is empty: put the database password in it")
-    return password
-
-
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the service can be told. ``None`` for Kafka or Postgres means: not configured."""
 
     kafka_bootstrap_servers: str | None = None
-    database_url: str | None = None  # migrations, operators' commands; and the fallback
-    # Each process its own login (docs/security.md): unset, DATABASE_URL.
-    api_database_url: str | None = None
-    projector_database_url: str | None = None
+    database_url: str | None = None
     topic: str = DEFAULT_TOPIC
     partitions: int = 12
     allow_deleting_topic: bool = False
@@ -168,15 +124,18 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "auto"
+    # Each process its own Postgres login (docs/security.md); unset: DATABASE_URL. The password
+    # of a URL that names none comes from ORDERS_DATABASE_PASSWORD_FILE, and never shows.
+    api_database_url: str | None = None
+    projector_database_url: str | None = None
+    database_password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> Settings:
-        password = _password_file("ORDERS_DATABASE_PASSWORD_FILE")
+        database_url = os.environ.get("DATABASE_URL") or None
         return cls(
             kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
-            database_url=_database_url("DATABASE_URL", password),
-            api_database_url=_database_url("ORDERS_API_DATABASE_URL", password),
-            projector_database_url=_database_url("ORDERS_PROJECTOR_DATABASE_URL", password),
+            database_url=sqlalchemy_url(database_url) if database_url else None,
             topic=os.environ.get("ORDERS_TOPIC") or DEFAULT_TOPIC,
             partitions=_int("ORDERS_PARTITIONS", 12),
             allow_deleting_topic=_flag("ORDERS_ALLOW_DELETING_TOPIC"),
@@ -203,6 +162,9 @@ class Settings:
             metrics_port=_int("ORDERS_METRICS_PORT", 0) or None,
             metrics_host=os.environ.get("ORDERS_METRICS_HOST") or "127.0.0.1",
             log_format=_choice("ORDERS_LOG_FORMAT", ("auto", "json", "text")),
+            api_database_url=_database_url("ORDERS_API_DATABASE_URL"),
+            projector_database_url=_database_url("ORDERS_PROJECTOR_DATABASE_URL"),
+            database_password=_password_file("ORDERS_DATABASE_PASSWORD_FILE"),
         )
 
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:
@@ -218,7 +180,7 @@ class Settings:
 
     def require_database(self, process: str | None = None) -> str:
         """The database URL of ``process`` (``"api"``, ``"projector"``; None: migrations and
-        operators), falling back to ``DATABASE_URL``."""
+        operators' commands), falling back to ``DATABASE_URL``."""
         own = {"api": self.api_database_url, "projector": self.projector_database_url}
         url = own.get(process or "") or self.database_url
         if not url:
@@ -228,3 +190,27 @@ class Settings:
                 "which starts one for you"
             )
         return url
+
+
+def _database_url(name: str) -> str | None:
+    raw = os.environ.get(name) or None
+    return sqlalchemy_url(raw) if raw else None
+
+
+def _password_file(name: str) -> str | None:
+    """The password in the file ``name`` points at (a Docker or Kubernetes secret): its first
+    line, without the line break."""
+    path = os.environ.get(name) or None
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(
+            f"{name}={path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
+            "point it at a readable file that holds the database password"
+        ) from None
+    password = text.splitlines()[0] if text.strip() else ""
+    if not password:
+        raise SystemExit(f"{name}={path} is empty: put the database password in it")
+    return password

@@ -9,6 +9,7 @@ with one line saying what to do, not a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -87,8 +88,8 @@ async def test_a_tls_url_migrates_and_queries_through_the_services_engine(
     assert (encrypted, orders) == (True, 0)
 
 
-def _orders_migrate(url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": url}
+def _orders_migrate(url: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": url, **extra}
     return subprocess.run(
         [sys.executable, "-m", "service.edge.cli.main", "migrate"],
         cwd=PROJECT,
@@ -126,3 +127,36 @@ def test_a_connection_without_tls_to_a_server_that_requires_it_gets_one_line(
     (line,) = done.stderr.strip().splitlines()
     assert "refused the login" in line
     assert "set sslmode=require" in line
+
+
+async def test_the_password_comes_from_its_file_and_never_shows(
+    tls_server: LocalPostgres, tmp_path: Path
+) -> None:
+    """A login with a password (scram-sha-256 in pg_hba.conf): ``orders migrate`` reads it from
+    ORDERS_DATABASE_PASSWORD_FILE; a wrong one is refused in one line that shows neither."""
+    login, password = f"t_pw_{uuid.uuid4().hex[:6]}", f"right-{uuid.uuid4().hex}"
+    superuser = _url(tls_server, "postgres", "sslmode=require")
+    assert tls_server.data_dir is not None
+    hba = tls_server.data_dir / "cluster" / "pg_hba.conf"
+    hba.write_text(f"hostssl all {login} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    await admin(superuser, f"CREATE ROLE {login} LOGIN PASSWORD '{password}'")
+    await admin(superuser, f"CREATE DATABASE {login} OWNER {login}")
+    await admin(superuser, "SELECT pg_reload_conf()")
+    url = _url(tls_server, login, "sslmode=require").replace("postgres@", f"{login}@", 1)
+    right, wrong = tmp_path / "right", tmp_path / "wrong"
+    right.write_text(password + "\n")
+    wrong.write_text("wrong-secret-123\n")
+
+    refused = await asyncio.to_thread(
+        _orders_migrate, url, ORDERS_DATABASE_PASSWORD_FILE=str(wrong)
+    )
+    migrated = await asyncio.to_thread(
+        _orders_migrate, url, ORDERS_DATABASE_PASSWORD_FILE=str(right)
+    )
+
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "refused the login" in line
+    assert "wrong-secret" not in line
+    assert migrated.returncode == 0, migrated.stderr
+    assert password not in migrated.stdout + migrated.stderr

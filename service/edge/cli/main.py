@@ -3,7 +3,7 @@
 orders dev          Kafka + Postgres started for you, migrations, API and projector
 orders api          the HTTP API (commands and queries) against configured Kafka/Postgres
 orders projector    the projections runner
-orders migrate      alembic upgrade head (or --downgrade REV; --create-roles)
+orders migrate      alembic upgrade head (or --downgrade REV)
 orders token        mint a development access token (the key `orders dev` made)
 orders events tail  print the events on the topic, decoded (needs Kafka only)
 orders projections  status | rebuild | park | parked | retry | skip: operate the read models

@@ -57,7 +57,11 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     )
     run(
         lambda: migrate_database(
-            url, revision=revision, action=action, create_roles=args.create_roles
+            url,
+            revision=revision,
+            action=action,
+            create_roles=args.create_roles,
+            password=settings.database_password,
         )
     )
     if args.create_roles:
@@ -156,7 +160,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         settings, issuer = _development_identity(settings, args.data_dir)
 
         async def main() -> None:
-            await migrate_database(infra.database_url)
+            await migrate_database(infra.database_url, password=settings.database_password)
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
             print(f"  PostgreSQL  {shown_url(infra.database_url)}")
             _print_server_logs(infra.server_logs, kept=args.data_dir is not None)
