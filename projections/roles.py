@@ -45,6 +45,10 @@ async def create_roles(connection: asyncpg.Connection) -> None:
             f'DO $$ BEGIN CREATE ROLE "{role}" NOLOGIN; '
             "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
         )
+    if not await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        # A login with CREATEROLE (a managed service's admin) must be a member of the owner role
+        # to hand it objects and set its default privileges; a superuser is one already.
+        await connection.execute(f'GRANT "{OWNER_ROLE}" TO CURRENT_USER')
     database = await connection.fetchval("SELECT quote_ident(current_database())")
     for statement in (
         # Nobody but the owner creates objects here (Postgres' default since 15).

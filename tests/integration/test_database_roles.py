@@ -8,6 +8,7 @@ Against the real Postgres and broker; waiting is polling with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -37,7 +38,7 @@ from service.infra.database import (
     driver_dsn,
 )
 from service.infra.embedded.kafka import run_coroutine
-from service.infra.embedded.postgres import postgres_bin_dir
+from service.infra.embedded.postgres import LocalPostgres, postgres_bin_dir
 from service.write.writer import Writer
 from tests.support.database import admin
 from tests.support.http import serve
@@ -424,3 +425,41 @@ def test_the_compose_init_script_makes_a_login_in_each_role_that_migrate_then_eq
     finally:
         for login in ("orders_api_login", "orders_projector_login"):
             run_coroutine(admin(database_url, f'DROP ROLE IF EXISTS "{login}"'))
+
+
+_PRIVILEGES = (
+    "SELECT array_agg(x ORDER BY x) FROM ("
+    "  SELECT n.nspname || '.' || c.relname || ' ' || pg_get_userbyid(c.relowner) || ' '"
+    "    || coalesce(c.relacl::text, '') AS x"
+    "  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    "  WHERE (n.nspname = 'public' OR n.nspname LIKE 'proj\\_%') AND c.relkind IN ('r', 'v')"
+    "  UNION ALL SELECT nspname || ' ' || pg_get_userbyid(nspowner) || ' ' || nspacl::text"
+    "  FROM pg_namespace WHERE nspname = 'public' OR nspname LIKE 'proj\\_%'"
+    "  UNION ALL SELECT defaclobjtype::text || ' '"
+    "    || coalesce(defaclnamespace::regnamespace::text, '') || ' ' || defaclacl::text"
+    "  FROM pg_default_acl) AS privileges"
+)
+
+
+async def test_a_database_owner_with_createrole_sets_the_roles_up_and_again_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Not a superuser: a managed service's admin login (CREATEROLE, owner of the database),
+    on a server of its own where the roles do not exist yet."""
+    server = LocalPostgres(data_dir=tmp_path / "postgres")
+    await asyncio.to_thread(server.start)
+    try:
+        await admin(server.url(), "CREATE ROLE t_admin LOGIN CREATEROLE")
+        await admin(server.url(), "CREATE DATABASE orders OWNER t_admin")
+        url = f"postgresql://t_admin@127.0.0.1:{server.port}/orders"
+
+        await migrate_database(url, create_roles=True)
+        first = await admin(url, _PRIVILEGES)
+        await migrate_database(url, create_roles=True)
+        again = await admin(url, _PRIVILEGES)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+    assert again == first
+    owners = {line.split(" ")[1] for line in first if line.startswith(("public.", "proj_"))}
+    assert owners == {OWNER_ROLE}, first
