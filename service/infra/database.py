@@ -185,9 +185,10 @@ def refused_by_environment(error: BaseException) -> bool:
     """The database refuses the work, not the data: a read-only database or transaction
     (SQLSTATE class 25, e.g. a standby, or ``default_transaction_read_only``) or a missing
     privilege (42501). Someone must change the database or the grants; the same statement
-    succeeds afterwards."""
+    succeeds afterwards. Not 25P02 ("current transaction is aborted"): it only echoes an
+    earlier error of the same transaction, which is the one to judge."""
     state = sqlstate(error)
-    return state.startswith("25") or state == "42501"
+    return (state.startswith("25") and state != "25P02") or state == "42501"
 
 
 @contextlib.asynccontextmanager
