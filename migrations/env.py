@@ -9,11 +9,10 @@ import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from projections.schema import metadata
+from service.infra.database import create_engine
 from service.kernel.settings import sqlalchemy_url
 
 config = context.config
@@ -48,9 +47,8 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    engine = async_engine_from_config(
-        {"sqlalchemy.url": _url()}, prefix="sqlalchemy.", poolclass=pool.NullPool
-    )
+    # The service's own engine: the same URL forms (sslmode, sockets), as the owner role.
+    engine = create_engine(_url(), pool_size=1, as_owner=True)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations)
     await engine.dispose()

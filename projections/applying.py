@@ -35,17 +35,28 @@ from projections.projection import Applied, Db, Projection, State, Target, begin
 from projections.spans import TransactionSpans
 from projections.versions import building as building_target
 from projections.versions import live_targets
-from service.infra.database import EncodingRefused, connection_lost, sqlstate
+from service.infra.database import (
+    EncodingRefused,
+    connection_lost,
+    refused_by_environment,
+    sqlstate,
+)
 
 _log = logging.getLogger(__name__)
 
 
 def transient(error: BaseException) -> bool:
-    """A database error worth retrying: lost connection, deadlock, shutdown, no resources.
+    """A database error worth retrying: lost connection, deadlock, shutdown, no resources, or
+    a database that refuses the work (read-only, a privilege missing: ``refused_by_environment``),
+    which is the environment's problem, never an event's: no halt, no parking.
 
     A lost connection (``connection_lost``) includes one left out of step by a server that
     went away mid-statement: ``begin`` discards it, and the retry gets a fresh one."""
-    return connection_lost(error) or sqlstate(error)[:2] in {"40", "53", "57"}
+    return (
+        connection_lost(error)
+        or refused_by_environment(error)
+        or sqlstate(error)[:2] in {"40", "53", "57"}
+    )
 
 
 class VersionsChanged(Exception):

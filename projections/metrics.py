@@ -55,6 +55,12 @@ CHECKPOINT_CONFLICTS = Counter(
     "Batches rolled back because another instance moved the checkpoint",
     ["projection"],
 )
+DATABASE_REFUSALS = Counter(
+    "orders_projection_database_refusals",
+    "Batches the database refused for the environment's sake, by SQLSTATE: read-only (25xxx) "
+    "or a privilege missing (42501); retried, never halted",
+    ["sqlstate"],
+)
 REBALANCES = Counter("orders_projection_rebalances", "Consumer group rebalances seen")
 
 REBUILD_REPLAYED = Gauge(

@@ -62,6 +62,7 @@ from projections.identity import TopicReplaced, replaced
 from projections.models import catalog
 from projections.partitions import Partitions
 from projections.projection import Projection, Target, begin
+from service.infra.database import refused_by_environment, sqlstate
 from service.infra.eventlog import topic_end_offsets
 from service.infra.kafka_clients import KafkaTarget, admin_client
 from service.infra.topic import describe_topic
@@ -183,12 +184,15 @@ class ProjectionRunner:
 
     def await_seek(self, partitions: Sequence[int], error: Exception) -> None:
         """Reading the checkpoints failed on assignment: pause, and let the loop retry."""
-        _log.warning(
-            "%s: could not read the checkpoints of partitions %s (%r); retrying",
-            self.label,
-            sorted(partitions),
-            error,
-        )
+        if refused_by_environment(error):
+            _report_refusal(self.label, error)
+        else:
+            _log.warning(
+                "%s: could not read the checkpoints of partitions %s (%r); retrying",
+                self.label,
+                sorted(partitions),
+                error,
+            )
         self.partitions.unreadable(partitions)
         if self.consumer is not None:
             for partition in partitions:
@@ -204,6 +208,8 @@ class ProjectionRunner:
                     return
                 except Exception as error:
                     self.await_seek(pending, error)
+                    if refused_by_environment(error):
+                        await self.engine.dispose()  # see ``_retrying``
             await asyncio.sleep(delay)  # back-off while the database is away
             delay = min(delay * 2, 5.0)
 
@@ -331,7 +337,9 @@ class ProjectionRunner:
         self, stop: asyncio.Event, step: Callable[..., Awaitable[None]], *args: Any
     ) -> None:
         try:
-            await _retrying(stop, self.label, functools.partial(step, *args))
+            await _retrying(
+                stop, self.label, functools.partial(step, *args), reconnect=self.engine.dispose
+            )
         except VersionsChanged as changed:
             await self._follow_versions(changed)
 
@@ -492,9 +500,18 @@ def _checkpoint_summary(positions: Mapping[int, Mapping[str, int]]) -> str:
     return f"checkpoint offsets: {', '.join(described)}" if described else "no checkpoints"
 
 
-async def _retrying(stop: asyncio.Event, label: str, step: Callable[[], Awaitable[None]]) -> None:
-    """Run ``step``; after an error of a database that is away (``transient``), again after a
-    back-off, until ``stop``."""
+async def _retrying(
+    stop: asyncio.Event,
+    label: str,
+    step: Callable[[], Awaitable[None]],
+    *,
+    reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``step``; after an error of a database that is away or refuses the work
+    (``transient``), again after a back-off, until ``stop``.
+
+    After a refusal the pool's connections are dropped (``reconnect``): a session keeps the
+    read-only setting it started with, and after a failover the name may point elsewhere."""
     delay = 0.2
     while True:
         try:
@@ -503,14 +520,43 @@ async def _retrying(stop: asyncio.Event, label: str, step: Callable[[], Awaitabl
         except Exception as error:
             if isinstance(error, VersionsChanged) or stop.is_set() or not transient(error):
                 raise
-            _log.warning(
-                "%s: database unavailable (%s); retrying in %.1fs",
-                label,
-                type(error).__name__,
-                delay,
-            )
+            if refused_by_environment(error):
+                _report_refusal(label, error, delay)
+                if reconnect is not None:
+                    await reconnect()
+            else:
+                _log.warning(
+                    "%s: database unavailable (%s); retrying in %.1fs",
+                    label,
+                    type(error).__name__,
+                    delay,
+                )
             await asyncio.sleep(delay)  # back-off while the database is away
             delay = min(delay * 2, 5.0)
+
+
+def _report_refusal(label: str, error: BaseException, delay: float | None = None) -> None:
+    """Count and log a database's refusal (``refused_by_environment``), saying what to do."""
+    state = sqlstate(error)
+    metrics.DATABASE_REFUSALS.labels(state).inc()
+    _log.error(
+        "%s: the database refuses this projector's work (SQLSTATE %s: %s): %s; "
+        "nothing is halted or skipped, retrying%s",
+        label,
+        state,
+        str(error).splitlines()[0] if str(error) else type(error).__name__,
+        _REFUSAL_ADVICE.get(state[:2], _REFUSAL_ADVICE["42"]),
+        "" if delay is None else f" in {delay:.1f}s",
+    )
+
+
+# What to do about a refusal, by SQLSTATE class.
+_REFUSAL_ADVICE = {
+    "25": "make the database writable (a primary, not a standby; "
+    "default_transaction_read_only off)",
+    "42": "grant this login the orders_projector role (`orders migrate --create-roles` sets "
+    "up its privileges; docs/security.md)",
+}
 
 
 def runner_config(settings: Settings) -> RunnerConfig:

@@ -17,6 +17,8 @@ from prometheus_client import REGISTRY, make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from projections import roles
+from projections.projection import begin
 from projections.runner import run_projector
 from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
@@ -24,7 +26,7 @@ from service.edge.http.auth import Access, warn_if_off
 from service.edge.http.limits import Backlog, TokenBuckets
 from service.edge.http.telemetry import RequestTelemetry
 from service.edge.tracing import traces
-from service.infra.database import create_engine, migrate
+from service.infra.database import connector, create_engine, migrate, with_password
 from service.infra.embedded import ensure_port_free
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
@@ -204,26 +206,52 @@ class DatabaseUse(enum.Enum):
 
 
 @contextlib.asynccontextmanager
-async def database(url: str, use: DatabaseUse) -> AsyncIterator[AsyncEngine]:
-    """The engine of the database at ``url``, pooled for ``use``, disposed on the way out.
-    Every engine of the service is built here."""
+async def database(
+    url: str, use: DatabaseUse, password: str | None = None
+) -> AsyncIterator[AsyncEngine]:
+    """The engine of the database at ``url`` (with ``password`` unless it names one), pooled
+    for ``use``, disposed on the way out. Every engine of the service is built here."""
+    url = with_password(url, password)
     match use:
         case DatabaseUse.SERVICE:
             engine = create_engine(url, pool_size=20, overflow=False, autocommit=True)
         case DatabaseUse.OPERATOR:
-            engine = create_engine(url, pool_size=4, autocommit=True)
+            engine = create_engine(url, pool_size=4, autocommit=True, as_owner=True)
         case DatabaseUse.MIGRATION:
-            engine = create_engine(url)
+            engine = create_engine(url, as_owner=True)
     try:
         yield engine
     finally:
         await engine.dispose()
 
 
-async def migrate_database(url: str, *, revision: str = "head", action: str = "upgrade") -> None:
-    """Upgrade (or downgrade, ``action="downgrade"``) the schema of the database at ``url``."""
+async def migrate_database(
+    url: str,
+    *,
+    revision: str = "head",
+    action: str = "upgrade",
+    create_roles: bool = False,
+    password: str | None = None,
+) -> None:
+    """Upgrade (or downgrade, ``action="downgrade"``) the schema of the database at ``url``.
+
+    ``create_roles``: first create the roles of least privilege and hand them this database
+    (``projections.roles``). Where they are set up, the migration runs as the owner role and
+    each role's grants are put right afterwards.
+    """
+    url = with_password(url, password)
+    if create_roles:
+        connection = await connector(url)()
+        try:
+            async with connection.transaction():
+                await roles.create_roles(connection)
+        finally:
+            await connection.close()
     async with database(url, DatabaseUse.MIGRATION) as engine:
         await migrate(engine, revision=revision, action=action)
+        async with begin(engine) as owner:
+            if await roles.roles_in_use(owner):
+                await roles.grant(owner)
 
 
 def writer_config(settings: Settings) -> WriterConfig:
@@ -258,19 +286,32 @@ async def serve(
     run_projector: bool = False,
     projections: list[str] | None = None,
 ) -> None:
-    """Run the API (writer + queries) and/or the projector until ``stop`` is set."""
-    roles = [role for role, on in (("api", api is not None), ("projector", run_projector)) if on]
-    async with (
+    """Run the API (writer + queries) and/or the projector until ``stop`` is set, each on its
+    own database URL (``Settings.require_database``); one engine per distinct URL."""
+    processes = [
+        name for name, on in (("api", api is not None), ("projector", run_projector)) if on
+    ]
+    urls = {process: settings.require_database(process) for process in processes}
+    async with contextlib.AsyncExitStack() as stack:
         # Traces only when the OTEL_* environment asks for them (and telemetry is on).
-        traces(f"orders-{'+'.join(roles)}", None if settings.telemetry else {}),
-        metrics_endpoint(settings.metrics_host, settings.metrics_port),
-        database(settings.require_database(), DatabaseUse.SERVICE) as engine,
-    ):
-        await _serve_with(engine, settings, stop, api, run_projector, projections)
+        await stack.enter_async_context(
+            traces(f"orders-{'+'.join(processes)}", None if settings.telemetry else {})
+        )
+        await stack.enter_async_context(
+            metrics_endpoint(settings.metrics_host, settings.metrics_port)
+        )
+        by_url = {
+            url: await stack.enter_async_context(
+                database(url, DatabaseUse.SERVICE, settings.database_password)
+            )
+            for url in dict.fromkeys(urls.values())
+        }
+        engines = {process: by_url[url] for process, url in urls.items()}
+        await _serve_with(engines, settings, stop, api, run_projector, projections)
 
 
 async def _serve_with(
-    engine: AsyncEngine,
+    engines: dict[str, AsyncEngine],
     settings: Settings,
     stop: asyncio.Event,
     api: ApiOptions | None,
@@ -293,7 +334,7 @@ async def _serve_with(
             app = create_app(
                 Resources(
                     writer=writer,
-                    engine=engine,
+                    engine=engines["api"],
                     topic=settings.topic,
                     partitions=topic.partitions,
                     topic_id=topic.topic_id,
@@ -319,7 +360,7 @@ async def _serve_with(
             tasks["api"] = asyncio.create_task(server.serve())
         if with_projector:
             tasks["projector"] = asyncio.create_task(
-                run_projector(settings, engine, stop, only=projections)
+                run_projector(settings, engines["projector"], stop, only=projections)
             )
         await _until_stopped(tasks, stop)
     finally:

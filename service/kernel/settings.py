@@ -233,6 +233,11 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     log_format: str = "auto"
+    # Each process its own Postgres login (docs/security.md); unset: DATABASE_URL. The password
+    # of a URL that names none comes from ORDERS_DATABASE_PASSWORD_FILE, and never shows.
+    api_database_url: str | None = None
+    projector_database_url: str | None = None
+    database_password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -268,6 +273,9 @@ class Settings:
             metrics_port=_int("ORDERS_METRICS_PORT", 0) or None,
             metrics_host=os.environ.get("ORDERS_METRICS_HOST") or "127.0.0.1",
             log_format=_choice("ORDERS_LOG_FORMAT", ("auto", "json", "text")),
+            api_database_url=_database_url("ORDERS_API_DATABASE_URL"),
+            projector_database_url=_database_url("ORDERS_PROJECTOR_DATABASE_URL"),
+            database_password=_password_file("ORDERS_DATABASE_PASSWORD_FILE"),
         )
 
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:
@@ -281,10 +289,39 @@ class Settings:
             )
         return KafkaConnection(self.kafka_bootstrap_servers, self.kafka_security)
 
-    def require_database(self) -> str:
-        if not self.database_url:
+    def require_database(self, process: str | None = None) -> str:
+        """The database URL of ``process`` (``"api"``, ``"projector"``; None: migrations and
+        operators' commands), falling back to ``DATABASE_URL``."""
+        own = {"api": self.api_database_url, "projector": self.projector_database_url}
+        url = own.get(process or "") or self.database_url
+        if not url:
+            names = f"ORDERS_{process.upper()}_DATABASE_URL or " if process else ""
             raise SystemExit(
-                "DATABASE_URL is not set: point it at PostgreSQL, or run `orders dev`, "
+                f"{names}DATABASE_URL is not set: point it at PostgreSQL, or run `orders dev`, "
                 "which starts one for you"
             )
-        return self.database_url
+        return url
+
+
+def _database_url(name: str) -> str | None:
+    raw = os.environ.get(name) or None
+    return sqlalchemy_url(raw) if raw else None
+
+
+def _password_file(name: str) -> str | None:
+    """The password in the file ``name`` points at (a Docker or Kubernetes secret): its first
+    line, without the line break."""
+    path = os.environ.get(name) or None
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(
+            f"{name}={path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
+            "point it at a readable file that holds the database password"
+        ) from None
+    password = text.splitlines()[0] if text.strip() else ""
+    if not password:
+        raise SystemExit(f"{name}={path} is empty: put the database password in it")
+    return password

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
+from service.infra.database import API_ROLE, OWNER_ROLE, PROJECTOR_ROLE
+from service.infra.embedded.kafka import KAFKA_VERSION
 from tests.support.prometheus import (
     DASHBOARD,
     DEPLOY,
@@ -129,3 +132,47 @@ def test_compose_serves_metrics_where_the_scrape_configuration_looks(compose: di
     # Reachable from the Prometheus container: not only the service's own loopback.
     assert api_env["ORDERS_METRICS_HOST"] == "0.0.0.0"
     assert services["projector"]["environment"]["ORDERS_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_compose_runs_the_broker_version_the_embedded_broker_runs(compose: dict) -> None:  # type: ignore[type-arg]
+    assert compose["services"]["kafka"]["image"] == f"apache/kafka:{KAFKA_VERSION}"
+
+
+def test_compose_keeps_the_superuser_to_init_and_migrate_and_reads_passwords_from_secrets(
+    compose: dict,  # type: ignore[type-arg]
+) -> None:
+    services, secrets = compose["services"], compose["secrets"]
+    superuser = services["postgres"]["environment"]["POSTGRES_USER"]
+    for name, variable, login in (
+        ("migrate", "DATABASE_URL", superuser),
+        ("api", "ORDERS_API_DATABASE_URL", "orders_api_login"),
+        ("projector", "ORDERS_PROJECTOR_DATABASE_URL", "orders_projector_login"),
+    ):
+        env = services[name]["environment"]
+        url = make_url(env[variable])
+        assert url.username == login, name
+        assert url.password is None, f"{name}: a password in the compose file"
+        assert "DATABASE_URL" not in env or name == "migrate", f"{name} falls back to the superuser"
+        secret = env["ORDERS_DATABASE_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        assert services[name]["secrets"] == [secret], name
+        assert (COMPOSE.parent / secrets[secret]["file"]).parent.is_dir(), secret
+    assert "--create-roles" in services["migrate"]["command"]
+    postgres = services["postgres"]
+    assert "POSTGRES_PASSWORD" not in postgres["environment"]
+    for variable, value in postgres["environment"].items():
+        if variable.endswith("_FILE"):
+            assert value.removeprefix("/run/secrets/") in postgres["secrets"], variable
+    init = next(v for v in postgres["volumes"] if v.endswith(":/docker-entrypoint-initdb.d:ro"))
+    script = (COMPOSE.parent / init.split(":")[0] / "10-orders-logins.sh").read_text()
+    for role in (
+        OWNER_ROLE,
+        PROJECTOR_ROLE,
+        API_ROLE,
+        "orders_api_login",
+        "orders_projector_login",
+    ):
+        assert f"CREATE ROLE {role} " in script, role
+    # The secrets' folder keeps its files out of git and out of the image.
+    ignored = (COMPOSE.parent / "deploy" / "secrets" / ".gitignore").read_text().split()
+    assert ignored == ["*", "!.gitignore"]
+    assert "deploy/secrets" in (COMPOSE.parent / ".dockerignore").read_text().split()

@@ -57,7 +57,7 @@ async def test_the_api_gets_the_cap_on_waiting_queries_from_the_settings(
 
     with pytest.raises(_Built):
         await bootstrap._serve_with(
-            engine, settings, asyncio.Event(), bootstrap.ApiOptions(), False, None
+            {"api": engine}, settings, asyncio.Event(), bootstrap.ApiOptions(), False, None
         )
 
     assert [(r.max_waiting_queries, r.partitions) for r in built] == [(7, 3)]

@@ -21,6 +21,9 @@ from service.infra.database import EncodingRefused, connection_lost
         ),
         asyncpg.AdminShutdownError("terminating connection due to administrator command"),
         asyncpg.DeadlockDetectedError("deadlock detected"),
+        # The database refuses the work, not the event: the environment must change.
+        asyncpg.InsufficientPrivilegeError("permission denied for table orders"),
+        asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     ],
 )
 def test_errors_of_an_unavailable_database_are_retried(error: BaseException) -> None:
@@ -32,6 +35,8 @@ def test_errors_of_an_unavailable_database_are_retried(error: BaseException) -> 
     [
         asyncpg.UniqueViolationError("a row stored twice"),
         asyncpg.DataError("a value the column refuses"),
+        # An earlier statement of the transaction failed: that one says whose fault it is.
+        asyncpg.InFailedSQLTransactionError("current transaction is aborted"),
         # asyncpg's client-side refusal of a value it cannot encode: an InterfaceError.
         EncodingRefused("invalid input for query argument $1: 2147483648 (out of range)"),
         ValueError("a bug"),

@@ -9,6 +9,7 @@ of their own. Anything else is a bug: no advice, its traceback is the report.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -18,6 +19,7 @@ from alembic.util import CommandError
 from asyncpg import PostgresError
 from sqlalchemy.engine import make_url
 
+from service.infra.embedded.postgres import endpoints
 from service.kernel.errors import (
     BadEvent,
     Conflict,
@@ -82,10 +84,13 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 
 def _database_location(settings: Settings) -> str:
+    """Where the driver looks for the server (``endpoints``: a host and port, or a socket),
+    and the database; never the password."""
     if not settings.database_url:
         return "(DATABASE_URL is not set)"
-    url = make_url(settings.database_url)
-    return f"{url.host or '127.0.0.1'}:{url.port or 5432}/{url.database or ''}"
+    tried = endpoints(settings.database_url)
+    where = tried[0] if len(tried) == 1 else "|".join(tried)
+    return f"{where}/{make_url(settings.database_url).database or ''}"
 
 
 def _kafka_location(settings: Settings) -> str:
@@ -98,6 +103,7 @@ def _database_advice(error: BaseException, settings: Settings) -> str | None:
         return None
     where = _database_location(settings)
     state = failure.sqlstate or ""
+    headline = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     if state == "42P01":  # undefined_table
         return (
             f"the database {where} is not migrated ({failure}): run `orders migrate` with the "
@@ -106,13 +112,42 @@ def _database_advice(error: BaseException, settings: Settings) -> str | None:
     if state == "3D000":  # invalid_catalog_name
         return f"PostgreSQL at {where}: {failure}; create that database or fix DATABASE_URL"
     if state.startswith("28"):  # invalid authorization: unknown role, wrong password
+        if "no encryption" in str(failure):  # pg_hba.conf has hostssl lines only
+            return (
+                f"PostgreSQL at {where} refused the login: {failure}; the server accepts TLS "
+                "connections only: set sslmode=require, or verify-full with sslrootcert=<CA "
+                "file>, in DATABASE_URL"
+            )
         return f"PostgreSQL at {where} refused the login: {failure}; fix DATABASE_URL"
+    if state == "42501":  # insufficient_privilege
+        return (
+            f"PostgreSQL at {where} refused it: {headline}; `orders migrate --create-roles` "
+            "needs a superuser, migrations and operators' commands a login in the "
+            "orders_migrator role (docs/security.md)"
+        )
+    if state.startswith("25"):  # read-only transaction: a standby, or read-only by default
+        return (
+            f"PostgreSQL at {where} is read-only here ({headline}): point DATABASE_URL at the "
+            "primary, or turn default_transaction_read_only off"
+        )
     if state.startswith(("08", "57P")):  # connection lost; server shut down
         return (
             f"lost the connection to PostgreSQL at {where} ({failure}): check that it is up "
             "and reachable, then run this again"
         )
     return None
+
+
+def _tls_advice(error: BaseException, settings: Settings) -> str | None:
+    failure = next((e for e in _chain(error) if isinstance(e, ssl.SSLCertVerificationError)), None)
+    if failure is None:
+        return None
+    reason = failure.verify_message or failure.reason or str(failure)
+    return (
+        f"PostgreSQL at {_database_location(settings)} presented a TLS certificate that does "
+        f"not verify ({reason}): point sslrootcert in DATABASE_URL at the CA that signed the "
+        "server's certificate, and name the server as its certificate does"
+    )
 
 
 def _kafka_advice(error: BaseException, settings: Settings) -> str | None:
@@ -158,6 +193,7 @@ def _connection_advice(error: BaseException, settings: Settings) -> str | None:
 # In this order: the most specific advice first.
 _FOREIGN_ADVICE: tuple[Callable[[BaseException, Settings], str | None], ...] = (
     _database_advice,
+    _tls_advice,
     _kafka_advice,
     _migration_advice,
     _connection_advice,

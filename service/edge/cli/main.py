@@ -243,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("--revision", default="head")
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV (e.g. base)")
+    migrate.add_argument(
+        "--create-roles",
+        action="store_true",
+        help="first create the roles orders_migrator, orders_projector, orders_api and their "
+        "grants (as a superuser; running it again changes nothing; docs/security.md)",
+    )
     migrate.set_defaults(handler="serving:cmd_migrate")
 
     _add_topic_parser(commands)

@@ -41,7 +41,8 @@ def database_job(job: Job) -> None:
     settings = configured()
 
     async def main() -> None:
-        async with database(settings.require_database(), DatabaseUse.OPERATOR) as engine:
+        url, password = settings.require_database(), settings.database_password
+        async with database(url, DatabaseUse.OPERATOR, password) as engine:
             await job(engine, settings)
 
     run(main, BATCH_YOUNG_GENERATION_THRESHOLD)  # rebuilds apply batches too

@@ -32,11 +32,15 @@ def run(
         asyncio.run(main())
 
 
-def configured(*, kafka: bool = True, database: bool = True) -> Settings:
-    """Settings from the environment, with the broker and database checked to answer."""
+def configured(
+    *, kafka: bool = True, database: bool = True, processes: tuple[str, ...] = ()
+) -> Settings:
+    """Settings from the environment, with the broker and database checked to answer: the
+    database of each of ``processes`` (``"api"``, ``"projector"``), or ``DATABASE_URL``."""
     settings = Settings.from_env()
     if database:
-        check_reachable(settings.require_database())
+        for url in dict.fromkeys(settings.require_database(p) for p in processes or (None,)):
+            check_reachable(url)
     if kafka:
         bootstrap = settings.require_kafka()
         try:

@@ -12,9 +12,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from projections import roles
 from service.edge.bootstrap import ApiOptions, migrate_database, serve
 from service.edge.cli.process import configured, run
 from service.edge.cli.tail import TailOptions, tail
+from service.infra.database import shown_url
 from service.infra.embedded import cache_dir, ensure_port_free
 from service.infra.embedded.stack import infrastructure
 from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER, DevelopmentIssuer
@@ -35,13 +37,13 @@ def _with_metrics_port(settings: Settings, args: argparse.Namespace) -> Settings
 
 
 def cmd_api(args: argparse.Namespace) -> None:
-    settings = _with_metrics_port(configured(), args)
+    settings = _with_metrics_port(configured(processes=("api",)), args)
     _log.info("API on http://%s:%d (OpenAPI at /schema)", args.host, args.port)
     run(lambda: _serve(settings, api=ApiOptions(args.host, args.port)))
 
 
 def cmd_projector(args: argparse.Namespace) -> None:
-    settings = _with_metrics_port(configured(), args)
+    settings = _with_metrics_port(configured(processes=("projector",)), args)
     run(
         lambda: _serve(settings, run_projector=True, projections=args.names or None),
         BATCH_YOUNG_GENERATION_THRESHOLD,
@@ -51,11 +53,21 @@ def cmd_projector(args: argparse.Namespace) -> None:
 def cmd_migrate(args: argparse.Namespace) -> None:
     settings = configured(kafka=False)
     url = settings.require_database()
-    if args.downgrade:
-        run(lambda: migrate_database(url, revision=args.downgrade, action="downgrade"))
-    else:
-        run(lambda: migrate_database(url, revision=args.revision))
-    print(f"database migrated to {args.downgrade or args.revision}")
+    action, revision = (
+        ("downgrade", args.downgrade) if args.downgrade else ("upgrade", args.revision)
+    )
+    run(
+        lambda: migrate_database(
+            url,
+            revision=revision,
+            action=action,
+            create_roles=args.create_roles,
+            password=settings.database_password,
+        )
+    )
+    if args.create_roles:
+        print(f"roles {', '.join(roles.ROLES)} and their grants are set up (docs/security.md)")
+    print(f"database migrated to {revision}")
 
 
 async def create_events_topic(
@@ -185,12 +197,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
         settings, issuer = _development_identity(settings, args.data_dir)
 
         async def main() -> None:
-            await migrate_database(infra.database_url)
+            await migrate_database(infra.database_url, password=settings.database_password)
             await create_topic(
                 settings.require_kafka(), settings.topic, partitions=settings.partitions
             )
             print(f"  Kafka       {infra.kafka_bootstrap_servers}  (topic {settings.topic})")
-            print(f"  PostgreSQL  {infra.database_url}")
+            print(f"  PostgreSQL  {shown_url(infra.database_url)}")
             _print_server_logs(infra.server_logs, kept=args.data_dir is not None)
             print(f"  API         http://{args.host}:{args.port}   (OpenAPI: /schema)")
             if issuer is not None:

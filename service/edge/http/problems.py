@@ -17,7 +17,7 @@ from sqlalchemy import exc as sa_exc
 
 from projections.checkpoints import TooManyWaitingQueries
 from service.edge.http.auth import REALM, RateLimited, Unauthenticated
-from service.infra.database import connection_lost
+from service.infra.database import connection_lost, refused_by_environment, sqlstate
 from service.kernel import domain
 from service.kernel.errors import (
     AccessDenied,
@@ -74,7 +74,8 @@ _PROBLEM_DESCRIPTIONS = {
     422: "A business rule refused the command, or the Idempotency-Key was reused",
     429: "This caller's rate limit is spent; see Retry-After",
     503: "Temporarily unavailable (event log, writer start-up or at capacity, database, too "
-    "many queries waiting for their consistency tokens); see Retry-After",
+    "many queries waiting for their consistency tokens; see Retry-After), or the database "
+    "refuses what the service's login may not do",
 }
 
 
@@ -287,9 +288,33 @@ def _is_outage(error: Exception) -> bool:
 
 
 def _database_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    if refused_by_environment(error):
+        return _database_refused(request, error)
     if not _is_outage(error):
         return _unexpected(request, error)
     return _unreachable(request, error, "the database")
+
+
+def _database_refused(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:
+    """503, no Retry-After: the database refuses what this process's login may not do, or is
+    read-only. With the roles of least privilege the API only reads, so an operator's action
+    that writes (park, retry, skip) runs as an operator instead."""
+    _log.error(
+        "the database refused %s %s (SQLSTATE %s): %s",
+        request.method,
+        request.url.path,
+        sqlstate(error),
+        str(error).splitlines()[0] if str(error) else type(error).__name__,
+    )
+    return problem(
+        503,
+        "database-refused",
+        "Service Unavailable",
+        f"the database refuses this request (SQLSTATE {sqlstate(error)}: read-only, or a "
+        "privilege this service's login lacks); with the roles of least privilege the API "
+        "only reads: run operators' actions with `orders projections ...` (docs/security.md)",
+        request,
+    )
 
 
 def _event_log_unavailable(request: Request[Any, Any, Any], error: Exception) -> Response[Any]:

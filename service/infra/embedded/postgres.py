@@ -76,12 +76,25 @@ def _make_traversable(path: Path) -> None:
         parent.chmod(mode | 0o011)
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate (chain) and key, PEM files; ``only``: refuse connections
+    without TLS (``hostssl`` lines only in pg_hba.conf)."""
+
+    certificate: Path
+    key: Path
+    only: bool = False
+
+
 @dataclass
 class LocalPostgres:
-    """One PostgreSQL cluster on 127.0.0.1 with trust authentication for user ``postgres``."""
+    """One PostgreSQL cluster on 127.0.0.1 with trust authentication for user ``postgres``;
+    with ``tls``, serving TLS too (or only)."""
 
     port: int = 0
     data_dir: Path | None = None
+    tls: ServerTls | None = None
+    bin_dir: Path | None = None  # another PostgreSQL build (default: the embedded wheel's)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _owns_data_dir: bool = field(default=False, init=False)
 
@@ -96,7 +109,7 @@ class LocalPostgres:
     def start(self, *, timeout: float = 60.0) -> str:
         """Initialise the cluster if new, start the server, wait until it accepts connections."""
         deadline = time.monotonic() + timeout
-        bin_dir = postgres_bin_dir()
+        bin_dir = self.bin_dir or postgres_bin_dir()
         user = _run_as()
         if self.port:
             ensure_port_free(self.port, "PostgreSQL", "--postgres-port")
@@ -135,6 +148,7 @@ class LocalPostgres:
                 raise EnvironmentProblem(f"initdb failed: {result.stderr.strip()[-500:]}")
         if user is not None:
             shutil.chown(self.log_file.parent, user=user)
+        tls_options = self._install_tls(cluster, user) if self.tls is not None else []
         self.process = spawn(
             [
                 str(bin_dir / "postgres"),
@@ -150,6 +164,7 @@ class LocalPostgres:
                 "max_connections=200",
                 "-c",
                 "shared_buffers=256MB",
+                *tls_options,
             ],
             log_file=self.log_file,
             user=user,
@@ -161,8 +176,34 @@ class LocalPostgres:
             raise
         return self.url()
 
+    def _install_tls(self, cluster: Path, user: str | None) -> list[str]:
+        """Copy the certificate and key where the server reads them (the key readable by the
+        server's user only, as it insists), and with ``only``, accept TLS connections only."""
+        assert self.tls is not None
+        options = ["-c", "ssl=on"]
+        for setting, source in (
+            ("ssl_cert_file", self.tls.certificate),
+            ("ssl_key_file", self.tls.key),
+        ):
+            target = cluster / f"server-{setting}.pem"
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if user is not None:
+                shutil.chown(target, user=user)
+            options += ["-c", f"{setting}={target}"]
+        if self.tls.only:
+            hba = cluster / "pg_hba.conf"
+            hba.write_text(
+                "local all all trust\n"
+                "hostssl all all 127.0.0.1/32 trust\n"
+                "hostssl all all ::1/128 trust\n"
+            )
+            if user is not None:
+                shutil.chown(hba, user=user)
+        return options
+
     def _wait_until_accepting(self, deadline: float) -> None:
-        bin_dir = postgres_bin_dir()
+        bin_dir = self.bin_dir or postgres_bin_dir()
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
