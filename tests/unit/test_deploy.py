@@ -176,3 +176,13 @@ def test_compose_keeps_the_superuser_to_init_and_migrate_and_reads_passwords_fro
     ignored = (COMPOSE.parent / "deploy" / "secrets" / ".gitignore").read_text().split()
     assert ignored == ["*", "!.gitignore"]
     assert "deploy/secrets" in (COMPOSE.parent / ".dockerignore").read_text().split()
+
+
+def test_compose_creates_the_topic_before_the_api_and_the_projector_start(compose: dict) -> None:  # type: ignore[type-arg]
+    services = compose["services"]
+    assert services["topic"]["command"] == ["orders", "topic", "create"]
+    assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    for name in ("api", "projector"):
+        assert services[name]["depends_on"]["topic"] == {
+            "condition": "service_completed_successfully"
+        }, name
