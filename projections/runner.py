@@ -248,10 +248,12 @@ class ProjectionRunner:
             await admin.close()
         if description is None:  # deleted since the consumer saw it: the next start checks
             return
-        ends = await topic_end_offsets(consumer, topic) or {}
         async with begin(self.engine) as connection:
             recorded = await record_topic(connection, self.targets, topic, description.topic_id)
             reach = await checkpoint_reach(connection, self.targets, topic)
+        # Read after the checkpoints: other instances move them on meanwhile, never past the
+        # last stable offset as it was when they committed, and it only grows.
+        ends = await topic_end_offsets(consumer, topic) or {}
         problem = replaced(topic, description.topic_id, recorded, reach, ends)
         if problem is not None:
             _log.error("%s: %s", self.label, problem)
