@@ -225,13 +225,17 @@ class ProjectionRunner:
             except TopicReplaced:
                 raise
             except Exception as error:
-                _log.warning(
-                    "%s: could not read the checkpoints to check the topic against (%r); "
-                    "retrying in %.1fs",
-                    self.label,
-                    error,
-                    delay,
-                )
+                if refused_by_environment(error):
+                    _report_refusal(self.label, error, delay)
+                    await self.engine.dispose()  # see ``_retrying``
+                else:
+                    _log.warning(
+                        "%s: could not read the checkpoints to check the topic against (%r); "
+                        "retrying in %.1fs",
+                        self.label,
+                        error,
+                        delay,
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)  # back-off, ended early by a stop
             delay = min(delay * 2, 5.0)

@@ -16,9 +16,14 @@ async def record_topic(
     connection: asyncpg.Connection, targets: Sequence[Target], topic: str, topic_id: uuid.UUID
 ) -> dict[Target, uuid.UUID]:
     """Record ``topic_id`` for the versions that have no topic id yet (a new version, or one
-    built before ids were recorded); returns the id each version has now."""
-    names = [t.name for t in targets]
-    versions = [t.version for t in targets]
+    built before ids were recorded); returns the id each version has now. Writes nothing when
+    every version has one (a read-only database answers all the same)."""
+    known = await topic_ids(connection, targets, topic)
+    missing = [t for t in targets if t not in known]
+    if not missing:
+        return known
+    names = [t.name for t in missing]
+    versions = [t.version for t in missing]
     await connection.execute(
         "INSERT INTO projection_topics (projection, version, topic, topic_id) "
         "SELECT projection, version, $3, $4 FROM unnest($1::text[], $2::int[]) "
