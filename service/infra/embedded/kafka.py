@@ -37,7 +37,13 @@ from service.infra.embedded import (
     stop_process,
 )
 from service.infra.embedded.certificates import ServerCertificate, server_certificate
-from service.infra.kafka_clients import KafkaTarget, admin_client, client_options, connection
+from service.infra.kafka_clients import (
+    KafkaTarget,
+    admin_client,
+    client_options,
+    connection,
+    handshake_problem,
+)
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import KafkaConnection, KafkaSecurity
 
@@ -271,7 +277,8 @@ def wait_until_usable(
 
     A broker started here (``process`` given) must produce and consume a record: that proves
     it has finished starting. An external cluster (``process`` None) need only answer a
-    metadata request: it may forbid the probe's topic, and its readiness is its operators' job.
+    metadata request: it may forbid the probe's topic, and its readiness is its operators' job;
+    one that refuses this client's login or TLS handshake raises ``KafkaAccessRefused`` at once.
     """
     probe = round_trip if process is not None else answers_metadata
     last_error: BaseException | None = None
@@ -291,6 +298,12 @@ def wait_until_usable(
             return
         except Exception as exc:  # not ready yet: try again until the deadline
             last_error = exc
+            if process is None:
+                # An external cluster that refuses this client's login or TLS will go on
+                # refusing it: say why at once, not after the deadline.
+                refusal = run_coroutine(handshake_problem(bootstrap))
+                if refusal is not None:
+                    raise refusal from None
             time.sleep(0.2)  # pacing between probes, not synchronisation
     what = "a produce and consume" if process is not None else "a metadata request"
     raise EnvironmentProblem(
