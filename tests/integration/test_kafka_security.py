@@ -336,14 +336,40 @@ async def test_a_broker_certificate_of_another_ca_is_one_line(
     assert "KAFKA_SSL_CAFILE" in message
 
 
-async def test_a_missing_acl_is_one_line_naming_it(cluster: SecuredCluster) -> None:
-    # The projector may read the topic but holds no ACL on the writer's transactional id.
+async def test_an_api_whose_principal_may_not_write_the_topic_stops_with_one_line(
+    cluster: SecuredCluster,
+) -> None:
     api = cluster.cli(PROJECTOR).run("api", "--port", str(free_port()))
 
     message = the_one_error(await api)
 
-    assert f"refused User:{PROJECTOR} (TransactionalIdAuthorizationFailed)" in message, message
-    assert f"on TransactionalId {TRANSACTIONAL_ID}" in message, message
+    assert message == (
+        f"orders: Kafka at {cluster.kafka.bootstrap_servers} does not allow "
+        f"User:{PROJECTOR} to Write topic {TOPIC}: grant it Write on that topic "
+        "(docs/operations.md, Kafka ACLs)"
+    )
+
+
+async def test_an_api_without_its_transactional_id_acl_stops_with_one_line(
+    cluster: SecuredCluster,
+) -> None:
+    cli = cluster.cli(WRITER, ORDERS_TRANSACTIONAL_ID="not-granted")
+
+    message = the_one_error(await cli.run("api", "--port", str(free_port())))
+
+    assert f"refused User:{WRITER} (TransactionalIdAuthorizationFailed)" in message, message
+    assert "grant it on TransactionalId not-granted (ORDERS_TRANSACTIONAL_ID)" in message
+
+
+async def test_a_projector_without_its_group_acl_stops_with_one_line(
+    cluster: SecuredCluster,
+) -> None:
+    cli = cluster.cli(PROJECTOR, ORDERS_GROUP_PREFIX="not-granted")
+
+    message = the_one_error(await cli.run("projector", "orders"))
+
+    assert f"refused User:{PROJECTOR} (GroupAuthorizationFailedError)" in message, message
+    assert "grant it on consumer group not-granted.orders: Read" in message, message
 
 
 async def test_a_rebuild_runs_with_the_security_settings_its_workers_inherit(
