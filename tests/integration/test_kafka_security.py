@@ -28,6 +28,7 @@ from service.infra.database import create_engine, migrate
 from service.infra.embedded import free_port
 from service.infra.embedded.certificates import server_certificate
 from service.infra.embedded.kafka import LocalKafka, run_coroutine
+from service.infra.embedded.stack import infrastructure
 from service.infra.eventlog import committed_reader
 from service.infra.kafka_clients import client_options
 from service.infra.topic import topic_partitions
@@ -387,3 +388,15 @@ async def test_a_rebuild_runs_with_the_security_settings_its_workers_inherit(
     assert (await _read_order(service.api, order_id, token)).json()["order_id"] == order_id
     for user in ("admin", WRITER, PROJECTOR, INTRUDER):
         assert cluster.password(user) not in out + err
+
+
+def test_an_external_secured_cluster_is_used_with_the_security_settings(
+    cluster: SecuredCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `orders dev` and the test fixtures do with KAFKA_BOOTSTRAP_SERVERS set."""
+    for name, value in cluster.environment(PROJECTOR).items():
+        monkeypatch.setenv(name, value)
+
+    with infrastructure() as found:
+        assert found.kafka is None
+        assert found.kafka_bootstrap_servers == cluster.kafka.bootstrap_servers
