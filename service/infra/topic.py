@@ -212,7 +212,7 @@ async def describe_topic(admin: AIOKafkaAdminClient, topic: str) -> TopicDescrip
     if code == _TOPIC_AUTHORIZATION_FAILED:
         raise EnvironmentProblem(
             f"not allowed to describe topic {topic}: grant this client's principal Describe "
-            "on it (docs/operations.md, Kafka ACLs)"
+            "on it, or the Read that implies it (docs/operations.md, Kafka ACLs)"
         )
     if code != _NONE:
         raise EnvironmentProblem(

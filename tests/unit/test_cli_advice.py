@@ -143,7 +143,7 @@ SECURED = Settings(
     [
         (
             TopicAuthorizationFailedError("orders.events"),
-            "on topic orders.events: Describe and Write",
+            "on topic orders.events: Read and Write",
         ),
         (
             GroupAuthorizationFailedError("orders-projection.orders"),

@@ -165,8 +165,8 @@ def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str
     if isinstance(failure, TopicAuthorizationFailedError):
         topic = _denied_name(failure, settings.topic)
         grant = (
-            f"on topic {topic}: Describe and Write for the API (the writer), Describe and Read "
-            "for projectors, `orders events tail` and `orders projections` commands"
+            f"on topic {topic}: Read and Write for the API (the writer), Read for projectors, "
+            "`orders events tail` and `orders projections` commands"
         )
     elif isinstance(failure, GroupAuthorizationFailedError):
         group = _denied_name(failure, f"{settings.projection_group_prefix}*")
@@ -178,8 +178,8 @@ def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str
     elif isinstance(failure, TransactionalIdAuthorizationFailed):
         transactional_id = _denied_name(failure, settings.transactional_id)
         grant = (
-            f"on TransactionalId {transactional_id} (ORDERS_TRANSACTIONAL_ID): Describe and "
-            "Write; only the API's principal should have it"
+            f"on TransactionalId {transactional_id} (ORDERS_TRANSACTIONAL_ID): Write (it "
+            "implies Describe); only the API's principal should have it"
         )
     else:
         grant = (
