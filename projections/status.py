@@ -23,7 +23,7 @@ from projections.models import catalog
 from projections.projection import begin
 from service.infra.eventlog import committed_reader, topic_end_offsets
 from service.infra.kafka_clients import KafkaTarget, admin_client
-from service.infra.topic import describe_topic
+from service.infra.topic import raise_if_hidden
 
 # Partition and projection states, worst first.
 HALTED = "halted"
@@ -169,18 +169,6 @@ def members_per_projection(
     return counts
 
 
-async def _refuse_unless_missing(bootstrap: KafkaTarget, topic: str) -> None:
-    """A topic that a consumer's metadata does not list may exist and be hidden from this
-    client by Kafka's ACLs: that raises (saying which ACL to grant), rather than showing every
-    projection caught up with an empty topic."""
-    admin = admin_client(bootstrap)
-    try:
-        await admin.start()
-        await describe_topic(admin, topic)
-    finally:
-        await admin.close()
-
-
 async def status(
     engine: AsyncEngine,
     bootstrap: KafkaTarget,
@@ -210,7 +198,7 @@ async def status(
     finally:
         await consumer.stop()  # also after a failed start, which leaves its connections open
     if stable is None:
-        await _refuse_unless_missing(bootstrap, topic)
+        await raise_if_hidden(bootstrap, topic)
     members = await consumers(bootstrap, group_prefix) if group_prefix is not None else None
     partitions = sorted(stable) if stable is not None else []
     found = []

@@ -471,6 +471,18 @@ async def topic_partitions(kafka: KafkaTarget, topic: str) -> list[int]:
     return [p.partition for p in description.partitions]
 
 
+async def raise_if_hidden(kafka: KafkaTarget, topic: str) -> None:
+    """For a ``topic`` a consumer's metadata does not list: raise when it exists and Kafka's
+    ACLs hide it from this client (saying which ACL to grant), rather than let it pass for a
+    missing or empty topic; return when there is no such topic."""
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        await describe_topic(admin, topic)
+    finally:
+        await admin.close()
+
+
 def describe_facts(facts: TopicFacts) -> str:
     """One line an operator reads: what the topic is."""
     return (

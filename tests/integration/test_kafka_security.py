@@ -373,10 +373,16 @@ async def test_a_projector_without_its_group_acl_stops_with_one_line(
     assert "grant it on consumer group not-granted.orders: Read" in message, message
 
 
-async def test_a_status_the_topic_is_hidden_from_is_one_line_not_caught_up(
-    cluster: SecuredCluster,
+@pytest.mark.parametrize(
+    "command",
+    [["projections", "status"], ["projections", "rebuild", "orders"]],
+    ids=["status", "rebuild"],
+)
+async def test_a_command_the_topic_is_hidden_from_says_so_in_one_line(
+    cluster: SecuredCluster, command: list[str]
 ) -> None:
-    message = the_one_error(await cluster.cli(INTRUDER).run("projections", "status"))
+    """Not "caught up" for an empty topic, not a rebuild waiting for the topic to appear."""
+    message = the_one_error(await cluster.cli(INTRUDER).run(*command))
 
     assert message == (
         f"orders: not allowed to describe topic {TOPIC}: grant this client's principal "

@@ -22,7 +22,7 @@ from projections.parking import park, parked, retry, skip
 from projections.rebuild import RebuildInterrupted, bulk, rebuild
 from projections.runner import ProjectionRunner, runner_config
 from projections.status import render, status
-from service.edge.bootstrap import DatabaseUse, database, metrics_endpoint, topic_of
+from service.edge.bootstrap import DatabaseUse, database, metrics_endpoint
 from service.edge.cli.advice import EXIT_INTERRUPTED
 from service.edge.cli.process import configured, run
 from service.infra.kafka_clients import KafkaTarget
@@ -97,8 +97,6 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> None:
     catalog.select(names)  # unknown names: a clear error before connecting
 
     async def job(engine: AsyncEngine, settings: Settings) -> None:
-        # Its builders would wait for a topic their principal may not read as for a missing one.
-        await topic_of(settings)
         stop = shutdown_on_signals()
         try:
             async with metrics_endpoint(settings.metrics_host, args.metrics_port):
