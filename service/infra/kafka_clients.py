@@ -11,6 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     KafkaConnectionError,
+    KafkaError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
@@ -117,13 +118,20 @@ async def handshake_problem(
             f"its listener speaks {security.protocol} (KAFKA_SECURITY_PROTOCOL), and "
             "KAFKA_SSL_CERTFILE/KAFKA_SSL_KEYFILE if it asks for a client certificate"
         )
-    except KafkaConnectionError as error:
-        if security.uses_tls:
-            return None
+    except (KafkaConnectionError, ConnectionResetError) as error:
+        # Accepted, then dropped at what the client sent first (a TLS hello, a SASL handshake,
+        # a plain request): not the refused connection of a server that is away.
         return KafkaAccessRefused(
-            f"{where} hung up on a {security.protocol} client ({error}): its listener "
-            "probably expects TLS or SASL; set KAFKA_SECURITY_PROTOCOL (and KAFKA_SASL_*, "
-            "KAFKA_SSL_*) to what it expects"
+            f"{where} hung up on a {security.protocol} client ({str(error) or type(error).__name__}"
+            "): its listener probably expects another protocol; set KAFKA_SECURITY_PROTOCOL "
+            "(and KAFKA_SASL_*, KAFKA_SSL_*) to what it expects"
+        )
+    except KafkaError as error:  # IllegalSaslState: a SASL login where none is expected
+        return KafkaAccessRefused(
+            f"{where} refused the handshake of a {security.protocol} client "
+            f"({type(error).__name__}): its "
+            "listener probably expects another protocol; set KAFKA_SECURITY_PROTOCOL (and "
+            "KAFKA_SASL_*, KAFKA_SSL_*) to what it expects"
         )
     except (OSError, TimeoutError):
         return None  # not reachable, or too slow: the caller says it does not answer

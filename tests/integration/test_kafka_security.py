@@ -337,6 +337,38 @@ async def test_a_broker_certificate_of_another_ca_is_one_line(
     assert "KAFKA_SSL_CAFILE" in message
 
 
+async def test_a_plaintext_client_of_the_secured_listener_is_one_line(
+    cluster: SecuredCluster,
+) -> None:
+    unset = dict.fromkeys(("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SSL_CAFILE"), "")
+    cli = cluster.cli(
+        WRITER, KAFKA_SECURITY_PROTOCOL="PLAINTEXT", KAFKA_SASL_PASSWORD_FILE="", **unset
+    )
+
+    message = the_one_error(await cli.run("events", "tail", "--limit", "1"))
+
+    assert message.startswith(
+        f"orders: Kafka at {cluster.kafka.bootstrap_servers} hung up on a PLAINTEXT client"
+    ), message
+    assert "set KAFKA_SECURITY_PROTOCOL" in message
+
+
+async def test_a_tls_client_of_a_plaintext_listener_is_one_line(
+    bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    """The session's broker speaks PLAINTEXT."""
+    authority = server_certificate(tmp_path, "any").ca_file
+    environment = {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": str(authority)}
+    cli = OrdersCli(bootstrap, database_url, TOPIC, None, environment)
+
+    message = the_one_error(await cli.run("events", "tail", "--limit", "1"))
+
+    assert message.startswith(
+        f"orders: Kafka at {bootstrap} hung up on a SSL client (ConnectionResetError): its "
+        "listener probably expects another protocol"
+    ), message
+
+
 async def test_an_api_whose_principal_may_not_write_the_topic_stops_with_one_line(
     cluster: SecuredCluster,
 ) -> None:
