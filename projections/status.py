@@ -193,12 +193,12 @@ async def status(
     try:
         await consumer.start()
         stable = await topic_end_offsets(consumer, topic)  # read_committed: stable
+        if stable is None:
+            await raise_if_hidden(bootstrap, topic)
         events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:
         await consumer.stop()  # also after a failed start, which leaves its connections open
-    if stable is None:
-        await raise_if_hidden(bootstrap, topic)
     members = await consumers(bootstrap, group_prefix) if group_prefix is not None else None
     partitions = sorted(stable) if stable is not None else []
     found = []

@@ -149,10 +149,13 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(cluster: SecuredCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """``orders api`` logged in as the writer and ``orders projector`` as the projector."""
+    """``orders api`` logged in as the writer and ``orders projector`` as the projector, both
+    logging at debug level (aiokafka's connection and SASL logs included)."""
     logs = tmp_path_factory.mktemp("secured-service")
     api = ApiProcess.create(cluster.environment(WRITER), logs / "api.log")
+    api.argv = ["--verbose", *api.argv]
     projector = projector_process(cluster.environment(PROJECTOR), logs / "projector.log")
+    projector.argv = ["--verbose", *projector.argv]
     try:
         api.start()
         projector.start()
@@ -238,6 +241,7 @@ async def test_no_password_shows_in_the_logs_or_the_status(
     assert code == 0, err
     assert TOPIC in status
     everything = service.logs() + status + err
+    assert "Authenticated as orders-writer via SCRAM-SHA-512" in everything  # aiokafka, debug
     for user in ("admin", WRITER, PROJECTOR, INTRUDER):
         assert cluster.password(user) not in everything, f"{user}'s password leaked"
 
