@@ -408,6 +408,7 @@ class LocalKafka:
             self._check_users()
             if not self.certificate.key_and_chain_file.exists():
                 server_certificate(self.certificate.ca_file.parent, "broker")
+            self._keep_super_user_password()
         properties = self.data_dir / "server.properties"
         properties.write_text(self._server_properties(self.controller_port))
         properties.chmod(0o600)  # it holds the super user's password when secured
@@ -457,6 +458,17 @@ class LocalKafka:
             self.stop()
             raise
         return self.bootstrap_servers
+
+    def _keep_super_user_password(self) -> None:
+        """The super user's credential is made once, when the storage is formatted: a kept
+        data directory keeps its password for the next ``LocalKafka`` on it."""
+        assert self.data_dir is not None
+        kept = self.certificate.ca_file.parent / "super-user-password"
+        if kept.exists():
+            self._super_user_password = kept.read_text()
+        else:
+            kept.touch(mode=0o600)
+            kept.write_text(self._super_user_password)
 
     def _check_users(self) -> None:
         if SUPER_USER in self.users:
