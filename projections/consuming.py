@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import GroupAuthorizationFailedError, KafkaError, TopicAuthorizationFailedError
 
 from projections import metrics
 from projections.batches import Batch
@@ -31,6 +31,11 @@ FETCH_CHUNK = 2_000
 
 class ConsumerBroken(Unavailable):
     """The Kafka consumer failed in a way only a new consumer recovers from."""
+
+
+# Kafka's ACLs refuse this principal the topic or the group: a new consumer would be refused
+# too, so these end the process, with advice naming the ACL, instead of a retry loop.
+REFUSALS = (TopicAuthorizationFailedError, GroupAuthorizationFailedError)
 
 
 def new_consumer(
@@ -65,6 +70,8 @@ async def start(consumer: AIOKafkaConsumer, topic: str, stop: asyncio.Event, lab
         while topic not in await consumer.topics() and not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+    except REFUSALS:
+        raise
     except KafkaError as error:
         raise ConsumerBroken from error
 
@@ -105,6 +112,8 @@ async def fetch(
             chunk = await consumer.getmany(
                 timeout_ms=wait_ms, max_records=min(FETCH_CHUNK, max_records - batch.count)
             )
+        except REFUSALS:
+            raise
         except Exception as error:  # aiokafka re-raises its coordinator's failures here
             raise ConsumerBroken from error
         if not chunk:

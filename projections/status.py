@@ -25,7 +25,7 @@ from projections.models import catalog
 from projections.projection import Target, begin
 from service.infra.eventlog import committed_reader, topic_end_offsets
 from service.infra.kafka_clients import KafkaTarget, admin_client
-from service.infra.topic import describe_topic
+from service.infra.topic import describe_topic, raise_if_hidden
 
 # Partition and projection states, worst first.
 TOPIC_REPLACED = (
@@ -213,6 +213,8 @@ async def status(
     try:
         await consumer.start()
         stable = await topic_end_offsets(consumer, topic)  # read_committed: stable
+        if stable is None:
+            await raise_if_hidden(bootstrap, topic)
         events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:

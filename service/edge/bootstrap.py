@@ -30,7 +30,7 @@ from service.infra.database import connector, create_engine, migrate, with_passw
 from service.infra.embedded import ensure_port_free
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
-from service.infra.topic import TopicFacts, check_topic
+from service.infra.topic import READ, TopicFacts, check_topic
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
@@ -273,6 +273,7 @@ async def topic_of(settings: Settings) -> TopicFacts:
     return await check_topic(
         settings.require_kafka(),
         settings.topic,
+        needs=(READ,),  # the writer, the projector and the queries' waits all read it
         allow_deleting=settings.allow_deleting_topic,
         allow_undurable=settings.allow_undurable_topic,
     )

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -157,7 +157,7 @@ class _TopicMetadataRequest(Request[_MetadataRequestV12]):  # type: ignore[misc]
         self._topic = topic
 
     def build(self, request_struct_class: type[_MetadataRequestV12]) -> _MetadataRequestV12:
-        return request_struct_class([(_ZERO_UUID, self._topic, {})], False, False, {})
+        return request_struct_class([(_ZERO_UUID, self._topic, {})], False, True, {})
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,14 @@ class PartitionReplicas:
     partition: int
     replicas: tuple[int, ...]
     in_sync: tuple[int, ...]
+
+
+# Operations on a topic a process may need, by the bit of each (Kafka's AclOperation codes) in
+# the topic's authorized operations that a Metadata answer carries.
+READ = "Read"
+WRITE = "Write"
+_OPERATION_BITS = {READ: 3, WRITE: 4}
+_OPERATIONS_UNKNOWN = -(2**31)  # what a broker answers when it does not say
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,22 @@ class TopicDescription:
     topic_id: uuid.UUID
     partitions: tuple[PartitionReplicas, ...]
     brokers: int  # in the cluster
+    authorized_operations: int = _OPERATIONS_UNKNOWN  # of the client that asked
 
     @property
     def replication_factor(self) -> int:
         return min((len(p.replicas) for p in self.partitions), default=0)
+
+    def missing(self, operations: Collection[str]) -> list[str]:
+        """Which of ``operations`` the client may not do on the topic (none when the broker
+        does not say)."""
+        if self.authorized_operations == _OPERATIONS_UNKNOWN:
+            return []
+        return [
+            name
+            for name in operations
+            if not self.authorized_operations & (1 << _OPERATION_BITS[name])
+        ]
 
 
 async def describe_topic(admin: AIOKafkaAdminClient, topic: str) -> TopicDescription | None:
@@ -199,7 +219,7 @@ async def describe_topic(admin: AIOKafkaAdminClient, topic: str) -> TopicDescrip
     if code == _TOPIC_AUTHORIZATION_FAILED:
         raise EnvironmentProblem(
             f"not allowed to describe topic {topic}: grant this client's principal Describe "
-            "on it (docs/operations.md, Kafka ACLs)"
+            "on it, or the Read that implies it (docs/operations.md, Kafka ACLs)"
         )
     if code != _NONE:
         raise EnvironmentProblem(
@@ -215,6 +235,7 @@ async def describe_topic(admin: AIOKafkaAdminClient, topic: str) -> TopicDescrip
             for p in sorted(found["partitions"], key=lambda p: p["partition_index"])
         ),
         brokers=len(answer["brokers"]),
+        authorized_operations=found["topic_authorized_operations"],
     )
 
 
@@ -271,8 +292,21 @@ class TopicFacts:
 
 async def _config(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str]:
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    entries = responses[0].to_object()["resources"][0]["config_entries"]
-    return {entry["config_names"]: entry["config_value"] for entry in entries}
+    (resource,) = responses[0].to_object()["resources"]
+    # A refusal comes back as an error code with no entries: checked as they are, they would
+    # pass for a topic that keeps its history.
+    if resource["error_code"] == _TOPIC_AUTHORIZATION_FAILED:
+        raise EnvironmentProblem(
+            f"not allowed to read the configuration of topic {topic}: grant this client's "
+            "principal DescribeConfigs on it, which every process needs to check that the "
+            "topic keeps its history (docs/operations.md, Kafka ACLs)"
+        )
+    if resource["error_code"] != _NONE:
+        raise EnvironmentProblem(
+            f"cannot read the configuration of topic {topic}: "
+            f"{resource['error_message'] or 'Kafka error'} ({resource['error_code']})"
+        )
+    return {entry["config_names"]: entry["config_value"] for entry in resource["config_entries"]}
 
 
 def _missing(topic: str, kafka: KafkaTarget) -> TopicMissing:
@@ -326,21 +360,41 @@ async def _verified(
     )
 
 
+class TopicAccessMissing(EnvironmentProblem):
+    """The client's principal may not do on the events topic what its process needs."""
+
+
+def _access_missing(kafka: KafkaTarget, topic: str, missing: list[str]) -> TopicAccessMissing:
+    target = connection(kafka)
+    user = target.security.sasl_username
+    principal = f"User:{user}" if user else "this client's principal"
+    return TopicAccessMissing(
+        f"Kafka at {target.bootstrap_servers} does not allow {principal} to "
+        f"{' or '.join(missing)} topic {topic}: grant it {' and '.join(missing)} on that topic "
+        "(docs/operations.md, Kafka ACLs)"
+    )
+
+
 async def check_topic(
     kafka: KafkaTarget,
     topic: str,
     *,
+    needs: Collection[str] = (),
     allow_deleting: bool = False,
     allow_undurable: bool = False,
 ) -> TopicFacts:
-    """The events topic, checked to keep its history and enough copies; ``TopicMissing`` when
-    there is none (it is never created here)."""
+    """The events topic, checked to keep its history and enough copies, and to allow this
+    client the operations it ``needs`` (``READ``, ``WRITE``); ``TopicMissing`` when there is
+    none (it is never created here)."""
     admin = admin_client(kafka)
     await admin.start()
     try:
         description = await describe_topic(admin, topic)
         if description is None:
             raise _missing(topic, kafka)
+        missing = description.missing(needs)
+        if missing:
+            raise _access_missing(kafka, topic, missing)
         return await _verified(
             admin, description, allow_deleting=allow_deleting, allow_undurable=allow_undurable
         )
@@ -422,6 +476,18 @@ async def topic_partitions(kafka: KafkaTarget, topic: str) -> list[int]:
     if description is None:
         raise _missing(topic, kafka)
     return [p.partition for p in description.partitions]
+
+
+async def raise_if_hidden(kafka: KafkaTarget, topic: str) -> None:
+    """For a ``topic`` a consumer's metadata does not list: raise when it exists and Kafka's
+    ACLs hide it from this client (saying which ACL to grant), rather than let it pass for a
+    missing or empty topic; return when there is no such topic."""
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        await describe_topic(admin, topic)
+    finally:
+        await admin.close()
 
 
 def describe_facts(facts: TopicFacts) -> str:

@@ -43,7 +43,7 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service.infra.topic import check_topic
+from service.infra.topic import READ, WRITE, check_topic
 from service.kernel.domain import Order
 from service.write import metrics, recovery
 from service.write.appender import Appender
@@ -130,6 +130,7 @@ class Writer:
         topic = await check_topic(
             self.config.kafka,
             self.config.topic,
+            needs=(READ, WRITE),  # its state comes from the log
             allow_deleting=self.config.allow_deleting_topic,
             allow_undurable=self.config.allow_undurable_topic,
         )

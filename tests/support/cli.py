@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -20,6 +20,7 @@ class OrdersCli:
     database_url: str
     topic: str
     group_prefix: str | None = None  # ORDERS_GROUP_PREFIX: the projector groups it looks at
+    environment: dict[str, str] = field(default_factory=dict)  # more variables, set last
 
     async def run(self, *args: str) -> tuple[int, str, str]:
         """Exit code, stdout and stderr of ``orders ARGS``."""
@@ -31,6 +32,7 @@ class OrdersCli:
         )
         if self.group_prefix is not None:
             env["ORDERS_GROUP_PREFIX"] = self.group_prefix
+        env.update(self.environment)
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

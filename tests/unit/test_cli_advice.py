@@ -4,6 +4,12 @@ error tree, advice for what the environment did, and a traceback for a bug."""
 from __future__ import annotations
 
 import pytest
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 
 from projections.parking import ParkingRefused
 from projections.projection import ProjectionBug
@@ -15,7 +21,7 @@ from service.infra.topic import TopicMissing, TopicWouldLoseHistory
 from service.kernel.domain import OrderNotFound
 from service.kernel.envelope import UndecodableEvent
 from service.kernel.errors import OrdersError
-from service.kernel.settings import Settings
+from service.kernel.settings import KafkaSecurity, Settings
 from service.write.contract import IdempotencyKeyReused, VersionMismatch, WriterUnavailable
 from service.write.recovery import OpenTransactionInLog
 
@@ -117,3 +123,45 @@ def test_a_bug_raised_while_handling_a_lost_connection_keeps_its_traceback() -> 
 
     assert isinstance(bug.value.__context__, ConnectionRefusedError)
     assert advice_for(bug.value, SETTINGS) is None
+
+
+SECURED = Settings(
+    kafka_bootstrap_servers="kafka.example:9093",
+    kafka_security=KafkaSecurity(
+        protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="orders-projector",
+        sasl_password="the-secret-itself",
+    ),
+    transactional_id="orders-writer-1",
+    projection_group_prefix="orders-projection",
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "acl"),
+    [
+        (
+            TopicAuthorizationFailedError("orders.events"),
+            "on topic orders.events: Read and Write",
+        ),
+        (
+            GroupAuthorizationFailedError("orders-projection.orders"),
+            "prefixed ACL on orders-projection",
+        ),
+        (TransactionalIdAuthorizationFailed("orders-writer-1"), "TransactionalId orders-writer-1"),
+        (ClusterAuthorizationFailedError(), "on the cluster: IdempotentWrite"),
+    ],
+)
+def test_a_kafka_authorization_failure_names_the_principal_and_the_acl_to_grant(
+    error: Exception, acl: str
+) -> None:
+    advice = advice_for(error, SECURED)
+
+    assert advice is not None
+    assert advice.exit_code == EXIT_ENVIRONMENT
+    assert "refused User:orders-projector" in advice.message
+    assert acl in advice.message
+    assert "kafka.example:9093" in advice.message
+    assert "the-secret-itself" not in advice.message
+    assert "\n" not in advice.message

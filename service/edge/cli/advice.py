@@ -2,8 +2,8 @@
 
 Each family of the error tree (``service/kernel/errors.py``) is mapped here once. Errors from
 outside the tree that an operator can act on (a database that is not migrated, a refused login,
-a broker that gives no answer, an unknown alembic revision, a server that hung up) get advice
-of their own. Anything else is a bug: no advice, its traceback is the report.
+a missing Kafka ACL, a broker that gives no answer, an unknown alembic revision, a server that
+hung up) get advice of their own. Anything else is a bug: no advice, its traceback is the report.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 from alembic.util import CommandError
 from asyncpg import PostgresError
 from sqlalchemy.engine import make_url
@@ -164,6 +171,62 @@ def _kafka_advice(error: BaseException, settings: Settings) -> str | None:
     )
 
 
+def _kafka_principal(settings: Settings) -> str:
+    security = settings.kafka_security
+    if security.uses_sasl:
+        return f"User:{security.sasl_username}"
+    if security.ssl_certfile:
+        return f"the principal of the certificate in KAFKA_SSL_CERTFILE={security.ssl_certfile}"
+    return "User:ANONYMOUS (no KAFKA_SASL_USERNAME nor KAFKA_SSL_CERTFILE is set)"
+
+
+def _denied_name(error: BaseException, default: str) -> str:
+    """The resource aiokafka names in an authorization error (its one argument), if any."""
+    return str(error.args[0]) if error.args and isinstance(error.args[0], str) else default
+
+
+def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str | None:
+    """Kafka's ACLs refused something: which ACL to grant to whom (docs/operations.md)."""
+    kinds = (
+        TopicAuthorizationFailedError,
+        GroupAuthorizationFailedError,
+        TransactionalIdAuthorizationFailed,
+        ClusterAuthorizationFailedError,
+    )
+    failure = next((e for e in _chain(error) if isinstance(e, kinds)), None)
+    if failure is None:
+        return None
+    principal = _kafka_principal(settings)
+    if isinstance(failure, TopicAuthorizationFailedError):
+        topic = _denied_name(failure, settings.topic)
+        grant = (
+            f"on topic {topic}: Read and Write for the API (the writer), Read for projectors, "
+            "`orders events tail` and `orders projections` commands"
+        )
+    elif isinstance(failure, GroupAuthorizationFailedError):
+        group = _denied_name(failure, f"{settings.projection_group_prefix}*")
+        grant = (
+            f"on consumer group {group}: Read (Describe for `orders projections status`), "
+            f"best as one prefixed ACL on {settings.projection_group_prefix} "
+            "(ORDERS_GROUP_PREFIX), which covers the rebuild's groups too"
+        )
+    elif isinstance(failure, TransactionalIdAuthorizationFailed):
+        transactional_id = _denied_name(failure, settings.transactional_id)
+        grant = (
+            f"on TransactionalId {transactional_id} (ORDERS_TRANSACTIONAL_ID): Write (it "
+            "implies Describe); only the API's principal should have it"
+        )
+    else:
+        grant = (
+            "on the cluster: IdempotentWrite for the writer on brokers before 2.8, Create for "
+            "`orders topic create` when it may not create the topic itself"
+        )
+    return (
+        f"Kafka at {_kafka_location(settings)} refused {principal} "
+        f"({type(failure).__name__}): grant it {grant} (docs/operations.md, Kafka ACLs)"
+    )
+
+
 def _migration_advice(error: BaseException, settings: Settings) -> str | None:
     if not isinstance(error, CommandError):
         return None
@@ -194,6 +257,7 @@ def _connection_advice(error: BaseException, settings: Settings) -> str | None:
 _FOREIGN_ADVICE: tuple[Callable[[BaseException, Settings], str | None], ...] = (
     _database_advice,
     _tls_advice,
+    _kafka_authorization_advice,
     _kafka_advice,
     _migration_advice,
     _connection_advice,

@@ -9,6 +9,7 @@ from typing import Any
 
 from service.infra.embedded.kafka import accepts_connections, wait_until_usable
 from service.infra.embedded.postgres import check_reachable
+from service.infra.kafka_clients import KafkaAccessRefused
 from service.infra.runtime import YOUNG_GENERATION_THRESHOLD, tune_gc
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
@@ -49,6 +50,8 @@ def configured(
             wait_until_usable(
                 bootstrap, deadline=time.monotonic() + 20, process=None, log_file=None
             )
+        except KafkaAccessRefused:
+            raise  # it answers, and says why it refuses us
         except EnvironmentProblem:
             raise EnvironmentProblem(
                 f"Kafka at KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start it or fix "

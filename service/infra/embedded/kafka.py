@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,29 @@ from service.infra.embedded import (
     spawn,
     stop_process,
 )
-from service.infra.kafka_clients import KafkaTarget, admin_client, client_options, connection
+from service.infra.embedded.certificates import ServerCertificate, server_certificate
+from service.infra.kafka_clients import (
+    KafkaTarget,
+    admin_client,
+    client_options,
+    connection,
+    handshake_problem,
+)
 from service.kernel.errors import EnvironmentProblem
+from service.kernel.settings import KafkaConnection, KafkaSecurity
 
 KAFKA_VERSION = "4.4.0"
 # The broker's POM ships log4j-core but no SLF4J binding; without one it logs nothing at all.
 # Kafka 4.4 still uses SLF4J 1.7, so the binding is log4j-slf4j-impl at Kafka's log4j2 version.
 LOG4J_VERSION = "2.25.5"
 MIN_JAVA = 17
+
+# A secured broker (``LocalKafka(secured=True)``): who logs in how, and who may do anything.
+SECURED_PROTOCOL = "SASL_SSL"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SUPER_USER = "admin"  # the broker's own principal too
+# What StorageTool's --add-scram can carry without quoting (it splits on "," and "]").
+_SAFE_PASSWORD = re.compile(r"[A-Za-z0-9_.~-]{8,}")
 
 _log = logging.getLogger(__name__)
 
@@ -261,7 +277,8 @@ def wait_until_usable(
 
     A broker started here (``process`` given) must produce and consume a record: that proves
     it has finished starting. An external cluster (``process`` None) need only answer a
-    metadata request: it may forbid the probe's topic, and its readiness is its operators' job.
+    metadata request: it may forbid the probe's topic, and its readiness is its operators' job;
+    one that refuses this client's login or TLS handshake raises ``KafkaAccessRefused`` at once.
     """
     probe = round_trip if process is not None else answers_metadata
     last_error: BaseException | None = None
@@ -281,6 +298,12 @@ def wait_until_usable(
             return
         except Exception as exc:  # not ready yet: try again until the deadline
             last_error = exc
+            if process is None:
+                # An external cluster that refuses this client's login or TLS will go on
+                # refusing it: say why at once, not after the deadline.
+                refusal = run_coroutine(handshake_problem(bootstrap))
+                if refusal is not None:
+                    raise refusal from None
             time.sleep(0.2)  # pacing between probes, not synchronisation
     what = "a produce and consume" if process is not None else "a metadata request"
     raise EnvironmentProblem(
@@ -314,12 +337,50 @@ class LocalKafka:
     # A broker as shipped (``auto.create.topics.enable=true``, 7-day retention by default):
     # what a user's own broker is, unless its operators changed that.
     stock: bool = False
+    # Opt-in: the one client listener is SASL_SSL (SCRAM-SHA-512, a certificate made for this
+    # broker), the StandardAuthorizer allows only what ACLs grant, and ``SUPER_USER`` may do
+    # anything. ``users`` (name -> password) can log in besides it; all are made when the
+    # storage is formatted.
+    secured: bool = False
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _owns_data_dir: bool = field(default=False, init=False)
+    _super_user_password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def certificate(self) -> ServerCertificate:
+        """The broker's TLS files (secured only); clients verify it with ``ca_file``."""
+        assert self.data_dir is not None
+        assert self.secured
+        return ServerCertificate(
+            ca_file=self.data_dir / "tls" / "broker-ca.pem",
+            certificate_file=self.data_dir / "tls" / "broker.pem",
+            key_file=self.data_dir / "tls" / "broker-key.pem",
+        )
+
+    def connection_as(self, user: str = SUPER_USER) -> KafkaConnection:
+        """How a client logs in as ``user`` (``SUPER_USER`` or one of ``users``)."""
+        assert self.secured, "a PLAINTEXT broker has no users: use bootstrap_servers"
+        password = self._super_user_password if user == SUPER_USER else self.users[user]
+        return KafkaConnection(
+            self.bootstrap_servers,
+            KafkaSecurity(
+                protocol=SECURED_PROTOCOL,
+                sasl_mechanism=SCRAM_MECHANISM,
+                sasl_username=user,
+                sasl_password=password,
+                ssl_cafile=str(self.certificate.ca_file),
+            ),
+        )
+
+    @property
+    def _probe_target(self) -> KafkaTarget:
+        """How the broker's own probes connect: as the super user when secured."""
+        return self.connection_as(SUPER_USER) if self.secured else self.bootstrap_servers
 
     @property
     def log_file(self) -> Path:
@@ -343,8 +404,14 @@ class LocalKafka:
             self.data_dir = Path(tempfile.mkdtemp(prefix="orders-kafka-"))
             self._owns_data_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.secured:
+            self._check_users()
+            if not self.certificate.key_and_chain_file.exists():
+                server_certificate(self.certificate.ca_file.parent, "broker")
+            self._keep_super_user_password()
         properties = self.data_dir / "server.properties"
         properties.write_text(self._server_properties(self.controller_port))
+        properties.chmod(0o600)  # it holds the super user's password when secured
         log4j = self.data_dir / "log4j2.xml"
         log4j.write_text(_LOG4J2_XML)
         base = [
@@ -369,6 +436,7 @@ class LocalKafka:
                     "-c",
                     str(properties),
                     "--ignore-formatted",
+                    *self._scram_credentials(),
                 ],
                 capture_output=True,
                 text=True,
@@ -381,7 +449,7 @@ class LocalKafka:
         self.process = spawn([*base, "kafka.Kafka", str(properties)], log_file=self.log_file)
         try:
             wait_until_usable(
-                self.bootstrap_servers,
+                self._probe_target,
                 deadline=deadline,
                 process=self.process,
                 log_file=self.log_file,
@@ -391,6 +459,78 @@ class LocalKafka:
             raise
         return self.bootstrap_servers
 
+    def _keep_super_user_password(self) -> None:
+        """The super user's credential is made once, when the storage is formatted: a kept
+        data directory keeps its password for the next ``LocalKafka`` on it."""
+        assert self.data_dir is not None
+        kept = self.certificate.ca_file.parent / "super-user-password"
+        if kept.exists():
+            self._super_user_password = kept.read_text()
+        else:
+            kept.touch(mode=0o600)
+            kept.write_text(self._super_user_password)
+
+    def _check_users(self) -> None:
+        if SUPER_USER in self.users:
+            raise ValueError(f"{SUPER_USER} is the broker's own user: choose another name")
+        for name, password in self.users.items():
+            if not _SAFE_PASSWORD.fullmatch(password) or "," in name or "]" in name:
+                raise ValueError(
+                    f"user {name}: passwords here are 8+ of A-Z a-z 0-9 _ . ~ - "
+                    "(secrets.token_urlsafe makes one), names have no ',' or ']'"
+                )
+
+    def _scram_credentials(self) -> list[str]:
+        """StorageTool arguments that give each user a SCRAM credential (secured only)."""
+        if not self.secured:
+            return []
+        users = {SUPER_USER: self._super_user_password, **self.users}
+        arguments = []
+        for name, password in users.items():
+            arguments += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]"]
+        return arguments
+
+    def _listener_properties(self, controller_port: int) -> list[str]:
+        controller = f"CONTROLLER://127.0.0.1:{controller_port}"
+        if not self.secured:
+            return [
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},{controller}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            ]
+        tls = self.certificate
+        listener = SECURED_PROTOCOL.lower()
+        password = self._super_user_password
+        return [
+            f"listeners={SECURED_PROTOCOL}://127.0.0.1:{self.port},{controller}",
+            f"advertised.listeners={SECURED_PROTOCOL}://127.0.0.1:{self.port}",
+            f"inter.broker.listener.name={SECURED_PROTOCOL}",
+            f"listener.security.protocol.map={SECURED_PROTOCOL}:{SECURED_PROTOCOL},"
+            "CONTROLLER:SASL_PLAINTEXT",
+            f"sasl.enabled.mechanisms={SCRAM_MECHANISM}",
+            f"sasl.mechanism.inter.broker.protocol={SCRAM_MECHANISM}",
+            # The broker talks to itself (transaction markers, for one) as the super user.
+            f"listener.name.{listener}.{SCRAM_MECHANISM.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{SUPER_USER}" password="{password}";',
+            # ... and to its controller too: an anonymous principal there would need to be a
+            # super user. SCRAM cannot serve a controller (its credentials live in the metadata
+            # the controller serves), so that 127.0.0.1 listener uses PLAIN.
+            "sasl.mechanism.controller.protocol=PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{SUPER_USER}" password="{password}" user_{SUPER_USER}="{password}";',
+            "ssl.keystore.type=PEM",
+            f"ssl.keystore.location={tls.key_and_chain_file}",
+            "ssl.truststore.type=PEM",
+            f"ssl.truststore.location={tls.ca_file}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            f"super.users=User:{SUPER_USER}",
+            "allow.everyone.if.no.acl.found=false",
+        ]
+
     def _server_properties(self, controller_port: int) -> str:
         assert self.data_dir is not None
         return "\n".join(
@@ -398,11 +538,8 @@ class LocalKafka:
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.voters=1@127.0.0.1:{controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
                 "controller.listener.names=CONTROLLER",
-                "inter.broker.listener.name=PLAINTEXT",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                *self._listener_properties(controller_port),
                 f"log.dirs={self.data_dir / 'logs'}",
                 # One broker: internal topics must not ask for replicas it cannot have, or
                 # init_transactions hangs for about two minutes.

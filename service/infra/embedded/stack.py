@@ -11,8 +11,9 @@ from pathlib import Path
 
 from service.infra.embedded.kafka import LocalKafka, external_bootstrap, wait_until_usable
 from service.infra.embedded.postgres import LocalPostgres, check_reachable
+from service.infra.kafka_clients import KafkaAccessRefused
 from service.kernel.errors import EnvironmentProblem
-from service.kernel.settings import sqlalchemy_url
+from service.kernel.settings import KafkaConnection, KafkaSecurity, sqlalchemy_url
 
 
 @dataclass
@@ -64,8 +65,13 @@ def infrastructure(
         if bootstrap:
             try:
                 wait_until_usable(
-                    bootstrap, deadline=time.monotonic() + 30, process=None, log_file=None
+                    KafkaConnection(bootstrap, KafkaSecurity.from_env()),
+                    deadline=time.monotonic() + 30,
+                    process=None,
+                    log_file=None,
                 )
+            except KafkaAccessRefused:
+                raise  # it answers, and says why it refuses us
             except EnvironmentProblem:
                 raise EnvironmentProblem(
                     f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer: start that broker, "
