@@ -41,6 +41,7 @@ from benchmarks.phases.command_api import command_api
 from benchmarks.phases.command_overload import command_overload
 from benchmarks.phases.command_to_queryable import command_to_queryable
 from benchmarks.phases.http_ceiling import http_ceiling
+from benchmarks.phases.kafka_security_cost import kafka_security_cost
 from benchmarks.phases.limits_kafka import limits_kafka
 from benchmarks.phases.limits_postgres import limits_postgres
 from benchmarks.phases.naive_peer import naive_peer
@@ -71,6 +72,7 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     command_api,
     command_to_queryable,
     telemetry_cost,
+    kafka_security_cost,
     command_overload,
 )
 

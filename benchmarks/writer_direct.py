@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from benchmarks.httpload import LoadResult
+from service.infra.kafka_clients import KafkaTarget
 from service.kernel.domain import AddItem, Command, CreateOrder
 from service.write.contract import CommandRequest, WriterConfig
 from service.write.writer import Writer
 
 
 async def closed_loop(
-    bootstrap: str,
+    bootstrap: KafkaTarget,
     topic: str,
     *,
     clients: Sequence[int],
