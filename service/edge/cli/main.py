@@ -252,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler="serving:cmd_migrate")
 
     _add_topic_parser(commands)
+    contract = commands.add_parser("contract", help="the published event contract")
+    contract_actions = contract.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = contract_actions.add_parser(
+        "export", help="write the JSON Schema of each event type's current version"
+    )
+    export.add_argument(
+        "--to", type=Path, default=Path("contracts/events"), help="folder (contracts/events)"
+    )
+    export.set_defaults(handler="contract:cmd_contract_export")
     _add_events_parser(commands)
     _add_projections_parser(commands)
     return parser
