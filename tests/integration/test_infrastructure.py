@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import types
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -312,21 +312,28 @@ async def test_the_database_fixture_gives_each_module_its_own_database(
     finally:
         await connection.close()
     assert name.startswith("t_test_infrastructure_")
-    assert uuid  # the suffix is random per run
 
 
-def _embedded(infra: Infrastructure) -> LocalPostgres:
-    if infra.postgres is None:
-        pytest.skip("the embedded server's socket: not with ORDERS_TEST_DOCKER=1 containers")
-    return infra.postgres
+@pytest.fixture(scope="module")
+def on_a_socket(infra: Infrastructure, database_url: str) -> Iterator[tuple[LocalPostgres, str]]:
+    """A server listening on a Unix socket, and a database of this module there: the embedded
+    one, or (containers, whose sockets this process cannot reach) one started for the module."""
+    if infra.postgres is not None:
+        yield infra.postgres, str(make_url(database_url).database)
+        return
+    own = LocalPostgres()
+    own.start()
+    try:
+        yield own, "postgres"
+    finally:
+        own.stop()
 
 
 def test_a_unix_socket_database_url_migrates_and_connects(
-    infra: Infrastructure, database_url: str
+    on_a_socket: tuple[LocalPostgres, str],
 ) -> None:
     # The libpq form local servers and cloud SQL proxies use: the socket directory in host=.
-    postgres = _embedded(infra)
-    database = make_url(database_url).database
+    postgres, database = on_a_socket
     url = f"postgresql://postgres@/{database}?host={postgres.data_dir}&port={postgres.port}"
     check_reachable(url, timeout=5)
     migrated = _orders("migrate", env={**os.environ, "DATABASE_URL": url})
@@ -347,10 +354,9 @@ def test_a_unix_socket_database_url_migrates_and_connects(
 
 
 def test_a_database_url_without_a_host_uses_pghost(
-    infra: Infrastructure, database_url: str
+    on_a_socket: tuple[LocalPostgres, str],
 ) -> None:
-    postgres = _embedded(infra)
-    database = make_url(database_url).database
+    postgres, database = on_a_socket
     env = {
         **os.environ,
         "DATABASE_URL": f"postgresql:///{database}",
