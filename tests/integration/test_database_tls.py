@@ -22,27 +22,29 @@ from sqlalchemy import text
 
 from service.edge.bootstrap import migrate_database
 from service.infra.database import create_engine
+from service.infra.embedded.certificates import ServerCertificate, server_certificate
 from service.infra.embedded.postgres import LocalPostgres, ServerTls
 from tests.support.database import admin
-from tests.support.tls import Authority, authority, server_certificate, ssl_capable_bin_dir
+from tests.support.tls import ssl_capable_bin_dir
 
 PROJECT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Authority, Authority, Path]:
-    """The CA that signed the server's certificate, another CA, and the folder."""
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[ServerCertificate, Path]:
+    """The server's certificate (and the CA that signed it), and another CA's file."""
     folder = tmp_path_factory.mktemp("tls")
-    return authority(folder, "orders-test-ca"), authority(folder, "another-ca"), folder
+    another = server_certificate(folder, "another").ca_file
+    return server_certificate(folder, "postgres"), another
 
 
 @pytest.fixture(scope="module")
-def tls_server(certificates: tuple[Authority, Authority, Path]) -> Iterator[LocalPostgres]:
+def tls_server(certificates: tuple[ServerCertificate, Path]) -> Iterator[LocalPostgres]:
     """A PostgreSQL that refuses connections without TLS."""
-    ca, _, folder = certificates
-    certificate, key = server_certificate(folder, ca)
+    ours = certificates[0]
     server = LocalPostgres(
-        tls=ServerTls(certificate, key, only=True), bin_dir=ssl_capable_bin_dir()
+        tls=ServerTls(ours.certificate_file, ours.key_file, only=True),
+        bin_dir=ssl_capable_bin_dir(),
     )
     server.start()
     try:
@@ -65,11 +67,11 @@ def _url(server: LocalPostgres, database: str, query: str, scheme: str = "postgr
 )
 async def test_a_tls_url_migrates_and_queries_through_the_services_engine(
     tls_server: LocalPostgres,
-    certificates: tuple[Authority, Authority, Path],
+    certificates: tuple[ServerCertificate, Path],
     scheme: str,
     query: str,
 ) -> None:
-    query = query.format(ca=certificates[0].certificate)
+    query = query.format(ca=certificates[0].ca_file)
     database = f"tls_{uuid.uuid4().hex[:8]}"
     await admin(_url(tls_server, "postgres", query, scheme), f'CREATE DATABASE "{database}"')
     url = _url(tls_server, database, query, scheme)
@@ -102,9 +104,9 @@ def _orders_migrate(url: str, **extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_certificate_of_another_ca_ends_orders_migrate_with_one_line(
-    tls_server: LocalPostgres, certificates: tuple[Authority, Authority, Path]
+    tls_server: LocalPostgres, certificates: tuple[ServerCertificate, Path]
 ) -> None:
-    other_ca = certificates[1].certificate
+    other_ca = certificates[1]
     done = _orders_migrate(
         _url(tls_server, "postgres", f"sslmode=verify-full&sslrootcert={other_ca}")
     )
