@@ -30,8 +30,11 @@ def _never_ask_for_auto_creation() -> None:
     otherwise. It says true, always: a producer or consumer refreshing the metadata of a topic
     that was deleted would then have a stock broker (``auto.create.topics.enable=true``)
     create it again, with 7-day retention. aiokafka has no option for it, and builds its
-    requests inside its clients, so the default of the request class is changed, once."""
+    requests inside its clients, so the default of the request class is changed, the first
+    time a client of the service is made (``client_options``)."""
     original = MetadataRequest.__init__
+    if getattr(original, "refuses_auto_creation", False):
+        return
 
     def without_auto_creation(
         self: MetadataRequest,
@@ -40,10 +43,8 @@ def _never_ask_for_auto_creation() -> None:
     ) -> None:
         original(self, topics, bool(allow_auto_topic_creation))
 
+    without_auto_creation.refuses_auto_creation = True  # type: ignore[attr-defined]
     MetadataRequest.__init__ = without_auto_creation
-
-
-_never_ask_for_auto_creation()
 
 
 def connection(kafka: KafkaTarget) -> KafkaConnection:
@@ -52,6 +53,7 @@ def connection(kafka: KafkaTarget) -> KafkaConnection:
 
 def client_options(kafka: KafkaTarget) -> dict[str, Any]:
     """Keyword arguments for any aiokafka client (producer, consumer, admin)."""
+    _never_ask_for_auto_creation()
     target = connection(kafka)
     options: dict[str, Any] = {"bootstrap_servers": target.bootstrap_servers}
     options.update(_security_options(target.security))

@@ -28,6 +28,7 @@ from service.edge.http.app import Resources, create_app
 from service.infra import topic as topics
 from service.infra.embedded import free_port
 from service.infra.embedded.kafka import LocalKafka
+from service.infra.kafka_clients import client_options
 from service.infra.topic import TopicWouldLoseHistory, create_topic, describe_topic
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
@@ -88,7 +89,7 @@ async def _metadata_request(
 ) -> None:
     """The metadata request of a Kafka client that names ``topic`` (what any producer sends
     before its first record), with the flag as given; aiokafka's own says true."""
-    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    client = AIOKafkaClient(**client_options(bootstrap))  # as the service makes its clients
     await client.bootstrap()
     try:
         await client.send(
