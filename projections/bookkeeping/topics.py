@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from projections.bookkeeping.arrays import versions_matching
 from projections.projection import Target
 
 
@@ -22,14 +23,11 @@ async def record_topic(
     missing = [t for t in targets if t not in known]
     if not missing:
         return known
-    names = [t.name for t in missing]
-    versions = [t.version for t in missing]
+    source, _, arrays = versions_matching("t", missing)
     await connection.execute(
         "INSERT INTO projection_topics (projection, version, topic, topic_id) "
-        "SELECT projection, version, $3, $4 FROM unnest($1::text[], $2::int[]) "
-        "AS t(projection, version) ON CONFLICT DO NOTHING",
-        names,
-        versions,
+        f'SELECT u."projection", u."version", $3, $4 FROM {source} ON CONFLICT DO NOTHING',
+        *arrays,
         topic,
         topic_id,
     )
@@ -40,12 +38,11 @@ async def topic_ids(
     connection: asyncpg.Connection, targets: Sequence[Target], topic: str
 ) -> dict[Target, uuid.UUID]:
     """The topic id recorded for each of ``targets`` that has one."""
+    source, condition, arrays = versions_matching("t", targets)
     rows = await connection.fetch(
-        "SELECT projection, version, topic_id FROM projection_topics "
-        "WHERE topic = $3 AND (projection, version) IN "
-        "(SELECT * FROM unnest($1::text[], $2::int[]))",
-        [t.name for t in targets],
-        [t.version for t in targets],
+        f"SELECT t.projection, t.version, t.topic_id FROM projection_topics t JOIN {source} "
+        f"ON {condition} WHERE t.topic = $3",
+        *arrays,
         topic,
     )
     recorded = {(row["projection"], row["version"]): row["topic_id"] for row in rows}
@@ -56,12 +53,11 @@ async def checkpoint_reach(
     connection: asyncpg.Connection, targets: Sequence[Target], topic: str
 ) -> dict[int, int]:
     """partition -> the highest checkpoint of ``targets`` there."""
+    source, condition, arrays = versions_matching("c", targets)
     rows = await connection.fetch(
-        "SELECT partition, max(next_offset) AS reach FROM projection_checkpoints "
-        "WHERE topic = $3 AND (projection, version) IN "
-        "(SELECT * FROM unnest($1::text[], $2::int[])) GROUP BY partition",
-        [t.name for t in targets],
-        [t.version for t in targets],
+        "SELECT c.partition, max(c.next_offset) AS reach FROM projection_checkpoints c "
+        f"JOIN {source} ON {condition} WHERE c.topic = $3 GROUP BY c.partition",
+        *arrays,
         topic,
     )
     return {row["partition"]: row["reach"] for row in rows}
