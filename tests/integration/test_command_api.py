@@ -558,21 +558,3 @@ async def test_the_writer_refuses_a_topic_that_would_lose_history(
     await overridden.start()
     await overridden.stop()
     assert overridden.partition_count == 2
-
-
-async def test_a_new_topic_gets_infinite_retention(
-    writer: Writer, bootstrap: str, topic: str
-) -> None:
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        response = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    finally:
-        await admin.close()
-    entries = response[0].to_object()["resources"][0]["config_entries"]
-    config = {e["config_names"]: e["config_value"] for e in entries}
-    assert config["retention.ms"] == "-1"
-    assert config["cleanup.policy"] == "delete"
-    assert writer.partition_count == PARTITIONS

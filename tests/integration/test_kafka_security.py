@@ -246,14 +246,18 @@ async def test_no_password_shows_in_the_logs_or_the_status(
         assert cluster.password(user) not in everything, f"{user}'s password leaked"
 
 
-async def test_the_projector_principal_cannot_write_to_the_topic(cluster: SecuredCluster) -> None:
-    producer = AIOKafkaProducer(**client_options(cluster.connection(PROJECTOR)))
+async def _assert_refused_a_write(cluster: SecuredCluster, user: str) -> None:
+    producer = AIOKafkaProducer(**client_options(cluster.connection(user)))
     await producer.start()
     try:
         with pytest.raises(TopicAuthorizationFailedError):
             await producer.send_and_wait(TOPIC, b"forged", key=b"o-1")
     finally:
         await producer.stop()
+
+
+async def test_the_projector_principal_cannot_write_to_the_topic(cluster: SecuredCluster) -> None:
+    await _assert_refused_a_write(cluster, PROJECTOR)
 
 
 async def _records_read_as(
@@ -286,13 +290,7 @@ async def test_the_intruder_can_neither_read_nor_write_the_topic(
     # Read (or Write) on a topic implies Describe: the broker refusing Describe refuses both.
     with pytest.raises(EnvironmentProblem, match=f"not allowed to describe topic {TOPIC}"):
         await topic_partitions(cluster.connection(INTRUDER), TOPIC)
-    producer = AIOKafkaProducer(**client_options(cluster.connection(INTRUDER)))
-    await producer.start()
-    try:
-        with pytest.raises(TopicAuthorizationFailedError):
-            await producer.send_and_wait(TOPIC, b"forged", key=b"o-1")
-    finally:
-        await producer.stop()
+    await _assert_refused_a_write(cluster, INTRUDER)
 
 
 async def test_the_intruder_cannot_take_the_writers_transactional_id_to_fence_it(
