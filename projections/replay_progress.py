@@ -19,7 +19,7 @@ from projections.bookkeeping.checkpoints import read_checkpoints
 from projections.projection import Target, begin
 from projections.runner import RunnerConfig
 from service.infra.eventlog import committed_reader, topic_end_offsets
-from service.infra.topic import TopicMissing, raise_if_hidden
+from service.infra.topic import TopicMissing, look_up_topic
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Tracker:
     async def ends(self) -> dict[int, int]:
         ends = await topic_end_offsets(self.consumer, self.config.topic)
         if ends is None:
-            await raise_if_hidden(self.config.kafka, self.config.topic)
+            await look_up_topic(self.config.kafka, self.config.topic)  # raises if hidden
             raise TopicMissing(
                 f"no topic {self.config.topic} at {self.config.kafka}: nothing to "
                 "rebuild from (is ORDERS_TOPIC right?)"

@@ -64,8 +64,8 @@ from projections.partitions import Partitions
 from projections.projection import Projection, Target, begin
 from service.infra.database import refused_by_environment, sqlstate
 from service.infra.eventlog import topic_end_offsets
-from service.infra.kafka_clients import KafkaTarget, admin_client
-from service.infra.topic import describe_topic
+from service.infra.kafka_clients import KafkaTarget
+from service.infra.topic import look_up_topic
 from service.kernel.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -244,12 +244,7 @@ class ProjectionRunner:
         """Refuse checkpoints taken on another topic of the same name (``projections.identity``);
         a version that has no topic id yet gets this topic's."""
         topic = self.config.topic
-        admin = admin_client(self.config.kafka)
-        await admin.start()
-        try:
-            description = await describe_topic(admin, topic)
-        finally:
-            await admin.close()
+        description = await look_up_topic(self.config.kafka, topic)
         if description is None:  # deleted since the consumer saw it: the next start checks
             return
         async with begin(self.engine) as connection:

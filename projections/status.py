@@ -6,7 +6,6 @@ Shared by ``orders projections status`` and ``GET /ops/projections``.
 from __future__ import annotations
 
 import time
-import uuid
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from projections.models import catalog
 from projections.projection import Target, begin
 from service.infra.eventlog import committed_reader, topic_end_offsets
 from service.infra.kafka_clients import KafkaTarget, admin_client
-from service.infra.topic import describe_topic, raise_if_hidden
+from service.infra.topic import look_up_topic
 
 # Partition and projection states, worst first.
 TOPIC_REPLACED = (
@@ -205,7 +204,9 @@ async def status(
     versions = [
         (name, version, role) for name in sorted(states) for version, role in states[name].items()
     ]
-    topic_id = await _topic_id(bootstrap, topic)
+    # Raises, saying which ACL to grant, for a topic hidden from this client: not "caught up".
+    described = await look_up_topic(bootstrap, topic)
+    topic_id = described.topic_id if described else None
     other_topic = {
         (t.name, t.version) for t, known in recorded.items() if topic_id and known != topic_id
     }
@@ -213,8 +214,6 @@ async def status(
     try:
         await consumer.start()
         stable = await topic_end_offsets(consumer, topic)  # read_committed: stable
-        if stable is None:
-            await raise_if_hidden(bootstrap, topic)
         events = _EventOffsets(_starts(versions, stored, stable or {}))
         await events.read(consumer, topic, stable or {})
     finally:
@@ -308,16 +307,6 @@ def _lag_seconds(lag: int | None, last_event_at: datetime | None, now: datetime)
     if lag is None or last_event_at is None:
         return None
     return max(0.0, (now - last_event_at).total_seconds())
-
-
-async def _topic_id(bootstrap: KafkaTarget, topic: str) -> uuid.UUID | None:
-    admin = admin_client(bootstrap)
-    try:
-        await admin.start()
-        description = await describe_topic(admin, topic)
-    finally:
-        await admin.close()
-    return description.topic_id if description else None
 
 
 def _overall(role: str, states: Sequence[str]) -> str:

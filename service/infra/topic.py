@@ -465,29 +465,24 @@ async def _wait_for_partitions(admin: AIOKafkaAdminClient, topic: str) -> TopicD
     raise EnvironmentProblem(f"topic {topic} was created but its partitions never appeared")
 
 
-async def topic_partitions(kafka: KafkaTarget, topic: str) -> list[int]:
-    """The partition ids of ``topic``; ``TopicMissing`` if there is no such topic."""
+async def look_up_topic(kafka: KafkaTarget, topic: str) -> TopicDescription | None:
+    """``describe_topic`` through an admin client of its own: None if there is no such topic;
+    raises, saying which ACL to grant, if it exists but Kafka's ACLs hide it from this client
+    (rather than let it pass for a missing one)."""
     admin = admin_client(kafka)
     await admin.start()
     try:
-        description = await describe_topic(admin, topic)
+        return await describe_topic(admin, topic)
     finally:
         await admin.close()
+
+
+async def topic_partitions(kafka: KafkaTarget, topic: str) -> list[int]:
+    """The partition ids of ``topic``; ``TopicMissing`` if there is no such topic."""
+    description = await look_up_topic(kafka, topic)
     if description is None:
         raise _missing(topic, kafka)
     return [p.partition for p in description.partitions]
-
-
-async def raise_if_hidden(kafka: KafkaTarget, topic: str) -> None:
-    """For a ``topic`` a consumer's metadata does not list: raise when it exists and Kafka's
-    ACLs hide it from this client (saying which ACL to grant), rather than let it pass for a
-    missing or empty topic; return when there is no such topic."""
-    admin = admin_client(kafka)
-    await admin.start()
-    try:
-        await describe_topic(admin, topic)
-    finally:
-        await admin.close()
 
 
 def describe_facts(facts: TopicFacts) -> str:
