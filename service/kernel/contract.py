@@ -23,6 +23,19 @@ def file_name(key: Key) -> str:
     return f"{key[0]}.v{key[1]}.json"
 
 
+def changed_shape(key: Key) -> str:
+    """What to do when the schema of a published version ``key`` would change."""
+    name, version = key
+    return (
+        f"the data of {name} v{version} changed shape, but v{version} is published and events "
+        f"of it are in the log: keep v{version}, and add version {version + 1} instead "
+        f"(CURRENT_SCHEMA_VERSION), an upcaster from v{version} (UPCASTERS in "
+        "service/kernel/envelope.py) and a golden file "
+        f"tests/golden/events/{file_name((name, version + 1))}, then run "
+        "`orders contract export`"
+    )
+
+
 def current_schemas(current: Mapping[str, int]) -> dict[Key, dict[str, Any]]:
     """The schema of each event type's data at its current version, from its msgspec type."""
     return {(name, current[name]): msgspec.json.schema(cls) for name, cls in EVENT_TYPES.items()}
@@ -50,15 +63,7 @@ def contract_problems(
                 f"contracts/events/{file_name((name, version))}"
             )
         elif committed != schema:
-            problems.append(
-                f"the data of {name} v{version} changed shape, but v{version} is published and "
-                "events of it are in the log: keep v{0}, and add version {1} instead "
-                "(CURRENT_SCHEMA_VERSION), an upcaster from v{0} (UPCASTERS in "
-                "service/kernel/envelope.py) and a golden file "
-                "tests/golden/events/{2}, then run `orders contract export`".format(
-                    version, version + 1, file_name((name, version + 1))
-                )
-            )
+            problems.append(changed_shape((name, version)))
         for earlier in range(1, version):
             if (name, earlier) not in published:
                 problems.append(

@@ -9,6 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from service.edge.cli.main import main
 from service.kernel import contract, envelope
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +94,22 @@ def test_a_published_version_never_disappears_and_a_new_one_must_be_published() 
 
     assert "OrderCreated v2 is not published: run `orders contract export`" in problems[0]
     assert "OrderCreated v1 was published and is gone" in problems[1]
+
+
+def test_contract_export_writes_the_committed_files_and_never_rewrites_a_published_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["contract", "export", "--to", str(tmp_path)])
+
+    written = {path.name: path.read_text() for path in tmp_path.glob("*.json")}
+    assert written == {path.name: path.read_text() for path in CONTRACTS.glob("*.json")}
+    assert "9 schema(s) written" in capsys.readouterr().out
+
+    main(["contract", "export", "--to", str(tmp_path)])  # again: nothing to write
+    assert "0 schema(s) written" in capsys.readouterr().out
+
+    edited = tmp_path / "OrderPaid.v1.json"
+    edited.write_text(json.dumps({"type": "object"}))
+    with pytest.raises(SystemExit, match="the data of OrderPaid v1 changed shape"):
+        main(["contract", "export", "--to", str(tmp_path)])
+    assert json.loads(edited.read_text()) == {"type": "object"}  # left as it was
