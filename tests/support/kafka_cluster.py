@@ -13,10 +13,10 @@ from pathlib import Path
 
 from service.infra.embedded import free_port, spawn, stop_process
 from service.infra.embedded.kafka import (
-    _LOG4J2_XML,
-    _kafka_uuid,
+    LOG4J2_XML,
     broker_classpath,
     java_executable,
+    new_cluster_id,
     wait_until_usable,
 )
 
@@ -44,9 +44,9 @@ class KafkaCluster:
         voters = ",".join(
             f"{n + 1}@127.0.0.1:{port}" for n, port in enumerate(self.controller_ports)
         )
-        cluster_id = _kafka_uuid()
+        cluster_id = new_cluster_id()
         log4j = self.root / "log4j2.xml"
-        log4j.write_text(_LOG4J2_XML)
+        log4j.write_text(LOG4J2_XML)
         base = [
             java,
             "-Xms128m",

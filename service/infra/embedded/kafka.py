@@ -77,7 +77,7 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 </project>
 """
 
-_LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <Configuration status="WARN">
   <Appenders>
     <Console name="stdout" target="SYSTEM_OUT">
@@ -179,7 +179,7 @@ def _resolve_with_maven(target: Path, pom: str) -> None:
     (target / "resolved").write_text(f"{time.monotonic() - started:.1f}s\n")
 
 
-def _kafka_uuid() -> str:
+def new_cluster_id() -> str:
     """A cluster id in Kafka's own format: 16 random bytes, URL-safe base64, unpadded.
 
     One starting with "-" would be read as an option by StorageTool, so those are redrawn.
@@ -413,7 +413,7 @@ class LocalKafka:
         properties.write_text(self._server_properties(self.controller_port))
         properties.chmod(0o600)  # it holds the super user's password when secured
         log4j = self.data_dir / "log4j2.xml"
-        log4j.write_text(_LOG4J2_XML)
+        log4j.write_text(LOG4J2_XML)
         base = [
             java,
             "-Xms256m",
@@ -432,7 +432,7 @@ class LocalKafka:
                     "kafka.tools.StorageTool",
                     "format",
                     "-t",
-                    _kafka_uuid(),
+                    new_cluster_id(),
                     "-c",
                     str(properties),
                     "--ignore-formatted",
