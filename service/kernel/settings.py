@@ -170,18 +170,29 @@ class KafkaConnection:
 
 
 def _secret(name: str) -> str | None:
-    """``NAME``, or the content of the file ``NAME_FILE`` names (one trailing newline
-    dropped), never both."""
+    """``NAME``, or the secret in the file ``NAME_FILE`` names (``_secret_file``), never
+    both."""
     value = os.environ.get(name)
     path = os.environ.get(f"{name}_FILE")
     if value and path:
         raise SystemExit(f"set {name} or {name}_FILE, not both")
-    if not path:
-        return value or None
+    return _secret_file(f"{name}_FILE", path) if path else (value or None)
+
+
+def _secret_file(name: str, path: str) -> str:
+    """The secret in the file ``path`` (a Docker or Kubernetes secret; the setting ``name``
+    points at it): its first line, without the line break."""
     try:
-        return Path(path).read_text().removesuffix("\n")
-    except OSError as error:
-        raise SystemExit(f"{name}_FILE={path}: cannot read it ({error.strerror})") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(
+            f"{name}={path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
+            "point it at a readable file that holds the secret"
+        ) from None
+    secret = text.splitlines()[0] if text.strip() else ""
+    if not secret:
+        raise SystemExit(f"{name}={path} is empty: put the secret in it")
+    return secret
 
 
 def _readable_file(name: str) -> str | None:
@@ -275,7 +286,7 @@ class Settings:
             log_format=_choice("ORDERS_LOG_FORMAT", ("auto", "json", "text")),
             api_database_url=_database_url("ORDERS_API_DATABASE_URL"),
             projector_database_url=_database_url("ORDERS_PROJECTOR_DATABASE_URL"),
-            database_password=_password_file("ORDERS_DATABASE_PASSWORD_FILE"),
+            database_password=_database_password(),
         )
 
     def with_infrastructure(self, *, kafka: str, database_url: str) -> Settings:
@@ -308,20 +319,6 @@ def _database_url(name: str) -> str | None:
     return sqlalchemy_url(raw) if raw else None
 
 
-def _password_file(name: str) -> str | None:
-    """The password in the file ``name`` points at (a Docker or Kubernetes secret): its first
-    line, without the line break."""
-    path = os.environ.get(name) or None
-    if path is None:
-        return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(
-            f"{name}={path}: cannot read it ({getattr(error, 'strerror', None) or error}); "
-            "point it at a readable file that holds the database password"
-        ) from None
-    password = text.splitlines()[0] if text.strip() else ""
-    if not password:
-        raise SystemExit(f"{name}={path} is empty: put the database password in it")
-    return password
+def _database_password() -> str | None:
+    path = os.environ.get("ORDERS_DATABASE_PASSWORD_FILE")
+    return _secret_file("ORDERS_DATABASE_PASSWORD_FILE", path) if path else None
