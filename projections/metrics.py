@@ -152,6 +152,8 @@ class RecordTimes:
     def __init__(self) -> None:
         self._times: dict[int, list[tuple[int, int]]] = {}  # partition -> sorted (offset, ms)
         self.fetched_to: dict[int, int] = {}  # partition -> the offset after the last handed over
+        # (projection, partition) -> when (s) a scrape first saw it behind its checkpoint.
+        self.behind_since: dict[tuple[str, int], float] = {}
 
     def note(self, partition: int, first: _Record, last: _Record) -> None:
         """A chunk of ``partition``'s records, ``first`` to ``last``, was handed over."""
@@ -170,6 +172,19 @@ class RecordTimes:
         times = self._times.get(partition, [])
         at = bisect.bisect_left(times, (checkpoint, -math.inf))
         return times[at][1] / 1000 if at < len(times) else None
+
+    def waited(self, name: str, partition: int, checkpoint: int, behind: bool, now: float) -> float:
+        """How long (s) the oldest event ``name`` has not applied in ``partition`` has waited:
+        since its timestamp once it was handed over; before that (the runner stuck in a
+        transaction with nothing fetched), at least since a scrape first saw the partition
+        behind, when that event was in the log already. Never 0 while behind."""
+        key = (name, partition)
+        if not behind:
+            self.behind_since.pop(key, None)
+            return 0.0
+        since = self.behind_since.setdefault(key, now)
+        oldest = self.oldest_waiting(partition, checkpoint)
+        return max(0.0, now - (oldest if oldest is not None else since))
 
     def keep(self, positions: Mapping[int, Mapping[str, int]]) -> None:
         """Forget what no checkpoint in ``positions`` needs any more: the facts below each
@@ -272,7 +287,8 @@ class _RunnersCollector(Collector):
             ),
             GaugeMetricFamily(
                 "orders_projection_lag_seconds",
-                "How old the oldest event fetched and not yet applied is (0 when caught up)",
+                "How old the oldest event not yet applied is (0 when caught up; before it "
+                "is fetched, at least how long the partition has been seen behind)",
                 labels=by_partition,
             ),
             GaugeMetricFamily(
@@ -315,8 +331,9 @@ class _RunnersCollector(Collector):
                     behind = max(0, stable - checkpoint)
                     labels = [name, str(tp.partition)]
                     lag_events.add_metric(labels, behind)
-                    oldest = runner.telemetry.times.oldest_waiting(tp.partition, checkpoint)
-                    waited = 0.0 if not behind or oldest is None else max(0.0, now - oldest)
+                    waited = runner.telemetry.times.waited(
+                        name, tp.partition, checkpoint, behind > 0, now
+                    )
                     lag_seconds.add_metric(labels, waited)
         assigned.add_metric([], partitions)
         for name, count in sorted(halts.items()):

@@ -29,6 +29,19 @@ def test_the_oldest_waiting_record_is_the_first_fetched_at_or_after_the_checkpoi
     assert times.oldest_waiting(1, 0) is None, "nothing fetched there"
 
 
+def test_behind_with_nothing_fetched_the_wait_counts_from_when_a_scrape_first_saw_it() -> None:
+    """A runner stuck in a transaction fetches nothing more: its lag in seconds must still
+    grow (it was reported as 0, and the lag alert never fired)."""
+    times = RecordTimes()
+    assert times.waited("orders", 0, 10, True, now=1000.0) == 0.0  # first seen behind
+    assert times.waited("orders", 0, 10, True, now=1030.0) == 30.0
+    chunk(times, 0, 10, 19)  # handed over: its own timestamp (10 s) counts from now on
+    assert times.waited("orders", 0, 10, True, now=1040.0) == 1030.0
+    assert times.waited("orders", 0, 20, False, now=1041.0) == 0.0  # caught up
+    assert times.waited("orders", 0, 20, True, now=1050.0) == 0.0  # behind anew: from here
+    assert times.waited("orders", 0, 20, True, now=1052.0) == 2.0
+
+
 def test_keeping_forgets_what_no_checkpoint_needs_and_the_partitions_let_go() -> None:
     times = RecordTimes()
     for first in range(0, 100, 10):
