@@ -152,8 +152,9 @@ class RecordTimes:
     def __init__(self) -> None:
         self._times: dict[int, list[tuple[int, int]]] = {}  # partition -> sorted (offset, ms)
         self.fetched_to: dict[int, int] = {}  # partition -> the offset after the last handed over
-        # (projection, partition) -> when (s) a scrape first saw it behind its checkpoint.
-        self.behind_since: dict[tuple[str, int], float] = {}
+        # (projection, partition) -> (checkpoint, when (s) a scrape first saw the partition
+        # behind that checkpoint): the event at it was in the log by then.
+        self.behind_since: dict[tuple[str, int], tuple[int, float]] = {}
 
     def note(self, partition: int, first: _Record, last: _Record) -> None:
         """A chunk of ``partition``'s records, ``first`` to ``last``, was handed over."""
@@ -177,12 +178,15 @@ class RecordTimes:
         """How long (s) the oldest event ``name`` has not applied in ``partition`` has waited:
         since its timestamp once it was handed over; before that (the runner stuck in a
         transaction with nothing fetched), at least since a scrape first saw the partition
-        behind, when that event was in the log already. Never 0 while behind."""
+        behind this same checkpoint, when that event was in the log already."""
         key = (name, partition)
         if not behind:
             self.behind_since.pop(key, None)
             return 0.0
-        since = self.behind_since.setdefault(key, now)
+        seen = self.behind_since.get(key)
+        if seen is None or seen[0] != checkpoint:
+            seen = self.behind_since[key] = (checkpoint, now)
+        since = seen[1]
         oldest = self.oldest_waiting(partition, checkpoint)
         return max(0.0, now - (oldest if oldest is not None else since))
 

@@ -40,6 +40,9 @@ def test_behind_with_nothing_fetched_the_wait_counts_from_when_a_scrape_first_sa
     assert times.waited("orders", 0, 20, False, now=1041.0) == 0.0  # caught up
     assert times.waited("orders", 0, 20, True, now=1050.0) == 0.0  # behind anew: from here
     assert times.waited("orders", 0, 20, True, now=1052.0) == 2.0
+    # Keeping up under load: behind at every scrape, but the checkpoint moves: no wait grows.
+    assert times.waited("orders", 0, 25, True, now=1053.0) == 0.0
+    assert times.waited("orders", 0, 31, True, now=1054.0) == 0.0
 
 
 def test_keeping_forgets_what_no_checkpoint_needs_and_the_partitions_let_go() -> None:
