@@ -193,6 +193,9 @@ orders = sa.Table(
     sa.Column("delivered_at", sa.DateTime(timezone=True)),
     sa.Column("cancelled_at", sa.DateTime(timezone=True)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # {"name", "lines", "city", "postal_code", "region"?, "country"}; NULL: none set (migration
+    # 0006: last, so that the view in ``public`` could be replaced in place).
+    sa.Column("shipping_address", JSONB),
     sa.Index("ix_orders_customer_created", "customer_id", "created_at", "order_id"),
     sa.Index("ix_orders_status_created", "status", "created_at", "order_id"),
     sa.Index("ix_orders_created", "created_at", "order_id"),

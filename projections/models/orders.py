@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import assert_never
 
+import msgspec
 import sqlalchemy as sa
 
 from projections.projection import Applied, Db, ProjectionBug, Row, State
@@ -19,7 +20,13 @@ from service.kernel.events import (
     OrderPaid,
     OrderPlaced,
     OrderShipped,
+    ShippingAddress,
+    ShippingAddressSet,
 )
+
+
+def _address(address: ShippingAddress | None) -> Row | None:
+    return None if address is None else msgspec.to_builtins(address)
 
 
 def _total(items: list[Row]) -> int:
@@ -78,6 +85,7 @@ class OrdersProjection:
                     "delivered_at": None,
                     "cancelled_at": None,
                     "updated_at": at,
+                    "shipping_address": _address(event.shipping_address),
                 }
             )
             return
@@ -122,6 +130,8 @@ class OrdersProjection:
                     carrier=event.carrier,
                     tracking_number=event.tracking_number,
                 )
+                if event.shipping_address is not None:  # where it went (v1: no address then)
+                    row["shipping_address"] = _address(event.shipping_address)
             case OrderDelivered():
                 row.update(status="delivered", delivered_at=at)
             case OrderCancelled():
@@ -131,6 +141,8 @@ class OrdersProjection:
                     cancel_reason=event.reason,
                     refunded_amount=event.refunded_amount,
                 )
+            case ShippingAddressSet():
+                row["shipping_address"] = _address(event.shipping_address)
             case _:
                 assert_never(event)
         if row["status"] == "draft":

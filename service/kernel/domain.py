@@ -27,9 +27,18 @@ from service.kernel.events import (
     OrderPaid,
     OrderPlaced,
     OrderShipped,
+    ShippingAddress,
+    ShippingAddressSet,
     event_type,
 )
-from service.kernel.values import has_control_characters, is_currency
+from service.kernel.values import (
+    MAX_ADDRESS_LINES,
+    MAX_ADDRESS_TEXT_LENGTH,
+    MAX_POSTAL_CODE_LENGTH,
+    has_control_characters,
+    is_country,
+    is_currency,
+)
 
 MAX_QUANTITY: Final = 10_000
 MAX_UNIT_PRICE: Final = 90_000_000_00
@@ -38,9 +47,9 @@ MAX_TEXT_LENGTH: Final = 500
 # The largest total an order can reach (9e15) stays below 2**53, so totals survive JSON
 # consumers that read numbers as doubles (JavaScript) and Postgres BIGINT columns unchanged.
 MAX_ORDER_TOTAL: Final = MAX_ITEMS * MAX_QUANTITY * MAX_UNIT_PRICE
-# Draft changes stop at this version; the lifecycle commands still run, so an order never has
-# more than MAX_ORDER_EVENTS + 4 events (placed, paid, shipped, delivered) and the writer's cost
-# of keeping one, and a reader's of folding it, stays bounded.
+# Changes of items and of the address stop at this version; the lifecycle commands still run,
+# so an order never has more than MAX_ORDER_EVENTS + 4 events (placed, paid, shipped,
+# delivered) and the writer's cost of keeping one, and a reader's of folding it, stays bounded.
 MAX_ORDER_EVENTS: Final = 1_000
 
 
@@ -134,7 +143,7 @@ class TooManyEvents(DomainError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(
-            f"an order takes at most {limit} events of changes while draft: place it or cancel it"
+            f"an order takes at most {limit} events of changes: place it, pay it or cancel it"
         )
         self.limit = limit
 
@@ -154,6 +163,11 @@ class _CommandBase(msgspec.Struct, frozen=True, kw_only=True):
 class CreateOrder(_CommandBase, frozen=True, kw_only=True):
     customer_id: str
     currency: str
+    shipping_address: ShippingAddress | None = None
+
+
+class SetShippingAddress(_CommandBase, frozen=True, kw_only=True):
+    shipping_address: ShippingAddress
 
 
 class AddItem(_CommandBase, frozen=True, kw_only=True):
@@ -205,6 +219,7 @@ Command: TypeAlias = (
     | ShipOrder
     | DeliverOrder
     | CancelOrder
+    | SetShippingAddress
 )
 
 
@@ -235,6 +250,7 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     `version` is the number of events applied. `total` is the running sum of
     quantity * unit_price while draft and the amount fixed by OrderPlaced after.
     `paid_amount` is what OrderPaid received (a cancellation's refund lives in its event).
+    `shipping_address` is where it goes (None: not known yet); shipping records it.
     """
 
     order_id: str
@@ -245,6 +261,7 @@ class Order(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     items: tuple[LineItem, ...]
     total: int
     paid_amount: int
+    shipping_address: ShippingAddress | None = None
 
 
 # --- decide ---------------------------------------------------------------------------
@@ -279,6 +296,8 @@ def decide(command: Command, state: Order | None) -> list[DomainEvent]:
             return _deliver_order(command, state)
         case CancelOrder():
             return _cancel_order(command, state)
+        case SetShippingAddress():
+            return _set_shipping_address(command, state)
         case _:
             assert_never(command)
 
@@ -286,9 +305,17 @@ def decide(command: Command, state: Order | None) -> list[DomainEvent]:
 def _create_order(command: CreateOrder, state: Order | None) -> list[DomainEvent]:
     _require_text("customer_id", command.customer_id)
     _require_currency("currency", command.currency)
+    if command.shipping_address is not None:
+        _require_address("shipping_address", command.shipping_address)
     if state is not None:
         raise OrderAlreadyExists(command.order_id)
-    return [OrderCreated(customer_id=command.customer_id, currency=command.currency)]
+    return [
+        OrderCreated(
+            customer_id=command.customer_id,
+            currency=command.currency,
+            shipping_address=command.shipping_address,
+        )
+    ]
 
 
 def _add_item(command: AddItem, state: Order | None) -> list[DomainEvent]:
@@ -359,8 +386,14 @@ def _pay_order(command: PayOrder, state: Order | None) -> list[DomainEvent]:
 def _ship_order(command: ShipOrder, state: Order | None) -> list[DomainEvent]:
     _require_text("carrier", command.carrier)
     _require_text("tracking_number", command.tracking_number)
-    _require_status(command, state, OrderStatus.PAID)
-    return [OrderShipped(carrier=command.carrier, tracking_number=command.tracking_number)]
+    order = _require_status(command, state, OrderStatus.PAID)
+    return [
+        OrderShipped(
+            carrier=command.carrier,
+            tracking_number=command.tracking_number,
+            shipping_address=order.shipping_address,
+        )
+    ]
 
 
 def _deliver_order(command: DeliverOrder, state: Order | None) -> list[DomainEvent]:
@@ -373,6 +406,14 @@ def _cancel_order(command: CancelOrder, state: Order | None) -> list[DomainEvent
     order = _require_status(command, state, OrderStatus.DRAFT, OrderStatus.PLACED, OrderStatus.PAID)
     refund = order.paid_amount if order.status is OrderStatus.PAID else 0
     return [OrderCancelled(reason=command.reason, refunded_amount=refund)]
+
+
+def _set_shipping_address(command: SetShippingAddress, state: Order | None) -> list[DomainEvent]:
+    _require_address("shipping_address", command.shipping_address)
+    order = _require_status(command, state, OrderStatus.DRAFT, OrderStatus.PLACED)
+    if order.version >= MAX_ORDER_EVENTS:
+        raise TooManyEvents(MAX_ORDER_EVENTS)
+    return [ShippingAddressSet(shipping_address=command.shipping_address)]
 
 
 def _require_status(command: Command, state: Order | None, *allowed: OrderStatus) -> Order:
@@ -391,13 +432,27 @@ def _require_draft_change(command: Command, state: Order | None) -> Order:
     return order
 
 
-def _require_text(field: str, value: str) -> None:
+def _require_text(field: str, value: str, limit: int = MAX_TEXT_LENGTH) -> None:
     if not value.strip():
         raise InvalidCommand(field, "must not be blank")
     if has_control_characters(value):
         raise InvalidCommand(field, "must not contain control characters")
-    if len(value) > MAX_TEXT_LENGTH:
-        raise InvalidCommand(field, f"must be at most {MAX_TEXT_LENGTH} characters")
+    if len(value) > limit:
+        raise InvalidCommand(field, f"must be at most {limit} characters")
+
+
+def _require_address(field: str, address: ShippingAddress) -> None:
+    _require_text(f"{field}.name", address.name, MAX_ADDRESS_TEXT_LENGTH)
+    if not 1 <= len(address.lines) <= MAX_ADDRESS_LINES:
+        raise InvalidCommand(f"{field}.lines", f"must hold 1 to {MAX_ADDRESS_LINES} lines")
+    for index, line in enumerate(address.lines):
+        _require_text(f"{field}.lines[{index}]", line, MAX_ADDRESS_TEXT_LENGTH)
+    _require_text(f"{field}.city", address.city, MAX_ADDRESS_TEXT_LENGTH)
+    _require_text(f"{field}.postal_code", address.postal_code, MAX_POSTAL_CODE_LENGTH)
+    if address.region is not None:
+        _require_text(f"{field}.region", address.region, MAX_ADDRESS_TEXT_LENGTH)
+    if not is_country(address.country):
+        raise InvalidCommand(f"{field}.country", "must be an ISO 3166-1 alpha-2 country code")
 
 
 def _require_int(field: str, value: int, low: int, high: int) -> None:
@@ -444,6 +499,7 @@ def evolve(state: Order | None, event: DomainEvent, order_id: str) -> Order:
                 items=(),
                 total=0,
                 paid_amount=0,
+                shipping_address=event.shipping_address,
             )
         raise InvalidEventSequence(f"{event_type(event)} before OrderCreated in {order_id!r}")
     if state.order_id != order_id:
@@ -496,6 +552,8 @@ def evolve(state: Order | None, event: DomainEvent, order_id: str) -> Order:
             return replace(state, version=version, status=OrderStatus.DELIVERED)
         case OrderCancelled():
             return replace(state, version=version, status=OrderStatus.CANCELLED)
+        case ShippingAddressSet():
+            return replace(state, version=version, shipping_address=event.shipping_address)
         case _:
             assert_never(event)
 

@@ -25,11 +25,25 @@ from service.kernel.errors import BadEvent
 from service.kernel.events import EVENT_TYPES, DomainEvent, event_type
 
 # The schema version written today, per event type. Bump it (and add an upcaster from the old
-# version) when an event's data changes shape; never rename a type.
-CURRENT_SCHEMA_VERSION: dict[str, int] = dict.fromkeys(EVENT_TYPES, 1)
+# version, a golden file, and publish it with `orders contract export`) when an event's data
+# changes shape; never rename a type. The rules: docs/events.md.
+CURRENT_SCHEMA_VERSION: dict[str, int] = {
+    **dict.fromkeys(EVENT_TYPES, 1),
+    "OrderCreated": 2,  # v2: shipping_address (optional)
+    "OrderShipped": 2,  # v2: shipping_address, where it was shipped to (optional)
+}
+
+
+def _without_shipping_address(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 of OrderCreated and OrderShipped -> v2: written before orders had addresses."""
+    return {**data, "shipping_address": None}
+
 
 # (type, from_version) -> function turning data of that version into data of version + 1.
-UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ("OrderCreated", 1): _without_shipping_address,
+    ("OrderShipped", 1): _without_shipping_address,
+}
 
 _EVENT_ID_NAMESPACE = uuid.UUID("6f1c2d8e-35a7-4c55-9d1e-0b9a3c7e5f21")
 _CALLER_EVENT_ID_NAMESPACE = uuid.UUID("b3e0c5a4-7d2f-4e61-8a9b-2c4d6e8f0a13")
@@ -53,7 +67,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):  # scalars 
     # Who sent the command (the access token's subject and client); None when authentication
     # was off, and in events written before callers were recorded.
     actor: Actor | None = None
-    data: msgspec.Raw = msgspec.Raw(b"{}")
+    data: msgspec.Raw  # the event's fields, as JSON (decode_data)
 
 
 class UndecodableEvent(BadEvent):

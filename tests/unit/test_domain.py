@@ -38,6 +38,7 @@ from service.kernel.domain import (
     PayOrder,
     PlaceOrder,
     RemoveItem,
+    SetShippingAddress,
     ShipOrder,
     TooManyEvents,
     TooManyItems,
@@ -58,6 +59,8 @@ from service.kernel.events import (
     OrderPaid,
     OrderPlaced,
     OrderShipped,
+    ShippingAddress,
+    ShippingAddressSet,
     event_type,
 )
 
@@ -150,6 +153,20 @@ def cancel_order(**changes: Any) -> CancelOrder:
     return replace(CancelOrder(order_id=ORDER_ID, at=AT, reason="changed my mind"), **changes)
 
 
+ADDRESS = ShippingAddress(
+    name="Erika Mustermann",
+    lines=("Heidestraße 17", "Hinterhaus"),
+    city="Berlin",
+    postal_code="10557",
+    country="DE",
+)
+
+
+def set_shipping_address(**changes: Any) -> SetShippingAddress:
+    default = SetShippingAddress(order_id=ORDER_ID, at=AT, shipping_address=ADDRESS)
+    return replace(default, **changes)
+
+
 # --- a history for every status ----------------------------------------------------
 
 CREATED = OrderCreated(customer_id="customer-1", currency="EUR")
@@ -181,6 +198,7 @@ COMMANDS: list[Command] = [
     ship_order(),
     deliver_order(),
     cancel_order(),
+    set_shipping_address(),
 ]
 
 # The whole lifecycle: (status before, command) -> status after. Everything else is rejected.
@@ -196,6 +214,8 @@ TRANSITIONS: dict[tuple[OrderStatus | None, type[Command]], OrderStatus] = {
     (OrderStatus.PAID, ShipOrder): OrderStatus.SHIPPED,
     (OrderStatus.PAID, CancelOrder): OrderStatus.CANCELLED,
     (OrderStatus.SHIPPED, DeliverOrder): OrderStatus.DELIVERED,
+    (OrderStatus.DRAFT, SetShippingAddress): OrderStatus.DRAFT,
+    (OrderStatus.PLACED, SetShippingAddress): OrderStatus.PLACED,
 }
 
 ALL_PAIRS = [(status, command) for status in HISTORIES for command in COMMANDS]
@@ -210,9 +230,9 @@ REJECTED = [pair for pair in ALL_PAIRS if (pair[0], type(pair[1])) not in TRANSI
 
 
 def test_the_lifecycle_table_covers_every_command_in_every_status() -> None:
-    assert len(ALL_PAIRS) == len(HISTORIES) * len(get_args(Command)) == 63
+    assert len(ALL_PAIRS) == len(HISTORIES) * len(get_args(Command)) == 70
     assert {type(command) for command in COMMANDS} == set(get_args(Command))
-    assert len(ALLOWED) == len(TRANSITIONS) == 11
+    assert len(ALLOWED) == len(TRANSITIONS) == 13
 
 
 @pytest.mark.parametrize(("status", "command"), ALLOWED, ids=[_pair_id(*p) for p in ALLOWED])
@@ -326,7 +346,7 @@ def test_a_draft_takes_changes_up_to_the_event_limit(command: Command) -> None:
 def test_a_draft_change_beyond_the_event_limit_is_rejected(command: Command) -> None:
     error = given(*_draft_at_version(MAX_ORDER_EVENTS)).when(command).raises(TooManyEvents)
     assert error.limit == MAX_ORDER_EVENTS
-    assert "place it or cancel it" in error.message
+    assert "place it, pay it or cancel it" in error.message
 
 
 def test_an_order_at_the_event_limit_can_still_be_finished_or_cancelled() -> None:
@@ -342,6 +362,71 @@ def test_an_order_at_the_event_limit_can_still_be_finished_or_cancelled() -> Non
     assert (order.status, order.version) == (OrderStatus.DELIVERED, MAX_ORDER_EVENTS + 4)
     cancelled = given(*at_limit).when(cancel_order()).then(CANCELLED)
     assert cancelled.status is OrderStatus.CANCELLED
+
+
+# --- the shipping address ----------------------------------------------------------
+
+
+def test_an_order_created_with_an_address_has_it_and_one_without_has_none() -> None:
+    with_address = OrderCreated(customer_id="customer-1", currency="EUR", shipping_address=ADDRESS)
+    order = given().when(create_order(shipping_address=ADDRESS)).then(with_address)
+    assert order.shipping_address == ADDRESS
+    assert given().when(create_order()).then(CREATED).shipping_address is None
+
+
+@pytest.mark.parametrize("status", [OrderStatus.DRAFT, OrderStatus.PLACED])
+def test_the_address_is_set_and_changed_while_draft_or_placed(status: OrderStatus) -> None:
+    history = HISTORIES[status]
+    order = (
+        given(*history)
+        .when(set_shipping_address())
+        .then(ShippingAddressSet(shipping_address=ADDRESS))
+    )
+    assert (order.shipping_address, order.status) == (ADDRESS, status)
+    moved = replace(ADDRESS, city="Potsdam", postal_code="14467", region="Brandenburg")
+    then = given(*history, ShippingAddressSet(shipping_address=ADDRESS)).when(
+        set_shipping_address(shipping_address=moved)
+    )
+    assert then.then(ShippingAddressSet(shipping_address=moved)).shipping_address == moved
+
+
+def test_shipping_records_the_address_the_order_goes_to() -> None:
+    paid = (CREATED, WIDGET_ADDED, ShippingAddressSet(shipping_address=ADDRESS), PLACED, PAID)
+    shipped = replace(SHIPPED, shipping_address=ADDRESS)
+    assert given(*paid).when(ship_order()).then(shipped).shipping_address == ADDRESS
+    # An order without one ships as before: its event names no address.
+    given(*HISTORIES[OrderStatus.PAID]).when(ship_order()).then(SHIPPED)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"name": "  "}, "shipping_address.name"),
+        ({"lines": ()}, "shipping_address.lines"),
+        ({"lines": ("a", "b", "c", "d")}, "shipping_address.lines"),
+        ({"lines": ("ok", "tab\x00")}, "shipping_address.lines[1]"),
+        ({"city": "x" * 101}, "shipping_address.city"),
+        ({"postal_code": "1" * 17}, "shipping_address.postal_code"),
+        ({"region": ""}, "shipping_address.region"),
+        ({"country": "XX"}, "shipping_address.country"),
+        ({"country": "de"}, "shipping_address.country"),
+    ],
+)
+def test_an_invalid_address_is_rejected_naming_its_field(
+    changes: dict[str, Any], field: str
+) -> None:
+    address = replace(ADDRESS, **changes)
+    draft = HISTORIES[OrderStatus.DRAFT]
+    error = given(*draft).when(set_shipping_address(shipping_address=address))
+    assert error.raises(InvalidCommand).field == field
+    created = given().when(create_order(shipping_address=address))
+    assert created.raises(InvalidCommand).field == field
+
+
+def test_the_address_of_an_order_at_the_event_limit_cannot_change() -> None:
+    at_limit = (*_draft_at_version(MAX_ORDER_EVENTS - 1), PLACED)
+    error = given(*at_limit).when(set_shipping_address()).raises(TooManyEvents)
+    assert error.limit == MAX_ORDER_EVENTS
 
 
 def test_changing_an_items_quantity_updates_the_total() -> None:
@@ -652,6 +737,7 @@ ONE_OF_EACH_EVENT: list[DomainEvent] = [
     SHIPPED,
     DELIVERED,
     OrderCancelled(reason="out of stock", refunded_amount=2_500),
+    ShippingAddressSet(shipping_address=ADDRESS),
 ]
 
 
@@ -666,6 +752,7 @@ def test_event_tags_are_the_stable_ones_in_the_log() -> None:
         "OrderShipped",
         "OrderDelivered",
         "OrderCancelled",
+        "ShippingAddressSet",
     }
     assert set(EVENT_TYPES.values()) == set(get_args(DomainEvent))
     assert {type(event) for event in ONE_OF_EACH_EVENT} == set(get_args(DomainEvent))

@@ -25,6 +25,8 @@ from service.kernel.events import (
     OrderPaid,
     OrderPlaced,
     OrderShipped,
+    ShippingAddress,
+    ShippingAddressSet,
 )
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "events"
@@ -32,22 +34,37 @@ AT = datetime(2026, 11, 28, 9, 30, 0, 123000, tzinfo=UTC)
 
 # One example of every event type at its CURRENT schema version: today's encoding of it must
 # equal the golden file of that version, and that file must decode to it.
+ADDRESS = ShippingAddress(
+    name="Ada Lovelace",
+    lines=("12 St James's Square", "Flat 3"),
+    city="London",
+    postal_code="SW1Y 4JH",
+    country="GB",
+)
 EXAMPLES: dict[str, DomainEvent] = {
-    "OrderCreated": OrderCreated(customer_id="c-42", currency="EUR"),
+    "OrderCreated": OrderCreated(customer_id="c-42", currency="EUR", shipping_address=ADDRESS),
     "ItemAdded": ItemAdded(sku="MUG-1", name="Mug", quantity=2, unit_price=1250),
     "ItemQuantityChanged": ItemQuantityChanged(sku="MUG-1", quantity=3),
     "ItemRemoved": ItemRemoved(sku="MUG-1"),
     "OrderPlaced": OrderPlaced(total=3750, item_count=1),
     "OrderPaid": OrderPaid(amount=3750, currency="EUR", payment_reference="psp-1"),
-    "OrderShipped": OrderShipped(carrier="DHL", tracking_number="JD01"),
+    "OrderShipped": OrderShipped(
+        carrier="DHL",
+        tracking_number="JD01",
+        shipping_address=msgspec.structs.replace(ADDRESS, region="Greater London"),
+    ),
     "OrderDelivered": OrderDelivered(),
     "OrderCancelled": OrderCancelled(reason="customer request", refunded_amount=3750),
+    "ShippingAddressSet": ShippingAddressSet(shipping_address=ADDRESS),
 }
 
 # What the golden file of each OLD schema version decodes (upcasts) to today, by (type,
 # version). When an event type evolves: keep its old golden files, add its new one, move its
 # example above to the new version and record here what each old file now decodes to.
-UPCAST_EXAMPLES: dict[tuple[str, int], DomainEvent] = {}
+UPCAST_EXAMPLES: dict[tuple[str, int], DomainEvent] = {
+    ("OrderCreated", 1): OrderCreated(customer_id="c-42", currency="EUR"),  # no address then
+    ("OrderShipped", 1): OrderShipped(carrier="DHL", tracking_number="JD01"),
+}
 
 # The envelope's optional fields as JSON: what a golden file written before a field existed
 # decodes to.

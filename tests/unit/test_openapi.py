@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar.testing import TestClient
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.edge.http.app import Resources, create_app
+from service.infra.contracts import event_contract
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.identity import access
@@ -43,6 +45,7 @@ def test_every_command_with_a_body_documents_an_example() -> None:
         "payOrder",
         "shipOrder",
         "cancelOrder",
+        "setShippingAddress",
         "parkHaltedEvent",
         "retryParkedEvents",
         "skipParkedEvent",
@@ -67,6 +70,11 @@ COMMANDS = {
     "shipOrder": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
     "deliverOrder": ({"order_id"}, True, {"400", "404", "409", "412", "422", "503"}),
     "cancelOrder": ({"order_id"}, True, {"400", "404", "409", "412", "413", "415", "422", "503"}),
+    "setShippingAddress": (
+        {"order_id"},
+        True,
+        {"400", "404", "409", "412", "413", "415", "422", "503"},
+    ),
 }
 
 
@@ -131,3 +139,16 @@ def test_the_history_is_documented_as_pages_of_entries_with_their_actor() -> Non
     actor = schemas["HistoryEntry"]["properties"]["actor"]["oneOf"]
     assert {"type": "null"} in actor
     assert schemas["ActorView"]["properties"].keys() == {"sub", "client_id"}
+
+
+def test_the_asyncapi_document_of_the_topic_is_served_beside_the_openapi_one() -> None:
+    resources = Resources(
+        writer=Writer(WriterConfig(kafka="127.0.0.1:1", topic="shop.orders")),
+        topic="shop.orders",
+    )
+    with TestClient(create_app(resources, access=access())) as client:
+        response = client.get("/schema/asyncapi.json")  # no token: it is public
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json() == event_contract("shop.orders")
+        assert client.get("/schema/openapi.json").status_code == 200  # still there

@@ -92,7 +92,7 @@ def test_a_record_value_is_its_envelope_and_its_headers_repeat_the_routing_field
     assert envelope.decode(record.value)[0] == event
     assert record.headers == [
         ("type", b"OrderCreated"),
-        ("schema_version", b"1"),
+        ("schema_version", b"2"),  # OrderCreated's current version
         ("correlation_id", b"corr-1"),
     ]
 

@@ -255,10 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     contract = commands.add_parser("contract", help="the published event contract")
     contract_actions = contract.add_subparsers(dest="action", required=True, metavar="ACTION")
     export = contract_actions.add_parser(
-        "export", help="write the JSON Schema of each event type's current version"
+        "export",
+        help="write the JSON Schema of each event type's current version, and the AsyncAPI "
+        "document of the topic",
     )
     export.add_argument(
         "--to", type=Path, default=Path("contracts/events"), help="folder (contracts/events)"
+    )
+    export.add_argument(
+        "--asyncapi",
+        type=Path,
+        default=Path("docs/events/asyncapi.json"),
+        help="where the AsyncAPI document goes (docs/events/asyncapi.json)",
     )
     export.set_defaults(handler="contract:cmd_contract_export")
     _add_events_parser(commands)

@@ -23,6 +23,7 @@ from service.edge.http.commands import CommandSink, OrderCommands
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
+from service.infra.contracts import event_contract
 from service.infra.eventlog import HighWatermarks
 from service.infra.kafka_clients import KafkaTarget
 from service.kernel.access import Scope
@@ -162,7 +163,22 @@ def create_app(
         headers = None if is_ready else {"Retry-After": "1"}
         return Response(body, status_code=200 if is_ready else 503, headers=headers)
 
-    route_handlers: list[Any] = [health, ready]
+    asyncapi = event_contract(resources.topic)
+
+    @get(
+        "/schema/asyncapi.json",
+        operation_id="asyncapi",
+        tags=["operations"],
+        summary="The AsyncAPI 3 document of the events topic: every event type and schema "
+        "version a consumer can meet (docs/events.md)",
+        opt=_PUBLIC,
+        security=[{}],
+        media_type="application/json",
+    )
+    async def asyncapi_document() -> dict[str, Any]:
+        return asyncapi
+
+    route_handlers: list[Any] = [health, ready, asyncapi_document]
     if telemetry:
         route_handlers.append(Metrics)
     if published_jwks is not None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, delete, patch, post
+from litestar import Controller, Request, Response, delete, patch, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.openapi.spec import Example
@@ -26,7 +26,8 @@ from service.infra import tracing
 from service.kernel import domain
 from service.kernel.access import Caller, Scope
 from service.kernel.errors import AccessDenied
-from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Currency
+from service.kernel.events import AddressLines, AddressText, PostalCode, ShippingAddress
+from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Country, Currency
 from service.write.contract import Accepted, CommandRequest
 from service.write.writer import Writer
 
@@ -53,9 +54,29 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+class ShippingAddressBody(_Body, kw_only=True):
+    name: AddressText
+    lines: AddressLines
+    city: AddressText
+    postal_code: PostalCode
+    region: AddressText | None = None
+    country: Country
+
+    def address(self) -> ShippingAddress:
+        return ShippingAddress(
+            name=self.name,
+            lines=self.lines,
+            city=self.city,
+            postal_code=self.postal_code,
+            region=self.region,
+            country=self.country,
+        )
+
+
 class CreateOrderBody(_Body):
     customer_id: Identifier
     currency: Currency
+    shipping_address: ShippingAddressBody | None = None
 
 
 class AddItemBody(_Body):
@@ -92,6 +113,15 @@ class CommandResult(msgspec.Struct, frozen=True):
 
 def _example(summary: str, value: dict[str, Any]) -> list[Example]:
     return [Example(summary=summary, value=value)]
+
+
+_ADDRESS = {
+    "name": "Erika Mustermann",
+    "lines": ["Heidestraße 17"],
+    "city": "Berlin",
+    "postal_code": "10557",
+    "country": "DE",
+}
 
 
 # -- headers ----------------------------------------------------------------------------------
@@ -378,11 +408,13 @@ class OrderCommands(Controller):
         customer = creation.customer()
         if customer is not None and data.customer_id != customer:
             raise AccessDenied((Scope.ORDERS_WRITE_ANY,))  # orders:write creates only its own
+        address = data.shipping_address
         command = domain.CreateOrder(
             order_id=str(uuid.uuid4()),
             at=creation.at,
             customer_id=data.customer_id,
             currency=data.currency,
+            shipping_address=address.address() if address is not None else None,
         )
         return _respond(
             await creation.submit(command, data, owner=customer), status=201, location=True
@@ -454,6 +486,25 @@ class OrderCommands(Controller):
     ) -> Response[CommandResult]:
         command = domain.RemoveItem(order_id=order_id, at=context.at, sku=sku)
         return _respond(await context.submit(command, owner=context.customer()))
+
+    @put(
+        "/{order_id:str}/shipping-address",
+        operation_id="setShippingAddress",
+        **_WRITE,
+        status_code=200,
+        summary="Set or change where a draft or placed order is to be shipped",
+        responses=_BODY_PROBLEMS,
+    )
+    async def set_shipping_address(
+        self,
+        context: Context,
+        order_id: OrderId,
+        data: Annotated[ShippingAddressBody, Body(examples=_example("In Berlin", _ADDRESS))],
+    ) -> Response[CommandResult]:
+        command = domain.SetShippingAddress(
+            order_id=order_id, at=context.at, shipping_address=data.address()
+        )
+        return _respond(await context.submit(command, data, owner=context.customer()))
 
     @post(
         "/{order_id:str}/place",

@@ -45,6 +45,15 @@ class ItemView(msgspec.Struct, frozen=True):
     unit_price: int
 
 
+class AddressView(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    lines: list[str]
+    city: str
+    postal_code: str
+    region: str | None = None
+    country: str
+
+
 class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     order_id: str
     customer_id: str
@@ -67,6 +76,8 @@ class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     delivered_at: datetime | None
     cancelled_at: datetime | None
     updated_at: datetime
+    # Where it goes (None: not set yet); once shipped, where it went.
+    shipping_address: AddressView | None
 
 
 class OrderSummaryView(msgspec.Struct, frozen=True, kw_only=True):
