@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -597,9 +598,23 @@ async def test_a_query_with_the_consistency_token_sees_its_command(
 # -- 3. every table equals the oracle after a mixed workload -----------------------------------
 
 
+def address(n: int) -> dict[str, Any]:
+    return {
+        "name": f"Customer {n}",
+        "lines": [f"{n} Rue de la Paix"] + ([f"Étage {n % 7}"] if n % 2 else []),
+        "city": "Paris",
+        "postal_code": f"750{n % 20:02d}",
+        "country": "FR",
+    }
+
+
 async def lifecycle(api: Api, customer_id: str, kind: str, currency: str, n: int) -> None:
-    """One order through the steps ``kind`` names; amounts vary with ``n``."""
-    order_id = (await api.create(customer_id, currency)).order_id
+    """One order through the steps ``kind`` names; amounts vary with ``n``, and so does when
+    it gets a shipping address (at creation, while draft, once placed, or never)."""
+    at_creation = address(n) if n % 3 == 0 else None
+    order_id = (await api.create(customer_id, currency, at_creation)).order_id
+    if n % 3 == 1:
+        await api.set_address(order_id, address(n + 1))
     items = {"A": (1 + n % 3, 100 * (n + 1))}
     await api.add(order_id, "A", *items["A"])
     if kind == "draft":
@@ -615,6 +630,8 @@ async def lifecycle(api: Api, customer_id: str, kind: str, currency: str, n: int
         await api.remove(order_id, "B")
         del items["B"]
     await api.place(order_id)
+    if n % 4 == 2:
+        await api.set_address(order_id, address(n + 2))  # moved since
     if kind == "placed":
         return
     if kind == "placed-cancel":
@@ -700,10 +717,25 @@ async def test_every_read_model_table_equals_the_oracle_after_a_mixed_workload(
         "OrderShipped",
         "OrderDelivered",
         "OrderCancelled",
+        "ShippingAddressSet",
     }
     contents = await assert_tables_equal_oracle(db, ALL, events)
-    refunds = [o for o in contents["orders"]["orders"].values() if o["refunded_amount"] > 0]
+    rows = contents["orders"]["orders"].values()
+    refunds = [o for o in rows if o["refunded_amount"] > 0]
     assert refunds, "the workload has no cancelled paid order"
+    shipped = [o for o in rows if o["status"] in ("shipped", "delivered") and o["shipping_address"]]
+    assert shipped, "the workload shipped no order with an address"
+    response = await get_ok(client, f"/orders/{shipped[0]['order_id']}")
+    assert response.json()["shipping_address"] == {"region": None, **shipped[0]["shipping_address"]}
+    shipped_event = next(
+        e.event
+        for e in events
+        if e.envelope.order_id == shipped[0]["order_id"] and e.envelope.type == "OrderShipped"
+    )
+    assert (
+        msgspec.json.decode(msgspec.json.encode(shipped_event))["shipping_address"]
+        == shipped[0]["shipping_address"]
+    )
 
 
 Checkpoints = dict[str, dict[int, int]]

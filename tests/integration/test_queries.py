@@ -80,6 +80,7 @@ def order_row(
         "delivered_at": None,
         "cancelled_at": None,
         "updated_at": created_at + timedelta(minutes=5),
+        "shipping_address": None,
     }
 
 
@@ -219,7 +220,7 @@ async def test_an_order_is_returned_whole_with_its_version_as_etag(
         "order_id", "customer_id", "status", "currency", "total", "item_count", "items",
         "version", "paid_amount", "refunded_amount", "payment_reference", "carrier",
         "tracking_number", "cancel_reason", "created_at", "placed_at", "paid_at", "shipped_at",
-        "delivered_at", "cancelled_at", "updated_at",
+        "delivered_at", "cancelled_at", "updated_at", "shipping_address",
     }  # fmt: skip
     assert body["items"] == ITEMS
     assert (body["status"], body["version"], body["total"], body["paid_amount"]) == (
@@ -233,6 +234,35 @@ async def test_an_order_is_returned_whole_with_its_version_as_etag(
     assert body["shipped_at"] is None
     assert datetime.fromisoformat(body["created_at"]) == T0
     assert datetime.fromisoformat(body["paid_at"]) == T0 + timedelta(hours=1)
+    assert body["shipping_address"] is None  # none set
+
+
+async def test_an_order_shows_its_shipping_address_with_every_field(
+    db: AsyncEngine, client: httpx.AsyncClient
+) -> None:
+    with_region = {
+        "name": "Jane Roe",
+        "lines": ["1 Main St", "Apt 2"],
+        "city": "Austin",
+        "postal_code": "78701",
+        "region": "TX",
+        "country": "US",
+    }
+    without = {k: v for k, v in with_region.items() if k != "region"}  # as stored: no region
+    await insert(
+        db,
+        orders,
+        [
+            {**order_row("o-1"), "shipping_address": with_region},
+            {**order_row("o-2"), "shipping_address": without},
+        ],
+    )
+
+    assert (await client.get("/orders/o-1")).json()["shipping_address"] == with_region
+    assert (await client.get("/orders/o-2")).json()["shipping_address"] == {
+        **without,
+        "region": None,
+    }
 
 
 @pytest.mark.parametrize(

@@ -73,10 +73,19 @@ class Api:
         self.accepted.append(done)
         return done
 
-    async def create(self, customer_id: str, currency: str = "EUR") -> Done:
-        return await self._command(
-            "POST", "/orders", {"customer_id": customer_id, "currency": currency}, status=201
-        )
+    async def create(
+        self,
+        customer_id: str,
+        currency: str = "EUR",
+        shipping_address: dict[str, Any] | None = None,
+    ) -> Done:
+        body: dict[str, Any] = {"customer_id": customer_id, "currency": currency}
+        if shipping_address is not None:
+            body["shipping_address"] = shipping_address
+        return await self._command("POST", "/orders", body, status=201)
+
+    async def set_address(self, order_id: str, address: dict[str, Any]) -> Done:
+        return await self._command("PUT", f"/orders/{order_id}/shipping-address", address)
 
     async def add(
         self, order_id: str, sku: str, quantity: int, unit_price: int, name: str | None = None

@@ -244,8 +244,18 @@ class Workload:
 
     def _create(self, rng: random.Random) -> Request:
         # Always keyed: the API refuses a create without one (a retry must not make two).
-        body = {"customer_id": f"c-{rng.randrange(40)}", "currency": rng.choice(["EUR", "USD"])}
+        body: dict[str, Any] = {
+            "customer_id": f"c-{rng.randrange(40)}",
+            "currency": rng.choice(["EUR", "USD"]),
+        }
+        if rng.random() < 0.3:
+            body["shipping_address"] = _address(rng)
         return Request("create", "valid", "POST", "/orders", body, idempotency_key=self._key(rng))
+
+    def _set_address(self, path: str, rng: random.Random, common: dict[str, Any]) -> Request:
+        return Request(
+            "address", method="PUT", path=f"{path}/shipping-address", body=_address(rng), **common
+        )
 
     def _valid(self, rng: random.Random, view: OrderView) -> Request:
         path = f"/orders/{view.order_id}"
@@ -294,8 +304,12 @@ class Workload:
                     effect=("remove", sku),
                     **common,
                 )
+            if choice < 0.7:
+                return self._set_address(path, rng, common)
             if choice < 0.95:
                 return Request("place", method="POST", path=f"{path}/place", **common)
+        elif view.status == "placed" and rng.random() < 0.1:
+            return self._set_address(path, rng, common)
         elif view.status == "placed" and rng.random() < 0.9:
             body = {
                 "amount": view.total,
@@ -328,6 +342,7 @@ class Workload:
                 "stale-if-match",
                 "payment-mismatch",
                 "reused-key",
+                "bad-address",
             ]
         )
         key = self._keyed(rng)
@@ -363,6 +378,9 @@ class Workload:
                 "payment_reference": "psp-wrong",
             }
             return Request("pay", kind, "POST", f"{path}/pay", body, idempotency_key=key, view=view)
+        if kind == "bad-address":
+            body = {**_address(rng), "country": "XX"}  # no such ISO 3166 code
+            return Request("address", kind, "PUT", f"{path}/shipping-address", body)
         if kind == "reused-key" and self.acknowledged_keys:
             reused, _ = rng.choice(self.acknowledged_keys)
             return Request(
@@ -508,6 +526,22 @@ class Workload:
             await asyncio.sleep(self.config.connect_backoff_s * rng.uniform(0.5, 1.5))
             return
         self.ledger.answer("query", response)
+
+
+def _address(rng: random.Random) -> dict[str, Any]:
+    """A shipping address, now and then with a second line or a region."""
+    address: dict[str, Any] = {
+        "name": f"Customer {rng.randrange(1000)}",
+        "lines": [f"{rng.randint(1, 200)} Main Street"],
+        "city": rng.choice(["Berlin", "Lyon", "Austin", "Osaka"]),
+        "postal_code": f"{rng.randrange(10**5):05d}",
+        "country": rng.choice(["DE", "FR", "US", "JP"]),
+    }
+    if rng.random() < 0.3:
+        address["lines"].append(f"Floor {rng.randint(1, 9)}")
+    if address["country"] == "US":
+        address["region"] = "TX"
+    return address
 
 
 def _version_of(response: httpx.Response) -> int | None:
