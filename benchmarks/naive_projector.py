@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from projections.schema import orders
@@ -34,6 +35,7 @@ from service.kernel.events import (
     OrderPaid,
     OrderPlaced,
     OrderShipped,
+    ShippingAddressSet,
 )
 
 _COLUMNS = [column.name for column in orders.columns]
@@ -44,6 +46,7 @@ _UPSERT = (
     f"ON CONFLICT (order_id) DO UPDATE SET "
     + ", ".join(f"{name} = EXCLUDED.{name}" for name in _COLUMNS if name != "order_id")
 )
+_JSON_COLUMNS = ("items", "shipping_address")
 _SAMPLE_EVERY_S = 0.5
 
 
@@ -74,8 +77,13 @@ def _new_order(order_id: str, event: OrderCreated, at: datetime, version: int) -
         refunded_amount=0,
         created_at=at,
         updated_at=at,
+        shipping_address=_address(event.shipping_address),
     )
     return row
+
+
+def _address(address: object) -> Any:
+    return None if address is None else msgspec.to_builtins(address)
 
 
 def apply(
@@ -119,6 +127,10 @@ def apply(
             carrier=event.carrier,
             tracking_number=event.tracking_number,
         )
+        if event.shipping_address is not None:
+            row["shipping_address"] = _address(event.shipping_address)
+    elif isinstance(event, ShippingAddressSet):
+        row["shipping_address"] = _address(event.shipping_address)
     elif isinstance(event, OrderDelivered):
         row.update(status="delivered", delivered_at=at)
     elif isinstance(event, OrderCancelled):
@@ -144,10 +156,15 @@ async def _project(connection: Any, record: ConsumerRecord[Any, Any]) -> None:
         if found is not None:
             row = dict(found)
             row["items"] = json.loads(row["items"])
+            if row["shipping_address"] is not None:
+                row["shipping_address"] = json.loads(row["shipping_address"])
             if sealed.version <= row["version"]:
                 return  # seen before (redelivered after a crash)
         new = apply(row, sealed, event)
-        values = [json.dumps(new[c]) if c == "items" else new[c] for c in _COLUMNS]
+        values = [
+            json.dumps(new[c]) if c in _JSON_COLUMNS and new[c] is not None else new[c]
+            for c in _COLUMNS
+        ]
         await connection.execute(_UPSERT, *values)
 
 

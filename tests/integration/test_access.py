@@ -101,6 +101,7 @@ async def test_no_route_but_health_and_schema_answers_without_a_token(app: Any) 
         assert set(path for _, path, public in operations if public) == {
             "/health",
             "/health/ready",
+            "/schema/asyncapi.json",  # the event contract, as /schema/openapi.json
         }
 
 
@@ -156,6 +157,12 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None, set[Scope]]] = [
         "POST",
         "/orders/{id}/cancel",
         {"reason": "changed my mind"},
+        {Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY},
+    ),
+    (
+        "PUT",
+        "/orders/{id}/shipping-address",
+        {"name": "N", "lines": ["1 Main St"], "city": "C", "postal_code": "1", "country": "DE"},
         {Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY},
     ),
     (

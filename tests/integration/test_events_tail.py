@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaProducer
 from service.edge.cli.tail import TailOptions, partition_for, tail
 from service.infra.topic import TopicMissing
 from service.kernel import domain
+from service.kernel.envelope import CURRENT_SCHEMA_VERSION
 from service.write.contract import Accepted, CommandRequest
 from service.write.writer import Writer
 
@@ -245,7 +246,7 @@ async def test_json_lines_are_the_envelopes_with_their_positions(
     )
     assert seen == sorted(_expected(w) for w in written)
     for obj in objects:
-        assert obj["schema_version"] == 1
+        assert obj["schema_version"] == CURRENT_SCHEMA_VERSION[obj["type"]]
         assert uuid.UUID(obj["event_id"])
         assert datetime.fromisoformat(obj["occurred_at"]).tzinfo is not None
         assert isinstance(obj["data"], dict)
