@@ -1,4 +1,5 @@
-"""(e) The writer's start-up in a fresh process on a topic of N orders: RSS per order."""
+"""(e) The writer's start-up in a fresh process on a topic of N orders: RSS per order; and the
+bytes its state keeps per open and per closed order (``benchmarks.writer_state_size``)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,37 @@ async def writer_memory(ctx: Context) -> None:
             growth / orders <= 1536,
         )
     )
+    await _state_size(ctx)
+
+
+async def _state_size(ctx: Context) -> None:
+    """Bytes of writer state per open and per closed order, in a fresh process."""
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "benchmarks.writer_state_size", "20000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"writer state size failed:\n{completed.stderr[-3000:]}")
+    sizes: dict[str, float] = json.loads(completed.stdout.strip().splitlines()[-1])
+    ctx.results["writer_state_size"] = sizes
+    open_bytes, closed_bytes = sizes["bytes_per_open_order"], sizes["bytes_per_closed_order"]
+    whole = sizes["bytes_per_closed_order_kept_whole"]
+    ctx.rows += [
+        Row(
+            "Writer state per open order (placed, 2 items)",
+            n(open_bytes, "B"),
+            details=f"tracemalloc, {sizes['orders']:,.0f} orders",
+        ),
+        Row(
+            "Writer state per closed order (delivered or cancelled)",
+            n(closed_bytes, "B"),
+            n(whole, "B kept whole"),
+            ratio(closed_bytes, whole),
+            "settled: version, status and customer only",
+        ),
+    ]

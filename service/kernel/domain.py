@@ -8,6 +8,7 @@ Money is always integer minor units plus an ISO 4217 currency code.
 """
 
 import enum
+import sys
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Final, TypeAlias, assert_never
@@ -494,8 +495,9 @@ def evolve(state: Order | None, event: DomainEvent, order_id: str) -> Order:
                 order_id=order_id,
                 version=1,
                 status=OrderStatus.DRAFT,
-                customer_id=event.customer_id,
-                currency=event.currency,
+                # One copy of each customer id and currency, however many orders share it.
+                customer_id=sys.intern(event.customer_id),
+                currency=sys.intern(event.currency),
                 items=(),
                 total=0,
                 paid_amount=0,
@@ -563,6 +565,20 @@ def _existing_index(state: Order, sku: str) -> int:
     if index is None:
         raise InvalidEventSequence(f"no item {sku!r} in {state.order_id!r}")
     return index
+
+
+FINAL_STATUSES: Final = frozenset({OrderStatus.DELIVERED, OrderStatus.CANCELLED})
+
+
+def settled(order: Order) -> Order:
+    """What an order keeps once it is delivered or cancelled (``FINAL_STATUSES``; any other is
+    returned as it is): its id, version, status and customer. Every command on it is then
+    refused by its status alone (a CreateOrder by its existence, an If-Match by its version,
+    another customer's caller by its customer), so its items, money and address never decide
+    anything again, and the writer need not hold them."""
+    if order.status not in FINAL_STATUSES:
+        return order
+    return replace(order, items=(), total=0, paid_amount=0, shipping_address=None)
 
 
 def fold(order_id: str, events: Iterable[DomainEvent]) -> Order | None:

@@ -27,7 +27,7 @@ from typing import TypeAlias
 
 from service.kernel import envelope
 from service.kernel.access import Actor, order_seen_by, owns
-from service.kernel.domain import Order, decide, evolve
+from service.kernel.domain import Order, decide, evolve, settled
 from service.kernel.errors import AccessDenied, DomainError
 from service.kernel.events import DomainEvent
 from service.write.contract import (
@@ -152,6 +152,8 @@ class StagedBatch:
 class Committed:
     """The order states and idempotency receipts in the log, up to the last committed batch.
 
+    A delivered or cancelled order is kept ``settled``: only what its remaining commands need.
+
     ``receipts`` is kept oldest first (by the time each was committed), so expired ones are
     pruned from its front.
     """
@@ -171,8 +173,8 @@ class Committed:
     ) -> None:
         """Take in one event read from the log (at ``partition`` and ``offset``). ``now``: the
         time of the reading, before which the receipts that have expired are not kept."""
-        self.orders[sealed.order_id] = evolve(
-            self.orders.get(sealed.order_id), event, sealed.order_id
+        self.orders[sealed.order_id] = settled(
+            evolve(self.orders.get(sealed.order_id), event, sealed.order_id)
         )
         key = receipt_key(sealed.actor, sealed.idempotency_key)
         if key is None:
@@ -221,7 +223,7 @@ class Committed:
         last event, in the order of ``batch.appends``. Receipts that expired before the
         earliest command of the batch are pruned."""
         answers = batch.answers_after_commit(positions)
-        self.orders.update(batch.orders)
+        self.orders.update((order_id, settled(order)) for order_id, order in batch.orders.items())
         for decided, (partition, offset) in zip(batch.appends, positions, strict=True):
             request = decided.request
             if (key := receipt_key(request.actor, request.idempotency_key)) is not None:

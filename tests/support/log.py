@@ -10,7 +10,7 @@ from aiokafka import ConsumerRecord
 from projections.projection import Applied
 from service.infra.eventlog import read_to_end
 from service.kernel import envelope
-from service.kernel.domain import Order, fold
+from service.kernel.domain import Order, fold, settled
 from service.kernel.events import DomainEvent
 
 
@@ -42,8 +42,12 @@ def by_order(events: list[LoggedEvent]) -> dict[str, list[LoggedEvent]]:
 
 
 def folded_orders(events: list[LoggedEvent]) -> dict[str, Order | None]:
-    """The writer's state as a pure fold of the topic."""
-    return {
+    """The writer's state as a pure fold of the topic (delivered and cancelled orders
+    settled, as the writer keeps them)."""
+    folded = {
         order_id: fold(order_id, [e.event for e in logged])
         for order_id, logged in by_order(events).items()
+    }
+    return {
+        order_id: None if order is None else settled(order) for order_id, order in folded.items()
     }

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from service.kernel.domain import (
+    FINAL_STATUSES,
     MAX_ITEMS,
     MAX_ORDER_EVENTS,
     MAX_ORDER_TOTAL,
@@ -45,6 +46,7 @@ from service.kernel.domain import (
     decide,
     evolve,
     fold,
+    settled,
 )
 from service.kernel.errors import DomainError
 from service.kernel.events import (
@@ -261,6 +263,49 @@ def test_a_command_outside_the_lifecycle_is_rejected(
         error = when.raises(InvalidTransition)
         assert error.status is status
         assert error.command == type(command).__name__
+
+
+SETTLED_HISTORIES = {
+    "delivered": HISTORIES[OrderStatus.DELIVERED],
+    "cancelled-draft": HISTORIES[OrderStatus.CANCELLED],
+    "cancelled-after-payment": (
+        CREATED,
+        WIDGET_ADDED,
+        ShippingAddressSet(shipping_address=ADDRESS),
+        PLACED,
+        PAID,
+        OrderCancelled(reason="changed my mind", refunded_amount=2_500),
+    ),
+}
+
+
+@pytest.mark.parametrize("history", SETTLED_HISTORIES.values(), ids=SETTLED_HISTORIES.keys())
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: type(command).__name__)
+def test_a_settled_order_decides_every_command_as_the_whole_one_does(
+    history: tuple[DomainEvent, ...], command: Command
+) -> None:
+    whole = fold(ORDER_ID, history)
+    assert whole is not None
+    kept = settled(whole)
+    assert (kept.items, kept.total, kept.paid_amount, kept.shipping_address) == ((), 0, 0, None)
+    assert (kept.version, kept.status, kept.customer_id) == (
+        whole.version,
+        whole.status,
+        whole.customer_id,
+    )
+    with pytest.raises(DomainError) as by_whole:
+        decide(command, whole)
+    with pytest.raises(DomainError) as by_settled:
+        decide(command, kept)
+    assert type(by_settled.value) is type(by_whole.value)
+    assert vars(by_settled.value) == vars(by_whole.value)
+
+
+@pytest.mark.parametrize("status", [s for s in HISTORIES if s not in FINAL_STATUSES])
+def test_an_order_still_in_progress_is_kept_whole(status: OrderStatus | None) -> None:
+    order = fold(ORDER_ID, HISTORIES[status])
+    if order is not None:
+        assert settled(order) is order
 
 
 # --- creating ----------------------------------------------------------------------
