@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -37,6 +39,23 @@ def partition_for(key: bytes, partitions: int) -> int:
     """The partition of a record key: the one the Kafka clients' default partitioner picks
     (murmur2 of the key), so an order's events stay in the partition they always had."""
     return (_murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+# Drawing ids until one falls in the wanted partition takes ``partitions`` draws on average;
+# this many fail with a probability below 1e-30 for any partition count.
+_MAX_DRAWS_PER_PARTITION = 70
+
+
+def new_order_id(caller: str | None, idempotency_key: str, partitions: int) -> str:
+    """A new order's id (a random UUID) in the partition the caller and its Idempotency-Key
+    pick: a create retried with the same key lands in the same partition, so the same writer
+    (the partition's owner) decides it and finds the first attempt's receipt there."""
+    wanted = partition_for(json.dumps([caller, idempotency_key]).encode(), partitions)
+    for _ in range(_MAX_DRAWS_PER_PARTITION * partitions):
+        order_id = str(uuid.uuid4())
+        if partition_for(order_id.encode(), partitions) == wanted:
+            return order_id
+    raise RuntimeError(f"no order id fell in partition {wanted} of {partitions}")  # never
 
 
 _MURMUR2_M = 0x5BD1E995

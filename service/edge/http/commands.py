@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -23,6 +22,7 @@ from service.edge.http.auth import requires
 from service.edge.http.problems import ClientGone, problem_responses
 from service.edge.logs import CORRELATION_ID
 from service.infra import tracing
+from service.infra.eventlog import new_order_id
 from service.kernel import domain
 from service.kernel.access import Caller, Scope
 from service.kernel.errors import AccessDenied
@@ -294,6 +294,17 @@ class CommandContext:
     def caller(self) -> Caller:
         return self.request.user
 
+    def new_order_id(self) -> str:
+        """The id of the order a create makes: in the partition its caller and Idempotency-Key
+        pick (a create always has a key), whichever instance the request reached."""
+        assert self.idempotency_key is not None, "a create always has an Idempotency-Key"
+        actor = self.caller.actor
+        # 0 until the writer has started (it refuses the command then: any id does).
+        partitions = self.sink.writer.partition_count or 1
+        return new_order_id(
+            actor.sub if actor is not None else None, self.idempotency_key, partitions
+        )
+
     def customer(self) -> str | None:
         """The one customer an ``orders:write`` caller may act for; None with ``:any``."""
         return self.caller.customer_limit(Scope.ORDERS_WRITE, Scope.ORDERS_WRITE_ANY)
@@ -410,7 +421,7 @@ class OrderCommands(Controller):
             raise AccessDenied((Scope.ORDERS_WRITE_ANY,))  # orders:write creates only its own
         address = data.shipping_address
         command = domain.CreateOrder(
-            order_id=str(uuid.uuid4()),
+            order_id=creation.new_order_id(),
             at=creation.at,
             customer_id=data.customer_id,
             currency=data.currency,
