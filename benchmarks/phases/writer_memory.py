@@ -31,18 +31,7 @@ async def writer_memory(ctx: Context) -> None:
         bootstrap, topic, list(events.replicate(base, orders * 3)), filled, timeout=600
     )
     _log.info("writer start-up in a fresh process")
-    completed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "benchmarks.writer_startup", bootstrap, topic],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"writer start-up failed:\n{completed.stderr[-3000:]}")
-    measured: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    measured = await _in_a_fresh_process("benchmarks.writer_startup", bootstrap, topic)
     if measured["orders"] != orders or measured["events"] != filled.events:
         raise RuntimeError(f"writer loaded {measured}, expected {orders} orders")
     consume_rate = ctx.limit("raw_consume")
@@ -85,18 +74,7 @@ async def writer_memory(ctx: Context) -> None:
 
 async def _state_size(ctx: Context) -> None:
     """Bytes of writer state per open and per closed order, in a fresh process."""
-    completed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "benchmarks.writer_state_size", "20000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"writer state size failed:\n{completed.stderr[-3000:]}")
-    sizes: dict[str, float] = json.loads(completed.stdout.strip().splitlines()[-1])
+    sizes = await _in_a_fresh_process("benchmarks.writer_state_size", "20000")
     ctx.results["writer_state_size"] = sizes
     open_bytes, closed_bytes = sizes["bytes_per_open_order"], sizes["bytes_per_closed_order"]
     whole = sizes["bytes_per_closed_order_kept_whole"]
@@ -114,3 +92,20 @@ async def _state_size(ctx: Context) -> None:
             "settled: version, status and customer only",
         ),
     ]
+
+
+async def _in_a_fresh_process(module: str, *args: str) -> dict[str, Any]:
+    """What ``python -m module args`` measured: the JSON object on its last line."""
+    completed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{completed.stderr[-3000:]}")
+    measured: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return measured

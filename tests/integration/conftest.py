@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.edge.http.app import Resources, create_app
-from service.write.contract import WriterConfig
 from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.projection_harness import Api, clear_read_models
 from tests.support.topics import new_topic
+from tests.support.writers import started_writer
 
 PARTITIONS = 4
 
@@ -43,20 +43,8 @@ def suffix() -> str:
 async def writer(bootstrap: str, topic: str) -> AsyncIterator[Writer]:
     """The single writer on the test's topic, four partitions."""
     await new_topic(bootstrap, topic, PARTITIONS)
-    writer = Writer(
-        WriterConfig(
-            kafka=bootstrap,
-            topic=topic,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-            # Load shedding has its own tests (test_writer_limits, test_http_limits); here a
-            # slow batch on a busy machine must not refuse commands.
-            max_queue_delay=30,
-        )
-    )
-    await writer.start()
-    yield writer
-    await writer.stop()
+    async with started_writer(bootstrap, topic) as writer:
+        yield writer
 
 
 @pytest.fixture

@@ -29,8 +29,6 @@ from service.infra.database import create_engine, migrate
 from service.infra.eventlog import partition_for
 from service.kernel import domain, envelope
 from service.kernel.domain import Order
-from service.write.contract import WriterConfig
-from service.write.writer import Writer
 from tests.support.cli import OrdersCli
 from tests.support.database import reset_read_side
 from tests.support.http import serve
@@ -44,6 +42,7 @@ from tests.support.projection_harness import (
     wait_caught_up,
 )
 from tests.support.topics import new_topic
+from tests.support.writers import started_writer
 
 PARTITIONS = 4
 LEGACY_ORDERS = 24
@@ -172,17 +171,8 @@ async def test_migrate_then_rebuild_fills_the_address_for_orders_of_version_1_ev
 
     # The new code writes, before the read side is upgraded: addresses for old drafts and
     # placed orders, and a new order with one, shipped.
-    writer = Writer(
-        WriterConfig(
-            kafka=bootstrap,
-            topic=topic,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-            max_queue_delay=30,
-        )
-    )
-    await writer.start()  # replays the version-1 events: the writer upcasts them too
-    try:
+    # The writer replays the version-1 events at start: it upcasts them too.
+    async with started_writer(bootstrap, topic) as writer:
         app = create_app(Resources(writer=writer, engine=db, topic=topic), access=access())
         async with serve(app) as client:
             api = Api(client)
@@ -230,8 +220,6 @@ async def test_migrate_then_rebuild_fills_the_address_for_orders_of_version_1_ev
                 "shipped",
                 {**ADDRESS, "region": None},
             )
-    finally:
-        await writer.stop()
 
     logged = await read_topic(bootstrap, topic, PARTITIONS)
     versions = Counter(

@@ -7,19 +7,17 @@ import asyncio
 import os
 import re
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from service.edge.http.app import Resources, create_app
-from service.write.contract import WriterConfig
-from service.write.writer import Writer
 from tests.support.http import serve
 from tests.support.identity import access
 from tests.support.projection_harness import Api
 from tests.support.topics import new_topic
+from tests.support.writers import started_writer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "events.md"
 PARTITIONS = 3
@@ -35,21 +33,11 @@ def _example() -> str:
 @pytest.fixture
 async def api(bootstrap: str, topic: str) -> AsyncIterator[Api]:
     await new_topic(bootstrap, topic, PARTITIONS)
-    writer = Writer(
-        WriterConfig(
-            kafka=bootstrap,
-            topic=topic,
-            transactional_id=f"writer-{uuid.uuid4().hex[:8]}",
-            commit_timeout=10,
-            max_queue_delay=30,
-        )
-    )
-    await writer.start()
-    try:
-        async with serve(create_app(Resources(writer=writer), access=access())) as client:
-            yield Api(client)
-    finally:
-        await writer.stop()
+    async with (
+        started_writer(bootstrap, topic) as writer,
+        serve(create_app(Resources(writer=writer), access=access())) as client,
+    ):
+        yield Api(client)
 
 
 async def test_the_consumer_example_reads_what_the_api_wrote(
