@@ -49,6 +49,7 @@ from benchmarks.phases.projector_scale_out import projector_scale_out
 from benchmarks.phases.projector_throughput import projector_throughput
 from benchmarks.phases.telemetry_cost import telemetry_cost
 from benchmarks.phases.writer_memory import writer_memory
+from benchmarks.phases.writer_takeover import writer_takeover
 from benchmarks.report import Row, Target, markdown, readme_section
 from service.infra.embedded.stack import infrastructure
 from service.infra.runtime import tune_gc
@@ -69,6 +70,7 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     projector_scale_out,
     naive_peer,
     writer_memory,
+    writer_takeover,
     command_api,
     command_to_queryable,
     telemetry_cost,

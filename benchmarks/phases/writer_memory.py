@@ -31,7 +31,7 @@ async def writer_memory(ctx: Context) -> None:
         bootstrap, topic, list(events.replicate(base, orders * 3)), filled, timeout=600
     )
     _log.info("writer start-up in a fresh process")
-    measured = await _in_a_fresh_process("benchmarks.writer_startup", bootstrap, topic)
+    measured = await in_a_fresh_process("benchmarks.writer_startup", bootstrap, topic)
     if measured["orders"] != orders or measured["events"] != filled.events:
         raise RuntimeError(f"writer loaded {measured}, expected {orders} orders")
     consume_rate = ctx.limit("raw_consume")
@@ -74,7 +74,7 @@ async def writer_memory(ctx: Context) -> None:
 
 async def _state_size(ctx: Context) -> None:
     """Bytes of writer state per open and per closed order, in a fresh process."""
-    sizes = await _in_a_fresh_process("benchmarks.writer_state_size", "20000")
+    sizes = await in_a_fresh_process("benchmarks.writer_state_size", "20000")
     ctx.results["writer_state_size"] = sizes
     open_bytes, closed_bytes = sizes["bytes_per_open_order"], sizes["bytes_per_closed_order"]
     whole = sizes["bytes_per_closed_order_kept_whole"]
@@ -94,7 +94,7 @@ async def _state_size(ctx: Context) -> None:
     ]
 
 
-async def _in_a_fresh_process(module: str, *args: str) -> dict[str, Any]:
+async def in_a_fresh_process(module: str, *args: str) -> dict[str, Any]:
     """What ``python -m module args`` measured: the JSON object on its last line."""
     completed = await asyncio.to_thread(
         subprocess.run,

@@ -1,0 +1,107 @@
+"""(e2) Writer start-up against the length of the history, for the same live orders.
+
+Two topics hold the same 10,000 open (placed) orders; the rest of each history is orders
+already delivered: 100,000 events in all, and 1,000,000. Each writer starts in a fresh process
+(``benchmarks.writer_startup``). The goal (issue 22): the longer history costs at most 1.5x
+the shorter, because taking over depends on the live orders and the tail, not the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from benchmarks import events
+from benchmarks.context import Context
+from benchmarks.phases.writer_memory import in_a_fresh_process
+from benchmarks.report import Row, Target, n
+from service.kernel import domain, envelope
+
+_log = logging.getLogger("benchmarks")
+
+LIVE_ORDERS = 10_000
+HISTORIES = (100_000, 1_000_000)
+_AT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+_BASE_ORDERS = 1_000  # sealed for real; the rest are copies with new ids (events.replicate)
+
+
+def _order(n: int, *, delivered: bool) -> list[envelope.Envelope]:
+    """One order's events: placed with two items, then paid, shipped and delivered."""
+    order_id = str(uuid.uuid4())
+    commands: list[domain.Command] = [
+        domain.CreateOrder(order_id=order_id, at=_AT, customer_id=f"c-{n % 500}", currency="EUR"),
+        domain.AddItem(order_id=order_id, at=_AT, sku="A", name="a", quantity=2, unit_price=500),
+        domain.AddItem(order_id=order_id, at=_AT, sku="B", name="b", quantity=1, unit_price=900),
+        domain.PlaceOrder(order_id=order_id, at=_AT),
+    ]
+    if delivered:
+        commands += [
+            domain.PayOrder(
+                order_id=order_id, at=_AT, amount=1900, currency="EUR", payment_reference="p"
+            ),
+            domain.ShipOrder(order_id=order_id, at=_AT, carrier="DHL", tracking_number=f"T{n}"),
+            domain.DeliverOrder(order_id=order_id, at=_AT),
+        ]
+    state: domain.Order | None = None
+    sealed = []
+    for command in commands:
+        [event] = domain.decide(command, state)
+        state = domain.evolve(state, event, order_id)
+        sealed.append(
+            envelope.seal(
+                event,
+                event_id=str(uuid.uuid4()),
+                order_id=order_id,
+                version=state.version,
+                occurred_at=_AT,
+                command_id=str(uuid.uuid4()),
+                correlation_id=str(uuid.uuid4()),
+            )
+        )
+    return sealed
+
+
+def _history(total_events: int) -> list[events.Record]:
+    """The live orders' events, then delivered orders' up to ``total_events`` in all."""
+    live = [e for n in range(_BASE_ORDERS) for e in _order(n, delivered=False)]
+    done = [e for n in range(_BASE_ORDERS) for e in _order(n, delivered=True)]
+    live_events = LIVE_ORDERS * len(live) // _BASE_ORDERS
+    return [
+        *events.replicate(list(events.records(live)), live_events),
+        *events.replicate(list(events.records(done)), total_events - live_events),
+    ]
+
+
+async def writer_takeover(ctx: Context) -> None:
+    """(e2) writer start-up on 100k and on 1M events of the same 10,000 live orders."""
+    bootstrap = ctx.infra.kafka_bootstrap_servers
+    measured = {}
+    for total in HISTORIES:
+        topic = f"bench.takeover.{total}.{uuid.uuid4().hex[:8]}"
+        await events.create_topic(bootstrap, topic)
+        _log.info("filling %d events (%d live orders)", total, LIVE_ORDERS)
+        filled = events.Filled()
+        await events.fill(bootstrap, topic, _history(total), filled, timeout=900)
+        measured[total] = await in_a_fresh_process("benchmarks.writer_startup", bootstrap, topic)
+        if measured[total]["events"] != total:
+            raise RuntimeError(f"the writer loaded {measured[total]}, expected {total} events")
+    short, long = (measured[total]["start_seconds"] for total in HISTORIES)
+    ctx.results["writer_takeover"] = {str(total): measured[total] for total in HISTORIES}
+    ctx.rows.append(
+        Row(
+            "(e2) Writer start-up, same 10,000 live orders",
+            n(long, "s at 1M events"),
+            n(short, "s at 100k events"),
+            f"{long / short:.2f}x",
+            "the whole log is replayed: the time follows the history",
+        )
+    )
+    ctx.targets.append(
+        Target(
+            "Writer start-up vs history",
+            "1M events <= 1.5x 100k events",
+            f"{long / short:.2f}x",
+            long <= 1.5 * short,
+        )
+    )
