@@ -47,6 +47,7 @@ from benchmarks.phases.limits_postgres import limits_postgres
 from benchmarks.phases.naive_peer import naive_peer
 from benchmarks.phases.projector_scale_out import projector_scale_out
 from benchmarks.phases.projector_throughput import projector_throughput
+from benchmarks.phases.snapshot_cost import snapshot_cost
 from benchmarks.phases.telemetry_cost import telemetry_cost
 from benchmarks.phases.writer_memory import writer_memory
 from benchmarks.phases.writer_takeover import writer_takeover
@@ -75,6 +76,7 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     command_to_queryable,
     telemetry_cost,
     kafka_security_cost,
+    snapshot_cost,
     command_overload,
 )
 

@@ -27,6 +27,7 @@ async def closed_loop(
     duration: float,
     warm_up: float,
     timeout: float,
+    state_topic: str | None = None,
 ) -> list[LoadResult]:
     """One writer; a warm-up (not recorded), then ``duration`` s for each count of clients.
 
@@ -39,6 +40,7 @@ async def closed_loop(
             kafka=bootstrap,
             topic=topic,
             transactional_id=f"bench-writer-direct-{uuid.uuid4().hex[:8]}",
+            state_topic=state_topic,
         )
     )
     async with asyncio.timeout(timeout):

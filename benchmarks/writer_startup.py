@@ -32,7 +32,9 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-async def measure(bootstrap: str, topic: str) -> dict[str, float | int]:
+async def measure(
+    bootstrap: str, topic: str, state_topic: str | None = None
+) -> dict[str, float | int]:
     process = psutil.Process(os.getpid())
     _trim()
     before = process.memory_info().rss
@@ -41,6 +43,7 @@ async def measure(bootstrap: str, topic: str) -> dict[str, float | int]:
             kafka=bootstrap,
             topic=topic,
             transactional_id=f"bench-writer-startup-{uuid.uuid4().hex[:8]}",
+            state_topic=state_topic,
         )
     )
     started = time.perf_counter()
@@ -54,6 +57,7 @@ async def measure(bootstrap: str, topic: str) -> dict[str, float | int]:
             "start_seconds": start_seconds,
             "load_seconds": writer.load_seconds,
             "events": writer.loaded_events,
+            "state_records": writer.loaded_state_records,
             "orders": len(writer.orders),
             "rss_before": before,
             "rss_after_start": after,
@@ -67,13 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("bootstrap")
     parser.add_argument("topic")
+    parser.add_argument("--state-topic", help="the writer's changelog (snapshots)")
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - the API runs on uvloop where it exists
-        result = asyncio.run(measure(args.bootstrap, args.topic))
+        result = asyncio.run(measure(args.bootstrap, args.topic, args.state_topic))
     else:
-        result = uvloop.run(measure(args.bootstrap, args.topic))
+        result = uvloop.run(measure(args.bootstrap, args.topic, args.state_topic))
     print(json.dumps(result), flush=True)
 
 

@@ -30,7 +30,7 @@ from service.infra.database import connector, create_engine, migrate, with_passw
 from service.infra.embedded import ensure_port_free
 from service.infra.identity import JwksFile, JwksSource, JwksUrl, KeyCache, TokenVerifier
 from service.infra.runtime import tune_gc
-from service.infra.topic import READ, TopicFacts, check_topic
+from service.infra.topic import READ, TopicFacts, check_topic, state_topic_for
 from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
@@ -264,6 +264,7 @@ def writer_config(settings: Settings) -> WriterConfig:
         max_batch=settings.group_commit_max_events,
         idempotency_ttl=timedelta(seconds=settings.idempotency_ttl_s),
         max_queue_delay=settings.max_queue_delay_ms / 1000,
+        state_topic=state_topic_for(settings.topic),
     )
 
 

@@ -9,7 +9,7 @@ import logging
 import random
 import struct
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -171,8 +171,10 @@ async def read_to_end(
     partitions: Sequence[int],
     *,
     batch_records: int = 10000,
+    starts: Mapping[int, int] | None = None,
 ) -> AsyncIterator[list[ConsumerRecord[bytes, bytes]]]:
-    """Yield batches of committed records from offset 0 up to each partition's last stable offset.
+    """Yield batches of committed records from offset 0 (or ``starts[partition]``) up to each
+    partition's last stable offset.
 
     The end is taken once, at the start: what is committed later is not read.
     """
@@ -184,11 +186,15 @@ async def read_to_end(
             return
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
+        for tp in assigned:
+            if starts and starts.get(tp.partition):
+                consumer.seek(tp, starts[tp.partition])
         # With read_committed, the end offsets are the last stable offsets.
         ends: dict[TopicPartition, int] = await consumer.end_offsets(assigned)
-        remaining = {tp for tp in assigned if ends[tp] > 0}
+        first = {tp: (starts or {}).get(tp.partition, 0) for tp in assigned}
+        remaining = {tp for tp in assigned if ends[tp] > first[tp]}
         for tp in assigned:
-            if ends[tp] == 0:
+            if tp not in remaining:
                 consumer.pause(tp)
         while remaining:
             fetched = await consumer.getmany(timeout_ms=500, max_records=batch_records)

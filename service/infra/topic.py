@@ -455,6 +455,51 @@ async def create_topic(
         await admin.close()
 
 
+def state_topic_for(topic: str) -> str:
+    """The name of the writer's changelog of ``topic`` (``service.write.snapshots``)."""
+    return f"{topic}.writer-state"
+
+
+async def create_state_topic(
+    kafka: KafkaTarget, topic: str, *, partitions: int, replication_factor: int | None = None
+) -> bool:
+    """Create the writer's changelog ``topic``: compacted (the latest state of each order is
+    all it needs), with the events topic's ``partitions``; True if it was created, False if it
+    existed already with that many partitions (else ``EnvironmentProblem``)."""
+    admin = admin_client(kafka)
+    await admin.start()
+    try:
+        description = await describe_topic(admin, topic)
+        created = False
+        if description is None:
+            brokers = len((await admin.describe_cluster())["brokers"])
+            replicas = replication_factor or min(DURABLE_BROKERS, brokers)
+            config = {
+                "cleanup.policy": "compact",
+                "min.insync.replicas": str(min_in_sync_for(replicas)),
+                "unclean.leader.election.enable": "false",
+            }
+            response = await admin.create_topics(
+                [NewTopic(topic, partitions, replicas, topic_configs=config)]
+            )
+            error = response.to_object()["topic_errors"][0]
+            if error["error_code"] not in (_NONE, _TOPIC_ALREADY_EXISTS):
+                raise EnvironmentProblem(
+                    f"could not create topic {topic}: {error['error_message'] or 'Kafka error'} "
+                    f"({error['error_code']})"
+                )
+            created = error["error_code"] == _NONE
+            description = await _wait_for_partitions(admin, topic)
+        if len(description.partitions) != partitions:
+            raise EnvironmentProblem(
+                f"{topic} has {len(description.partitions)} partitions, not {partitions} as the "
+                "events topic: delete it and run `orders topic create` again"
+            )
+        return created
+    finally:
+        await admin.close()
+
+
 async def _wait_for_partitions(admin: AIOKafkaAdminClient, topic: str) -> TopicDescription:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

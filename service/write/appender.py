@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -36,8 +36,12 @@ from service.infra import tracing
 from service.infra.eventlog import committed_reader, partition_for
 from service.infra.kafka_clients import client_options
 from service.kernel import envelope
-from service.write import fencing, records
+from service.write import fencing, records, snapshots
 from service.write.contract import WriterConfig
+
+# Given each command's (partition, offset) and each partition's last offset: the changelog
+# records that go into the same transaction.
+StateOf = Callable[[list[tuple[int, int]], dict[int, int]], list[snapshots.StateRecord]]
 
 
 class Appender:
@@ -51,6 +55,8 @@ class Appender:
         self._retiring: set[asyncio.Task[None]] = set()
         # The producer id and epoch this writer last held: reopening resumes from them.
         self._held: fencing.ProducerIdentity | None = None
+        # The writer's changelog (``service.write.snapshots``), once the writer found it.
+        self.state_topic: str | None = None
 
     async def open(self, *, resume: bool = False) -> None:
         """Start a transactional producer, which fences every earlier one with our id.
@@ -134,9 +140,14 @@ class Appender:
         commands: Sequence[Sequence[envelope.Envelope]],
         partition_count: int,
         traces: Sequence[SpanContext | None] = (),
+        state: StateOf | None = None,
     ) -> list[tuple[int, int]]:
         """Append the commands' events in one transaction; per command, the partition and
         offset of its last event. Returns once read_committed readers can see them.
+
+        ``state``: given each command's position and each partition's last offset, the
+        changelog records the same transaction writes to ``state_topic`` once the events are
+        delivered and before it commits: they commit, or abort, together.
 
         ``traces``: per command, the span it was sent from when it is traced
         (``CommandRequest.trace``). Each traced command gets a producer span, a child of that
@@ -158,8 +169,12 @@ class Appender:
             # transaction can only be aborted, so a batch that fails here is certainly not in
             # the log.
             delivered = await asyncio.gather(*sends)
-            await producer.commit_transaction()
             base_offsets = [metadata.offset for metadata in delivered]
+            if state is not None and self.state_topic is not None:
+                await self._send_state(
+                    producer, state(packed.positions(base_offsets), packed.ends(base_offsets))
+                )
+            await producer.commit_transaction()
             await self._until_visible(stable_offsets, packed.ends(base_offsets))
         except BaseException as error:
             tracing.end_all(list(spans.values()), error)
@@ -169,6 +184,32 @@ class Appender:
             span.set_attribute(tracing.MESSAGING_OFFSET, positions[number][1])
             span.end()
         return positions
+
+    async def write_state(self, records: Sequence[snapshots.StateRecord]) -> None:
+        """Write changelog records alone, in one transaction."""
+        producer = self.producer
+        if producer is None:
+            raise KafkaError("no producer")
+        async with asyncio.timeout(self.config.commit_timeout):
+            await producer.begin_transaction()
+            try:
+                await self._send_state(producer, records)
+                await producer.commit_transaction()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.abort_transaction()
+                raise
+
+    async def _send_state(
+        self, producer: AIOKafkaProducer, records: Sequence[snapshots.StateRecord]
+    ) -> None:
+        topic = self.state_topic
+        assert topic is not None
+        sends = [
+            await producer.send(topic, value, key=key, partition=partition)
+            for partition, key, value in records
+        ]
+        await asyncio.gather(*sends)
 
     def _producer_spans(
         self,

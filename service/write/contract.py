@@ -32,6 +32,10 @@ class WriterConfig:
     # The longest a command waits in the queue for its batch to begin (seconds): one that would
     # wait longer is refused at once, one that did is refused then (WriterOverloaded).
     max_queue_delay: float = 0.3
+    # The writer's changelog (``service.write.snapshots``): its state per partition, so that a
+    # start reads the live orders and the log's tail, not the whole history. None, or a topic
+    # that does not exist: the whole log is read at every start.
+    state_topic: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiokafka import TopicPartition
@@ -26,6 +26,7 @@ from service.infra.eventlog import TopicRepartitioned, committed_reader, partiti
 from service.kernel import envelope
 from service.kernel.errors import EnvironmentProblem
 from service.write.contract import WriterConfig
+from service.write.snapshots import PartitionState
 from service.write.staging import Committed
 
 _log = logging.getLogger(__name__)
@@ -59,6 +60,11 @@ class Loaded:
     state: Committed
     events: int
     seconds: float
+    # With a changelog: how many of its records were read, and what it must be told before the
+    # writer decides anything (``catch_up``), per partition: the orders the log's tail changed
+    # (None: every order, the partition had no position) and the position after the tail.
+    state_records: int = 0
+    catch_up: dict[int, tuple[set[str] | None, int]] = field(default_factory=dict)
 
 
 async def check_no_open_transaction(
@@ -107,33 +113,83 @@ async def open_transactions(
         await asyncio.sleep(0.2)  # pacing between checks while markers are written
 
 
-async def read_state(config: WriterConfig, partition_count: int, now: datetime) -> Loaded:
+async def read_state(
+    config: WriterConfig, partition_count: int, now: datetime, *, state_topic: str | None = None
+) -> Loaded:
     """Fold every event of the topic's partitions into order states and receipts; receipts
     that expired before ``now`` (the wall-clock time of the reading) are not kept.
+
+    With ``state_topic`` (the writer's changelog, ``service.write.snapshots``): each partition's
+    state is read from it, and only the events after its position are folded on top; a
+    partition with no position yet is read whole from the log, as without a changelog.
 
     Raises ``TopicRepartitioned`` when orders no longer sit where their key goes."""
     started = time.monotonic()
     state = Committed(idempotency_ttl=config.idempotency_ttl)
+    starts: dict[int, int] = {}
+    state_records = 0
+    if state_topic is not None:
+        stored = await _read_changelog(config, state_topic, partition_count)
+        receipts = []
+        for partition, kept in stored.items():
+            state_records += kept.records
+            if kept.position is None:
+                continue  # its records are not known to be complete: the log is read whole
+            starts[partition] = kept.position
+            state.orders.update(kept.orders)
+            receipts += [(receipt, key) for key, receipt in kept.receipts.items()]
+        # Oldest first, as the writer keeps them (it prunes from the front).
+        for receipt, key in sorted(receipts, key=lambda pair: pair[0].occurred_at):
+            if receipt.expired(now, config.idempotency_ttl):
+                state.forgotten.append((receipt.partition, key))
+            else:
+                state.keep(key, receipt)
     count = 0
+    touched: dict[int, set[str]] = {}
+    read_up_to: dict[int, int] = {}
     # The first orders created in each partition, placed as the key would be now.
     unchecked = [_PLACEMENT_CHECKS] * partition_count
-    async for batch in read_to_end(config.kafka, config.topic, range(partition_count)):
+    async for batch in read_to_end(
+        config.kafka, config.topic, range(partition_count), starts=starts
+    ):
         for record in batch:
             sealed, event = envelope.decode(record.value)
             if sealed.version == 1 and unchecked[record.partition]:
                 unchecked[record.partition] -= 1
                 _check_placement(config.topic, sealed.order_id, record.partition, partition_count)
             state.fold(sealed, event, record.partition, record.offset, now=now)
+            touched.setdefault(record.partition, set()).add(sealed.order_id)
+            read_up_to[record.partition] = record.offset + 1
             count += 1
-    loaded = Loaded(state, count, time.monotonic() - started)
+    catch_up: dict[int, tuple[set[str] | None, int]] = {}
+    if state_topic is not None:
+        for partition in range(partition_count):
+            if partition not in starts:
+                catch_up[partition] = (None, read_up_to.get(partition, 0))
+            elif partition in touched:
+                catch_up[partition] = (touched[partition], read_up_to[partition])
+    loaded = Loaded(state, count, time.monotonic() - started, state_records, catch_up)
     _log.info(
-        "writer state rebuilt from %d events (%d orders, %d idempotency receipts) in %.2fs",
+        "writer state rebuilt from %d events and %d changelog records (%d orders, %d "
+        "idempotency receipts) in %.2fs",
         count,
+        state_records,
         len(state.orders),
         len(state.receipts),
         loaded.seconds,
     )
     return loaded
+
+
+async def _read_changelog(
+    config: WriterConfig, state_topic: str, partition_count: int
+) -> dict[int, PartitionState]:
+    """Each partition of the changelog read to its last stable offset."""
+    stored = {partition: PartitionState() for partition in range(partition_count)}
+    async for batch in read_to_end(config.kafka, state_topic, range(partition_count)):
+        for record in batch:
+            stored[record.partition].take(record.key or b"", record.value)
+    return stored
 
 
 def _check_placement(topic: str, order_id: str, partition: int, partition_count: int) -> None:

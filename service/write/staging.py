@@ -161,6 +161,8 @@ class Committed:
     orders: dict[str, Order] = field(default_factory=dict)
     receipts: OrderedDict[ReceiptKey, Receipt] = field(default_factory=OrderedDict)
     idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL
+    # Receipts pruned since the writer's changelog last heard of it: (partition, key).
+    forgotten: list[tuple[int, ReceiptKey]] = field(default_factory=list)
 
     def fold(
         self,
@@ -183,7 +185,7 @@ class Committed:
         if now is not None and receipt.expired(now, self.idempotency_ttl):
             self.receipts.pop(key, None)  # an older receipt of the same key is older still
         else:
-            self._keep(key, receipt)
+            self.keep(key, receipt)
 
     def stage(self, requests: Iterable[CommandRequest]) -> StagedBatch:
         """Decide each command on the state the ones before it left; change nothing here."""
@@ -227,7 +229,7 @@ class Committed:
         for decided, (partition, offset) in zip(batch.appends, positions, strict=True):
             request = decided.request
             if (key := receipt_key(request.actor, request.idempotency_key)) is not None:
-                self._keep(key, Receipt.of(decided.events[-1], partition, offset))
+                self.keep(key, Receipt.of(decided.events[-1], partition, offset))
         if batch.appends:
             self.prune_receipts(min(decided.request.command.at for decided in batch.appends))
         return answers
@@ -239,9 +241,10 @@ class Committed:
             oldest = next(iter(self.receipts.values()))
             if not oldest.expired(now, self.idempotency_ttl):
                 return
-            self.receipts.popitem(last=False)
+            key, _ = self.receipts.popitem(last=False)
+            self.forgotten.append((oldest.partition, key))
 
-    def _keep(self, key: ReceiptKey, receipt: Receipt) -> None:
+    def keep(self, key: ReceiptKey, receipt: Receipt) -> None:
         self.receipts[key] = receipt
         self.receipts.move_to_end(key)  # a key used again is as new as its new receipt
 

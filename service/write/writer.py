@@ -43,10 +43,12 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
-from service.infra.topic import READ, WRITE, check_topic
+from service.infra.eventlog import partition_for
+from service.infra.topic import READ, WRITE, check_topic, look_up_topic
 from service.kernel.domain import Order
-from service.write import metrics, recovery
-from service.write.appender import Appender
+from service.kernel.errors import EnvironmentProblem
+from service.write import metrics, recovery, snapshots
+from service.write.appender import Appender, StateOf
 from service.write.contract import (
     Accepted,
     CommandRequest,
@@ -56,7 +58,8 @@ from service.write.contract import (
 )
 from service.write.pacing import Pace
 from service.write.recovery import OpenTransactionInLog
-from service.write.staging import Answer, Committed, StagedBatch
+from service.write.snapshots import StateRecord
+from service.write.staging import Answer, Committed, Receipt, StagedBatch, receipt_key
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +87,10 @@ class _Pending:
     queued_at: float  # loop time
     taken: bool = False
 
+
+# A partition the changelog has no position for is written to it in transactions of this many
+# records (its position last).
+_CATCH_UP_RECORDS = 5000
 
 # A failed batch's log line names this many of its commands' correlation ids.
 _LOGGED_CORRELATION_IDS = 20
@@ -117,6 +124,7 @@ class Writer:
         self.partition_count = 0
         self.loaded_events = 0
         self.load_seconds = 0.0
+        self.loaded_state_records = 0
 
     @property
     def orders(self) -> dict[str, Order]:
@@ -135,6 +143,7 @@ class Writer:
             allow_undurable=self.config.allow_undurable_topic,
         )
         self.partition_count = topic.partitions
+        self._appender.state_topic = await self._find_state_topic()
         await self._appender.open()
         try:
             await self._load()
@@ -250,14 +259,103 @@ class Writer:
             return WriterUnavailable("the service is shutting down")
         return WriterUnavailable(f"the writer is {self.state.value}: try again shortly")
 
+    async def _find_state_topic(self) -> str | None:
+        """The writer's changelog (``service.write.snapshots``) if it exists; without it the
+        writer reads the whole log at every start, and says so."""
+        name = self.config.state_topic
+        if name is None:
+            return None
+        found = await look_up_topic(self.config.kafka, name)
+        if found is None:
+            _log.warning(
+                "no topic %s: the writer keeps no snapshots and reads the whole log at every "
+                "start; create it with `orders topic create`",
+                name,
+            )
+            return None
+        if len(found.partitions) != self.partition_count:
+            raise EnvironmentProblem(
+                f"{name} has {len(found.partitions)} partitions and {self.config.topic} "
+                f"{self.partition_count}: the writer's changelog must have as many as the "
+                f"events topic; delete it and run `orders topic create`"
+            )
+        return name
+
     async def _load(self) -> None:
         """Rebuild the state from the log, once no transaction holds it back."""
         await recovery.check_no_open_transaction(
             self.config, self.partition_count, self._appender.abort_left_open
         )
-        loaded = await recovery.read_state(self.config, self.partition_count, now=datetime.now(UTC))
+        loaded = await recovery.read_state(
+            self.config,
+            self.partition_count,
+            now=datetime.now(UTC),
+            state_topic=self._appender.state_topic,
+        )
+        await self._catch_up(loaded)
         self._committed = loaded.state
         self.loaded_events, self.load_seconds = loaded.events, loaded.seconds
+        self.loaded_state_records = loaded.state_records
+
+    async def _catch_up(self, loaded: recovery.Loaded) -> None:
+        """Tell the changelog what it missed before deciding anything: the orders the log's
+        tail changed (written without a changelog), or, for a partition it has no position for,
+        every order of it. A partition with a position is caught up in ONE transaction (its
+        records and its new position together); one without is written in chunks, its
+        position last, since until then its records count for nothing."""
+        state = loaded.state
+        whole = {p for p, (orders, _) in loaded.catch_up.items() if orders is None}
+        by_partition: dict[int, list[str]] = {p: [] for p in whole}
+        if whole:
+            for order_id in state.orders:
+                partition = partition_for(order_id.encode(), self.partition_count)
+                if partition in whole:
+                    by_partition[partition].append(order_id)
+        for partition, (orders, position) in sorted(loaded.catch_up.items()):
+            ids = by_partition[partition] if orders is None else sorted(orders)
+            records = [snapshots.order_record(partition, state.orders[i]) for i in ids]
+            records += [
+                snapshots.receipt_record(key, receipt)
+                for key, receipt in state.receipts.items()
+                if receipt.partition == partition and (orders is None or receipt.order_id in orders)
+            ]
+            mark = snapshots.position_record(partition, position)
+            if orders is not None:
+                await self._appender.write_state([*records, mark])
+                continue
+            for start in range(0, len(records), _CATCH_UP_RECORDS):
+                await self._appender.write_state(records[start : start + _CATCH_UP_RECORDS])
+            await self._appender.write_state([mark])
+        if loaded.catch_up:
+            _log.info(
+                "writer changelog caught up: %d partition(s), %d in full",
+                len(loaded.catch_up),
+                len(whole),
+            )
+
+    def _state_of(self, staged: StagedBatch) -> tuple[StateOf, int]:
+        """What the batch's transaction writes to the changelog, and how many of the receipts
+        forgotten so far it tombstones."""
+        forgotten = list(self._committed.forgotten)
+
+        def state(positions: list[tuple[int, int]], ends: dict[int, int]) -> list[StateRecord]:
+            records = [
+                snapshots.order_record(
+                    partition_for(order_id.encode(), self.partition_count), order
+                )
+                for order_id, order in staged.orders.items()
+            ]
+            for decided, (partition, offset) in zip(staged.appends, positions, strict=True):
+                request = decided.request
+                key = receipt_key(request.actor, request.idempotency_key)
+                if key is not None:
+                    receipt = Receipt.of(decided.events[-1], partition, offset)
+                    records.append(snapshots.receipt_record(key, receipt))
+            records += [snapshots.forgotten_record(p, key) for p, key in forgotten]
+            records += [snapshots.position_record(p, last + 1) for p, last in ends.items()]
+            return records
+
+        return state, len(forgotten)
 
     # -- the decision loop --------------------------------------------------------------------
 
@@ -326,6 +424,7 @@ class Writer:
         """Append the staged batch in one transaction and answer its commands; the staged state
         is committed only if the transaction commits (True). After a failure, also fail the
         queued commands and (unless fenced) rebuild the state from the log."""
+        state, tombstoned = self._state_of(staged)
         try:
             with metrics.TRANSACTION_SECONDS.time():
                 positions = await asyncio.wait_for(
@@ -333,6 +432,7 @@ class Writer:
                         [decided.events for decided in staged.appends],
                         self.partition_count,
                         [decided.request.trace for decided in staged.appends],
+                        state,
                     ),
                     self.config.commit_timeout,
                 )
@@ -367,6 +467,8 @@ class Writer:
             else:
                 self._appender.discard()
             return False
+        # The changelog has these tombstones now (without a changelog, nobody needs them).
+        del self._committed.forgotten[: tombstoned if self._appender.state_topic else None]
         self._answer_all(batch, self._committed.commit(staged, positions))
         return True
 

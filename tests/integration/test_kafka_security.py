@@ -53,6 +53,8 @@ ACLS = [
     Acl(WRITER, Operation.READ, Resource.TOPIC, TOPIC),
     Acl(WRITER, Operation.WRITE, Resource.TOPIC, TOPIC),
     Acl(WRITER, Operation.DESCRIBE_CONFIGS, Resource.TOPIC, TOPIC),
+    Acl(WRITER, Operation.READ, Resource.TOPIC, f"{TOPIC}.writer-state"),
+    Acl(WRITER, Operation.WRITE, Resource.TOPIC, f"{TOPIC}.writer-state"),
     Acl(WRITER, Operation.WRITE, Resource.TRANSACTIONAL_ID, TRANSACTIONAL_ID),
     Acl(PROJECTOR, Operation.READ, Resource.TOPIC, TOPIC),
     Acl(PROJECTOR, Operation.DESCRIBE_CONFIGS, Resource.TOPIC, TOPIC),

@@ -143,11 +143,15 @@ async def test_topic_create_makes_a_topic_that_keeps_history_and_checks_it_the_n
     assert (config["retention.ms"], config["retention.bytes"]) == ("-1", "-1")
     assert config["cleanup.policy"] == "delete"
     assert config["min.insync.replicas"] == "1"  # one broker: one copy is all there is
+    assert f"created topic {topic}.writer-state: the writer's snapshots (compacted)" in out
+    state = await _topic_config(stock.bootstrap_servers, f"{topic}.writer-state")
+    assert state["cleanup.policy"] == "compact"
 
     code, out, err = await cli.run("topic", "create", "--partitions", "5")
     assert code == 0, err
     assert f"checked topic {topic}: 3 partitions" in out
     assert "existed already with 3 partitions, not 5" in out
+    assert f"checked topic {topic}.writer-state" in out
 
 
 async def test_a_topic_the_broker_created_by_itself_is_refused_not_taken_for_ours(

@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from service.infra.topic import state_topic_for
 from service.write.contract import WriterConfig
 from service.write.writer import Writer
 
 
 def writer_config_for(kafka: str, topic: str, **overrides: Any) -> WriterConfig:
+    """A writer's configuration, with its changelog (snapshots) unless ``state_topic=None``."""
     settings: dict[str, Any] = {
+        "state_topic": state_topic_for(topic),
         "transactional_id": f"writer-{uuid.uuid4().hex[:8]}",
         "commit_timeout": 10,
         "max_queue_delay": 30,  # a slow batch on a busy machine must not refuse commands

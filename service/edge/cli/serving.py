@@ -21,7 +21,13 @@ from service.infra.embedded import cache_dir, ensure_port_free
 from service.infra.embedded.stack import infrastructure
 from service.infra.identity import DEVELOPMENT_AUDIENCE, DEVELOPMENT_ISSUER, DevelopmentIssuer
 from service.infra.runtime import BATCH_YOUNG_GENERATION_THRESHOLD, shutdown_on_signals
-from service.infra.topic import TopicCreation, create_topic, describe_facts
+from service.infra.topic import (
+    TopicCreation,
+    create_state_topic,
+    create_topic,
+    describe_facts,
+    state_topic_for,
+)
 from service.kernel.settings import Settings, parse_duration
 
 _log = logging.getLogger("orders")
@@ -85,6 +91,17 @@ async def create_events_topic(
     print(
         f"{'created' if creation.created else 'checked'} topic {facts.name}: "
         + describe_facts(facts)
+    )
+    state_topic = state_topic_for(settings.topic)
+    state_created = await create_state_topic(
+        settings.require_kafka(),
+        state_topic,
+        partitions=facts.partitions,
+        replication_factor=replication_factor,
+    )
+    print(
+        f"{'created' if state_created else 'checked'} topic {state_topic}: the writer's "
+        "snapshots (compacted)"
     )
     return creation
 
