@@ -426,27 +426,9 @@ async def create_topic(
     admin = admin_client(kafka)
     await admin.start()
     try:
-        description = await describe_topic(admin, topic)
-        created = False
-        if description is None:
-            brokers = len((await admin.describe_cluster())["brokers"])
-            replicas = replication_factor or min(DURABLE_BROKERS, brokers)
-            config = {
-                **HISTORY_CONFIG,
-                "min.insync.replicas": str(min_in_sync_for(replicas)),
-                "unclean.leader.election.enable": "false",
-            }
-            response = await admin.create_topics(
-                [NewTopic(topic, partitions, replicas, topic_configs=config)]
-            )
-            error = response.to_object()["topic_errors"][0]
-            if error["error_code"] not in (_NONE, _TOPIC_ALREADY_EXISTS):
-                raise EnvironmentProblem(
-                    f"could not create topic {topic}: {error['error_message'] or 'Kafka error'} "
-                    f"({error['error_code']})"
-                )
-            created = error["error_code"] == _NONE
-            description = await _wait_for_partitions(admin, topic)
+        description, created = await _created(
+            admin, topic, partitions, replication_factor, HISTORY_CONFIG
+        )
         facts = await _verified(
             admin, description, allow_deleting=allow_deleting, allow_undurable=allow_undurable
         )
@@ -469,27 +451,9 @@ async def create_state_topic(
     admin = admin_client(kafka)
     await admin.start()
     try:
-        description = await describe_topic(admin, topic)
-        created = False
-        if description is None:
-            brokers = len((await admin.describe_cluster())["brokers"])
-            replicas = replication_factor or min(DURABLE_BROKERS, brokers)
-            config = {
-                "cleanup.policy": "compact",
-                "min.insync.replicas": str(min_in_sync_for(replicas)),
-                "unclean.leader.election.enable": "false",
-            }
-            response = await admin.create_topics(
-                [NewTopic(topic, partitions, replicas, topic_configs=config)]
-            )
-            error = response.to_object()["topic_errors"][0]
-            if error["error_code"] not in (_NONE, _TOPIC_ALREADY_EXISTS):
-                raise EnvironmentProblem(
-                    f"could not create topic {topic}: {error['error_message'] or 'Kafka error'} "
-                    f"({error['error_code']})"
-                )
-            created = error["error_code"] == _NONE
-            description = await _wait_for_partitions(admin, topic)
+        description, created = await _created(
+            admin, topic, partitions, replication_factor, {"cleanup.policy": "compact"}
+        )
         if len(description.partitions) != partitions:
             raise EnvironmentProblem(
                 f"{topic} has {len(description.partitions)} partitions, not {partitions} as the "
@@ -498,6 +462,39 @@ async def create_state_topic(
         return created
     finally:
         await admin.close()
+
+
+async def _created(
+    admin: AIOKafkaAdminClient,
+    topic: str,
+    partitions: int,
+    replication_factor: int | None,
+    config: Mapping[str, str],
+) -> tuple[TopicDescription, bool]:
+    """``topic`` as it is, or created with ``config``, ``replication_factor`` copies (by default
+    as many as the cluster has, up to three) and ``min_in_sync_for`` that; and whether this
+    created it. One that appeared meanwhile (``TOPIC_ALREADY_EXISTS``: another creator, or a
+    broker that auto-created it) is returned as it is, never reported as created."""
+    description = await describe_topic(admin, topic)
+    if description is not None:
+        return description, False
+    brokers = len((await admin.describe_cluster())["brokers"])
+    replicas = replication_factor or min(DURABLE_BROKERS, brokers)
+    settings = {
+        **config,
+        "min.insync.replicas": str(min_in_sync_for(replicas)),
+        "unclean.leader.election.enable": "false",
+    }
+    response = await admin.create_topics(
+        [NewTopic(topic, partitions, replicas, topic_configs=settings)]
+    )
+    error = response.to_object()["topic_errors"][0]
+    if error["error_code"] not in (_NONE, _TOPIC_ALREADY_EXISTS):
+        raise EnvironmentProblem(
+            f"could not create topic {topic}: {error['error_message'] or 'Kafka error'} "
+            f"({error['error_code']})"
+        )
+    return await _wait_for_partitions(admin, topic), error["error_code"] == _NONE
 
 
 async def _wait_for_partitions(admin: AIOKafkaAdminClient, topic: str) -> TopicDescription:
