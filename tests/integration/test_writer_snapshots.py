@@ -10,9 +10,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from msgspec.structs import replace
 
+from service.infra.eventlog import partition_for
 from service.infra.topic import state_topic_for
 from service.kernel.access import Actor
+from service.write import snapshots
 from service.write.contract import CommandRequest
 from service.write.writer import Writer
 from tests.support.lifecycles import lifecycle
@@ -126,4 +130,34 @@ async def test_without_its_changelog_topic_the_writer_reads_the_whole_log(
     assert f"no topic {state_topic_for(topic)}" in caplog.text
     async with writer_on(snapshots=True) as second:
         assert second.loaded_events == len(await read_topic(bootstrap, topic, PARTITIONS))
+        assert second.orders == await _folded(bootstrap, topic)
+
+
+async def test_records_a_killed_catch_up_left_without_a_position_count_for_nothing(
+    writer_on: Started, bootstrap: str, topic: str
+) -> None:
+    await new_topic(bootstrap, topic, PARTITIONS)
+    async with writer_on(snapshots=False) as before:
+        await _write(before, 10, prefix=uuid.uuid4().hex[:6])
+        orders = dict(before.orders)
+    events = len(await read_topic(bootstrap, topic, PARTITIONS))
+    # What a catch-up killed before it wrote a partition's position leaves in the changelog:
+    # order states with no position (here, states no fold of the log would give).
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for order_id, order in orders.items():
+            partition = partition_for(order_id.encode(), PARTITIONS)
+            _, key, value = snapshots.order_record(partition, replace(order, version=999))
+            await producer.send_and_wait(
+                state_topic_for(topic), value, key=key, partition=partition
+            )
+    finally:
+        await producer.stop()
+
+    async with writer_on(snapshots=True) as first:
+        assert first.loaded_events == events  # the log, read whole: those records prove nothing
+        assert first.orders == await _folded(bootstrap, topic)
+    async with writer_on(snapshots=True) as second:
+        assert second.loaded_events == 0
         assert second.orders == await _folded(bootstrap, topic)
