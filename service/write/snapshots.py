@@ -2,7 +2,10 @@
 
 Partition p of the changelog holds the state of the orders of partition p of the events topic:
 
-* ``o`` + order id -> the order's state after its last event (settled once it is closed);
+* ``o`` + order id -> an open order's state after its last event;
+* ``c`` + order id -> a closed (delivered or cancelled) order's version, status, customer and
+  currency: all it keeps (``settled``), in a few bytes, since closed orders pile up and each
+  start reads them all (its ``o`` record is removed in the same transaction);
 * ``r`` + caller and key -> an idempotency receipt of a command whose order is in p (a
   tombstone once it has expired);
 * ``p`` -> the position: the offset of the events topic's partition p up to which (exclusive)
@@ -25,10 +28,11 @@ from datetime import datetime
 import msgspec
 from msgspec.structs import replace
 
-from service.kernel.domain import Order, settled
+from service.kernel.domain import FINAL_STATUSES, Order, OrderStatus
 from service.write.staging import Receipt, ReceiptKey
 
 ORDER = b"o"
+CLOSED = b"c"
 RECEIPT = b"r"
 POSITION = b"p"
 
@@ -51,8 +55,26 @@ class _StoredReceipt(msgspec.Struct, array_like=True, frozen=True):
 _receipt_decoder = msgspec.json.Decoder(_StoredReceipt)
 
 
-def order_record(partition: int, order: Order) -> StateRecord:
-    return partition, ORDER + order.order_id.encode(), _order_encoder.encode(settled(order))
+class _ClosedOrder(msgspec.Struct, array_like=True, frozen=True):
+    version: int
+    status: OrderStatus
+    customer_id: str
+    currency: str
+
+
+_closed_decoder = msgspec.json.Decoder(_ClosedOrder)
+
+
+def order_records(partition: int, order: Order, *, first: bool = False) -> list[StateRecord]:
+    """The records of an order's state: an open one's whole, a closed one's few fields and,
+    first (a later record of an order wins), the tombstone of its open record, unless this is
+    the ``first`` record of the order in a partition's changelog (written with no position)."""
+    key = order.order_id.encode()
+    if order.status not in FINAL_STATUSES:
+        return [(partition, ORDER + key, _order_encoder.encode(order))]
+    closed = _ClosedOrder(order.version, order.status, order.customer_id, order.currency)
+    record = (partition, CLOSED + key, _order_encoder.encode(closed))
+    return [record] if first else [(partition, ORDER + key, None), record]
 
 
 def receipt_record(key: ReceiptKey, receipt: Receipt) -> StateRecord:
@@ -95,6 +117,19 @@ class PartitionState:
         kind, rest = key[:1], key[1:]
         if kind == POSITION:
             self.position = None if value is None else int(value)
+        elif kind == CLOSED and value is not None:
+            order_id = rest.decode()
+            closed = _closed_decoder.decode(value)
+            self.orders[order_id] = Order(
+                order_id=order_id,
+                version=closed.version,
+                status=closed.status,
+                customer_id=sys.intern(closed.customer_id),
+                currency=sys.intern(closed.currency),
+                items=(),
+                total=0,
+                paid_amount=0,
+            )
         elif kind == ORDER:
             if value is None:
                 self.orders.pop(rest.decode(), None)

@@ -313,7 +313,12 @@ class Writer:
                     by_partition[partition].append(order_id)
         for partition, (orders, position) in sorted(loaded.catch_up.items()):
             ids = by_partition[partition] if orders is None else sorted(orders)
-            records = [snapshots.order_record(partition, state.orders[i]) for i in ids]
+            first = orders is None  # nothing of this partition counts in the changelog yet
+            records = [
+                record
+                for i in ids
+                for record in snapshots.order_records(partition, state.orders[i], first=first)
+            ]
             records += [
                 snapshots.receipt_record(key, receipt)
                 for key, receipt in state.receipts.items()
@@ -340,10 +345,11 @@ class Writer:
 
         def state(positions: list[tuple[int, int]], ends: dict[int, int]) -> list[StateRecord]:
             records = [
-                snapshots.order_record(
+                record
+                for order_id, order in staged.orders.items()
+                for record in snapshots.order_records(
                     partition_for(order_id.encode(), self.partition_count), order
                 )
-                for order_id, order in staged.orders.items()
             ]
             for decided, (partition, offset) in zip(staged.appends, positions, strict=True):
                 request = decided.request

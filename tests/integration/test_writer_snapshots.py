@@ -148,10 +148,10 @@ async def test_records_a_killed_catch_up_left_without_a_position_count_for_nothi
     try:
         for order_id, order in orders.items():
             partition = partition_for(order_id.encode(), PARTITIONS)
-            _, key, value = snapshots.order_record(partition, replace(order, version=999))
-            await producer.send_and_wait(
-                state_topic_for(topic), value, key=key, partition=partition
-            )
+            for _, key, value in snapshots.order_records(partition, replace(order, version=999)):
+                await producer.send_and_wait(
+                    state_topic_for(topic), value, key=key, partition=partition
+                )
     finally:
         await producer.stop()
 

@@ -29,16 +29,19 @@ ORDER = Order(
 RECEIPT = Receipt("hash", "o-1", 4, 2, 17, AT)
 
 
-def _read(*records: snapshots.StateRecord) -> snapshots.PartitionState:
+def _read(
+    *records: snapshots.StateRecord | list[snapshots.StateRecord],
+) -> snapshots.PartitionState:
     state = snapshots.PartitionState()
-    for _partition, key, value in records:
-        state.take(key, value)
+    for record in records:
+        for _partition, key, value in record if isinstance(record, list) else [record]:
+            state.take(key, value)
     return state
 
 
 def test_an_order_a_receipt_and_the_position_come_back_as_they_went_in() -> None:
     state = _read(
-        snapshots.order_record(2, ORDER),
+        snapshots.order_records(2, ORDER),
         snapshots.receipt_record(("c-1", "key-1"), RECEIPT),
         snapshots.position_record(2, 18),
     )
@@ -48,12 +51,21 @@ def test_an_order_a_receipt_and_the_position_come_back_as_they_went_in() -> None
     assert state.records == 3
 
 
+def test_a_closed_order_takes_a_few_bytes_and_replaces_its_open_record() -> None:
+    delivered = replace(ORDER, version=7, status=OrderStatus.DELIVERED, paid_amount=1000)
+    records = snapshots.order_records(2, delivered)
+    assert [(key[:1], value is None) for _, key, value in records] == [(b"o", True), (b"c", False)]
+    assert len(records[1][2] or b"") < 40
+    state = _read(snapshots.order_records(2, ORDER), records)
+    assert state.orders == {"o-1": settled(delivered)}
+
+
 def test_a_later_record_of_a_key_wins_and_a_tombstone_removes_the_receipt() -> None:
     later = settled(replace(ORDER, version=7, status=OrderStatus.DELIVERED, paid_amount=1000))
     state = _read(
-        snapshots.order_record(2, ORDER),
+        snapshots.order_records(2, ORDER),
         snapshots.receipt_record((None, "key-2"), RECEIPT),
-        snapshots.order_record(2, later),
+        snapshots.order_records(2, later),
         snapshots.forgotten_record(2, (None, "key-2")),
     )
     assert state.orders == {"o-1": later}
@@ -63,7 +75,7 @@ def test_a_later_record_of_a_key_wins_and_a_tombstone_removes_the_receipt() -> N
 
 def test_a_closed_order_is_stored_settled() -> None:
     closed = replace(ORDER, version=5, status=OrderStatus.CANCELLED)
-    [_, _, value] = snapshots.order_record(0, closed)
+    [_tombstone, (_, _, value)] = snapshots.order_records(0, closed)
     assert value is not None
     assert b'"sku"' not in value  # no items kept
-    assert _read(snapshots.order_record(0, closed)).orders["o-1"] == settled(closed)
+    assert _read(snapshots.order_records(0, closed)).orders["o-1"] == settled(closed)
