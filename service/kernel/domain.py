@@ -578,7 +578,25 @@ def settled(order: Order) -> Order:
     anything again, and the writer need not hold them."""
     if order.status not in FINAL_STATUSES:
         return order
-    return replace(order, items=(), total=0, paid_amount=0, shipping_address=None)
+    return closed_order(
+        order.order_id, order.version, order.status, order.customer_id, order.currency
+    )
+
+
+def closed_order(
+    order_id: str, version: int, status: OrderStatus, customer_id: str, currency: str
+) -> Order:
+    """A delivered or cancelled order as ``settled`` keeps it, from the fields it keeps."""
+    return Order(
+        order_id=order_id,
+        version=version,
+        status=status,
+        customer_id=customer_id,
+        currency=currency,
+        items=(),
+        total=0,
+        paid_amount=0,
+    )
 
 
 def fold(order_id: str, events: Iterable[DomainEvent]) -> Order | None:

@@ -28,7 +28,7 @@ from datetime import datetime
 import msgspec
 from msgspec.structs import replace
 
-from service.kernel.domain import FINAL_STATUSES, Order, OrderStatus
+from service.kernel.domain import FINAL_STATUSES, Order, OrderStatus, closed_order
 from service.write.staging import Receipt, ReceiptKey
 
 ORDER = b"o"
@@ -120,15 +120,12 @@ class PartitionState:
         elif kind == CLOSED and value is not None:
             order_id = rest.decode()
             closed = _closed_decoder.decode(value)
-            self.orders[order_id] = Order(
-                order_id=order_id,
-                version=closed.version,
-                status=closed.status,
-                customer_id=sys.intern(closed.customer_id),
-                currency=sys.intern(closed.currency),
-                items=(),
-                total=0,
-                paid_amount=0,
+            self.orders[order_id] = closed_order(
+                order_id,
+                closed.version,
+                closed.status,
+                sys.intern(closed.customer_id),
+                sys.intern(closed.currency),
             )
         elif kind == ORDER:
             if value is None:
