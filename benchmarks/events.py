@@ -166,6 +166,29 @@ def _order_events(
             )
 
 
+def sealed(order_id: str, commands: Iterable[Command]) -> list[envelope.Envelope]:
+    """The events ``commands`` decide for one order, one after another, each sealed as the
+    writer seals it (at each command's time, with new ids)."""
+    state: Order | None = None
+    events = []
+    for command in commands:
+        command_id = str(uuid.uuid4())
+        for index, event in enumerate(decide(command, state)):
+            state = evolve(state, event, order_id)
+            events.append(
+                envelope.seal(
+                    event,
+                    event_id=envelope.event_id_for(None, command_id, index),
+                    order_id=order_id,
+                    version=state.version,
+                    occurred_at=command.at,
+                    command_id=command_id,
+                    correlation_id=command_id,
+                )
+            )
+    return events
+
+
 def histories(
     *, orders: int, mixed: bool, seed: int = 7, window: int = 2000, days: int = 30
 ) -> Iterator[envelope.Envelope]:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
+from benchmarks import events
 from service.kernel import domain, envelope
 from service.kernel.events import DomainEvent
 from service.write.staging import Committed
@@ -63,20 +64,8 @@ def _records(orders: int, *, closed: bool) -> list[bytes]:
     records = []
     for n in range(orders):
         order_id = str(uuid.UUID(int=n))
-        state: domain.Order | None = None
-        for command in _commands(order_id, n, closed=closed):
-            [event] = domain.decide(command, state)
-            state = domain.evolve(state, event, order_id)
-            sealed = envelope.seal(
-                event,
-                event_id=str(uuid.uuid4()),
-                order_id=order_id,
-                version=state.version,
-                occurred_at=AT,
-                command_id=str(uuid.uuid4()),
-                correlation_id=str(uuid.uuid4()),
-            )
-            records.append(envelope.encode(sealed))
+        for event in events.sealed(order_id, _commands(order_id, n, closed=closed)):
+            records.append(envelope.encode(event))
     return records
 
 

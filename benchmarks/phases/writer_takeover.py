@@ -46,23 +46,7 @@ def _order(n: int, *, delivered: bool) -> list[envelope.Envelope]:
             domain.ShipOrder(order_id=order_id, at=_AT, carrier="DHL", tracking_number=f"T{n}"),
             domain.DeliverOrder(order_id=order_id, at=_AT),
         ]
-    state: domain.Order | None = None
-    sealed = []
-    for command in commands:
-        [event] = domain.decide(command, state)
-        state = domain.evolve(state, event, order_id)
-        sealed.append(
-            envelope.seal(
-                event,
-                event_id=str(uuid.uuid4()),
-                order_id=order_id,
-                version=state.version,
-                occurred_at=_AT,
-                command_id=str(uuid.uuid4()),
-                correlation_id=str(uuid.uuid4()),
-            )
-        )
-    return sealed
+    return events.sealed(order_id, commands)
 
 
 def _history(total_events: int) -> list[events.Record]:
