@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import socket
 from collections.abc import AsyncIterator, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +24,7 @@ from projections.runner import run_projector
 from service.edge.http.admission import CommandAdmission
 from service.edge.http.app import Resources, create_app
 from service.edge.http.auth import Access, warn_if_off
+from service.edge.http.forwarding import Forwarder
 from service.edge.http.limits import Backlog, TokenBuckets
 from service.edge.http.telemetry import RequestTelemetry
 from service.edge.tracing import traces
@@ -35,7 +37,7 @@ from service.kernel.errors import EnvironmentProblem
 from service.kernel.settings import Settings
 from service.write.contract import WriterConfig
 from service.write.metrics import WriterCollector
-from service.write.writer import Writer
+from service.write.ownership import WriterGroup
 
 _log = logging.getLogger(__name__)
 
@@ -268,6 +270,16 @@ def writer_config(settings: Settings) -> WriterConfig:
     )
 
 
+def advertised_url(settings: Settings, api: ApiOptions) -> str:
+    """Where the other instances reach this one (to forward commands to the partitions it
+    owns): ``ORDERS_ADVERTISED_URL``, else its own host and port (this host's name when it
+    listens on every interface)."""
+    if settings.advertised_url:
+        return settings.advertised_url.rstrip("/")
+    host = socket.getfqdn() if api.host in ("0.0.0.0", "::", "") else api.host
+    return f"http://{host}:{api.port}"
+
+
 async def topic_of(settings: Settings) -> TopicFacts:
     """Fail fast, before serving, on a topic that is missing (it is never created here), would
     lose history, or keeps too few copies."""
@@ -321,7 +333,8 @@ async def _serve_with(
     projections: list[str] | None,
 ) -> None:
     tasks: dict[str, asyncio.Task[None]] = {}
-    writer: Writer | None = None
+    writer: WriterGroup | None = None
+    forwarder: Forwarder | None = None
     writer_metrics: WriterCollector | None = None
     server: _Server | None = None
     try:
@@ -330,12 +343,17 @@ async def _serve_with(
         if api is not None:
             access = access_for(settings)
             warn_if_off(access)
-            writer = Writer(writer_config(settings))
+            address = advertised_url(settings, api)
+            writer = WriterGroup(
+                writer_config(settings), group_prefix=settings.writer_group, address=address
+            )
+            forwarder = Forwarder(address)
             writer_metrics = WriterCollector(writer)
             REGISTRY.register(writer_metrics)
             app = create_app(
                 Resources(
                     writer=writer,
+                    forwarder=forwarder,
                     engine=engines["api"],
                     topic=settings.topic,
                     partitions=topic.partitions,
@@ -375,6 +393,8 @@ async def _serve_with(
                     await tasks[name]
         if writer is not None:
             await writer.stop()
+        if forwarder is not None:
+            await forwarder.close()
         if writer_metrics is not None:
             REGISTRY.unregister(writer_metrics)
         start = tasks.get("writer start-up")

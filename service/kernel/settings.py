@@ -214,6 +214,11 @@ class Settings:
     allow_deleting_topic: bool = False
     allow_undurable_topic: bool = False
     transactional_id: str = "orders-writer"
+    # Several API instances share the topic's partitions through the consumer group
+    # ``<writer_group>.<topic>``; each reaches the others at their advertised URL (unset:
+    # http://<its host>:<its port>).
+    writer_group: str = "orders-writers"
+    advertised_url: str | None = None
     projection_group_prefix: str = "orders-projection"
     # Kafka static membership (KIP-345): a restarted projector with the same instance id takes
     # its partitions back at once, without a rebalance. Unset: dynamic membership.
@@ -262,6 +267,8 @@ class Settings:
             allow_deleting_topic=_flag("ORDERS_ALLOW_DELETING_TOPIC"),
             allow_undurable_topic=_flag("ORDERS_ALLOW_UNDURABLE_TOPIC"),
             transactional_id=os.environ.get("ORDERS_TRANSACTIONAL_ID") or "orders-writer",
+            writer_group=os.environ.get("ORDERS_WRITER_GROUP") or "orders-writers",
+            advertised_url=os.environ.get("ORDERS_ADVERTISED_URL") or None,
             projection_group_prefix=os.environ.get("ORDERS_GROUP_PREFIX") or "orders-projection",
             projector_instance_id=os.environ.get("ORDERS_PROJECTOR_INSTANCE_ID") or None,
             group_commit_max_events=_int("ORDERS_GROUP_COMMIT_MAX_EVENTS", 500),

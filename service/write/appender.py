@@ -54,7 +54,7 @@ class Appender:
         self._stable_offsets: AIOKafkaConsumer | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         # The producer id and epoch this writer last held: reopening resumes from them.
-        self._held: fencing.ProducerIdentity | None = None
+        self.held: fencing.ProducerIdentity | None = None
         # The writer's changelog (``service.write.snapshots``), once the writer found it.
         self.state_topic: str | None = None
 
@@ -74,14 +74,14 @@ class Appender:
             request_timeout_ms=int(self.config.commit_timeout * 1000),
             max_batch_size=1024 * 1024,
         )
-        if resume and self._held is not None:
-            fencing.resume(producer, self._held)
+        if resume and self.held is not None:
+            fencing.resume(producer, self.held)
         stable_offsets = committed_reader(self.config.kafka)
         try:
             # start() runs init_transactions: this fences any older producer with our id and
             # aborts its open transaction before we read the log.
             await producer.start()
-            self._held = fencing.identity_of(producer)
+            self.held = fencing.identity_of(producer)
             await stable_offsets.start()
         except BaseException:
             with contextlib.suppress(Exception):

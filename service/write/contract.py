@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Protocol
 
 from opentelemetry.trace import SpanContext
 
@@ -36,6 +37,9 @@ class WriterConfig:
     # start reads the live orders and the log's tail, not the whole history. None, or a topic
     # that does not exist: the whole log is read at every start.
     state_topic: str | None = None
+    # The partitions this writer decides for; None: all of the topic's. Each set of partitions
+    # needs its own transactional id (``service.write.ownership`` gives one per partition).
+    partitions: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +113,18 @@ class VersionMismatch(Conflict):
 
 class IdempotencyKeyReused(Conflict):
     """The same Idempotency-Key came with a different request."""
+
+
+class WriteSide(Protocol):
+    """What the edge uses of the write side: one ``Writer`` over every partition, or an
+    instance's share of them (``service.write.ownership.WriterGroup``)."""
+
+    @property
+    def partition_count(self) -> int: ...
+    @property
+    def state_name(self) -> str: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def deciding_partitions(self) -> list[int]: ...
+    async def submit(self, request: CommandRequest) -> Accepted: ...

@@ -78,8 +78,10 @@ class ObservedWriter(Protocol):
     @property
     def idempotency_keys_held(self) -> int: ...
 
-    load_seconds: float
-    loaded_events: int
+    @property
+    def load_seconds(self) -> float: ...
+    @property
+    def loaded_events(self) -> int: ...
 
 
 class WriterCollector(Collector):

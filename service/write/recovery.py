@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -69,13 +69,13 @@ class Loaded:
 
 async def check_no_open_transaction(
     config: WriterConfig,
-    partition_count: int,
+    partitions: Sequence[int],
     abort_left_open: Callable[[list[int]], Awaitable[None]],
 ) -> None:
     """Make sure no transaction holds a partition's last stable offset back (see the module
     docstring), closing one our producer id left with ``abort_left_open``; raise
     ``OpenTransactionInLog`` if one that is not ours does."""
-    open_at = await open_transactions(config, partition_count)
+    open_at = await open_transactions(config, partitions)
     if not open_at:
         return
     _log.error(
@@ -85,14 +85,14 @@ async def check_no_open_transaction(
         open_at,
     )
     await abort_left_open(sorted(open_at))
-    open_at = await open_transactions(config, partition_count)
+    open_at = await open_transactions(config, partitions)
     if open_at:
         raise OpenTransactionInLog(config.topic, open_at)
     _log.warning("the transactions left open in %s are aborted", config.topic)
 
 
 async def open_transactions(
-    config: WriterConfig, partition_count: int
+    config: WriterConfig, partitions: Sequence[int]
 ) -> dict[int, tuple[int, int]]:
     """Partitions whose last stable offset stays behind their end, with (stable, end).
 
@@ -102,19 +102,24 @@ async def open_transactions(
     wait included, is bounded by the same timeout and began earlier). The last stable offset
     does not tell an abort from a commit: this wait is what keeps it from acknowledging a batch
     that the abort ends."""
-    partitions = [TopicPartition(config.topic, p) for p in range(partition_count)]
+    watched = [TopicPartition(config.topic, p) for p in partitions]
     deadline = time.monotonic() + config.commit_timeout
     while True:
-        stable = await _end_offsets(config, partitions, "read_committed")
-        end = await _end_offsets(config, partitions, "read_uncommitted")
-        open_at = {tp.partition: (stable[tp], end[tp]) for tp in partitions if stable[tp] < end[tp]}
+        stable = await _end_offsets(config, watched, "read_committed")
+        end = await _end_offsets(config, watched, "read_uncommitted")
+        open_at = {tp.partition: (stable[tp], end[tp]) for tp in watched if stable[tp] < end[tp]}
         if not open_at or time.monotonic() >= deadline:
             return open_at
         await asyncio.sleep(0.2)  # pacing between checks while markers are written
 
 
 async def read_state(
-    config: WriterConfig, partition_count: int, now: datetime, *, state_topic: str | None = None
+    config: WriterConfig,
+    partition_count: int,
+    now: datetime,
+    *,
+    state_topic: str | None = None,
+    partitions: Sequence[int] | None = None,
 ) -> Loaded:
     """Fold every event of the topic's partitions into order states and receipts; receipts
     that expired before ``now`` (the wall-clock time of the reading) are not kept.
@@ -123,13 +128,17 @@ async def read_state(
     state is read from it, and only the events after its position are folded on top; a
     partition with no position yet is read whole from the log, as without a changelog.
 
+    ``partitions``: only these (a writer that owns some of the topic's partitions); all by
+    default.
+
     Raises ``TopicRepartitioned`` when orders no longer sit where their key goes."""
+    owned = range(partition_count) if partitions is None else sorted(partitions)
     started = time.monotonic()
     state = Committed(idempotency_ttl=config.idempotency_ttl)
     starts: dict[int, int] = {}
     state_records = 0
     if state_topic is not None:
-        stored = await _read_changelog(config, state_topic, partition_count)
+        stored = await _read_changelog(config, state_topic, owned)
         receipts = []
         for partition, kept in stored.items():
             state_records += kept.records
@@ -149,9 +158,7 @@ async def read_state(
     read_up_to: dict[int, int] = {}
     # The first orders created in each partition, placed as the key would be now.
     unchecked = [_PLACEMENT_CHECKS] * partition_count
-    async for batch in read_to_end(
-        config.kafka, config.topic, range(partition_count), starts=starts
-    ):
+    async for batch in read_to_end(config.kafka, config.topic, owned, starts=starts):
         for record in batch:
             sealed, event = envelope.decode(record.value)
             if sealed.version == 1 and unchecked[record.partition]:
@@ -163,7 +170,7 @@ async def read_state(
             count += 1
     catch_up: dict[int, tuple[set[str] | None, int]] = {}
     if state_topic is not None:
-        for partition in range(partition_count):
+        for partition in owned:
             if partition not in starts:
                 catch_up[partition] = (None, read_up_to.get(partition, 0))
             elif partition in touched:
@@ -182,11 +189,11 @@ async def read_state(
 
 
 async def _read_changelog(
-    config: WriterConfig, state_topic: str, partition_count: int
+    config: WriterConfig, state_topic: str, partitions: Sequence[int]
 ) -> dict[int, PartitionState]:
-    """Each partition of the changelog read to its last stable offset."""
-    stored = {partition: PartitionState() for partition in range(partition_count)}
-    async for batch in read_to_end(config.kafka, state_topic, range(partition_count)):
+    """Each of the changelog's ``partitions`` read to its last stable offset."""
+    stored = {partition: PartitionState() for partition in partitions}
+    async for batch in read_to_end(config.kafka, state_topic, partitions):
         for record in batch:
             stored[record.partition].take(record.key or b"", record.value)
     return stored

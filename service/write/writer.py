@@ -122,6 +122,8 @@ class Writer:
         # The batch being decided and appended: how many commands, since when (loop time).
         self._in_flight: tuple[int, float] = (0, 0.0)
         self.partition_count = 0
+        # The partitions this writer decides for (all of the topic's unless configured).
+        self.partitions: list[int] = []
         self.loaded_events = 0
         self.load_seconds = 0.0
         self.loaded_state_records = 0
@@ -143,6 +145,13 @@ class Writer:
             allow_undurable=self.config.allow_undurable_topic,
         )
         self.partition_count = topic.partitions
+        wanted = self.config.partitions
+        self.partitions = sorted(range(topic.partitions) if wanted is None else wanted)
+        if self.partitions and self.partitions[-1] >= topic.partitions:
+            raise EnvironmentProblem(
+                f"{self.config.topic} has {topic.partitions} partitions, no partition "
+                f"{self.partitions[-1]}"
+            )
         self._appender.state_topic = await self._find_state_topic()
         await self._appender.open()
         try:
@@ -178,6 +187,23 @@ class Writer:
     @property
     def ready(self) -> bool:
         return self.state is WriterState.READY
+
+    @property
+    def deciding_partitions(self) -> list[int]:
+        """The partitions this writer decides commands for now: its own, once ready."""
+        return list(self.partitions) if self.ready else []
+
+    @property
+    def fenced(self) -> bool:
+        """Another writer took this one's transactional id over: it never writes again."""
+        return self.state is WriterState.FENCED
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the transactional id this writer last held (-1: none yet): each new
+        holder of the id gets a higher one, and fences every lower."""
+        held = self._appender.held
+        return -1 if held is None else held.epoch
 
     # -- what the metrics read (``service.write.metrics.WriterCollector``) -------------------
 
@@ -217,6 +243,10 @@ class Writer:
     async def _submit(self, request: CommandRequest) -> Accepted:
         if self.state is not WriterState.READY:
             raise self._unavailable()
+        if self.config.partitions is not None:
+            partition = partition_for(request.command.order_id.encode(), self.partition_count)
+            if partition not in self.config.partitions:
+                raise WriterUnavailable(f"partition {partition} is not this writer's")
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._expected_wait(now) > self.config.max_queue_delay:
@@ -284,13 +314,14 @@ class Writer:
     async def _load(self) -> None:
         """Rebuild the state from the log, once no transaction holds it back."""
         await recovery.check_no_open_transaction(
-            self.config, self.partition_count, self._appender.abort_left_open
+            self.config, self.partitions, self._appender.abort_left_open
         )
         loaded = await recovery.read_state(
             self.config,
             self.partition_count,
             now=datetime.now(UTC),
             state_topic=self._appender.state_topic,
+            partitions=self.partitions,
         )
         await self._catch_up(loaded)
         self._committed = loaded.state

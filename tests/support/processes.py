@@ -7,6 +7,7 @@ Each process logs to a file, never a pipe (a full pipe would block it), and dies
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -185,3 +186,59 @@ async def wait_no_open_transaction(
         if not still_open or time.monotonic() >= deadline:
             return still_open
         await asyncio.sleep(POLL_S)  # polling interval
+
+
+async def wait_partitions_shared(
+    apis: list[ApiProcess], partitions: int, *, timeout: float = 90.0
+) -> dict[int, ApiProcess]:
+    """Poll every instance's ``/health`` until each partition is decided by exactly one of
+    them (the group settled, every writer ready); partition -> its owner."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while True:
+            owners: dict[int, list[ApiProcess]] = {}
+            for api in apis:
+                assert api.alive, f"orders api exited:\n{api.tail()}"
+                try:
+                    health = (await client.get(f"{api.base_url}/health")).json()
+                except httpx.TransportError:
+                    continue
+                for partition in health.get("partitions") or []:
+                    owners.setdefault(partition, []).append(api)
+            if sorted(owners) == list(range(partitions)) and all(
+                len(held) == 1 for held in owners.values()
+            ):
+                return {partition: held[0] for partition, held in owners.items()}
+            assert time.monotonic() < deadline, f"the partitions never settled: {owners}"
+            await asyncio.sleep(POLL_S)  # polling interval
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A partition taken by an instance, as its log says: with the epoch of its id."""
+
+    at: str
+    instance: str
+    partition: int
+    transactional_id: str
+    epoch: int
+
+
+def takeovers(logs: dict[str, Path]) -> list[Takeover]:
+    """Every "took partition" line of the instances' JSON logs, in time order."""
+    found = []
+    for instance, path in logs.items():
+        for line in path.read_text(errors="replace").splitlines():
+            if '"took partition' not in line:
+                continue
+            record = json.loads(line)
+            found.append(
+                Takeover(
+                    record["ts"],
+                    instance,
+                    record["partition"],
+                    record["transactional_id"],
+                    record["epoch"],
+                )
+            )
+    return sorted(found, key=lambda takeover: takeover.at)

@@ -20,6 +20,7 @@ from projections.checkpoints import CheckpointWatcher
 from projections.log_ends import LogEnds
 from service.edge.http.auth import BEARER, PUBLIC, Access, requires
 from service.edge.http.commands import CommandSink, OrderCommands
+from service.edge.http.forwarding import Forwarder
 from service.edge.http.ops import Operations
 from service.edge.http.problems import EXCEPTION_HANDLERS
 from service.edge.http.queries import QUERY_HANDLERS, OrderReader, ReadSide
@@ -27,7 +28,7 @@ from service.infra.contracts import event_contract
 from service.infra.eventlog import HighWatermarks
 from service.infra.kafka_clients import KafkaTarget
 from service.kernel.access import Scope
-from service.write.writer import Writer
+from service.write.contract import WriteSide
 
 _PUBLIC = {PUBLIC: True}  # served without a token
 
@@ -49,7 +50,9 @@ class Metrics(PrometheusController):
 class Resources:
     """What request handlers may use; owned (started and stopped) by the composition root."""
 
-    writer: Writer | None = None
+    writer: WriteSide | None = None
+    # Sends a command whose partition another instance owns on to it (several instances).
+    forwarder: Forwarder | None = None
     engine: AsyncEngine | None = None
     topic: str = "orders.events"
     partitions: int | None = None  # the topic's: a consistency token naming another is a 400
@@ -68,6 +71,8 @@ class Health(msgspec.Struct, frozen=True):
     status: str
     writer: str | None = None
     auth: str = "on"  # "off": anyone who reaches the service may do anything
+    # The partitions whose commands this instance decides now (the others it forwards).
+    partitions: list[int] | None = None
 
 
 def create_app(
@@ -126,7 +131,11 @@ def create_app(
     )
 
     sink = (
-        CommandSink(resources.writer, read_side.log_ends if read_side is not None else None)
+        CommandSink(
+            resources.writer,
+            read_side.log_ends if read_side is not None else None,
+            resources.forwarder,
+        )
         if resources.writer is not None
         else None
     )
@@ -145,7 +154,9 @@ def create_app(
     )
     async def health() -> Health:
         writer = resources.writer
-        return Health("ok", writer.state.value if writer else None, auth)
+        if writer is None:
+            return Health("ok", None, auth)
+        return Health("ok", writer.state_name, auth, writer.deciding_partitions)
 
     @get(
         "/health/ready",
@@ -158,8 +169,9 @@ def create_app(
     async def ready() -> Response[Health]:
         writer = resources.writer
         is_ready = writer is None or writer.ready
-        state = writer.state.value if writer else None
-        body = Health("ready" if is_ready else "not-ready", state, auth)
+        state = writer.state_name if writer else None
+        deciding = writer.deciding_partitions if writer else None
+        body = Health("ready" if is_ready else "not-ready", state, auth, deciding)
         headers = None if is_ready else {"Retry-After": "1"}
         return Response(body, status_code=200 if is_ready else 503, headers=headers)
 

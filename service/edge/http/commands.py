@@ -19,6 +19,7 @@ from litestar.types import Receive
 
 from projections.log_ends import LogEnds
 from service.edge.http.auth import requires
+from service.edge.http.forwarding import Forwarded, Forwarder, forwarded
 from service.edge.http.problems import ClientGone, problem_responses
 from service.edge.logs import CORRELATION_ID
 from service.infra import tracing
@@ -28,8 +29,8 @@ from service.kernel.access import Caller, Scope
 from service.kernel.errors import AccessDenied
 from service.kernel.events import AddressLines, AddressText, PostalCode, ShippingAddress
 from service.kernel.values import NO_CONTROL_CHARACTERS_PATTERN, Country, Currency
-from service.write.contract import Accepted, CommandRequest
-from service.write.writer import Writer
+from service.write.contract import Accepted, CommandRequest, WriteSide
+from service.write.ownership import OwnedElsewhere, PartitionMoving
 
 # -- wire schemas (separate from domain commands and from tables) -------------------------------
 
@@ -188,8 +189,10 @@ class CommandSink:
     of each accepted one (where its last event sits, so that a consistency token up to there
     is known to be in the log)."""
 
-    writer: Writer
+    writer: WriteSide
     log_ends: LogEnds | None = None
+    # Sends a command on to its partition's owner when another instance owns it.
+    forwarder: Forwarder | None = None
 
     async def submit(self, request: CommandRequest) -> Accepted:
         accepted = await self.writer.submit(request)
@@ -336,6 +339,17 @@ class CommandContext:
         watcher = asyncio.ensure_future(_cancel_when_gone(self.request.receive, waiting))
         try:
             return await self.sink.submit(request)
+        except OwnedElsewhere as elsewhere:
+            forwarder = self.sink.forwarder
+            if forwarder is None or forwarded(self.request):
+                raise PartitionMoving(elsewhere.partition) from elsewhere
+            # The handler read the body of a command that has one (a command without one
+            # ignores whatever came, as the owner will).
+            sent = await self.request.body() if body is not None else b""
+            response = await forwarder.forward(
+                self.request, sent, elsewhere.owner, self.correlation_id
+            )
+            raise Forwarded(response) from None
         except asyncio.CancelledError:
             # Ours alone (the watcher's) means: the client left. Any other is passed on.
             if watcher.done() and not watcher.cancelled() and waiting.uncancel() == 0:

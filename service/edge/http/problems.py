@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 
 from projections.checkpoints import TooManyWaitingQueries
 from service.edge.http.auth import REALM, RateLimited, Unauthenticated
+from service.edge.http.forwarding import Forwarded, relay
 from service.infra.database import connection_lost, refused_by_environment, sqlstate
 from service.kernel import domain
 from service.kernel.errors import (
@@ -359,6 +360,7 @@ EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {
     Unauthenticated: _unauthenticated,
     RateLimited: _rate_limited,
     ClientGone: _client_gone,
+    Forwarded: relay,  # the answer of the instance that owns the order's partition
     # The server's environment needs its operator, or a reader let a bad event through: a 500,
     # logged with its traceback (the client can do nothing about either).
     EnvironmentProblem: _unexpected,
