@@ -174,10 +174,15 @@ class Request:
 
 @dataclass
 class Workload:
-    """Many concurrent clients against one API base URL, sharing a ledger and their orders."""
+    """Many concurrent clients against one API base URL, sharing a ledger and their orders.
+
+    With ``instances`` (base URLs of several API instances of one topic; the test may change
+    the list as they come and go, like a load balancer's health checks), each attempt goes to
+    one of them at random: a retry often reaches another."""
 
     base_url: str
     config: WorkloadConfig
+    instances: list[str] = field(default_factory=list)
     ledger: Ledger = field(default_factory=Ledger)
     orders: dict[str, OrderView] = field(default_factory=dict)
     acknowledged_keys: list[tuple[str, str]] = field(default_factory=list)  # (key, path)
@@ -417,7 +422,7 @@ class Workload:
             started = time.monotonic()
             try:
                 response = await http.request(
-                    request.method, request.path, json=request.body, headers=headers
+                    request.method, self._url(rng, request.path), json=request.body, headers=headers
                 )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
                 self._failed(sent, started, error, sent_out=False)
@@ -444,6 +449,10 @@ class Workload:
             return sent
         sent.outcome = "unknown" if sent.ambiguous else "not-sent"
         return sent
+
+    def _url(self, rng: random.Random, path: str) -> str:
+        """Where an attempt goes: the base URL, or one of the instances at random."""
+        return f"{rng.choice(self.instances)}{path}" if self.instances else path
 
     def _failed(
         self, sent: Sent, started: float, error: httpx.TransportError, *, sent_out: bool
@@ -518,7 +527,7 @@ class Workload:
         self.ledger.queries += 1
         started = time.monotonic()
         try:
-            response = await http.get(f"/orders/{view.order_id}")
+            response = await http.get(self._url(rng, f"/orders/{view.order_id}"))
         except httpx.TransportError as error:
             self.ledger.transport_failures.append(
                 TransportFailure(started, time.monotonic(), type(error).__name__, "query")
