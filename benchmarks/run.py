@@ -50,6 +50,7 @@ from benchmarks.phases.projector_throughput import projector_throughput
 from benchmarks.phases.snapshot_cost import snapshot_cost
 from benchmarks.phases.telemetry_cost import telemetry_cost
 from benchmarks.phases.writer_memory import writer_memory
+from benchmarks.phases.writer_scale_out import writer_scale_out
 from benchmarks.phases.writer_takeover import writer_takeover
 from benchmarks.report import Row, Target, markdown, readme_section
 from service.infra.embedded.stack import infrastructure
@@ -77,6 +78,7 @@ PHASES: tuple[Callable[[Context], Awaitable[None]], ...] = (
     telemetry_cost,
     kafka_security_cost,
     snapshot_cost,
+    writer_scale_out,
     command_overload,
 )
 

@@ -39,6 +39,11 @@ from aiokafka.coordinator.protocol import (
     ConsumerProtocolMemberAssignment,
     ConsumerProtocolMemberMetadata,
 )
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 
 from service.infra.eventlog import partition_for
 from service.infra.kafka_clients import client_options
@@ -48,6 +53,14 @@ from service.write.contract import Accepted, CommandRequest, WriterConfig, Write
 from service.write.writer import Writer, WriterState
 
 _log = logging.getLogger(__name__)
+
+# What retrying does not mend: the instance does not start (or, later, the partition waits).
+_NEEDS_AN_OPERATOR = (
+    EnvironmentProblem,
+    TransactionalIdAuthorizationFailed,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
 
 # A partition whose writer could not start (broker away) is tried again after this long,
 # doubling up to the maximum.
@@ -340,7 +353,7 @@ class WriterGroup:
             while self._writers.get(partition) is writer:
                 try:
                     await writer.start()
-                except EnvironmentProblem as problem:
+                except _NEEDS_AN_OPERATOR as problem:
                     if not self._started:
                         raise  # the instance does not start: Kafka must be set up first
                     _log.error("cannot take partition %d: %s", partition, problem)
@@ -406,6 +419,8 @@ class WriterGroup:
             return WriterState.STOPPED.value
         if not self._started:
             return WriterState.STARTING.value
+        if any(writer.fenced for writer in self._writers.values()):
+            return WriterState.FENCED.value  # until the next assignment moves the partition
         if all(writer.ready for writer in self._writers.values()):
             return WriterState.READY.value
         return WriterState.RECOVERING.value

@@ -55,7 +55,14 @@ ACLS = [
     Acl(WRITER, Operation.DESCRIBE_CONFIGS, Resource.TOPIC, TOPIC),
     Acl(WRITER, Operation.READ, Resource.TOPIC, f"{TOPIC}.writer-state"),
     Acl(WRITER, Operation.WRITE, Resource.TOPIC, f"{TOPIC}.writer-state"),
-    Acl(WRITER, Operation.WRITE, Resource.TRANSACTIONAL_ID, TRANSACTIONAL_ID),
+    Acl(
+        WRITER,
+        Operation.WRITE,
+        Resource.TRANSACTIONAL_ID,
+        f"{TRANSACTIONAL_ID}-{TOPIC}-",
+        Pattern.PREFIXED,
+    ),
+    Acl(WRITER, Operation.READ, Resource.GROUP, f"orders-writers.{TOPIC}"),
     Acl(PROJECTOR, Operation.READ, Resource.TOPIC, TOPIC),
     Acl(PROJECTOR, Operation.DESCRIBE_CONFIGS, Resource.TOPIC, TOPIC),
     Acl(PROJECTOR, Operation.READ, Resource.GROUP, GROUP_PREFIX, Pattern.PREFIXED),
@@ -299,7 +306,8 @@ async def test_the_intruder_cannot_take_the_writers_transactional_id_to_fence_it
     cluster: SecuredCluster, service: Service
 ) -> None:
     squatter = AIOKafkaProducer(
-        **client_options(cluster.connection(INTRUDER)), transactional_id=TRANSACTIONAL_ID
+        **client_options(cluster.connection(INTRUDER)),
+        transactional_id=f"{TRANSACTIONAL_ID}-{TOPIC}-0",  # the writer of partition 0's
     )
     with pytest.raises(TransactionalIdAuthorizationFailed):
         await squatter.start()
@@ -395,7 +403,9 @@ async def test_an_api_without_its_transactional_id_acl_stops_with_one_line(
     message = the_one_error(await cli.run("api", "--port", str(free_port())))
 
     assert f"refused User:{WRITER} (TransactionalIdAuthorizationFailed)" in message, message
-    assert "grant it on TransactionalId not-granted (ORDERS_TRANSACTIONAL_ID)" in message
+    assert f"prefixed ACL on not-granted-{TOPIC}- (ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC-)" in (
+        message
+    ), message
 
 
 async def test_a_projector_without_its_group_acl_stops_with_one_line(

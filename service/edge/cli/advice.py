@@ -203,6 +203,14 @@ def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str
             f"on topic {topic}: Read and Write for the API (the writer), Read for projectors, "
             "`orders events tail` and `orders projections` commands"
         )
+    elif isinstance(failure, GroupAuthorizationFailedError) and _denied_name(
+        failure, ""
+    ).startswith(f"{settings.writer_group}."):
+        group = _denied_name(failure, "")
+        grant = (
+            f"on consumer group {group} (ORDERS_WRITER_GROUP.<topic>): Read, for the API: "
+            "its instances share the partitions through it"
+        )
     elif isinstance(failure, GroupAuthorizationFailedError):
         group = _denied_name(failure, f"{settings.projection_group_prefix}*")
         grant = (
@@ -213,8 +221,10 @@ def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str
     elif isinstance(failure, TransactionalIdAuthorizationFailed):
         transactional_id = _denied_name(failure, settings.transactional_id)
         grant = (
-            f"on TransactionalId {transactional_id} (ORDERS_TRANSACTIONAL_ID): Write (it "
-            "implies Describe); only the API's principal should have it"
+            f"on TransactionalId {transactional_id}: Write (it implies Describe), best as "
+            f"one prefixed ACL on {settings.transactional_id}-{settings.topic}- "
+            "(ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC-: the API has one per partition); only the "
+            "API's principal should have it"
         )
     else:
         grant = (
