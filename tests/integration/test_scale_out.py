@@ -122,12 +122,24 @@ async def test_three_instances_share_the_partitions_and_any_of_them_answers_as_t
         assert refusals[0].status_code == 412, refusals[0].text
         assert _answer(refusals[1]) == _answer(refusals[0])
 
+        # Commands racing with one If-Match through all three instances: exactly one wins.
+        racing = [
+            http.post(
+                f"{cluster.apis[i % 3].base_url}/orders/{order_id}/items",
+                json={**item, "sku": f"race-{i}"},
+                headers={"If-Match": '"2"'},
+            )
+            for i in range(30)
+        ]
+        statuses = sorted(response.status_code for response in await asyncio.gather(*racing))
+        assert statuses == [200] + [412] * 29, statuses
+
         # Queries answer on every instance, up to the forwarded command's consistency token.
         token = {"X-Consistency-Token": forwarded.headers["x-consistency-token"]}
         for api in cluster.apis:
             seen = await http.get(f"{api.base_url}/orders/{order_id}", headers=token)
             assert seen.status_code == 200, seen.text
-            assert seen.json()["version"] == 2
+            assert seen.json()["version"] >= 2
 
 
 async def test_a_partition_that_moves_is_fenced_by_its_new_owner(cluster: Cluster) -> None:
@@ -157,5 +169,6 @@ async def test_a_partition_that_moves_is_fenced_by_its_new_owner(cluster: Cluste
         }
     for partition in moved:
         holders = [t.instance for t in taken if t.partition == partition]
-        assert holders[0] == "api-0", (partition, holders)
+        # Another instance may have held it before the three settled; api-0 did, then not.
+        assert "api-0" in holders, (partition, holders)
         assert holders[-1] != "api-0", (partition, holders)
