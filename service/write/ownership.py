@@ -147,6 +147,15 @@ class _OwnershipAssignor:
         self, cluster: Any, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         claims = {member: json.loads(meta.user_data) for member, meta in members.items()}
+        addresses = [claim["address"] for claim in claims.values()]
+        for address in {a for a in addresses if addresses.count(a) > 1}:
+            _log.error(
+                "%d instances advertise %s: commands forwarded there reach only one of them "
+                "(and the others' partitions answer 503); give each its own "
+                "ORDERS_ADVERTISED_URL",
+                addresses.count(address),
+                address,
+            )
         count = len(cluster.partitions_for_topic(self.topic) or ())
         shares = assign_partitions(count, {m: claim["owned"] for m, claim in claims.items()})
         owners = {p: claims[m]["address"] for m, share in shares.items() for p in share}
