@@ -248,9 +248,10 @@ class WriterGroup:
             self._polling.result()
         # The first share is taken before the instance says it is ready; a writer that cannot
         # start because of how Kafka is set up stops the instance, with that problem.
-        for task in list(self._starting.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        outcomes = await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome  # the first; every task's outcome was retrieved
         self._started = True
 
     async def _keep_polling(self) -> None:
