@@ -40,6 +40,9 @@ class WriterConfig:
     # The partitions this writer decides for; None: all of the topic's. Each set of partitions
     # needs its own transactional id (``service.write.ownership`` gives one per partition).
     partitions: frozenset[int] | None = None
+    # Transactional ids this writer fences once it holds its own, before it reads: those of
+    # writers that split the same partitions another way (``service.write.ownership``).
+    fences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,12 +17,16 @@ producer's sender in place of its own (aiokafka is pinned to a minor version: th
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.sender import InitPIDHandler
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, TaggedFields
+
+from service.infra.kafka_clients import KafkaTarget, client_options
 
 
 class ProducerIdentity(NamedTuple):
@@ -103,3 +107,22 @@ def identity_of(producer: AIOKafkaProducer) -> ProducerIdentity:
     """The producer id and epoch a started transactional producer holds."""
     held = producer._txn_manager._pid_and_epoch
     return ProducerIdentity(held.pid, held.epoch)
+
+
+async def fence(kafka: KafkaTarget, transactional_ids: Iterable[str]) -> dict[str, int]:
+    """Fence whoever holds one of ``transactional_ids`` (its open transaction is aborted, its
+    next request refused) by initialising each with a producer of our own, closed at once; the
+    epoch each id got. Used by a writer that takes partitions another kind of writer (with
+    another transactional id) may still be writing (``service.write.ownership``)."""
+
+    async def one(transactional_id: str) -> tuple[str, int]:
+        producer = AIOKafkaProducer(
+            **client_options(kafka), transactional_id=transactional_id, enable_idempotence=True
+        )
+        try:
+            await producer.start()
+            return transactional_id, identity_of(producer).epoch
+        finally:
+            await producer.stop()
+
+    return dict(await asyncio.gather(*(one(tid) for tid in transactional_ids)))

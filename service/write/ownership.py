@@ -90,9 +90,10 @@ class PartitionMoving(WriterUnavailable):
         self.partition = partition
 
 
-def transactional_id_for(prefix: str, topic: str, partition: int) -> str:
-    """The transactional id of the writer of ``partition``: whoever starts it fences the last."""
-    return f"{prefix}-{topic}-{partition}"
+def transactional_id_for(prefix: str, topic: str, partition: int | None = None) -> str:
+    """The transactional id of the writer of ``partition`` (None: of a writer of every
+    partition, as one instance alone runs): whoever starts it fences the last."""
+    return f"{prefix}-{topic}" if partition is None else f"{prefix}-{topic}-{partition}"
 
 
 def group_for(prefix: str, topic: str) -> str:
@@ -193,7 +194,7 @@ class WriterGroup:
         self.address = address
         self.partition_count = 0
         self._writers: dict[int, Writer] = {}
-        self._starting: dict[int, asyncio.Task[None]] = {}
+        self._starting: dict[Writer, asyncio.Task[None]] = {}
         self._stopping: dict[int, asyncio.Task[None]] = {}
         self._assignor = _OwnershipAssignor(config.topic, address, self.owned)
         self._consumer: AIOKafkaConsumer | None = None
@@ -268,9 +269,9 @@ class WriterGroup:
         self._stopped = True
         for task in self._starting.values():
             task.cancel()
-        writers, self._writers = self._writers, {}
+        writers, self._writers = self._distinct_writers(), {}
         await asyncio.gather(
-            *(writer.stop(timeout=timeout) for writer in writers.values()),
+            *(writer.stop(timeout=timeout) for writer in writers),
             *self._stopping.values(),
             return_exceptions=True,
         )
@@ -286,21 +287,27 @@ class WriterGroup:
 
     def assigned(self, partitions: set[int]) -> None:
         """A new assignment: release the writers of the partitions it does not list, take the
-        partitions it adds (and those whose writer was fenced: this assignment is newer)."""
+        partitions it adds (and those whose writer was fenced: this assignment is newer).
+
+        An instance given every partition runs ONE writer for all of them (one transaction per
+        batch, whatever the partitions: as fast as a single writer); otherwise one writer per
+        partition. Going from one layout to the other releases every writer, then takes."""
         consumer = self._consumer
         if consumer is not None:
             consumer.pause(*(TopicPartition(self.config.topic, p) for p in partitions))
         if self._stopped:
             return
-        for partition in sorted(set(self._writers) - partitions):
-            self._release(partition)
-        for partition in sorted(partitions):
-            writer = self._writers.get(partition)
-            if writer is not None and writer.fenced:
-                self._release(partition)
-                writer = None
-            if writer is None:
-                self._take(partition)
+        whole = partitions == set(range(self.partition_count))
+        for writer in self._distinct_writers():
+            other_layout = (writer.config.partitions is None) is not whole
+            taken_away = not set(self._partitions_of(writer)) <= partitions
+            if other_layout or taken_away or writer.fenced:
+                self._release(writer)
+        if whole and not self._writers:
+            self._take(sorted(partitions))
+        elif not whole:
+            for partition in sorted(partitions - set(self._writers)):
+                self._take([partition])
         _log.info(
             "writer group %s: this instance owns partitions %s",
             self.group,
@@ -313,90 +320,121 @@ class WriterGroup:
         """Stop taking partitions until the next assignment: a writer that started after
         its partition went to another member would fence the new owner."""
         if self._started:
-            for partition in list(self._starting):
-                self._release(partition)
+            for writer in list(self._starting):
+                self._release(writer)
 
-    def _release(self, partition: int) -> None:
-        writer = self._writers.pop(partition)
-        starting = self._starting.pop(partition, None)
+    def _distinct_writers(self) -> list[Writer]:
+        return list(dict.fromkeys(self._writers.values()))
+
+    def _partitions_of(self, writer: Writer) -> list[int]:
+        return [p for p, w in self._writers.items() if w is writer]
+
+    def _release(self, writer: Writer) -> None:
+        partitions = self._partitions_of(writer)
+        for partition in partitions:
+            del self._writers[partition]
+        starting = self._starting.pop(writer, None)
         if starting is not None:
             starting.cancel()
-        _log.info("writer group %s: releasing partition %d", self.group, partition)
-        self._stopping[partition] = asyncio.create_task(
-            self._stop_writer(partition, writer, starting), name=f"release-{partition}"
-        )
+        _log.info("writer group %s: releasing partitions %s", self.group, partitions)
+        stopping = asyncio.create_task(self._stop_writer(writer, starting), name="release")
+        for partition in partitions:
+            self._stopping[partition] = stopping
 
-    async def _stop_writer(
-        self, partition: int, writer: Writer, starting: asyncio.Task[None] | None
-    ) -> None:
+    async def _stop_writer(self, writer: Writer, starting: asyncio.Task[None] | None) -> None:
         try:
             if starting is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await starting
             await writer.stop()
         finally:
-            if self._stopping.get(partition) is asyncio.current_task():
-                del self._stopping[partition]
+            for partition, task in list(self._stopping.items()):
+                if task is asyncio.current_task():
+                    del self._stopping[partition]
 
-    def _take(self, partition: int) -> None:
-        config = replace(
-            self.config,
-            transactional_id=transactional_id_for(
-                self.config.transactional_id, self.config.topic, partition
-            ),
-            partitions=frozenset({partition}),
-        )
+    def _take(self, partitions: list[int]) -> None:
+        """Start a writer for ``partitions``: all of them (its transactional id is the topic's,
+        and it fences every partition's), or one (its own id; it fences the topic's)."""
+        prefix, topic = self.config.transactional_id, self.config.topic
+        if len(partitions) == self.partition_count:
+            config = replace(
+                self.config,
+                transactional_id=transactional_id_for(prefix, topic),
+                partitions=None,
+                fences=tuple(transactional_id_for(prefix, topic, p) for p in partitions),
+            )
+        else:
+            [partition] = partitions
+            config = replace(
+                self.config,
+                transactional_id=transactional_id_for(prefix, topic, partition),
+                partitions=frozenset(partitions),
+                fences=(transactional_id_for(prefix, topic),),
+            )
         writer = Writer(config)
-        self._writers[partition] = writer
-        self._starting[partition] = asyncio.create_task(
-            self._start_writer(partition, writer), name=f"take-{partition}"
+        for partition in partitions:
+            self._writers[partition] = writer
+        self._starting[writer] = asyncio.create_task(
+            self._start_writer(partitions, writer), name=f"take-{partitions}"
         )
 
-    async def _start_writer(self, partition: int, writer: Writer) -> None:
-        """Start the partition's writer (fencing its last owner), retrying while the broker is
-        away and the partition is still this instance's."""
-        releasing = self._stopping.get(partition)
-        if releasing is not None:  # this instance's own last writer of it, stopping
-            await asyncio.wait({releasing})
+    async def _start_writer(self, partitions: list[int], writer: Writer) -> None:
+        """Start the writer (fencing the last owners of its partitions), retrying while the
+        broker is away and the partitions are still this instance's."""
+        releasing = {self._stopping[p] for p in partitions if p in self._stopping}
+        if releasing:  # this instance's own last writers of them, stopping
+            await asyncio.wait(releasing)
         delay = _RETRY_S
         try:
-            while self._writers.get(partition) is writer:
+            while self._writers.get(partitions[0]) is writer:
                 try:
                     await writer.start()
                 except _NEEDS_AN_OPERATOR as problem:
                     if not self._started:
                         raise  # the instance does not start: Kafka must be set up first
-                    _log.error("cannot take partition %d: %s", partition, problem)
-                    return  # it answers 503 until the problem is fixed and it moves again
+                    _log.error("cannot take partitions %s: %s", partitions, problem)
+                    return  # they answer 503 until the problem is fixed and they move again
                 except Exception as error:
                     _log.warning(
-                        "could not take partition %d (%r); retrying in %.1fs",
-                        partition,
+                        "could not take partitions %s (%r); retrying in %.1fs",
+                        partitions,
                         error,
                         delay,
                     )
                     await asyncio.sleep(delay)  # back-off while the broker is away
                     delay = min(delay * 2, _MAX_RETRY_S)
                     continue
-                _log.info(
-                    "took partition %d with transactional id %s (epoch %d): %d events and "
-                    "%d changelog records read in %.2fs",
-                    partition,
-                    writer.config.transactional_id,
-                    writer.epoch,
-                    writer.loaded_events,
-                    writer.loaded_state_records,
-                    writer.load_seconds,
-                    extra={
-                        "partition": partition,
-                        "transactional_id": writer.config.transactional_id,
-                        "epoch": writer.epoch,
-                    },
-                )
+                self._log_takeover(partitions, writer)
                 return
         finally:
-            if self._starting.get(partition) is asyncio.current_task():
-                del self._starting[partition]
+            if self._starting.get(writer) is asyncio.current_task():
+                del self._starting[writer]
+
+    def _log_takeover(self, partitions: list[int], writer: Writer) -> None:
+        """One line per partition taken, with every transactional id the taking fenced and the
+        epoch it got: each later takeover of the partition must show higher ones."""
+        epochs = {writer.config.transactional_id: writer.epoch, **writer.fenced_epochs}
+        prefix, topic = self.config.transactional_id, self.config.topic
+        for partition in partitions:
+            ids = (
+                transactional_id_for(prefix, topic),
+                transactional_id_for(prefix, topic, partition),
+            )
+            _log.info(
+                "took partition %d with transactional id %s (epoch %d): %d events and %d "
+                "changelog records read in %.2fs",
+                partition,
+                writer.config.transactional_id,
+                writer.epoch,
+                writer.loaded_events,
+                writer.loaded_state_records,
+                writer.load_seconds,
+                extra={
+                    "partition": partition,
+                    "transactional_id": writer.config.transactional_id,
+                    "epochs": {tid: epochs[tid] for tid in ids},
+                },
+            )
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -447,20 +485,20 @@ class WriterGroup:
 
     @property
     def queue_depth(self) -> int:
-        return sum(writer.queue_depth for writer in self._writers.values())
+        return sum(writer.queue_depth for writer in self._distinct_writers())
 
     @property
     def orders_held(self) -> int:
-        return sum(writer.orders_held for writer in self._writers.values())
+        return sum(writer.orders_held for writer in self._distinct_writers())
 
     @property
     def idempotency_keys_held(self) -> int:
-        return sum(writer.idempotency_keys_held for writer in self._writers.values())
+        return sum(writer.idempotency_keys_held for writer in self._distinct_writers())
 
     @property
     def loaded_events(self) -> int:
-        return sum(writer.loaded_events for writer in self._writers.values())
+        return sum(writer.loaded_events for writer in self._distinct_writers())
 
     @property
     def load_seconds(self) -> float:
-        return max((writer.load_seconds for writer in self._writers.values()), default=0.0)
+        return max((writer.load_seconds for writer in self._distinct_writers()), default=0.0)

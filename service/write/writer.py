@@ -47,7 +47,7 @@ from service.infra.eventlog import partition_for
 from service.infra.topic import READ, WRITE, check_topic, look_up_topic
 from service.kernel.domain import Order
 from service.kernel.errors import EnvironmentProblem
-from service.write import metrics, recovery, snapshots
+from service.write import fencing, metrics, recovery, snapshots
 from service.write.appender import Appender, StateOf
 from service.write.contract import (
     Accepted,
@@ -127,6 +127,8 @@ class Writer:
         self.loaded_events = 0
         self.load_seconds = 0.0
         self.loaded_state_records = 0
+        # The epoch each of ``config.fences`` got when this writer fenced it.
+        self.fenced_epochs: dict[str, int] = {}
 
     @property
     def orders(self) -> dict[str, Order]:
@@ -155,6 +157,7 @@ class Writer:
         self._appender.state_topic = await self._find_state_topic()
         await self._appender.open()
         try:
+            self.fenced_epochs = await fencing.fence(self.config.kafka, self.config.fences)
             await self._load()
         except BaseException:
             await self._appender.drop()

@@ -8,8 +8,9 @@ instance, its retries often to another, and racing ``If-Match`` commands for one
 
 1. every acknowledged command is in the topic exactly once, nothing unasked is there, versions
    are gapless per order (so every If-Match race had exactly one winner);
-2. every partition's writer was taken with a higher epoch of its transactional id than the one
-   before: each handover fenced the last owner (``service.write.ownership``);
+2. every takeover of a partition holds both transactional ids that guard it (the topic's, for an
+   instance that owns every partition, and the partition's own) at a higher epoch than the
+   takeover before: each handover fenced the last owner (``service.write.ownership``);
 3. no 5xx but 503 with Retry-After; the read models equal the oracle fold of the topic.
 
 Sizes: ``CHAOS_SEED``, ``CHAOS_CLIENTS``, ``CHAOS_INSTANCE_FAULTS``. Run with ``-s`` for the
@@ -36,6 +37,7 @@ from tests.support.processes import (
     projector_process,
     service_env,
     takeovers,
+    unfenced_handovers,
     wait_no_open_transaction,
     wait_partitions_shared,
 )
@@ -164,12 +166,7 @@ async def test_instances_killed_stopped_and_joining_under_load_lose_and_double_n
     )
     mismatches = await oracle_mismatches(engine, catalog.PROJECTIONS, events)
     taken = takeovers(instances.logs)
-    unfenced = []
-    for partition in range(PARTITIONS):
-        holders = [t for t in taken if t.partition == partition]
-        epochs = [t.epoch for t in holders]
-        if epochs != sorted(set(epochs)):
-            unfenced.append(f"partition {partition}: {holders}")
+    unfenced = unfenced_handovers(taken, PARTITIONS)
     outcomes = ledger.outcomes()
     print("\n" + "\n".join(instances.timeline))
     print(

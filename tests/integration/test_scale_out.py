@@ -22,6 +22,7 @@ from tests.support.processes import (
     projector_process,
     service_env,
     takeovers,
+    unfenced_handovers,
     wait_partitions_shared,
 )
 
@@ -160,15 +161,64 @@ async def test_a_partition_that_moves_is_fenced_by_its_new_owner(cluster: Cluste
             assert created.status_code == 201, created.text
 
     taken = takeovers(cluster.logs)
+    assert unfenced_handovers(taken, PARTITIONS) == []
+    prefix = f"{cluster.env['ORDERS_TRANSACTIONAL_ID']}-{cluster.env['ORDERS_TOPIC']}"
     for partition in range(PARTITIONS):
         holders = [t for t in taken if t.partition == partition]
-        epochs = [t.epoch for t in holders]
-        assert epochs == sorted(set(epochs)), f"partition {partition}: epochs {holders}"
-        assert {t.transactional_id for t in holders} == {
-            f"{cluster.env['ORDERS_TRANSACTIONAL_ID']}-{cluster.env['ORDERS_TOPIC']}-{partition}"
-        }
+        assert {t.transactional_id for t in holders} <= {prefix, f"{prefix}-{partition}"}
+        assert set(holders[-1].epochs) == {prefix, f"{prefix}-{partition}"}
     for partition in moved:
-        holders = [t.instance for t in taken if t.partition == partition]
+        holders_ = [t.instance for t in taken if t.partition == partition]
         # Another instance may have held it before the three settled; api-0 did, then not.
-        assert "api-0" in holders, (partition, holders)
-        assert holders[-1] != "api-0", (partition, holders)
+        assert "api-0" in holders_, (partition, holders_)
+        assert holders_[-1] != "api-0", (partition, holders_)
+
+
+async def test_one_instance_writes_every_partition_in_one_and_splits_when_another_joins(
+    engine: AsyncEngine, bootstrap: str, database_url: str, topic: str, tmp_path: Path
+) -> None:
+    env = service_env(
+        bootstrap=bootstrap,
+        database_url=database_url,
+        topic=topic,
+        partitions=PARTITIONS,
+        name=topic,
+    )
+    first, second = (ApiProcess.create(env, tmp_path / f"api-{i}.log") for i in range(2))
+    logs = {"api-0": first.log, "api-1": second.log}
+    prefix = f"{env['ORDERS_TRANSACTIONAL_ID']}-{env['ORDERS_TOPIC']}"
+
+    async def create_orders(http: httpx.AsyncClient, via: ApiProcess) -> None:
+        for _ in range(12):
+            created = await http.post(
+                f"{via.base_url}/orders",
+                json={"customer_id": "c-1", "currency": "EUR"},
+                headers={"Idempotency-Key": uuid.uuid4().hex},
+            )
+            assert created.status_code == 201, created.text
+
+    first.start()
+    try:
+        await first.wait_ready()
+        async with httpx.AsyncClient(headers=bearer(BACK_OFFICE), timeout=30) as http:
+            await create_orders(http, first)
+            # Alone, it owns every partition with ONE writer: the topic's transactional id.
+            assert {t.transactional_id for t in takeovers(logs)} == {prefix}
+            second.start()
+            await second.wait_ready()
+            await wait_partitions_shared([first, second], PARTITIONS)
+            await create_orders(http, second)
+            split = takeovers(logs)
+            assert {t.transactional_id for t in split[PARTITIONS:]} == {
+                f"{prefix}-{p}" for p in range(PARTITIONS)
+            }
+            assert await asyncio.to_thread(second.terminate, grace_seconds=30) == 0
+            await wait_partitions_shared([first], PARTITIONS)
+            await create_orders(http, first)
+        taken = takeovers(logs)
+        assert taken[-1].transactional_id == prefix  # alone again: one writer again
+        assert unfenced_handovers(taken, PARTITIONS) == []
+    finally:
+        for api in (first, second):
+            if api.alive:
+                await asyncio.to_thread(api.terminate, grace_seconds=30)

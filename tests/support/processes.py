@@ -7,6 +7,7 @@ Each process logs to a file, never a pipe (a full pipe would block it), and dies
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -215,20 +216,23 @@ async def wait_partitions_shared(
 
 @dataclass(frozen=True)
 class Takeover:
-    """A partition taken by an instance, as its log says: with the epoch of its id."""
+    """Partitions taken by an instance, as its log says: the transactional id of the writer,
+    and the epoch each id that guards the partition got (the writer's own, and the one it
+    fenced: the topic's id and the partition's, ``service.write.ownership``)."""
 
     at: str
     instance: str
     partition: int
     transactional_id: str
-    epoch: int
+    epochs: dict[str, int]
 
 
 def takeovers(logs: dict[str, Path]) -> list[Takeover]:
     """Every "took partition" line of the instances' JSON logs, in time order."""
     found = []
     for instance, path in logs.items():
-        for line in path.read_text(errors="replace").splitlines():
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        for line in lines:
             if '"took partition' not in line:
                 continue
             record = json.loads(line)
@@ -238,7 +242,20 @@ def takeovers(logs: dict[str, Path]) -> list[Takeover]:
                     instance,
                     record["partition"],
                     record["transactional_id"],
-                    record["epoch"],
+                    record["epochs"],
                 )
             )
     return sorted(found, key=lambda takeover: takeover.at)
+
+
+def unfenced_handovers(taken: list[Takeover], partitions: int) -> list[str]:
+    """Handovers after which an earlier holder of a partition could still write it: each
+    takeover of a partition must hold both of its ids at a higher epoch than the last one."""
+    problems = []
+    for partition in range(partitions):
+        holders = [t for t in taken if t.partition == partition]
+        for before, after in itertools.pairwise(holders):
+            for tid, epoch in after.epochs.items():
+                if epoch <= before.epochs.get(tid, -1):
+                    problems.append(f"partition {partition}: {before} then {after}")
+    return problems
