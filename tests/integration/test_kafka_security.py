@@ -59,7 +59,7 @@ ACLS = [
         WRITER,
         Operation.WRITE,
         Resource.TRANSACTIONAL_ID,
-        f"{TRANSACTIONAL_ID}-{TOPIC}-",
+        f"{TRANSACTIONAL_ID}-{TOPIC}",
         Pattern.PREFIXED,
     ),
     Acl(WRITER, Operation.READ, Resource.GROUP, f"orders-writers.{TOPIC}"),
@@ -403,7 +403,7 @@ async def test_an_api_without_its_transactional_id_acl_stops_with_one_line(
     message = the_one_error(await cli.run("api", "--port", str(free_port())))
 
     assert f"refused User:{WRITER} (TransactionalIdAuthorizationFailed)" in message, message
-    assert f"prefixed ACL on not-granted-{TOPIC}- (ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC-" in (
+    assert f"prefixed ACL on not-granted-{TOPIC} (ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC:" in (
         message
     ), message
 

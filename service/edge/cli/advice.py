@@ -222,8 +222,9 @@ def _kafka_authorization_advice(error: BaseException, settings: Settings) -> str
         transactional_id = _denied_name(failure, settings.transactional_id)
         grant = (
             f"on TransactionalId {transactional_id}: Write (it implies Describe), best as "
-            f"one prefixed ACL on {settings.transactional_id}-{settings.topic}- "
-            "(ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC-: the API has one per partition); only the "
+            f"one prefixed ACL on {settings.transactional_id}-{settings.topic} "
+            "(ORDERS_TRANSACTIONAL_ID-ORDERS_TOPIC: the API uses that id and one per partition "
+            "under it); only the "
             "API's principal should have it"
         )
     else:
