@@ -28,16 +28,17 @@ import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from opentelemetry.trace import Span, SpanContext, SpanKind
 
 from service.infra import tracing
-from service.infra.eventlog import committed_reader, partition_for
+from service.infra.eventlog import partition_for
 from service.infra.kafka_clients import client_options
 from service.kernel import envelope
 from service.write import fencing, records, snapshots
 from service.write.contract import WriterConfig
+from service.write.visibility import StableOffsets
 
 # Given each command's (partition, offset) and each partition's last offset: the changelog
 # records that go into the same transaction.
@@ -48,10 +49,13 @@ class Appender:
     """Holds one transactional producer at a time, and the consumer that reads the last stable
     offsets of its batches (opened and closed with it)."""
 
-    def __init__(self, config: WriterConfig) -> None:
+    def __init__(self, config: WriterConfig, stable_offsets: StableOffsets | None = None) -> None:
         self.config = config
         self.producer: AIOKafkaProducer | None = None
-        self._stable_offsets: AIOKafkaConsumer | None = None
+        # Shared by the writers of a process (``service.write.visibility``); else our own,
+        # opened and closed with the producer.
+        self._shared_offsets = stable_offsets
+        self._stable_offsets: StableOffsets | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         # The producer id and epoch this writer last held: reopening resumes from them.
         self.held: fencing.ProducerIdentity | None = None
@@ -76,17 +80,18 @@ class Appender:
         )
         if resume and self.held is not None:
             fencing.resume(producer, self.held)
-        stable_offsets = committed_reader(self.config.kafka)
+        stable_offsets = self._shared_offsets or StableOffsets(self.config.kafka, self.config.topic)
         try:
             # start() runs init_transactions: this fences any older producer with our id and
             # aborts its open transaction before we read the log.
             await producer.start()
             self.held = fencing.identity_of(producer)
-            await stable_offsets.start()
+            if stable_offsets is not self._shared_offsets:
+                await stable_offsets.start()
         except BaseException:
             with contextlib.suppress(Exception):
                 await producer.stop()
-            with contextlib.suppress(Exception):
+            if stable_offsets is not self._shared_offsets:
                 await stable_offsets.stop()
             raise
         self.producer, self._stable_offsets = producer, stable_offsets
@@ -98,9 +103,8 @@ class Appender:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await producer.stop()
-        if stable_offsets is not None:
-            with contextlib.suppress(Exception):
-                await stable_offsets.stop()
+        if stable_offsets is not None and stable_offsets is not self._shared_offsets:
+            await stable_offsets.stop()
 
     def discard(self) -> asyncio.Task[None] | None:
         """Stop using the producer at once; abort and close it in the background.
@@ -112,7 +116,7 @@ class Appender:
         """
         producer, self.producer = self.producer, None
         stable_offsets, self._stable_offsets = self._stable_offsets, None
-        if stable_offsets is not None:
+        if stable_offsets is not None and stable_offsets is not self._shared_offsets:
             self._in_background(stable_offsets.stop(), "writer-close-offsets")
         if producer is None:
             return None
@@ -168,14 +172,14 @@ class Appender:
             # Every record delivered before the commit is requested: until then the
             # transaction can only be aborted, so a batch that fails here is certainly not in
             # the log.
-            delivered = await asyncio.gather(*sends)
+            delivered = await _delivered(sends)
             base_offsets = [metadata.offset for metadata in delivered]
             if state is not None and self.state_topic is not None:
                 await self._send_state(
                     producer, state(packed.positions(base_offsets), packed.ends(base_offsets))
                 )
             await producer.commit_transaction()
-            await self._until_visible(stable_offsets, packed.ends(base_offsets))
+            await stable_offsets.wait_past(packed.ends(base_offsets))
         except BaseException as error:
             tracing.end_all(list(spans.values()), error)
             raise
@@ -209,7 +213,7 @@ class Appender:
             await producer.send(topic, value, key=key, partition=partition)
             for partition, key, value in records
         ]
-        await asyncio.gather(*sends)
+        await _delivered(sends)
 
     def _producer_spans(
         self,
@@ -265,17 +269,6 @@ class Appender:
                 )
             await producer.abort_transaction()
 
-    async def _until_visible(self, stable_offsets: AIOKafkaConsumer, last: dict[int, int]) -> None:
-        """Return once the last stable offset of every partition written has passed the batch
-        (``last``: partition -> offset of its last record), i.e. the commit markers are in."""
-        topic = self.config.topic
-        wanted = {TopicPartition(topic, partition): offset for partition, offset in last.items()}
-        while True:
-            stable = await stable_offsets.end_offsets(list(wanted))
-            if all(stable[tp] > offset for tp, offset in wanted.items()):
-                return
-            await asyncio.sleep(0.001)  # pacing while the broker writes the markers
-
     def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
         self._retiring.add(task)
@@ -289,3 +282,13 @@ class Appender:
             await producer.abort_transaction()
         with contextlib.suppress(Exception):
             await producer.stop()
+
+
+async def _delivered(sends: Sequence[asyncio.Future[Any]]) -> list[Any]:
+    """Each send's record metadata, once every send is settled; the first failure raised (the
+    others' are retrieved too, rather than logged as never retrieved)."""
+    settled = await asyncio.gather(*sends, return_exceptions=True)
+    for outcome in settled:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return settled

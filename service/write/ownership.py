@@ -50,6 +50,7 @@ from service.infra.kafka_clients import client_options
 from service.infra.topic import READ, WRITE, check_topic
 from service.kernel.errors import EnvironmentProblem
 from service.write.contract import Accepted, CommandRequest, WriterConfig, WriterUnavailable
+from service.write.visibility import StableOffsets
 from service.write.writer import Writer, WriterState
 
 _log = logging.getLogger(__name__)
@@ -198,6 +199,8 @@ class WriterGroup:
         self._stopping: dict[int, asyncio.Task[None]] = {}
         self._assignor = _OwnershipAssignor(config.topic, address, self.owned)
         self._consumer: AIOKafkaConsumer | None = None
+        # One watcher of last stable offsets for all of this instance's writers.
+        self._stable_offsets = StableOffsets(config.kafka, config.topic)
         self._polling: asyncio.Task[None] | None = None
         self._first_assignment = asyncio.Event()
         self._started = False
@@ -227,6 +230,7 @@ class WriterGroup:
             allow_undurable=self.config.allow_undurable_topic,
         )
         self.partition_count = topic.partitions
+        await self._stable_offsets.start()
         consumer = AIOKafkaConsumer(
             **client_options(self.config.kafka),
             group_id=self.group,
@@ -282,6 +286,7 @@ class WriterGroup:
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
+        await self._stable_offsets.stop()
 
     # -- the assignment -------------------------------------------------------------------------
 
@@ -371,7 +376,7 @@ class WriterGroup:
                 partitions=frozenset(partitions),
                 fences=(transactional_id_for(prefix, topic),),
             )
-        writer = Writer(config)
+        writer = Writer(config, stable_offsets=self._stable_offsets)
         for partition in partitions:
             self._writers[partition] = writer
         self._starting[writer] = asyncio.create_task(

@@ -60,6 +60,7 @@ from service.write.pacing import Pace
 from service.write.recovery import OpenTransactionInLog
 from service.write.snapshots import StateRecord
 from service.write.staging import Answer, Committed, Receipt, StagedBatch, receipt_key
+from service.write.visibility import StableOffsets
 
 _log = logging.getLogger(__name__)
 
@@ -110,12 +111,16 @@ def _batch_context(batch: Sequence[_Pending]) -> dict[str, object]:
 class Writer:
     """Owns the order state and the transactional producer. Use ``start``, ``submit``, ``stop``."""
 
-    def __init__(self, config: WriterConfig) -> None:
+    def __init__(
+        self, config: WriterConfig, *, stable_offsets: StableOffsets | None = None
+    ) -> None:
+        """``stable_offsets``: shared with the process's other writers
+        (``service.write.visibility``); by default the writer has its own."""
         self.config = config
         self.state = WriterState.STARTING
         self._committed = Committed(idempotency_ttl=config.idempotency_ttl)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._appender = Appender(config)
+        self._appender = Appender(config, stable_offsets)
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
         self._pace = Pace()
