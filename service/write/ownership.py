@@ -210,14 +210,6 @@ class WriterGroup:
         """The partitions this instance holds a writer for (not one fenced)."""
         return sorted(p for p, w in self._writers.items() if not w.fenced)
 
-    @property
-    def owners(self) -> dict[int, str]:
-        """Partition -> the address of its owner, as the last assignment said."""
-        return dict(self._assignor.owners)
-
-    def writer_of(self, partition: int) -> Writer | None:
-        return self._writers.get(partition)
-
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
