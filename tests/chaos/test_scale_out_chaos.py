@@ -35,6 +35,7 @@ from tests.support.processes import (
     ApiProcess,
     ServiceProcess,
     projector_process,
+    running,
     service_env,
     takeovers,
     unfenced_handovers,
@@ -87,15 +88,8 @@ async def instances(
     )
     apis = [ApiProcess.create(env, tmp_path / f"api-{i}.log") for i in range(4)]
     projector = projector_process(env, tmp_path / "projector.log")
-    for process in (*apis[:3], projector):
-        process.start()
-    try:
-        await asyncio.gather(*(api.wait_ready() for api in apis[:3]))
+    async with running([*apis[:3], projector], also=apis[3:]):
         yield Instances(apis[:3], apis[3], projector, topic)
-    finally:
-        for process in (*apis, projector):
-            if process.alive:
-                await asyncio.to_thread(process.terminate, grace_seconds=30)
 
 
 async def _progress(workload: Workload, count: int, *, timeout: float = 120) -> None:

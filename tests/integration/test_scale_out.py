@@ -20,6 +20,7 @@ from tests.support.identity import BACK_OFFICE, bearer
 from tests.support.processes import (
     ApiProcess,
     projector_process,
+    running,
     service_env,
     takeovers,
     unfenced_handovers,
@@ -51,15 +52,8 @@ async def cluster(
     )
     apis = [ApiProcess.create(env, tmp_path / f"api-{i}.log") for i in range(3)]
     projector = projector_process(env, tmp_path / "projector.log")
-    for process in (*apis, projector):
-        process.start()
-    try:
-        await asyncio.gather(*(api.wait_ready() for api in apis))
+    async with running([*apis, projector]):
         yield Cluster(apis, {f"api-{i}": api.log for i, api in enumerate(apis)}, env)
-    finally:
-        for api in (*apis, projector):
-            if api.alive:
-                await asyncio.to_thread(api.terminate, grace_seconds=30)
 
 
 def _answer(response: httpx.Response) -> tuple[int, bytes, tuple[str | None, ...]]:
@@ -197,9 +191,7 @@ async def test_one_instance_writes_every_partition_in_one_and_splits_when_anothe
             )
             assert created.status_code == 201, created.text
 
-    first.start()
-    try:
-        await first.wait_ready()
+    async with running([first], also=[second]):
         async with httpx.AsyncClient(headers=bearer(BACK_OFFICE), timeout=30) as http:
             await create_orders(http, first)
             # Alone, it owns every partition with ONE writer: the topic's transactional id.
@@ -218,7 +210,3 @@ async def test_one_instance_writes_every_partition_in_one_and_splits_when_anothe
         taken = takeovers(logs)
         assert taken[-1].transactional_id == prefix  # alone again: one writer again
         assert unfenced_handovers(taken, PARTITIONS) == []
-    finally:
-        for api in (first, second):
-            if api.alive:
-                await asyncio.to_thread(api.terminate, grace_seconds=30)

@@ -7,6 +7,7 @@ Each process logs to a file, never a pipe (a full pipe would block it), and dies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,3 +261,20 @@ def unfenced_handovers(taken: list[Takeover], partitions: int) -> list[str]:
                 if epoch <= before.epochs.get(tid, -1):
                     problems.append(f"partition {partition}: {before} then {after}")
     return problems
+
+
+@contextlib.asynccontextmanager
+async def running(
+    started: Sequence[ServiceProcess], *, also: Sequence[ServiceProcess] = ()
+) -> AsyncIterator[None]:
+    """Start ``started`` and wait until its APIs are ready; on exit, SIGTERM every one of them
+    and of ``also`` (processes the test starts itself) still alive."""
+    for process in started:
+        process.start()
+    try:
+        await asyncio.gather(*(p.wait_ready() for p in started if isinstance(p, ApiProcess)))
+        yield
+    finally:
+        for process in (*started, *also):
+            if process.alive:
+                await asyncio.to_thread(process.terminate, grace_seconds=30)
